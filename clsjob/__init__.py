@@ -1,0 +1,1 @@
+"""clsjob: distributed batch text classification on Ray."""

@@ -1,0 +1,79 @@
+"""`clsjob classify | finetune | merge | evaluate | demo` — each parses a config and calls one
+straight-line run function; errors a user can fix print one clear message and exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from clsjob.config import (ClassifyConfig, ConfigError, FinetuneConfig, MergeConfig, StorageConfig,
+                           load_config)
+from clsjob.io import InputError
+from clsjob.labels import LabelError
+
+log = logging.getLogger("clsjob")
+
+
+def _config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--config", required=required, help="YAML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY.PATH=VALUE", help="override one config value (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clsjob", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _config_args(sub.add_parser("classify", help="label Parquet shards"))
+    _config_args(sub.add_parser("finetune", help="train a LoRA (or full) classifier with Ray Train"))
+    _config_args(sub.add_parser("merge", help="merge an adapter into a model folder"), required=False)
+    ev = sub.add_parser("evaluate", help="recompute _metrics.json and report.md of an output")
+    ev.add_argument("--output", required=True, help="output folder of a classify run")
+    ev.add_argument("--endpoint-url", help="S3-compatible endpoint, if the output is on one")
+    demo = sub.add_parser("demo", help="corpus -> fine-tune MiniLM -> merge -> classify, locally")
+    demo.add_argument("--workdir", default="demo-output")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Dispatch one command; returns what is printed as its JSON summary."""
+    if args.command == "classify":
+        from clsjob.pipeline import run_classify
+        cfg = load_config(args.config, args.overrides, model=ClassifyConfig)
+        return run_classify(cfg).__dict__
+    if args.command == "finetune":
+        from clsjob.finetune.train import run_finetune
+        summary = run_finetune(load_config(args.config, args.overrides, model=FinetuneConfig))
+        return {k: summary[k] for k in ("train_rows", "eval_rows", "final_eval", "wall_time_s",
+                                        "train_tokens_per_s")}
+    if args.command == "merge":
+        from clsjob.finetune.merge import merge
+        return {"model": str(merge(load_config(args.config, args.overrides, model=MergeConfig)))}
+    if args.command == "evaluate":
+        from clsjob.report import evaluate_output
+        metrics = evaluate_output(args.output, StorageConfig(endpoint_url=args.endpoint_url))
+        return {k: metrics[k] for k in ("rows", "rows_scored", "accuracy", "f1_macro", "f1_weighted")}
+    if args.command == "demo":
+        from clsjob.demo import run_demo
+        return run_demo(args.workdir)
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except (ConfigError, InputError, LabelError, FileNotFoundError, FileExistsError) as exc:
+        print(f"clsjob {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        # ModelError and the data checks are ValueErrors with messages meant for the user.
+        print(f"clsjob {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

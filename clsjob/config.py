@@ -1,0 +1,198 @@
+"""Typed job configs: YAML + `--set key.path=value` overrides -> one frozen pydantic model.
+
+Every field is documented where it is declared; `clsjob <command> --help-config` prints them.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the key."""
+
+
+class Section(BaseModel):
+    # frozen: a run never mutates its config; extra="forbid": a typo is an error, not a default.
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class StorageConfig(Section):
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, Ceph, a test server). None = AWS.")
+    region: str | None = Field(None, description="S3 region; None = the AWS chain's default.")
+    # No credential fields on purpose: keys come only from the environment or the AWS chain,
+    # so they can never end up in a config file, a manifest or a log line.
+
+
+class InputConfig(Section):
+    path: str | list[str] = Field(
+        description="Parquet shards: a folder, a glob, one file, or a list of files; local, "
+                    "file:// or s3://.")
+    text_column: str = Field("text", description="Column holding the text to classify.")
+    id_column: str | None = Field(
+        None, description="Column with a unique row id. None = derive '<shard>:<row>'.")
+    label_column: str | None = Field(
+        None, description="Column with gold labels; enables evaluation.")
+    carry_columns: list[str] = Field(
+        default_factory=list, description="Extra input columns copied to the output unchanged.")
+
+
+class LabelSpec(Section):
+    name: str = Field(min_length=1, description="Label name as written to the output.")
+    description: str | None = Field(None, description="What the label means (for prompts).")
+
+
+class BackendConfig(Section):
+    kind: Literal["hf"] = Field(
+        "hf", description="hf = merged *ForSequenceClassification folder via transformers.")
+    model: str = Field(description="Merged classifier folder (safetensors + tokenizer).")
+    max_length: int = Field(512, gt=0, description="Tokens per row; longer rows are truncated.")
+    micro_batch_size: int = Field(
+        32, gt=0, description="Rows per forward pass, length-sorted within each batch.")
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped in the model folder. Off unless you trust it.")
+
+
+class ResourcesConfig(Section):
+    actors: int = Field(1, gt=0, description="Classifier actors (one model copy each).")
+    gpus_per_actor: float = Field(0, ge=0, description="GPUs per actor; 0 runs on CPU in fp32.")
+    cpus_per_actor: float = Field(1, gt=0, description="CPUs per actor (torch threads follow).")
+    batch_size: int = Field(
+        1024, gt=0, description="Rows per actor call and per output part.")
+
+
+class OutputConfig(Section):
+    path: str = Field(description="Output folder (local or s3://) for parts and reports.")
+    keep_text: bool = Field(True, description="Copy the text column into the output.")
+
+
+class ClassifyConfig(Section):
+    input: InputConfig
+    labels: list[LabelSpec] | None = Field(
+        None, description="Label names in output order. None = the model's id2label.")
+    backend: BackendConfig
+    resources: ResourcesConfig = ResourcesConfig()
+    output: OutputConfig
+    storage: StorageConfig = StorageConfig()
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _names_as_specs(cls, value: Any) -> Any:
+        return _labels_from_strings(value)
+
+
+class TrainingConfig(Section):
+    method: Literal["lora", "full"] = Field(
+        "lora", description="lora = adapter + head; full = every weight (small encoders).")
+    epochs: float = Field(3, gt=0)
+    learning_rate: float = Field(1e-4, gt=0)
+    batch_size: int = Field(32, gt=0, description="Rows per step per worker.")
+    max_length: int = Field(512, gt=0, description="Tokens per training row.")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    lora_r: int = Field(64, gt=0)
+    lora_alpha: int = Field(64, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    seed: int = 0
+    workers: int = Field(1, gt=0, description="Ray Train workers (one per GPU).")
+    use_gpu: bool = Field(False, description="Give each worker a GPU.")
+
+
+class FinetuneOutputConfig(Section):
+    path: str = Field(description="Folder for the trained adapter (or full model) and summary.")
+    storage_path: str | None = Field(
+        None, description="Ray Train checkpoint storage (local or s3://). None = <path>/ray.")
+
+
+class FinetuneConfig(Section):
+    base_model: str = Field(description="Base model folder (transformers format).")
+    train: InputConfig
+    eval: InputConfig | None = Field(None, description="Held-out rows scored after training.")
+    labels: list[LabelSpec] | None = Field(
+        None, description="Label set in id order. None = sorted distinct gold labels of train.")
+    training: TrainingConfig = TrainingConfig()
+    output: FinetuneOutputConfig
+    storage: StorageConfig = StorageConfig()
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _names_as_specs(cls, value: Any) -> Any:
+        return _labels_from_strings(value)
+
+    @field_validator("train")
+    @classmethod
+    def _train_has_labels(cls, value: InputConfig) -> InputConfig:
+        if not value.label_column:
+            raise ValueError("train.label_column is required to fine-tune")
+        return value
+
+
+class MergeConfig(Section):
+    adapter: str = Field(description="Output folder of `clsjob finetune`.")
+    output: str = Field(description="Where the merged model folder is written.")
+    dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="Precision of the merged weights.")
+    max_shard_size: str = Field("2GB", description="Largest safetensors file.")
+
+
+def _labels_from_strings(value: Any) -> Any:
+    # `labels: [neg, pos]` is the common case; descriptions are optional.
+    if isinstance(value, list):
+        return [{"name": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set `a.b.c=value` pairs into a nested dict; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), *, model: type[Section]):
+    """Read YAML (or start empty), apply overrides, validate; errors name file and key."""
+    source = str(path) if path else "<overrides>"
+    data: dict = {}
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping")
+    data = apply_overrides(data, list(overrides))
+    return validate(data, model=model, source=source)
+
+
+def validate(data: dict, *, model: type[Section], source: str = "<config>"):
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{source}: invalid {model.__name__}:"]
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  {key}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def config_hash(cfg: Section) -> str:
+    """Stable short hash of the validated config, recorded in every manifest."""
+    return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Fine-tuning: rows -> tokenised examples -> LoRA (or full) classifier under Ray Train -> merge."""

@@ -1,0 +1,48 @@
+"""Training rows: read labelled Parquet, settle the label set, tokenise into examples."""
+from __future__ import annotations
+
+import logging
+
+from clsjob import io
+from clsjob.config import InputConfig, LabelSpec, StorageConfig
+from clsjob.labels import LabelError, LabelSet
+
+log = logging.getLogger("clsjob")
+
+
+def read_labelled(inp: InputConfig, storage: StorageConfig) -> tuple[list[str], list[str]]:
+    """(texts, gold labels) of every usable row; rows with no text or no label are skipped
+    and counted, since a model cannot learn from them."""
+    texts, golds, skipped = [], [], 0
+    for shard in io.list_shards(inp.path, storage):
+        table = io.read_table(shard, storage, [inp.text_column, inp.label_column])
+        for text, gold in zip(table.column(inp.text_column).to_pylist(),
+                              table.column(inp.label_column).to_pylist()):
+            if text is None or not str(text).strip() or gold is None:
+                skipped += 1
+                continue
+            texts.append(str(text))
+            golds.append(str(gold))
+    if skipped:
+        log.warning("finetune: skipped %d rows of %s with no text or no label", skipped, inp.path)
+    if not texts:
+        raise ValueError(f"{inp.path}: no labelled rows to train on")
+    return texts, golds
+
+
+def settle_labels(specs: list[LabelSpec] | None, train_golds: list[str]) -> LabelSet:
+    """The configured label set, or the sorted distinct gold labels of the training rows."""
+    labels = LabelSet.from_specs(specs) if specs else LabelSet(tuple(sorted(set(train_golds))))
+    unknown = sorted(set(train_golds) - set(labels.names))
+    if unknown:
+        raise LabelError(f"training rows carry labels outside the label set: {unknown[:20]}")
+    return labels
+
+
+def encode(tokenizer, texts: list[str], golds: list[str], labels: LabelSet,
+           max_length: int) -> list[dict]:
+    """Examples for the HF Trainer; padding is left to the collator, per batch."""
+    enc = tokenizer(texts, truncation=True, max_length=max_length)
+    return [{"input_ids": ids, "attention_mask": mask, "labels": labels.id_of(g)}
+            for ids, mask, g in zip(enc["input_ids"], enc["attention_mask"], golds)
+            if g in labels]

@@ -1,0 +1,164 @@
+"""The only module that touches storage: list and read shards, write parts and JSON files.
+
+Local paths, file:// and s3:// all go through fsspec (s3fs for S3), so one code path serves
+both. S3 credentials come only from the environment or the AWS chain (s3fs/botocore find
+them); nothing here reads, prints or stores them.
+"""
+from __future__ import annotations
+
+import glob as globlib
+import json
+import os
+import posixpath
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clsjob.config import StorageConfig
+
+
+class InputError(ValueError):
+    """Input that cannot be read as configured; the message names the file and column."""
+
+
+def filesystem(path: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for `path` and the path as that filesystem names it."""
+    if path.startswith("s3://"):
+        import s3fs  # imported here so local-only runs never need botocore set up
+
+        client_kwargs = {"region_name": storage.region} if storage.region else {}
+        fs = s3fs.S3FileSystem(endpoint_url=storage.endpoint_url, client_kwargs=client_kwargs)
+        return fs, path[len("s3://"):]
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    return fsspec.filesystem("file"), os.path.abspath(path)
+
+
+def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return f"s3://{path}" if "s3" in fs.protocol else path
+
+
+def join(base: str, *names: str) -> str:
+    return posixpath.join(base.rstrip("/"), *names)
+
+
+def list_shards(path: str | list[str], storage: StorageConfig) -> list[str]:
+    """Expand a folder, glob, file or list of those into a sorted list of Parquet files."""
+    found: list[str] = []
+    for item in [path] if isinstance(path, str) else path:
+        fs, p = filesystem(item, storage)
+        if globlib.has_magic(p):
+            matches = [m for m in fs.glob(p) if fs.isfile(m)]
+        elif fs.isdir(p):
+            matches = [m for m in fs.find(p) if m.endswith(".parquet")
+                       and not posixpath.basename(m).startswith(("_", "."))]
+        elif fs.isfile(p):
+            matches = [p]
+        else:
+            raise InputError(f"input.path: nothing found at {item}")
+        if not matches:
+            raise InputError(f"input.path: no Parquet files at {item}")
+        found.extend(_url(fs, m) for m in matches)
+    return sorted(dict.fromkeys(found))
+
+
+def shard_keys(shards: list[str]) -> list[str]:
+    """Short, stable names for shards: the path below their common folder. They name the
+    derived row ids and the output parts, so they must not depend on where the job runs."""
+    if len(shards) == 1:
+        return [posixpath.basename(shards[0])]
+    common = posixpath.commonpath([s.replace("s3://", "/", 1) for s in shards])
+    return [posixpath.relpath(s.replace("s3://", "/", 1), common) for s in shards]
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: str
+    key: str
+    rows: int
+    schema: pa.Schema
+
+
+def inspect_shards(shards: list[str], storage: StorageConfig, threads: int = 16) -> list[ShardInfo]:
+    """Read every shard's footer (schema and row count) without reading its data."""
+    keys = shard_keys(shards)
+
+    def one(item: tuple[str, str]) -> ShardInfo:
+        url, key = item
+        fs, p = filesystem(url, storage)
+        try:
+            with fs.open(p, "rb") as f:
+                meta = pq.ParquetFile(f).metadata
+                return ShardInfo(url, key, meta.num_rows, meta.schema.to_arrow_schema())
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"{url}: not a readable Parquet file ({exc})") from None
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(one, zip(shards, keys)))
+
+
+def iter_shard(url: str, columns: list[str], chunk_rows: int,
+               storage: StorageConfig) -> Iterator[tuple[int, pa.Table]]:
+    """Yield (first row position, table) chunks of one shard, reading only `columns`."""
+    fs, p = filesystem(url, storage)
+    start = 0
+    with fs.open(p, "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=chunk_rows, columns=columns):
+            yield start, pa.Table.from_batches([batch])
+            start += batch.num_rows
+
+
+def write_part(table: pa.Table, url: str, storage: StorageConfig) -> None:
+    """Write one Parquet part so that a reader sees all of it or nothing: locally through a
+    temporary name and an atomic rename; on S3 a single PUT is already all-or-nothing."""
+    fs, p = filesystem(url, storage)
+    if "s3" in fs.protocol:
+        with fs.open(p, "wb") as f:
+            pq.write_table(table, f)
+        return
+    fs.makedirs(posixpath.dirname(p), exist_ok=True)
+    tmp = posixpath.join(posixpath.dirname(p), f".{posixpath.basename(p)}.{uuid.uuid4().hex}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, p)
+
+
+def list_parts(output: str, storage: StorageConfig) -> list[str]:
+    fs, p = filesystem(output, storage)
+    if not fs.exists(p):
+        return []
+    return sorted(_url(fs, m) for m in fs.find(p) if m.endswith(".parquet")
+                  and not posixpath.basename(m).startswith(("_", ".")))
+
+
+def read_table(url: str, storage: StorageConfig, columns: list[str] | None = None) -> pa.Table:
+    fs, p = filesystem(url, storage)
+    with fs.open(p, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def write_text(text: str, url: str, storage: StorageConfig) -> None:
+    fs, p = filesystem(url, storage)
+    if "s3" not in fs.protocol:
+        fs.makedirs(posixpath.dirname(p), exist_ok=True)
+    with fs.open(p, "w") as f:
+        f.write(text)
+
+
+def write_json(data: dict, url: str, storage: StorageConfig) -> None:
+    write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", url, storage)
+
+
+def read_json(url: str, storage: StorageConfig) -> dict:
+    fs, p = filesystem(url, storage)
+    with fs.open(p, "r") as f:
+        return json.load(f)
+
+
+def exists(url: str, storage: StorageConfig) -> bool:
+    fs, p = filesystem(url, storage)
+    return fs.exists(p)

@@ -1,0 +1,173 @@
+"""Classification metrics in pure numpy (checked against scikit-learn in the unit tests).
+
+Metrics are computed from a `Tally` of counts that adds up across output parts, so a run over
+billions of rows evaluates part by part without ever holding the predictions in one place.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from clsjob.labels import LabelSet
+
+CALIBRATION_BINS = 15
+
+
+@dataclass
+class Tally:
+    """Additive counts behind every metric."""
+
+    n_labels: int
+    rows: int = 0
+    errored: int = 0
+    gold_missing: int = 0
+    gold_unknown: Counter = field(default_factory=Counter)
+    no_confidence: int = 0
+    confusion: np.ndarray = None  # gold x predicted
+    bin_rows: np.ndarray = None  # calibration: rows, summed confidence, correct rows per bin
+    bin_confidence: np.ndarray = None
+    bin_correct: np.ndarray = None
+
+    def __post_init__(self) -> None:
+        k = self.n_labels
+        if self.confusion is None:
+            self.confusion = np.zeros((k, k), dtype=np.int64)
+        for name in ("bin_rows", "bin_confidence", "bin_correct"):
+            if getattr(self, name) is None:
+                setattr(self, name, np.zeros(CALIBRATION_BINS, dtype=np.float64))
+
+    def add(self, other: "Tally") -> "Tally":
+        self.rows += other.rows
+        self.errored += other.errored
+        self.gold_missing += other.gold_missing
+        self.gold_unknown.update(other.gold_unknown)
+        self.no_confidence += other.no_confidence
+        self.confusion += other.confusion
+        self.bin_rows += other.bin_rows
+        self.bin_confidence += other.bin_confidence
+        self.bin_correct += other.bin_correct
+        return self
+
+    def to_json(self) -> dict:
+        return {
+            "n_labels": self.n_labels, "rows": self.rows, "errored": self.errored,
+            "gold_missing": self.gold_missing, "gold_unknown": dict(self.gold_unknown),
+            "no_confidence": self.no_confidence, "confusion": self.confusion.tolist(),
+            "bin_rows": self.bin_rows.tolist(), "bin_confidence": self.bin_confidence.tolist(),
+            "bin_correct": self.bin_correct.tolist(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Tally":
+        return cls(
+            n_labels=data["n_labels"], rows=data["rows"], errored=data["errored"],
+            gold_missing=data["gold_missing"], gold_unknown=Counter(data["gold_unknown"]),
+            no_confidence=data["no_confidence"],
+            confusion=np.array(data["confusion"], dtype=np.int64).reshape(
+                data["n_labels"], data["n_labels"]),
+            bin_rows=np.array(data["bin_rows"]), bin_confidence=np.array(data["bin_confidence"]),
+            bin_correct=np.array(data["bin_correct"]))
+
+
+def calibration_bin(confidence: np.ndarray) -> np.ndarray:
+    """Equal-width bins over [0, 1], right-closed so a confidence of exactly 1.0 is counted."""
+    edges = np.linspace(0.0, 1.0, CALIBRATION_BINS + 1)
+    return np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, CALIBRATION_BINS - 1)
+
+
+def tally(labels: LabelSet, gold: Sequence[str | None], predicted: Sequence[str | None],
+          confidence: Sequence[float | None], errors: Sequence[str | None]) -> Tally:
+    """Count one batch of output rows. Rows that errored, have no gold label, or whose gold
+    label is outside the label set are counted and left out of the scores, never a crash."""
+    t = Tally(n_labels=len(labels), rows=len(gold))
+    y_true, y_pred, conf = [], [], []
+    for g, p, c, e in zip(gold, predicted, confidence, errors):
+        if e is not None:
+            t.errored += 1
+        elif g is None:
+            t.gold_missing += 1
+        elif g not in labels:
+            t.gold_unknown[g] += 1
+        else:
+            y_true.append(labels.id_of(g))
+            y_pred.append(labels.id_of(p))
+            conf.append(c)
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    np.add.at(t.confusion, (y_true, y_pred), 1)
+    has_conf = np.array([c is not None for c in conf], dtype=bool)
+    t.no_confidence = int((~has_conf).sum())
+    scored_conf = np.array([c for c in conf if c is not None], dtype=np.float64)
+    bins = calibration_bin(scored_conf)
+    correct = (y_true == y_pred)[has_conf].astype(np.float64)
+    np.add.at(t.bin_rows, bins, 1.0)
+    np.add.at(t.bin_confidence, bins, scored_conf)
+    np.add.at(t.bin_correct, bins, correct)
+    return t
+
+
+def per_class_scores(matrix: np.ndarray) -> dict[str, np.ndarray]:
+    """Precision, recall, F1 and support per class; 0 where a ratio is undefined (sklearn's
+    zero_division=0), so a class never predicted does not turn the averages into NaN."""
+    tp = np.diag(matrix).astype(float)
+    predicted = matrix.sum(axis=0).astype(float)
+    support = matrix.sum(axis=1).astype(float)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support,
+            "predicted": predicted}
+
+
+def averaged(scores: dict[str, np.ndarray]) -> dict[str, float]:
+    support = scores["support"]
+    # Macro averages over the classes that occur in gold or predictions (sklearn's default):
+    # a class absent from both carries no information and would only drag the mean to 0.
+    present = (support + scores["predicted"]) > 0
+    weights = support / support.sum() if support.sum() else np.zeros_like(support)
+    out = {}
+    for name in ("precision", "recall", "f1"):
+        out[f"{name}_macro"] = float(scores[name][present].mean()) if present.any() else 0.0
+        out[f"{name}_weighted"] = float((scores[name] * weights).sum())
+    return out
+
+
+def summarize(labels: LabelSet, t: Tally) -> dict:
+    """The metrics written to _metrics.json."""
+    scored = int(t.confusion.sum())
+    scores = per_class_scores(t.confusion)
+    binned = t.bin_rows.sum()
+    # ECE needs a confidence on every scored row; a backend without one gets null, not a
+    # number computed over a biased subset.
+    ece = (float(np.abs(t.bin_correct - t.bin_confidence).sum() / binned)
+           if binned and t.no_confidence == 0 else None)
+    return {
+        "rows": t.rows,
+        "rows_scored": scored,
+        "rows_errored": t.errored,
+        "gold_missing": t.gold_missing,
+        "gold_outside_labels": int(sum(t.gold_unknown.values())),
+        "gold_outside_labels_values": dict(t.gold_unknown.most_common(20)),
+        "accuracy": float(np.trace(t.confusion) / scored) if scored else 0.0,
+        **averaged(scores),
+        "expected_calibration_error": ece,
+        "labels": list(labels.names),
+        "per_class": {
+            name: {k: (int(v[i]) if k in ("support", "predicted") else float(v[i]))
+                   for k, v in scores.items()}
+            for i, name in enumerate(labels.names)
+        },
+        "confusion_matrix": t.confusion.tolist(),
+        "calibration": {
+            "bins": CALIBRATION_BINS,
+            "rows": t.bin_rows.astype(int).tolist(),
+            "accuracy": np.divide(t.bin_correct, t.bin_rows, out=np.zeros_like(t.bin_rows),
+                                  where=t.bin_rows > 0).round(4).tolist(),
+            "confidence": np.divide(t.bin_confidence, t.bin_rows, out=np.zeros_like(t.bin_rows),
+                                    where=t.bin_rows > 0).round(4).tolist(),
+        },
+    }

@@ -1,0 +1,174 @@
+"""run_classify(cfg): Parquet shards in, labelled Parquet parts + manifest (+ metrics) out.
+
+Read it top to bottom to follow one row: a shard is read in chunks of `resources.batch_size`
+rows (prepare: ids, errors), each chunk is labelled whole by one back-end actor, and written
+whole as one part whose name comes from its shard and first row. Keeping a chunk whole from
+read to write is what makes part names stable and rows out = rows in checkable per part.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Iterator
+
+import pyarrow as pa
+import ray
+
+from clsjob import backends, io
+from clsjob.config import ClassifyConfig, InputConfig, StorageConfig, config_hash
+from clsjob.labels import LabelSet
+from clsjob.metrics import Tally, tally
+from clsjob.prepare import GOLD, PART, PART_ROWS, check_schema, id_column, needed_columns, prepare_chunk
+from clsjob.report import write_evaluation
+
+log = logging.getLogger("clsjob")
+MANIFEST = "_manifest.json"
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    output: str
+    rows_in: int
+    rows_out: int
+    rows_errored: int
+    elapsed_s: float
+    rows_per_s: float
+    metrics: dict | None
+
+
+def run_classify(cfg: ClassifyConfig) -> RunSummary:
+    started = datetime.now(timezone.utc)
+    # Everything that can be wrong with the model, labels or schema fails here, before Ray
+    # schedules anything and before a row is read.
+    labels = backends.check_model(cfg.backend, LabelSet.from_specs(cfg.labels) if cfg.labels else None)
+    shards = io.inspect_shards(io.list_shards(cfg.input.path, cfg.storage), cfg.storage)
+    for shard in shards:
+        check_schema(shard, cfg.input)
+    rows_in = sum(s.rows for s in shards)
+    log.info("classify: %d rows in %d shards -> %s", rows_in, len(shards), cfg.output.path)
+
+    ensure_ray()
+    # Chunks must reach the writer whole (one chunk = one part); never split blocks by size.
+    ray.data.DataContext.get_current().target_max_block_size = None
+    ds = ray.data.from_items([{"path": s.path, "key": s.key} for s in shards],
+                             override_num_blocks=max(1, len(shards)))
+    ds = ds.map_batches(read_chunks, batch_size=1, batch_format="pyarrow",
+                        fn_kwargs={"input_cfg": cfg.input, "chunk_rows": cfg.resources.batch_size,
+                                   "storage": cfg.storage})
+    ds = ds.map_batches(
+        backends.actor_class(cfg.backend), batch_size=None, batch_format="pyarrow",
+        fn_constructor_kwargs={"backend": cfg.backend, "labels": labels,
+                               "text_column": cfg.input.text_column,
+                               "use_gpu": cfg.resources.gpus_per_actor > 0},
+        concurrency=cfg.resources.actors, num_gpus=cfg.resources.gpus_per_actor,
+        num_cpus=cfg.resources.cpus_per_actor)
+    ds = ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow",
+                        fn_kwargs={"cfg": cfg, "labels": labels})
+
+    progress = Progress(rows_in)
+    parts, total = [], Tally(n_labels=len(labels))
+    for stats in ds.iter_rows():  # one small row per part, streamed: nothing piles up here
+        parts.append({"part": stats["part"], "rows": stats["rows"], "errored": stats["errored"]})
+        total.add(Tally.from_json(stats["tally"]))
+        progress.update(total.rows)
+    elapsed = time.monotonic() - progress.started
+
+    rows_out = sum(p["rows"] for p in parts)
+    summary = RunSummary(cfg.output.path, rows_in, rows_out, sum(p["errored"] for p in parts),
+                         round(elapsed, 3), round(rows_out / elapsed, 2) if elapsed else 0.0, None)
+    io.write_json(manifest(cfg, labels, shards, parts, summary, started), io.join(cfg.output.path, MANIFEST),
+                  cfg.storage)
+    if rows_out != rows_in:
+        raise RuntimeError(f"rows out ({rows_out}) != rows in ({rows_in}); see {MANIFEST}")
+    if cfg.input.label_column:
+        metrics = write_evaluation(cfg.output.path, cfg.storage, labels, total, summary.rows_per_s)
+        summary = RunSummary(**{**summary.__dict__, "metrics": metrics})
+    return summary
+
+
+def ensure_ray() -> None:
+    # ray.init() joins the cluster named by RAY_ADDRESS (as under `ray job submit`) and
+    # otherwise starts a local one; a caller that already initialised Ray keeps its own.
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+
+
+def read_chunks(batch: pa.Table, input_cfg: InputConfig, chunk_rows: int,
+                storage: StorageConfig) -> Iterator[pa.Table]:
+    """Read stage (Ray task): one shard -> prepared chunks of `chunk_rows` rows."""
+    for path, key in zip(batch.column("path").to_pylist(), batch.column("key").to_pylist()):
+        for start, table in io.iter_shard(path, needed_columns(input_cfg), chunk_rows, storage):
+            yield prepare_chunk(table, key, start, input_cfg)
+
+
+def output_columns(cfg: ClassifyConfig) -> list[str]:
+    inp = cfg.input
+    cols = [id_column(inp), inp.text_column if cfg.output.keep_text else None,
+            GOLD if inp.label_column else None,
+            *inp.carry_columns, "label", "confidence", "probs", "error"]
+    return list(dict.fromkeys(c for c in cols if c))
+
+
+def write_parts(table: pa.Table, cfg: ClassifyConfig, labels: LabelSet) -> pa.Table:
+    """Write stage (Ray task): each labelled chunk becomes one part; returns one stats row per
+    part, with the metric counts so the driver never re-reads the output to evaluate it."""
+    stats = []
+    for name in sorted(set(table.column(PART).to_pylist())):
+        rows = table.filter(pa.compute.equal(table.column(PART), name))
+        expected = rows.column(PART_ROWS)[0].as_py()
+        if rows.num_rows != expected:
+            # Guard for the invariant above: a split chunk would write a short part and lose rows.
+            raise RuntimeError(f"part {name}: got {rows.num_rows} of {expected} rows in one batch")
+        out = rows.select(output_columns(cfg))
+        io.write_part(out, io.join(cfg.output.path, name), cfg.storage)
+        errors = out.column("error").to_pylist()
+        gold = (out.column(GOLD).to_pylist() if cfg.input.label_column
+                else [None] * out.num_rows)
+        counts = tally(labels, gold, out.column("label").to_pylist(),
+                       out.column("confidence").to_pylist(), errors)
+        stats.append({"part": name, "rows": out.num_rows,
+                      "errored": sum(e is not None for e in errors), "tally": counts.to_json()})
+    return pa.Table.from_pylist(stats)
+
+
+class Progress:
+    """A log line at most every `every_s` seconds: rows done of total, rows/s, time left."""
+
+    def __init__(self, total: int, every_s: float = 10.0):
+        self.total, self.every_s = total, every_s
+        self.started = self.last = time.monotonic()
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if done < self.total and now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = done / max(now - self.started, 1e-9)
+        left = (self.total - done) / rate if rate else float("inf")
+        log.info("classify: %d/%d rows (%.1f%%), %.1f rows/s, ~%.0f s left",
+                 done, self.total, 100 * done / max(self.total, 1), rate, left)
+
+
+def manifest(cfg: ClassifyConfig, labels: LabelSet, shards: list[io.ShardInfo], parts: list[dict],
+             summary: RunSummary, started: datetime) -> dict:
+    return {
+        "run_id": uuid.uuid4().hex,
+        "config_hash": config_hash(cfg),
+        "backend": cfg.backend.kind,
+        "model": cfg.backend.model,
+        "labels": list(labels.names),
+        "id_column": id_column(cfg.input),
+        "text_column": cfg.input.text_column,
+        "gold_column": GOLD if cfg.input.label_column else None,
+        "rows_in": summary.rows_in,
+        "rows_out": summary.rows_out,
+        "rows_errored": summary.rows_errored,
+        "rows_per_s": summary.rows_per_s,
+        "started_at": started.isoformat(),
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "shards": [{"path": s.path, "key": s.key, "rows": s.rows} for s in shards],
+        "parts": sorted(parts, key=lambda p: p["part"]),
+    }

@@ -1,0 +1,88 @@
+"""Prepare stage (pure): check a shard's schema, give rows ids, mark bad rows with an error.
+
+Bad rows are never dropped: they travel to the output with `error` set and no label, so
+rows out = rows in holds for every run.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from clsjob.config import InputConfig
+from clsjob.io import InputError, ShardInfo
+
+DERIVED_ID = "id"
+# Gold labels are written under their own name: input corpora very often call them "label",
+# which is the name of the prediction column.
+GOLD = "gold"
+RESULT_COLUMNS = ("label", "confidence", "probs", "reasoning", "error")
+# Internal columns: the output part a row belongs to and how many rows that part must hold.
+PART, PART_ROWS = "_part", "_part_rows"
+
+
+def id_column(cfg: InputConfig) -> str:
+    return cfg.id_column or DERIVED_ID
+
+
+def needed_columns(cfg: InputConfig) -> list[str]:
+    """The only columns read from the input."""
+    cols = [cfg.id_column, cfg.text_column, cfg.label_column, *cfg.carry_columns]
+    return list(dict.fromkeys(c for c in cols if c))
+
+
+def _is_string(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def check_schema(shard: ShardInfo, cfg: InputConfig) -> None:
+    """Fail before any model loads when a shard cannot serve this config."""
+    names = set(shard.schema.names)
+    for key, col in [("input.text_column", cfg.text_column), ("input.id_column", cfg.id_column),
+                     ("input.label_column", cfg.label_column)] + [
+                         ("input.carry_columns", c) for c in cfg.carry_columns]:
+        if col and col not in names:
+            raise InputError(f"{shard.path}: {key} {col!r} is not a column "
+                             f"(columns: {sorted(names)})")
+    for key, col in [("input.text_column", cfg.text_column), ("input.label_column", cfg.label_column)]:
+        if col and not _is_string(shard.schema.field(col).type):
+            raise InputError(f"{shard.path}: {key} {col!r} has type "
+                             f"{shard.schema.field(col).type}, expected string")
+    reserved = set(RESULT_COLUMNS) | ({GOLD} if cfg.label_column else set())
+    kept = [cfg.id_column, cfg.text_column, *cfg.carry_columns]
+    clash = [c for c in kept if c and (c in reserved or c.startswith("_"))]
+    if not cfg.id_column and DERIVED_ID in cfg.carry_columns:
+        clash.append(DERIVED_ID)
+    if clash:
+        raise InputError(f"input columns {clash} would collide with the output's own columns "
+                         f"{sorted(reserved)} / the derived '{DERIVED_ID}' / names starting with "
+                         f"'_'; rename them in the input or set input.id_column")
+
+
+def part_name(shard_key: str, start_row: int) -> str:
+    """Stable for a given shard and row range, so a rerun writes the same names."""
+    stem = shard_key[: -len(".parquet")] if shard_key.endswith(".parquet") else shard_key
+    return f"{stem.replace('/', '__')}-{start_row:010d}.parquet"
+
+
+def prepare_chunk(table: pa.Table, shard_key: str, start_row: int, cfg: InputConfig) -> pa.Table:
+    """Input chunk -> id, text, gold, carried columns, error, and the part bookkeeping."""
+    n = table.num_rows
+    if cfg.id_column:
+        ids = table.column(cfg.id_column)
+    else:
+        ids = pa.array([f"{shard_key}:{start_row + i}" for i in range(n)], pa.string())
+    text = pc.cast(table.column(cfg.text_column), pa.string())
+    empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0)
+    error = pc.if_else(pc.is_null(text), "text is null",
+                       pc.if_else(pc.fill_null(empty, False), "text is empty", pa.scalar(None, pa.string())))
+    columns = {id_column(cfg): ids, cfg.text_column: text}
+    if cfg.label_column:
+        columns[GOLD] = pc.cast(table.column(cfg.label_column), pa.string())
+    for col in cfg.carry_columns:
+        columns.setdefault(col, table.column(col))
+    columns["error"] = error
+    columns[PART] = pa.array([part_name(shard_key, start_row)] * n, pa.string())
+    columns[PART_ROWS] = pa.array([n] * n, pa.int64())
+    return pa.table(columns)
