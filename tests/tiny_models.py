@@ -26,15 +26,19 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def build_tokenizer(folder: Path, vocab_size: int = 400) -> PreTrainedTokenizerFast:
+def build_tokenizer(folder: Path, vocab_size: int = 400, with_pad: bool = True) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    # Qwen2's tokenizer class names "<|endoftext|>" as its pad token, so it is in the vocab
+    # unless the test wants a model with no usable pad token.
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"] + (["<pad>", "<|endoftext|>"] if with_pad else [])
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+        vocab_size=vocab_size, special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                   pad_token="<pad>" if with_pad else None,
                                    eos_token="<|im_end|>", bos_token="<|im_start|>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)
@@ -48,11 +52,13 @@ def _label_maps(labels: list[str]) -> dict:
 
 def build_qwen2_classifier(folder: Path, labels: list[str], causal_lm: bool = False,
                            seed: int = 0, drop_pad_token: bool = False) -> Path:
-    """A merged-classifier folder with a random Qwen2 (optionally also the CausalLM)."""
+    """A merged-classifier folder with a random Qwen2 (or the CausalLM). drop_pad_token: the
+    tokenizer has no pad token of its own, and the one Qwen2's tokenizer class names by default
+    is not in the vocabulary, as with many decoder checkpoints."""
     import torch
 
     torch.manual_seed(seed)
-    tok = build_tokenizer(folder)
+    tok = build_tokenizer(folder, with_pad=not drop_pad_token)
     config = Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                          max_position_embeddings=512, pad_token_id=tok.pad_token_id,
@@ -60,14 +66,6 @@ def build_qwen2_classifier(folder: Path, labels: list[str], causal_lm: bool = Fa
                          tie_word_embeddings=False, **_label_maps(labels))
     model = Qwen2ForCausalLM(config) if causal_lm else Qwen2ForSequenceClassification(config)
     model.save_pretrained(folder)
-    if drop_pad_token:  # a decoder tokenizer without a pad token, as many ship
-        import json
-        cfg_path = folder / "tokenizer_config.json"
-        data = json.loads(cfg_path.read_text())
-        data.pop("pad_token", None)
-        # A plain fast tokenizer: Qwen2's own class would add "<|endoftext|>" as pad by default.
-        data["tokenizer_class"] = "PreTrainedTokenizerFast"
-        cfg_path.write_text(json.dumps(data))
     return folder
 
 

@@ -1,0 +1,97 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clsjob.config import (ClassifyConfig, ConfigError, FinetuneConfig, MergeConfig, apply_overrides,
+                           config_hash, load_config)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+KIND = {"classify": ClassifyConfig, "finetune": FinetuneConfig, "merge": MergeConfig}
+
+
+def minimal(tmp_path, **extra) -> Path:
+    data = {"input": {"path": "in/"}, "backend": {"model": "m"}, "output": {"path": "out/"}, **extra}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    model = KIND[path.stem.split("-")[0]]
+    cfg = load_config(path, model=model)
+    assert isinstance(cfg, model)
+
+
+def test_shipped_configs_cover_every_command():
+    assert {p.stem.split("-")[0] for p in CONFIGS.glob("*.yaml")} == set(KIND)
+
+
+def test_defaults_and_label_strings(tmp_path):
+    cfg = load_config(minimal(tmp_path, labels=["neg", {"name": "pos", "description": "good"}]),
+                      model=ClassifyConfig)
+    assert cfg.input.text_column == "text" and cfg.input.id_column is None
+    assert cfg.backend.kind == "hf" and cfg.backend.max_length == 512
+    assert [l.name for l in cfg.labels] == ["neg", "pos"]
+    assert cfg.labels[1].description == "good"
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = minimal(tmp_path, backend={"model": "m", "max_lenght": 12})
+    with pytest.raises(ConfigError, match=r"backend\.max_lenght: unknown key"):
+        load_config(path, model=ClassifyConfig)
+
+
+def test_bad_value_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"resources\.actors: .*greater than 0"):
+        load_config(minimal(tmp_path), ["resources.actors=0"], model=ClassifyConfig)
+    with pytest.raises(ConfigError, match=r"backend\.kind"):
+        load_config(minimal(tmp_path), ["backend.kind=bananas"], model=ClassifyConfig)
+
+
+def test_missing_required_key_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"input": {"path": "x"}, "backend": {"model": "m"}}))
+    with pytest.raises(ConfigError, match=r"c\.yaml.*\n\s+output: Field required"):
+        load_config(path, model=ClassifyConfig)
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    cfg = load_config(minimal(tmp_path), [
+        "resources.batch_size=64", "input.carry_columns=[a, b]", "output.keep_text=false",
+        "input.path=s3://b/k/"], model=ClassifyConfig)
+    assert cfg.resources.batch_size == 64
+    assert cfg.input.carry_columns == ["a", "b"]
+    assert cfg.output.keep_text is False
+    assert cfg.input.path == "s3://b/k/"
+
+
+def test_override_errors():
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        apply_overrides({}, ["nothing"])
+    with pytest.raises(ConfigError, match="'a' is not a section"):
+        apply_overrides({"a": 1}, ["a.b=2"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml", model=ClassifyConfig)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("input: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad, model=ClassifyConfig)
+
+
+def test_config_is_frozen_and_hash_follows_content(tmp_path):
+    a = load_config(minimal(tmp_path), model=ClassifyConfig)
+    b = load_config(minimal(tmp_path), ["resources.batch_size=7"], model=ClassifyConfig)
+    with pytest.raises(Exception):
+        a.resources.actors = 3
+    assert config_hash(a) == config_hash(load_config(minimal(tmp_path), model=ClassifyConfig))
+    assert config_hash(a) != config_hash(b)
+
+
+def test_finetune_requires_gold_labels():
+    with pytest.raises(ConfigError, match="train.*label_column is required"):
+        load_config(None, ["base_model=m", "train.path=t", "output.path=o"], model=FinetuneConfig)

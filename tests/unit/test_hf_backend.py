@@ -1,0 +1,90 @@
+"""The hf back end on CPU with tiny models, called directly (no Ray)."""
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from clsjob.backends.hf import (HFClassifier, ModelError, check_model_folder, length_sorted_batches,
+                                load_classifier, predict_probs)
+from clsjob.config import BackendConfig, InputConfig
+from clsjob.labels import LabelError, LabelSet
+from clsjob.prepare import prepare_chunk
+from conftest import LABELS, sample_texts
+from tiny_models import build_qwen2_classifier
+
+
+def test_length_sorted_batches_cover_all_rows_once():
+    lengths = [5, 1, 9, 3, 3, 7, 2]
+    batches = length_sorted_batches(lengths, 3)
+    assert sorted(i for b in batches for i in b) == list(range(7))
+    assert [[lengths[i] for i in b] for b in batches] == [[1, 2, 3], [3, 5, 7], [9]]
+
+
+@pytest.mark.parametrize("model_fixture", ["qwen_model", "bert_model"])
+def test_batched_probabilities_equal_one_row_at_a_time(model_fixture, request):
+    """Right padding + length sorting must not change any row's answer: a decoder pools on
+    its last non-pad token, so a padding bug shows up here as different probabilities."""
+    backend = BackendConfig(model=str(request.getfixturevalue(model_fixture)), max_length=64)
+    model, tok = load_classifier(backend, "cpu")
+    texts = sample_texts(24, seed=1)
+    batched = predict_probs(model, tok, texts, 64, micro_batch=8, device="cpu")
+    single = np.stack([predict_probs(model, tok, [t], 64, 1, "cpu")[0] for t in texts])
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+    np.testing.assert_allclose(batched.sum(axis=1), 1.0, atol=1e-5)
+    assert batched.std(axis=0).max() > 1e-4  # rows really differ: the check above has teeth
+
+
+def test_missing_pad_token_falls_back_and_truncation_applies(tmp_path):
+    folder = build_qwen2_classifier(tmp_path, LABELS, drop_pad_token=True)
+    model, tok = load_classifier(BackendConfig(model=str(folder)), "cpu")
+    assert tok.pad_token == tok.eos_token and model.config.pad_token_id == tok.eos_token_id
+    assert tok.pad_token_id < model.get_input_embeddings().num_embeddings
+    assert tok.padding_side == "right"
+    long_text = "the film was a delight " * 200
+    probs = predict_probs(model, tok, [long_text, "short"], max_length=16, micro_batch=2, device="cpu")
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_actor_labels_a_prepared_chunk_and_keeps_bad_rows(qwen_model):
+    texts = sample_texts(10) + [None, "", "   "]
+    chunk = prepare_chunk(pa.table({"text": texts}), "s.parquet", 0, InputConfig(path="x"))
+    actor = HFClassifier(BackendConfig(model=str(qwen_model)), None, "text", use_gpu=False)
+    out = actor(chunk)
+    assert out.num_rows == 13
+    labels, conf, probs, errors = (out.column(c).to_pylist() for c in
+                                   ("label", "confidence", "probs", "error"))
+    assert all(l in LABELS for l in labels[:10]) and labels[10:] == [None] * 3
+    assert errors[10:] == ["text is null", "text is empty", "text is empty"]
+    for l, c, p in zip(labels[:10], conf[:10], probs[:10]):
+        assert len(p) == 3 and sum(p) == pytest.approx(1.0, abs=1e-5)
+        assert c == pytest.approx(max(p)) and l == LABELS[int(np.argmax(p))]
+    assert out.schema.field("confidence").type == pa.float32()
+    assert out.schema.field("probs").type == pa.list_(pa.float32())
+
+
+def test_config_label_order_reorders_probabilities(qwen_model):
+    chunk = prepare_chunk(pa.table({"text": sample_texts(6)}), "s", 0, InputConfig(path="x"))
+    backend = BackendConfig(model=str(qwen_model))
+    natural = HFClassifier(backend, None, "text", False)(chunk)
+    reordered = HFClassifier(backend, LabelSet(tuple(reversed(LABELS))), "text", False)(chunk)
+    assert reordered.column("label").to_pylist() == natural.column("label").to_pylist()
+    for a, b in zip(natural.column("probs").to_pylist(), reordered.column("probs").to_pylist()):
+        assert b == pytest.approx(list(reversed(a)))
+
+
+def test_model_folder_checks_fail_before_any_row(tmp_path, qwen_model):
+    with pytest.raises(ModelError, match="no model folder at"):
+        check_model_folder(BackendConfig(model=str(tmp_path / "nope")), None)
+    broken = tmp_path / "broken"
+    shutil.copytree(qwen_model, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(ModelError, match=r"incomplete, missing \['\*\.safetensors"):
+        check_model_folder(BackendConfig(model=str(broken)), None)
+    lm = build_qwen2_classifier(tmp_path / "lm", LABELS, causal_lm=True)
+    with pytest.raises(ModelError, match="Qwen2ForCausalLM.*not a merged"):
+        check_model_folder(BackendConfig(model=str(lm)), None)
+    with pytest.raises(LabelError, match=r"not in the model \['spam'\]"):
+        check_model_folder(BackendConfig(model=str(qwen_model)), LabelSet(("negative", "spam")))
+    assert check_model_folder(BackendConfig(model=str(qwen_model)), None).names == tuple(LABELS)

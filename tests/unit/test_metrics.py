@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+from sklearn import metrics as sk
+
+from clsjob.labels import LabelSet
+from clsjob.metrics import Tally, summarize, tally
+
+LABELS = LabelSet(("a", "b", "c", "d"))
+
+
+def random_run(seed: int, n: int = 500):
+    rng = np.random.default_rng(seed)
+    k = len(LABELS)
+    # Skewed classes, and class "d" never predicted, to exercise the zero-division paths.
+    gold = rng.choice(k, size=n, p=[0.5, 0.3, 0.15, 0.05])
+    pred = np.where(rng.random(n) < 0.7, gold, rng.choice(k - 1, size=n))
+    pred = np.where(pred == 3, 0, pred)
+    conf = rng.uniform(0.25, 1.0, size=n)
+    return gold, pred, conf
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_scores_match_scikit_learn(seed):
+    gold, pred, conf = random_run(seed)
+    names = np.array(LABELS.names)
+    m = summarize(LABELS, tally(LABELS, names[gold].tolist(), names[pred].tolist(), conf.tolist(),
+                                [None] * len(gold)))
+    assert m["accuracy"] == pytest.approx(sk.accuracy_score(gold, pred))
+    for avg in ("macro", "weighted"):
+        p, r, f, _ = sk.precision_recall_fscore_support(gold, pred, average=avg, zero_division=0)
+        assert m[f"precision_{avg}"] == pytest.approx(p)
+        assert m[f"recall_{avg}"] == pytest.approx(r)
+        assert m[f"f1_{avg}"] == pytest.approx(f)
+    p, r, f, s = sk.precision_recall_fscore_support(gold, pred, labels=range(4), zero_division=0)
+    for i, name in enumerate(LABELS.names):
+        assert m["per_class"][name]["f1"] == pytest.approx(f[i])
+        assert m["per_class"][name]["support"] == s[i]
+    assert m["confusion_matrix"] == sk.confusion_matrix(gold, pred, labels=range(4)).tolist()
+
+
+def test_expected_calibration_error_by_definition():
+    gold, pred, conf = random_run(11, n=2000)
+    names = np.array(LABELS.names)
+    m = summarize(LABELS, tally(LABELS, names[gold].tolist(), names[pred].tolist(), conf.tolist(),
+                                [None] * len(gold)))
+    correct = (gold == pred).astype(float)
+    bins = np.minimum((conf * 15).astype(int), 14)
+    bins = np.where(conf * 15 == np.floor(conf * 15), np.maximum(bins - 1, 0), bins)  # right-closed
+    expected = sum((bins == b).mean() * abs(correct[bins == b].mean() - conf[bins == b].mean())
+                   for b in range(15) if (bins == b).any())
+    assert m["expected_calibration_error"] == pytest.approx(expected)
+    # Perfectly calibrated extreme: always right with confidence 1.0 -> ECE 0.
+    perfect = summarize(LABELS, tally(LABELS, ["a"] * 10, ["a"] * 10, [1.0] * 10, [None] * 10))
+    assert perfect["expected_calibration_error"] == pytest.approx(0.0)
+    assert perfect["calibration"]["rows"][-1] == 10
+
+
+def test_errors_missing_and_unknown_gold_are_counted_not_scored():
+    m = summarize(LABELS, tally(
+        LABELS,
+        gold=["a", "b", None, "zzz", "zzz", "c"],
+        predicted=["a", "a", "b", "c", "a", None],
+        confidence=[0.9, 0.6, 0.5, 0.5, 0.7, None],
+        errors=[None, None, None, None, None, "text is empty"]))
+    assert (m["rows"], m["rows_scored"], m["rows_errored"]) == (6, 2, 1)
+    assert m["gold_missing"] == 1 and m["gold_outside_labels"] == 2
+    assert m["gold_outside_labels_values"] == {"zzz": 2}
+    assert m["accuracy"] == pytest.approx(0.5)
+
+
+def test_no_confidence_gives_null_ece():
+    m = summarize(LABELS, tally(LABELS, ["a", "b"], ["a", "b"], [None, None], [None, None]))
+    assert m["expected_calibration_error"] is None and m["accuracy"] == 1.0
+
+
+def test_tallies_add_up_and_survive_json():
+    gold, pred, conf = random_run(3, n=300)
+    names = np.array(LABELS.names)
+    args = lambda s: (names[gold[s]].tolist(), names[pred[s]].tolist(), conf[s].tolist(),
+                      [None] * len(gold[s]))
+    whole = summarize(LABELS, tally(LABELS, *args(slice(None))))
+    parts = Tally(n_labels=4)
+    for s in (slice(0, 100), slice(100, 250), slice(250, None)):
+        parts.add(Tally.from_json(tally(LABELS, *args(s)).to_json()))
+    merged = summarize(LABELS, parts)
+    assert merged["confusion_matrix"] == whole["confusion_matrix"]
+    assert merged["expected_calibration_error"] == pytest.approx(whole["expected_calibration_error"])
+    assert merged["f1_macro"] == pytest.approx(whole["f1_macro"])

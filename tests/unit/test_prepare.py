@@ -1,0 +1,118 @@
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clsjob import io
+from clsjob.config import InputConfig, StorageConfig
+from clsjob.prepare import GOLD, PART, PART_ROWS, check_schema, needed_columns, part_name, prepare_chunk
+
+LOCAL = StorageConfig()
+
+
+def test_derived_ids_follow_shard_and_row_position():
+    cfg = InputConfig(path="x")
+    table = pa.table({"text": ["a", "b", "c"]})
+    out = prepare_chunk(table, "day=1/part-7.parquet", 200, cfg)
+    assert out.column("id").to_pylist() == ["day=1/part-7.parquet:200", "day=1/part-7.parquet:201",
+                                            "day=1/part-7.parquet:202"]
+    # Same shard and position -> same id, whatever the chunk boundaries were.
+    again = prepare_chunk(table.slice(1), "day=1/part-7.parquet", 201, cfg)
+    assert again.column("id").to_pylist() == out.column("id").to_pylist()[1:]
+
+
+def test_given_ids_and_gold_and_carried_columns_are_kept():
+    cfg = InputConfig(path="x", id_column="doc", label_column="label", carry_columns=["lang"])
+    table = pa.table({"doc": [10, 11], "text": ["a", "b"], "label": ["x", None], "lang": ["en", "fr"]})
+    out = prepare_chunk(table, "s.parquet", 0, cfg)
+    assert out.column("doc").to_pylist() == [10, 11]
+    assert out.column(GOLD).to_pylist() == ["x", None]
+    assert out.column("lang").to_pylist() == ["en", "fr"]
+    assert out.column(PART).to_pylist() == ["s-0000000000.parquet"] * 2
+    assert out.column(PART_ROWS).to_pylist() == [2, 2]
+
+
+def test_bad_text_rows_are_marked_not_dropped():
+    cfg = InputConfig(path="x")
+    out = prepare_chunk(pa.table({"text": ["ok", None, "", " \t\n", "  x "]}), "s", 0, cfg)
+    assert out.num_rows == 5
+    assert out.column("error").to_pylist() == [None, "text is null", "text is empty",
+                                               "text is empty", None]
+
+
+def test_needed_columns_only_and_in_order():
+    cfg = InputConfig(path="x", id_column="i", label_column="y", carry_columns=["a", "i"])
+    assert needed_columns(cfg) == ["i", "text", "y", "a"]
+
+
+def shard_info(tmp_path, table: pa.Table) -> io.ShardInfo:
+    path = tmp_path / "bad.parquet"
+    pq.write_table(table, path)
+    return io.inspect_shards([str(path)], LOCAL)[0]
+
+
+def test_schema_errors_name_the_file_and_column(tmp_path):
+    info = shard_info(tmp_path, pa.table({"body": ["a"], "n": [1]}))
+    with pytest.raises(io.InputError, match=r"bad\.parquet: input\.text_column 'text' is not a column"):
+        check_schema(info, InputConfig(path="x"))
+    with pytest.raises(io.InputError, match=r"bad\.parquet: input\.text_column 'n' has type int64"):
+        check_schema(info, InputConfig(path="x", text_column="n"))
+    with pytest.raises(io.InputError, match=r"input\.carry_columns 'lang' is not a column"):
+        check_schema(info, InputConfig(path="x", text_column="body", carry_columns=["lang"]))
+
+
+def test_columns_that_collide_with_outputs_are_rejected(tmp_path):
+    info = shard_info(tmp_path, pa.table({"text": ["a"], "label": ["x"], "id": [1]}))
+    check_schema(info, InputConfig(path="x", label_column="label"))  # gold goes to "gold"
+    with pytest.raises(io.InputError, match=r"\['label'\] would collide"):
+        check_schema(info, InputConfig(path="x", carry_columns=["label"]))
+    with pytest.raises(io.InputError, match=r"\['id'\] would collide"):
+        check_schema(info, InputConfig(path="x", carry_columns=["id"]))
+    check_schema(info, InputConfig(path="x", id_column="id"))
+
+
+def test_part_names_are_stable_and_flat():
+    assert part_name("day=1/part-7.parquet", 1024) == "day=1__part-7-0000001024.parquet"
+    assert part_name("a.parquet", 0) == part_name("a.parquet", 0)
+
+
+def test_list_shards_folder_glob_list_and_keys(tmp_path):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        for i in range(2):
+            pq.write_table(pa.table({"text": ["x"]}), tmp_path / sub / f"p{i}.parquet")
+    (tmp_path / "a" / "_SUCCESS.parquet").write_bytes(b"")  # markers are not shards
+    folder = io.list_shards(str(tmp_path), LOCAL)
+    assert [p.split("/")[-2:] for p in folder] == [["a", "p0.parquet"], ["a", "p1.parquet"],
+                                                   ["b", "p0.parquet"], ["b", "p1.parquet"]]
+    assert io.list_shards(str(tmp_path / "*" / "p1.parquet"), LOCAL) == [folder[1], folder[3]]
+    assert io.list_shards([folder[2], folder[0], folder[2]], LOCAL) == [folder[0], folder[2]]
+    assert io.shard_keys(folder) == ["a/p0.parquet", "a/p1.parquet", "b/p0.parquet", "b/p1.parquet"]
+    with pytest.raises(io.InputError, match="nothing found at"):
+        io.list_shards(str(tmp_path / "missing"), LOCAL)
+
+
+def test_iter_shard_chunks_cover_every_row_once(tmp_path):
+    path = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"text": [str(i) for i in range(1000)], "other": list(range(1000))}),
+                   path, row_group_size=300)
+    chunks = list(io.iter_shard(str(path), ["text"], 128, LOCAL))
+    starts = [s for s, _ in chunks]
+    rows = [r for _, t in chunks for r in t.column("text").to_pylist()]
+    assert rows == [str(i) for i in range(1000)]
+    assert starts == sorted(starts) and starts[0] == 0
+    assert all(t.column_names == ["text"] for _, t in chunks)
+
+
+def test_corrupt_shard_is_named(tmp_path):
+    bad = tmp_path / "broken.parquet"
+    bad.write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(io.InputError, match=r"broken\.parquet: not a readable Parquet file"):
+        io.inspect_shards([str(bad)], LOCAL)
+
+
+def test_write_part_is_atomic_and_leaves_no_temp_files(tmp_path):
+    target = tmp_path / "out" / "p.parquet"
+    io.write_part(pa.table({"x": [1, 2]}), str(target), LOCAL)
+    io.write_part(pa.table({"x": [3]}), str(target), LOCAL)  # a rerun replaces, never appends
+    assert pq.read_table(target).column("x").to_pylist() == [3]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["p.parquet"]
