@@ -7,6 +7,7 @@ read to write is what makes part names stable and rows out = rows in checkable p
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -63,7 +64,8 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
         fn_constructor_kwargs={"backend": cfg.backend, "labels": labels,
                                "text_column": cfg.input.text_column,
                                "use_gpu": cfg.resources.gpus_per_actor > 0},
-        concurrency=cfg.resources.actors, num_gpus=cfg.resources.gpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=cfg.resources.actors),
+        num_gpus=cfg.resources.gpus_per_actor,
         num_cpus=cfg.resources.cpus_per_actor)
     ds = ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow",
                         fn_kwargs={"cfg": cfg, "labels": labels})
@@ -72,7 +74,7 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
     parts, total = [], Tally(n_labels=len(labels))
     for stats in ds.iter_rows():  # one small row per part, streamed: nothing piles up here
         parts.append({"part": stats["part"], "rows": stats["rows"], "errored": stats["errored"]})
-        total.add(Tally.from_json(stats["tally"]))
+        total.add(Tally.from_json(json.loads(stats["tally"])))
         progress.update(total.rows)
     elapsed = time.monotonic() - progress.started
 
@@ -130,7 +132,10 @@ def write_parts(table: pa.Table, cfg: ClassifyConfig, labels: LabelSet) -> pa.Ta
         counts = tally(labels, gold, out.column("label").to_pylist(),
                        out.column("confidence").to_pylist(), errors)
         stats.append({"part": name, "rows": out.num_rows,
-                      "errored": sum(e is not None for e in errors), "tally": counts.to_json()})
+                      "errored": sum(e is not None for e in errors),
+                      # A JSON string: as an Arrow struct, per-row dicts would be unified into
+                      # one schema and grow null keys.
+                      "tally": json.dumps(counts.to_json())})
     return pa.Table.from_pylist(stats)
 
 

@@ -1,0 +1,127 @@
+"""run_classify end to end through a local Ray cluster with tiny models built by the tests."""
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clsjob import io
+from clsjob.config import ClassifyConfig, StorageConfig, validate
+from clsjob.io import InputError
+from clsjob.labels import LabelError
+from clsjob.pipeline import run_classify
+from clsjob.report import evaluate_output
+from conftest import LABELS, sample_texts, write_shards
+
+BAD_TEXTS = [None, "", "   \n"]
+
+
+def corpus(tmp_path, shards=3, rows=150):
+    """Shards with gold labels (some outside the label set), bad rows, and a carried column."""
+    tables = []
+    for s in range(shards):
+        texts = sample_texts(rows, seed=s) + BAD_TEXTS
+        gold = [LABELS[i % 3] for i in range(rows)] + ["positive"] * 3
+        gold[5] = "sarcastic"  # outside the label set: counted, not a crash
+        tables.append({"text": texts, "label": gold, "lang": ["en"] * len(texts),
+                       "unused_blob": ["x" * 100] * len(texts)})
+    write_shards(tmp_path / "in", tables)
+    return tmp_path / "in", shards * (rows + len(BAD_TEXTS))
+
+
+def config(model, inp, out, **extra) -> ClassifyConfig:
+    data = {"input": {"path": str(inp), "label_column": "label", "carry_columns": ["lang"]},
+            "backend": {"model": str(model), "max_length": 64},
+            "resources": {"batch_size": 64, "actors": 1},
+            "output": {"path": str(out)}}
+    for key, value in extra.items():
+        data[key] = {**data.get(key, {}), **value}
+    return validate(data, model=ClassifyConfig)
+
+
+def read_output(out) -> pa.Table:
+    return pa.concat_tables(pq.read_table(p) for p in io.list_parts(str(out), StorageConfig()))
+
+
+@pytest.mark.parametrize("model_fixture", ["qwen_model", "bert_model"])
+def test_every_row_comes_out_once_with_the_output_contract(model_fixture, request, ray_cluster, tmp_path):
+    inp, rows_in = corpus(tmp_path)
+    out = tmp_path / "out"
+    summary = run_classify(config(request.getfixturevalue(model_fixture), inp, out))
+
+    table = read_output(out)
+    assert summary.rows_in == summary.rows_out == table.num_rows == rows_in
+    ids = table.column("id").to_pylist()
+    assert len(set(ids)) == len(ids)
+    assert table.column_names == ["id", "text", "gold", "lang", "label", "confidence", "probs", "error"]
+    assert "unused_blob" not in table.column_names
+    rows = table.to_pylist()
+    bad = [r for r in rows if r["text"] is None or not r["text"].strip()]
+    assert len(bad) == 9 and summary.rows_errored == 9
+    assert all(r["error"] and r["label"] is None and r["probs"] is None for r in bad)
+    good = [r for r in rows if r["error"] is None]
+    assert all(r["label"] in LABELS and abs(sum(r["probs"]) - 1) < 1e-4 for r in good)
+    assert all(r["confidence"] == pytest.approx(max(r["probs"])) for r in good)
+
+    # Parts are named after their shard and first row, and hold exactly those rows.
+    parts = sorted(p.name for p in out.glob("*.parquet"))
+    assert parts[:3] == ["shard-000-0000000000.parquet", "shard-000-0000000064.parquet",
+                         "shard-000-0000000128.parquet"]
+    assert len(parts) == 9
+    first = pq.read_table(out / parts[1]).column("id").to_pylist()
+    assert first == [f"shard-000.parquet:{i}" for i in range(64, 128)]
+
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_errored"]) == (rows_in, rows_in, 9)
+    assert manifest["labels"] == LABELS and len(manifest["shards"]) == 3
+    assert sum(p["rows"] for p in manifest["parts"]) == rows_in
+
+    metrics = json.loads((out / "_metrics.json").read_text())
+    assert metrics["rows"] == rows_in and metrics["rows_errored"] == 9
+    assert metrics["gold_outside_labels"] == 3 and metrics["gold_outside_labels_values"] == {"sarcastic": 3}
+    scored = [r for r in good if r["gold"] in LABELS]
+    assert metrics["rows_scored"] == len(scored)
+    assert metrics["accuracy"] == pytest.approx(
+        sum(r["gold"] == r["label"] for r in scored) / len(scored))
+    assert "Confusion matrix" in (out / "report.md").read_text()
+
+
+def test_evaluate_recomputes_the_same_metrics(qwen_model, ray_cluster, tmp_path):
+    inp, _ = corpus(tmp_path, shards=2, rows=60)
+    out = tmp_path / "out"
+    first = run_classify(config(qwen_model, inp, out)).metrics
+    (out / "_metrics.json").unlink()
+    again = evaluate_output(str(out), StorageConfig())
+    assert again["confusion_matrix"] == first["confusion_matrix"]
+    assert again["expected_calibration_error"] == pytest.approx(first["expected_calibration_error"])
+    assert json.loads((out / "_metrics.json").read_text())["accuracy"] == pytest.approx(first["accuracy"])
+
+
+def test_rerun_gives_the_same_rows_and_ids(qwen_model, ray_cluster, tmp_path):
+    inp, _ = corpus(tmp_path, shards=2, rows=40)
+    a = read_output_of(run_classify(config(qwen_model, inp, tmp_path / "a")))
+    b = read_output_of(run_classify(config(qwen_model, inp, tmp_path / "b",
+                                           resources={"actors": 2, "batch_size": 64})))
+    assert a.sort_by("id").to_pylist() == b.sort_by("id").to_pylist()
+
+
+def read_output_of(summary):
+    return read_output(summary.output)
+
+
+def test_label_mismatch_fails_before_reading_any_row(qwen_model, ray_cluster, tmp_path):
+    # The input path does not even exist: the label check must come first.
+    cfg = validate({"input": {"path": str(tmp_path / "missing")}, "labels": ["spam", "ham"],
+                    "backend": {"model": str(qwen_model)}, "output": {"path": str(tmp_path / "o")}},
+                   model=ClassifyConfig)
+    with pytest.raises(LabelError, match="do not match the model"):
+        run_classify(cfg)
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_text_column_names_column_and_file(qwen_model, ray_cluster, tmp_path):
+    write_shards(tmp_path / "in", [{"text": ["a"]}, {"body": ["b"]}])
+    cfg = config(qwen_model, tmp_path / "in", tmp_path / "o",
+                 input={"label_column": None, "carry_columns": []})
+    with pytest.raises(InputError, match=r"shard-001\.parquet: input\.text_column 'text' is not a column"):
+        run_classify(cfg)
