@@ -23,7 +23,7 @@ def load_tokenizer(base_model: str):
 def load_base_classifier(base_model: str, labels: LabelSet, tokenizer, dtype=torch.float32):
     """The base with a new head of len(labels) outputs and the label mapping in its config."""
     model = AutoModelForSequenceClassification.from_pretrained(
-        base_model, num_labels=len(labels), id2label=labels.id2label(),
+        base_model, id2label=labels.id2label(),  # num_labels follows from id2label
         label2id=labels.label2id(), dtype=dtype, use_safetensors=True)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model

@@ -114,6 +114,7 @@ def train_worker(config: dict) -> None:
             compute_metrics=classification_metrics, callbacks=[RayTrainReportCallback()])
         trainer = prepare_trainer(trainer)
         train_out = trainer.train()
+        per_epoch = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
         final_eval = trainer.evaluate() if eval_rows else {}
 
     tokens = sum(len(r["input_ids"]) for r in train_rows) * cfg.training.epochs
@@ -123,7 +124,7 @@ def train_worker(config: dict) -> None:
         "labels": list(labels.names),
         "train_rows": len(train_rows),
         "eval_rows": len(eval_rows),
-        "epochs": [entry for entry in trainer.state.log_history if "eval_loss" in entry],
+        "epochs": per_epoch,
         "final_eval": final_eval,
         "train_loss": train_out.training_loss,
         "wall_time_s": round(time.monotonic() - started, 2),

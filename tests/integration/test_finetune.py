@@ -1,0 +1,87 @@
+"""Fine-tune a tiny Qwen2 with LoRA through Ray Train, merge it, and serve it with `hf`."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+
+from clsjob.backends.hf import load_classifier, predict_probs
+from clsjob.config import BackendConfig, FinetuneConfig, MergeConfig, validate
+from clsjob.finetune.merge import merge
+from clsjob.finetune.model import load_base_classifier, load_tokenizer
+from clsjob.finetune.train import SUMMARY, run_finetune
+from clsjob.labels import LabelSet
+from conftest import sample_texts, write_shards
+from tiny_models import build_qwen2_classifier
+
+# A task the tiny model can learn in a few steps: the label is the first word.
+WORDS = {"card": "billing", "parcel": "delivery", "account": "access"}
+
+
+def task_rows(n: int, seed: int) -> dict:
+    texts = sample_texts(n, seed=seed)
+    first = list(WORDS)
+    texts = [f"{first[i % 3]} {t}" for i, t in enumerate(texts)]
+    return {"text": texts + [None], "label": [WORDS[t.split()[0]] for t in texts] + ["billing"]}
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    base = build_qwen2_classifier(root / "base", ["unused"], causal_lm=True)
+    write_shards(root / "train", [task_rows(96, 0), task_rows(96, 1)])
+    write_shards(root / "eval", [task_rows(48, 2)])
+    cfg = validate({
+        "base_model": str(base),
+        "train": {"path": str(root / "train"), "label_column": "label"},
+        "eval": {"path": str(root / "eval"), "label_column": "label"},
+        "training": {"epochs": 3, "learning_rate": 3e-3, "batch_size": 16, "max_length": 48,
+                     "lora_r": 8, "lora_alpha": 16},
+        "output": {"path": str(root / "adapter")},
+    }, model=FinetuneConfig)
+    summary = run_finetune(cfg)
+    return root, base, summary
+
+
+def test_finetune_writes_adapter_head_and_summary(trained):
+    root, base, summary = trained
+    adapter = root / "adapter"
+    assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()
+    assert json.loads((adapter / SUMMARY).read_text())["labels"] == sorted(WORDS.values())
+    assert summary["train_rows"] == 192 and summary["eval_rows"] == 48  # null-text rows skipped
+    assert len(summary["epochs"]) == 3  # evaluated every epoch
+    # It learned the task (chance is 1/3).
+    assert summary["final_eval"]["eval_accuracy"] >= 0.9
+    assert summary["train_tokens_per_s"] > 0
+
+
+def test_merged_folder_reproduces_the_adapter_model(trained, tmp_path):
+    root, base, _ = trained
+    out = merge(validate({"adapter": str(root / "adapter"), "output": str(tmp_path / "merged"),
+                          "dtype": "float32"}, model=MergeConfig))
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForSequenceClassification"]
+    assert config["id2label"] == {"0": "access", "1": "billing", "2": "delivery"}
+    assert config["pad_token_id"] is not None and list(out.glob("*.safetensors"))
+
+    labels = LabelSet(("access", "billing", "delivery"))
+    tok = load_tokenizer(str(root / "adapter"))
+    adapter_model = PeftModel.from_pretrained(
+        load_base_classifier(str(base), labels, tok), root / "adapter").eval()
+    merged, merged_tok = load_classifier(BackendConfig(model=str(out)), "cpu")
+    texts = task_rows(20, 9)["text"][:20]
+    with torch.inference_mode():
+        enc = tok(texts, padding=True, return_tensors="pt")
+        want = torch.softmax(adapter_model(**enc).logits, -1).numpy()
+    got = predict_probs(merged, merged_tok, texts, 512, 8, "cpu")  # no truncation, as above
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert (got.argmax(1) == np.array([labels.id_of(WORDS[t.split()[0]]) for t in texts])).mean() >= 0.9
+
+
+def test_finetune_refuses_a_non_empty_output(trained):
+    root, base, _ = trained
+    cfg = validate({"base_model": str(base), "train": {"path": str(root / "train"), "label_column": "label"},
+                    "output": {"path": str(root / "adapter")}}, model=FinetuneConfig)
+    with pytest.raises(FileExistsError, match="is not empty"):
+        run_finetune(cfg)
