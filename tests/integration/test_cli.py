@@ -1,0 +1,49 @@
+"""The command line: configs from YAML with --set overrides, clear errors, JSON summaries."""
+import json
+import subprocess
+import sys
+
+import yaml
+
+from clsjob.cli import main
+from conftest import REPO, sample_texts, write_shards
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"input": {"path": "x", "txt_column": "t"},
+                                    "backend": {"model": "m"}, "output": {"path": "o"}}))
+    proc = subprocess.run([sys.executable, "-m", "clsjob.cli", "classify", "--config", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "input.txt_column: unknown key" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_classify_then_evaluate_from_the_command_line(qwen_model, ray_cluster, tmp_path, capsys):
+    write_shards(tmp_path / "in", [{"text": sample_texts(30) + [""], "y": ["neutral"] * 31}])
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"input": {"path": str(tmp_path / "in")},
+                                    "backend": {"model": str(qwen_model)},
+                                    "output": {"path": str(tmp_path / "wrong")}}))
+    code = main(["classify", "--config", str(path), "--set", "input.label_column=y",
+                 "--set", f"output.path={tmp_path / 'out'}", "--set", "resources.batch_size=8"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows_in"] == summary["rows_out"] == 31 and summary["rows_errored"] == 1
+    assert not (tmp_path / "wrong").exists()
+    assert len(list((tmp_path / "out").glob("*.parquet"))) == 4  # 31 rows in parts of 8
+
+    (tmp_path / "out" / "_metrics.json").unlink()
+    assert main(["evaluate", "--output", str(tmp_path / "out")]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["rows"] == 31 and evaluated["rows_scored"] == 30
+    assert evaluated["accuracy"] == summary["metrics"]["accuracy"]
+    assert (tmp_path / "out" / "_metrics.json").exists()
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
+    code = main(["classify", "--config", str(REPO / "configs/classify-local-eval.yaml"),
+                 "--set", f"backend.model={tmp_path / 'no-model'}"])
+    assert code == 2
+    assert f"backend.model: no model folder at {tmp_path / 'no-model'}" in capsys.readouterr().err
