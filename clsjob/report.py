@@ -18,15 +18,17 @@ def write_evaluation(output: str, storage: StorageConfig, labels: LabelSet, coun
 
 
 def evaluate_output(output: str, storage: StorageConfig) -> dict:
-    """Recompute the metrics of an existing output, one part at a time."""
+    """Recompute the metrics of an existing output, one part at a time. Only the parts the
+    manifest lists are read, so stray files in the folder cannot skew the numbers."""
     manifest = io.read_json(io.join(output, "_manifest.json"), storage)
     gold_column = manifest.get("gold_column")
     if not gold_column:
         raise ValueError(f"{output}: the run had no input.label_column, nothing to evaluate")
     labels = LabelSet(tuple(manifest["labels"]))
     counts = Tally(n_labels=len(labels))
-    for part in io.list_parts(output, storage):
-        t = io.read_table(part, storage, [gold_column, "label", "confidence", "error"])
+    for part in manifest["parts"]:
+        t = io.read_table(io.join(output, part["part"]), storage,
+                          [gold_column, "label", "confidence", "error"])
         counts.add(tally(labels, t.column(gold_column).to_pylist(), t.column("label").to_pylist(),
                          t.column("confidence").to_pylist(), t.column("error").to_pylist()))
     return write_evaluation(output, storage, labels, counts, manifest.get("rows_per_s"))

@@ -42,11 +42,15 @@ def check_model_folder(backend: BackendConfig, configured: LabelSet | None) -> L
     return labels
 
 
-def load_classifier(backend: BackendConfig, device: str):
-    """Model and tokenizer ready for batched inference on `device`."""
+def inference_dtype(device: str) -> torch.dtype:
     # bf16 halves memory and doubles tensor-core throughput on GPUs; CPUs lack fast bf16
     # kernels for these ops, so they stay in fp32.
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def load_classifier(backend: BackendConfig, device: str):
+    """Model and tokenizer ready for batched inference on `device`."""
+    dtype = inference_dtype(device)
     tokenizer = AutoTokenizer.from_pretrained(backend.model, trust_remote_code=backend.trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(
         backend.model, dtype=dtype, use_safetensors=True,

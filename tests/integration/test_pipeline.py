@@ -105,6 +105,22 @@ def test_rerun_gives_the_same_rows_and_ids(qwen_model, ray_cluster, tmp_path):
     assert a.sort_by("id").to_pylist() == b.sort_by("id").to_pylist()
 
 
+def test_rerun_into_the_same_folder_replaces_parts_without_duplicates(qwen_model, ray_cluster, tmp_path):
+    inp, rows_in = corpus(tmp_path, shards=2, rows=40)
+    cfg = config(qwen_model, inp, tmp_path / "out")
+    run_classify(cfg)
+    first = sorted(p.name for p in (tmp_path / "out").iterdir())
+    (tmp_path / "out" / "stray.parquet").write_bytes(b"not a part of this run")
+    run_classify(cfg)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(first + ["stray.parquet"])
+    (tmp_path / "out" / "stray.parquet").unlink()
+    table = read_output(tmp_path / "out")
+    assert table.num_rows == rows_in and len(set(table.column("id").to_pylist())) == rows_in
+    # evaluate reads the parts the manifest lists, not whatever else lies in the folder
+    (tmp_path / "out" / "stray.parquet").write_bytes(b"junk")
+    assert evaluate_output(str(tmp_path / "out"), StorageConfig())["rows"] == rows_in
+
+
 def read_output_of(summary):
     return read_output(summary.output)
 

@@ -95,3 +95,19 @@ def test_config_is_frozen_and_hash_follows_content(tmp_path):
 def test_finetune_requires_gold_labels():
     with pytest.raises(ConfigError, match="train.*label_column is required"):
         load_config(None, ["base_model=m", "train.path=t", "output.path=o"], model=FinetuneConfig)
+
+
+def test_training_arguments_follow_the_hardware(tmp_path):
+    import torch
+
+    from clsjob.finetune.train import training_arguments
+
+    cfg = load_config(None, ["base_model=m", "train.path=t", "train.label_column=y",
+                             "output.path=o", "training.use_gpu=true", "training.warmup_ratio=0.1"],
+                      model=FinetuneConfig)
+    args = training_arguments(cfg, str(tmp_path), has_eval=True)
+    cuda = torch.cuda.is_available()
+    assert args.use_cpu is (not cuda) and args.bf16 is (cuda and torch.cuda.is_bf16_supported())
+    assert args.eval_strategy == "epoch" and args.save_strategy == "epoch"
+    assert args.lr_scheduler_type == "cosine" and args.warmup_steps == 0.1
+    assert training_arguments(cfg, str(tmp_path), has_eval=False).eval_strategy == "no"

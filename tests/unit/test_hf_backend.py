@@ -5,13 +5,28 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from clsjob.backends.hf import (HFClassifier, ModelError, check_model_folder, length_sorted_batches,
-                                load_classifier, predict_probs)
+import torch
+
+from clsjob.backends.hf import (HFClassifier, ModelError, check_model_folder, inference_dtype,
+                                length_sorted_batches, load_classifier, predict_probs)
 from clsjob.config import BackendConfig, InputConfig
 from clsjob.labels import LabelError, LabelSet
 from clsjob.prepare import prepare_chunk
 from conftest import LABELS, sample_texts
 from tiny_models import build_qwen2_classifier
+
+
+def test_bf16_on_cuda_fp32_on_cpu():
+    assert inference_dtype("cuda") == inference_dtype("cuda:1") == torch.bfloat16
+    assert inference_dtype("cpu") == torch.float32
+
+
+def test_actor_without_a_gpu_runs_on_cpu_in_fp32(qwen_model):
+    # use_gpu asks for CUDA only where there is one: the same config runs on a CPU node.
+    actor = HFClassifier(BackendConfig(model=str(qwen_model)), None, "text", use_gpu=True)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert actor.device == expected
+    assert next(actor.model.parameters()).dtype == inference_dtype(expected)
 
 
 def test_length_sorted_batches_cover_all_rows_once():
