@@ -92,7 +92,8 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
 
 
 def ensure_ray() -> None:
-    # ray.init() joins the cluster named by RAY_ADDRESS (as under `ray job submit`) and
+    # ray.init() joins the cluster named by RAY_ADDRESS (as under `ray job submit`), else the
+    # last one `ray start` recorded on this machine (/tmp/ray/ray_current_cluster), and
     # otherwise starts a local one; a caller that already initialised Ray keeps its own.
     if not ray.is_initialized():
         ray.init(log_to_driver=True)

@@ -14,6 +14,11 @@ from tiny_models import build_bert_classifier, build_qwen2_classifier  # noqa: E
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 LABELS = ["negative", "neutral", "positive"]
+# Dummy credentials for the moto S3 tests. A Ray worker's environment is fixed when Ray starts,
+# so they go into the session cluster's runtime_env (distinctive values: a leak is greppable).
+TEST_AWS_ENV = {"AWS_ACCESS_KEY_ID": "AKIACLSJOBTESTKEY0001",
+                "AWS_SECRET_ACCESS_KEY": "clsjob-test-secret-5f0c2a9e7d41b8c3",
+                "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +27,8 @@ def ray_cluster():
 
     # 4 logical CPUs on 2 cores: the shard reader, the classifier actor and the writer must
     # all get a slot (reader and writer are I/O-light).
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": TEST_AWS_ENV})
     yield ray
     ray.shutdown()
 
