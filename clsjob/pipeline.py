@@ -11,7 +11,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Iterator
 
@@ -87,7 +87,7 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
         raise RuntimeError(f"rows out ({rows_out}) != rows in ({rows_in}); see {MANIFEST}")
     if cfg.input.label_column:
         metrics = write_evaluation(cfg.output.path, cfg.storage, labels, total, summary.rows_per_s)
-        summary = RunSummary(**{**summary.__dict__, "metrics": metrics})
+        summary = replace(summary, metrics=metrics)
     return summary
 
 
