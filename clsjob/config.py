@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
@@ -47,6 +47,17 @@ class LabelSpec(Section):
     description: str | None = Field(None, description="What the label means (for prompts).")
 
 
+def _labels_from_strings(value: Any) -> Any:
+    # `labels: [neg, pos]` is the common case; descriptions are optional.
+    if isinstance(value, list):
+        return [{"name": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
+# A label list written as plain names or as {name, description} mappings.
+Labels = Annotated[list[LabelSpec] | None, BeforeValidator(_labels_from_strings)]
+
+
 class BackendConfig(Section):
     kind: Literal["hf"] = Field(
         "hf", description="hf = merged *ForSequenceClassification folder via transformers.")
@@ -73,17 +84,12 @@ class OutputConfig(Section):
 
 class ClassifyConfig(Section):
     input: InputConfig
-    labels: list[LabelSpec] | None = Field(
+    labels: Labels = Field(
         None, description="Label names in output order. None = the model's id2label.")
     backend: BackendConfig
     resources: ResourcesConfig = ResourcesConfig()
     output: OutputConfig
     storage: StorageConfig = StorageConfig()
-
-    @field_validator("labels", mode="before")
-    @classmethod
-    def _names_as_specs(cls, value: Any) -> Any:
-        return _labels_from_strings(value)
 
 
 class TrainingConfig(Section):
@@ -113,16 +119,11 @@ class FinetuneConfig(Section):
     base_model: str = Field(description="Base model folder (transformers format).")
     train: InputConfig
     eval: InputConfig | None = Field(None, description="Held-out rows scored after training.")
-    labels: list[LabelSpec] | None = Field(
+    labels: Labels = Field(
         None, description="Label set in id order. None = sorted distinct gold labels of train.")
     training: TrainingConfig = TrainingConfig()
     output: FinetuneOutputConfig
     storage: StorageConfig = StorageConfig()
-
-    @field_validator("labels", mode="before")
-    @classmethod
-    def _names_as_specs(cls, value: Any) -> Any:
-        return _labels_from_strings(value)
 
     @field_validator("train")
     @classmethod
@@ -138,13 +139,6 @@ class MergeConfig(Section):
     dtype: Literal["bfloat16", "float32"] = Field(
         "bfloat16", description="Precision of the merged weights.")
     max_shard_size: str = Field("2GB", description="Largest safetensors file.")
-
-
-def _labels_from_strings(value: Any) -> Any:
-    # `labels: [neg, pos]` is the common case; descriptions are optional.
-    if isinstance(value, list):
-        return [{"name": v} if isinstance(v, str) else v for v in value]
-    return value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
