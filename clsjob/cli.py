@@ -11,6 +11,7 @@ from clsjob.config import (ClassifyConfig, ConfigError, FinetuneConfig, MergeCon
                            load_config)
 from clsjob.io import InputError
 from clsjob.labels import LabelError
+from clsjob.resume import OutputConflict
 
 log = logging.getLogger("clsjob")
 
@@ -24,7 +25,10 @@ def _config_args(parser: argparse.ArgumentParser, required: bool = True) -> None
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clsjob", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    _config_args(sub.add_parser("classify", help="label Parquet shards"))
+    classify = sub.add_parser("classify", help="label Parquet shards (resumes unfinished work)")
+    _config_args(classify)
+    classify.add_argument("--overwrite", action="store_true",
+                          help="redo a finished or partial run from scratch")
     _config_args(sub.add_parser("finetune", help="train a LoRA (or full) classifier with Ray Train"))
     _config_args(sub.add_parser("merge", help="merge an adapter into a model folder"), required=False)
     ev = sub.add_parser("evaluate", help="recompute _metrics.json and report.md of an output")
@@ -39,7 +43,8 @@ def run(args: argparse.Namespace) -> dict:
     """Dispatch one command; returns what is printed as its JSON summary."""
     if args.command == "classify":
         from clsjob.pipeline import run_classify
-        cfg = load_config(args.config, args.overrides, model=ClassifyConfig)
+        overrides = args.overrides + (["output.overwrite=true"] if args.overwrite else [])
+        cfg = load_config(args.config, overrides, model=ClassifyConfig)
         return run_classify(cfg).__dict__
     if args.command == "finetune":
         from clsjob.finetune.train import run_finetune
@@ -64,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = run(args)
-    except (ConfigError, InputError, LabelError, FileNotFoundError, FileExistsError) as exc:
+    except (ConfigError, InputError, LabelError, OutputConflict, FileNotFoundError,
+            FileExistsError) as exc:
         print(f"clsjob {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:

@@ -80,6 +80,9 @@ class ResourcesConfig(Section):
 class OutputConfig(Section):
     path: str = Field(description="Output folder (local or s3://) for parts and reports.")
     keep_text: bool = Field(True, description="Copy the text column into the output.")
+    overwrite: bool = Field(
+        False, description="Redo the run from scratch. Off: a rerun resumes unfinished work "
+                           "and a finished run is left as it is.")
 
 
 class ClassifyConfig(Section):

@@ -113,18 +113,23 @@ def iter_shard(url: str, columns: list[str], chunk_rows: int,
             start += batch.num_rows
 
 
-def write_part(table: pa.Table, url: str, storage: StorageConfig) -> None:
-    """Write one Parquet part so that a reader sees all of it or nothing: locally through a
-    temporary name and an atomic rename; on S3 a single PUT is already all-or-nothing."""
+def _write_atomic(url: str, storage: StorageConfig, write, mode: str = "wb") -> None:
+    """Write a file so that a reader sees all of it or nothing: locally through a temporary
+    name and an atomic rename; on S3 a single PUT is already all-or-nothing."""
     fs, p = filesystem(url, storage)
     if "s3" in fs.protocol:
-        with fs.open(p, "wb") as f:
-            pq.write_table(table, f)
+        with fs.open(p, mode) as f:
+            write(f)
         return
     fs.makedirs(posixpath.dirname(p), exist_ok=True)
     tmp = posixpath.join(posixpath.dirname(p), f".{posixpath.basename(p)}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp)
+    with open(tmp, mode) as f:
+        write(f)
     os.replace(tmp, p)
+
+
+def write_part(table: pa.Table, url: str, storage: StorageConfig) -> None:
+    _write_atomic(url, storage, lambda f: pq.write_table(table, f))
 
 
 def list_parts(output: str, storage: StorageConfig) -> list[str]:
@@ -142,11 +147,7 @@ def read_table(url: str, storage: StorageConfig, columns: list[str] | None = Non
 
 
 def write_text(text: str, url: str, storage: StorageConfig) -> None:
-    fs, p = filesystem(url, storage)
-    if "s3" not in fs.protocol:
-        fs.makedirs(posixpath.dirname(p), exist_ok=True)
-    with fs.open(p, "w") as f:
-        f.write(text)
+    _write_atomic(url, storage, lambda f: f.write(text), mode="w")
 
 
 def write_json(data: dict, url: str, storage: StorageConfig) -> None:
@@ -162,3 +163,17 @@ def read_json(url: str, storage: StorageConfig) -> dict:
 def exists(url: str, storage: StorageConfig) -> bool:
     fs, p = filesystem(url, storage)
     return fs.exists(p)
+
+
+def list_files(folder: str, suffix: str, storage: StorageConfig) -> list[str]:
+    """Files directly in `folder` ending with `suffix` (none if the folder is absent)."""
+    fs, p = filesystem(folder, storage)
+    if not fs.exists(p):
+        return []
+    return sorted(_url(fs, m) for m in fs.ls(p, detail=False) if m.endswith(suffix))
+
+
+def remove(url: str, storage: StorageConfig) -> None:
+    fs, p = filesystem(url, storage)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)

@@ -18,15 +18,15 @@ from typing import Iterator
 import pyarrow as pa
 import ray
 
-from clsjob import backends, io
+from clsjob import backends, io, resume
 from clsjob.config import ClassifyConfig, InputConfig, StorageConfig, config_hash
 from clsjob.labels import LabelSet
 from clsjob.metrics import Tally, tally
-from clsjob.prepare import GOLD, PART, PART_ROWS, check_schema, id_column, needed_columns, prepare_chunk
+from clsjob.prepare import GOLD, PART, PART_ROWS, SHARD, check_schema, id_column, needed_columns, prepare_chunk
 from clsjob.report import write_evaluation
 
 log = logging.getLogger("clsjob")
-MANIFEST = "_manifest.json"
+MANIFEST = resume.MANIFEST
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,58 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
     for shard in shards:
         check_schema(shard, cfg.input)
     rows_in = sum(s.rows for s in shards)
-    log.info("classify: %d rows in %d shards -> %s", rows_in, len(shards), cfg.output.path)
 
+    work = resume.work_hash(cfg)
+    if cfg.output.overwrite:
+        resume.clear(cfg.output.path, cfg.storage)
+    finished = resume.finished_run(cfg, work)
+    if finished:
+        log.info("classify: %s already holds this finished run (%d rows); nothing to do "
+                 "(--overwrite redoes it)", cfg.output.path, finished["rows_out"])
+        return summary_of(finished, cfg)
+    done = resume.load_done(cfg, work, shards)
+    todo = [s for s in shards if s.key not in done]
+    log.info("classify: %d rows in %d shards -> %s (%d shards already done)",
+             rows_in, len(shards), cfg.output.path, len(done))
+
+    progress = Progress(sum(s.rows for s in todo))
+    shard_progress = resume.ShardProgress(cfg, work, todo, len(labels))
+    for stats in label_shards(cfg, labels, todo):  # one small row per part, streamed
+        shard_progress.add(stats)
+        progress.update(stats["rows"])
+    elapsed = time.monotonic() - progress.started
+
+    # Every shard, done now or by an earlier attempt, is accounted for by its marker.
+    markers = resume.load_done(cfg, work, shards)
+    parts = [p for m in markers.values() for p in m["parts"]]
+    total = Tally(n_labels=len(labels))
+    for marker in markers.values():
+        total.add(Tally.from_json(marker["tally"]))
+    rows_out = sum(p["rows"] for p in parts)
+    summary = RunSummary(cfg.output.path, rows_in, rows_out, sum(p["errored"] for p in parts),
+                         round(elapsed, 3), round(progress.done / elapsed, 2) if elapsed else 0.0, None)
+    complete = rows_out == rows_in and len(markers) == len(shards)
+    io.write_json(manifest(cfg, work, labels, shards, set(markers), parts, summary, started, complete),
+                  io.join(cfg.output.path, MANIFEST), cfg.storage)
+    if not complete:
+        raise RuntimeError(f"rows out ({rows_out}) != rows in ({rows_in}) or shards unfinished; "
+                           f"see {MANIFEST}; a rerun resumes")
+    if cfg.input.label_column:
+        metrics = write_evaluation(cfg.output.path, cfg.storage, labels, total, summary.rows_per_s)
+        summary = replace(summary, metrics=metrics)
+    return summary
+
+
+def label_shards(cfg: ClassifyConfig, labels: LabelSet, shards: list[io.ShardInfo]) -> Iterator[dict]:
+    """The Ray Data pipeline: read + prepare (tasks) -> classify (actor pool) -> write (tasks).
+    Yields the write stage's stats rows as parts land."""
+    if not any(s.rows for s in shards):
+        return
     ensure_ray()
     # Chunks must reach the writer whole (one chunk = one part); never split blocks by size.
     ray.data.DataContext.get_current().target_max_block_size = None
     ds = ray.data.from_items([{"path": s.path, "key": s.key} for s in shards],
-                             override_num_blocks=max(1, len(shards)))
+                             override_num_blocks=len(shards))
     ds = ds.map_batches(read_chunks, batch_size=1, batch_format="pyarrow",
                         fn_kwargs={"input_cfg": cfg.input, "chunk_rows": cfg.resources.batch_size,
                                    "storage": cfg.storage})
@@ -69,26 +114,7 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
         num_cpus=cfg.resources.cpus_per_actor)
     ds = ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow",
                         fn_kwargs={"cfg": cfg, "labels": labels})
-
-    progress = Progress(rows_in)
-    parts, total = [], Tally(n_labels=len(labels))
-    for stats in ds.iter_rows():  # one small row per part, streamed: nothing piles up here
-        parts.append({"part": stats["part"], "rows": stats["rows"], "errored": stats["errored"]})
-        total.add(Tally.from_json(json.loads(stats["tally"])))
-        progress.update(total.rows)
-    elapsed = time.monotonic() - progress.started
-
-    rows_out = sum(p["rows"] for p in parts)
-    summary = RunSummary(cfg.output.path, rows_in, rows_out, sum(p["errored"] for p in parts),
-                         round(elapsed, 3), round(rows_out / elapsed, 2) if elapsed else 0.0, None)
-    io.write_json(manifest(cfg, labels, shards, parts, summary, started), io.join(cfg.output.path, MANIFEST),
-                  cfg.storage)
-    if rows_out != rows_in:
-        raise RuntimeError(f"rows out ({rows_out}) != rows in ({rows_in}); see {MANIFEST}")
-    if cfg.input.label_column:
-        metrics = write_evaluation(cfg.output.path, cfg.storage, labels, total, summary.rows_per_s)
-        summary = replace(summary, metrics=metrics)
-    return summary
+    yield from ds.iter_rows()
 
 
 def ensure_ray() -> None:
@@ -132,7 +158,7 @@ def write_parts(table: pa.Table, cfg: ClassifyConfig, labels: LabelSet) -> pa.Ta
                 else [None] * out.num_rows)
         counts = tally(labels, gold, out.column("label").to_pylist(),
                        out.column("confidence").to_pylist(), errors)
-        stats.append({"part": name, "rows": out.num_rows,
+        stats.append({"shard": rows.column(SHARD)[0].as_py(), "part": name, "rows": out.num_rows,
                       "errored": sum(e is not None for e in errors),
                       # A JSON string: as an Arrow struct, per-row dicts would be unified into
                       # one schema and grow null keys.
@@ -144,11 +170,12 @@ class Progress:
     """A log line at most every `every_s` seconds: rows done of total, rows/s, time left."""
 
     def __init__(self, total: int, every_s: float = 10.0):
-        self.total, self.every_s = total, every_s
+        self.total, self.every_s, self.done = total, every_s, 0
         self.started = self.last = time.monotonic()
 
-    def update(self, done: int) -> None:
-        now = time.monotonic()
+    def update(self, rows: int) -> None:
+        self.done += rows
+        done, now = self.done, time.monotonic()
         if done < self.total and now - self.last < self.every_s:
             return
         self.last = now
@@ -158,11 +185,14 @@ class Progress:
                  done, self.total, 100 * done / max(self.total, 1), rate, left)
 
 
-def manifest(cfg: ClassifyConfig, labels: LabelSet, shards: list[io.ShardInfo], parts: list[dict],
-             summary: RunSummary, started: datetime) -> dict:
+def manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, shards: list[io.ShardInfo],
+             done: set[str], parts: list[dict], summary: RunSummary, started: datetime,
+             complete: bool) -> dict:
     return {
+        "status": "complete" if complete else "incomplete",
         "run_id": uuid.uuid4().hex,
         "config_hash": config_hash(cfg),
+        "work_hash": work,
         "backend": cfg.backend.kind,
         "model": cfg.backend.model,
         "labels": list(labels.names),
@@ -172,9 +202,19 @@ def manifest(cfg: ClassifyConfig, labels: LabelSet, shards: list[io.ShardInfo], 
         "rows_in": summary.rows_in,
         "rows_out": summary.rows_out,
         "rows_errored": summary.rows_errored,
-        "rows_per_s": summary.rows_per_s,
+        "rows_per_s": summary.rows_per_s,  # of the rows labelled by this attempt
+        "elapsed_s": summary.elapsed_s,
         "started_at": started.isoformat(),
         "finished_at": datetime.now(timezone.utc).isoformat(),
-        "shards": [{"path": s.path, "key": s.key, "rows": s.rows} for s in shards],
+        "shards": [{"path": s.path, "key": s.key, "rows": s.rows, "done": s.key in done}
+                   for s in shards],
         "parts": sorted(parts, key=lambda p: p["part"]),
     }
+
+
+def summary_of(manifest: dict, cfg: ClassifyConfig) -> RunSummary:
+    """The summary of a finished run, read back instead of redone."""
+    metrics_url = io.join(cfg.output.path, "_metrics.json")
+    metrics = io.read_json(metrics_url, cfg.storage) if io.exists(metrics_url, cfg.storage) else None
+    return RunSummary(cfg.output.path, manifest["rows_in"], manifest["rows_out"],
+                      manifest["rows_errored"], 0.0, 0.0, metrics)

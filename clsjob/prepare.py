@@ -16,8 +16,9 @@ DERIVED_ID = "id"
 # which is the name of the prediction column.
 GOLD = "gold"
 RESULT_COLUMNS = ("label", "confidence", "probs", "reasoning", "error")
-# Internal columns: the output part a row belongs to and how many rows that part must hold.
-PART, PART_ROWS = "_part", "_part_rows"
+# Internal columns: the input shard of a row, the output part it belongs to, and how many rows
+# that part must hold.
+SHARD, PART, PART_ROWS = "_shard", "_part", "_part_rows"
 
 
 def id_column(cfg: InputConfig) -> str:
@@ -83,6 +84,7 @@ def prepare_chunk(table: pa.Table, shard_key: str, start_row: int, cfg: InputCon
     for col in cfg.carry_columns:
         columns.setdefault(col, table.column(col))
     columns["error"] = error
+    columns[SHARD] = pa.array([shard_key] * n, pa.string())
     columns[PART] = pa.array([part_name(shard_key, start_row)] * n, pa.string())
     columns[PART_ROWS] = pa.array([n] * n, pa.int64())
     return pa.table(columns)

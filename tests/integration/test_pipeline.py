@@ -1,11 +1,12 @@
 """run_classify end to end through a local Ray cluster with tiny models built by the tests."""
 import json
+import logging
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clsjob import io
+from clsjob import io, resume
 from clsjob.config import ClassifyConfig, StorageConfig, validate
 from clsjob.io import InputError
 from clsjob.labels import LabelError
@@ -105,18 +106,37 @@ def test_rerun_gives_the_same_rows_and_ids(qwen_model, ray_cluster, tmp_path):
     assert a.sort_by("id").to_pylist() == b.sort_by("id").to_pylist()
 
 
-def test_rerun_into_the_same_folder_replaces_parts_without_duplicates(qwen_model, ray_cluster, tmp_path):
+def test_finished_run_is_not_redone_unless_overwritten(qwen_model, ray_cluster, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="clsjob")
     inp, rows_in = corpus(tmp_path, shards=2, rows=40)
     cfg = config(qwen_model, inp, tmp_path / "out")
-    run_classify(cfg)
-    first = sorted(p.name for p in (tmp_path / "out").iterdir())
+    first = run_classify(cfg)
+    parts = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.parquet")}
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["status"] == "complete" and all(s["done"] for s in manifest["shards"])
+
+    # Same work with more actors: nothing to do, says so, and reports the finished run.
+    again = run_classify(config(qwen_model, inp, tmp_path / "out", resources={"actors": 2}))
+    assert "nothing to do" in caplog.text
+    assert (again.rows_in, again.rows_out) == (rows_in, rows_in)
+    assert again.metrics["accuracy"] == first.metrics["accuracy"]
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.parquet")} == parts
+
+    # A different config may not mix its rows into this output...
+    with pytest.raises(resume.OutputConflict, match="another config"):
+        run_classify(config(qwen_model, inp, tmp_path / "out", output={"keep_text": False}))
+    # ...unless asked to replace it: then every part is rewritten once, without the text.
     (tmp_path / "out" / "stray.parquet").write_bytes(b"not a part of this run")
-    run_classify(cfg)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(first + ["stray.parquet"])
-    (tmp_path / "out" / "stray.parquet").unlink()
+    run_classify(config(qwen_model, inp, tmp_path / "out", output={"keep_text": False, "overwrite": True}))
     table = read_output(tmp_path / "out")
     assert table.num_rows == rows_in and len(set(table.column("id").to_pylist())) == rows_in
-    # evaluate reads the parts the manifest lists, not whatever else lies in the folder
+    assert "text" not in table.column_names
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.parquet")) == sorted(parts)
+
+
+def test_evaluate_reads_only_the_manifests_parts(qwen_model, ray_cluster, tmp_path):
+    inp, rows_in = corpus(tmp_path, shards=1, rows=30)
+    run_classify(config(qwen_model, inp, tmp_path / "out"))
     (tmp_path / "out" / "stray.parquet").write_bytes(b"junk")
     assert evaluate_output(str(tmp_path / "out"), StorageConfig())["rows"] == rows_in
 

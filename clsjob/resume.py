@@ -1,0 +1,102 @@
+"""Resume and idempotence: which input shards a run has finished, one marker per shard.
+
+A shard's marker is written (atomically) only after every part of that shard is written; it
+carries the shard's parts and metric counts. A rerun with the same config skips marked shards
+entirely and still reports over all rows. A shard without a marker is redone from its first
+row: its parts get the same names, so the redo replaces them and no row appears twice.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from clsjob import io
+from clsjob.config import ClassifyConfig
+from clsjob.metrics import Tally
+
+log = logging.getLogger("clsjob")
+PROGRESS = "_progress"
+MANIFEST = "_manifest.json"
+
+
+class OutputConflict(ValueError):
+    """The output folder holds the work of a different config."""
+
+
+def work_hash(cfg: ClassifyConfig) -> str:
+    """What decides the rows written: the whole config except how many actors, GPUs and CPUs
+    do the work and the overwrite switch. Two runs with the same hash write the same parts."""
+    data = cfg.model_dump(mode="json", exclude={
+        "resources": {"actors", "gpus_per_actor", "cpus_per_actor"}, "output": {"overwrite"}})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def marker_url(output: str, shard_key: str) -> str:
+    return io.join(output, PROGRESS, hashlib.sha1(shard_key.encode()).hexdigest()[:20] + ".json")
+
+
+def clear(output: str, storage) -> None:
+    """--overwrite: forget a previous run, parts included."""
+    for part in io.list_parts(output, storage):
+        io.remove(part, storage)
+    for name in (PROGRESS, MANIFEST, "_metrics.json", "report.md"):
+        io.remove(io.join(output, name), storage)
+
+
+def finished_run(cfg: ClassifyConfig, work: str) -> dict | None:
+    """The manifest of a complete earlier run of this same work, if there is one."""
+    url = io.join(cfg.output.path, MANIFEST)
+    if not io.exists(url, cfg.storage):
+        return None
+    manifest = io.read_json(url, cfg.storage)
+    if manifest.get("work_hash") != work:
+        raise OutputConflict(
+            f"output.path {cfg.output.path} holds a finished run of another config "
+            f"(work hash {manifest.get('work_hash')}, this one {work}); "
+            f"use --overwrite to replace it, or another output.path")
+    return manifest if manifest.get("status") == "complete" else None
+
+
+def load_done(cfg: ClassifyConfig, work: str, shards: list[io.ShardInfo]) -> dict[str, dict]:
+    """Markers of shards already finished by an earlier attempt of this work, by shard key."""
+    urls = io.list_files(io.join(cfg.output.path, PROGRESS), ".json", cfg.storage)
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        markers = list(pool.map(lambda u: io.read_json(u, cfg.storage), urls))
+    other = {m["work_hash"] for m in markers} - {work}
+    if other:
+        raise OutputConflict(
+            f"output.path {cfg.output.path} holds unfinished work of another config "
+            f"(work hash {sorted(other)}, this one {work}); use --overwrite or another output.path")
+    rows = {s.key: s.rows for s in shards}
+    # A shard whose row count changed since is not done: it is redone in full.
+    return {m["shard"]: m for m in markers if rows.get(m["shard"]) == m["rows"]}
+
+
+class ShardProgress:
+    """Collects the write stage's stats rows per shard; marks a shard done when all its rows
+    are written."""
+
+    def __init__(self, cfg: ClassifyConfig, work: str, shards: list[io.ShardInfo], n_labels: int):
+        self.cfg, self.work, self.n_labels = cfg, work, n_labels
+        self.rows = {s.key: s.rows for s in shards}
+        self.parts: dict[str, list[dict]] = {s.key: [] for s in shards}
+        self.tallies = {s.key: Tally(n_labels=n_labels) for s in shards}
+        for shard in shards:
+            if shard.rows == 0:  # nothing to read, so no stats row will ever finish it
+                self._mark(shard.key)
+
+    def add(self, stats: dict) -> None:
+        key = stats["shard"]
+        self.parts[key].append({"part": stats["part"], "rows": stats["rows"],
+                                "errored": stats["errored"]})
+        self.tallies[key].add(Tally.from_json(json.loads(stats["tally"])))
+        if sum(p["rows"] for p in self.parts[key]) == self.rows[key]:
+            self._mark(key)
+
+    def _mark(self, key: str) -> None:
+        marker = {"shard": key, "rows": self.rows[key], "work_hash": self.work,
+                  "parts": sorted(self.parts[key], key=lambda p: p["part"]),
+                  "tally": self.tallies[key].to_json()}
+        io.write_json(marker, marker_url(self.cfg.output.path, key), self.cfg.storage)
