@@ -81,11 +81,13 @@ class ShardInfo:
     path: str
     key: str
     rows: int
-    schema: pa.Schema
+    schema: pa.Schema | None
+    error: str | None = None  # why the file cannot be read as Parquet
 
 
 def inspect_shards(shards: list[str], storage: StorageConfig, threads: int = 16) -> list[ShardInfo]:
-    """Read every shard's footer (schema and row count) without reading its data."""
+    """Read every shard's footer (schema and row count) without reading its data. A file
+    that is not readable Parquet comes back with `error` set; the caller decides."""
     keys = shard_keys(shards)
 
     def one(item: tuple[str, str]) -> ShardInfo:
@@ -96,7 +98,7 @@ def inspect_shards(shards: list[str], storage: StorageConfig, threads: int = 16)
                 meta = pq.ParquetFile(f).metadata
                 return ShardInfo(url, key, meta.num_rows, meta.schema.to_arrow_schema())
         except (pa.ArrowInvalid, OSError) as exc:
-            raise InputError(f"{url}: not a readable Parquet file ({exc})") from None
+            return ShardInfo(url, key, 0, None, f"{url}: not a readable Parquet file ({exc})")
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         return list(pool.map(one, zip(shards, keys)))

@@ -20,6 +20,7 @@ import ray
 
 from clsjob import backends, io, resume
 from clsjob.config import ClassifyConfig, InputConfig, StorageConfig, config_hash
+from clsjob.io import InputError
 from clsjob.labels import LabelSet
 from clsjob.metrics import Tally, tally
 from clsjob.prepare import GOLD, PART, PART_ROWS, SHARD, check_schema, id_column, needed_columns, prepare_chunk
@@ -45,9 +46,7 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
     # Everything that can be wrong with the model, labels or schema fails here, before Ray
     # schedules anything and before a row is read.
     labels = backends.check_model(cfg.backend, LabelSet.from_specs(cfg.labels) if cfg.labels else None)
-    shards = io.inspect_shards(io.list_shards(cfg.input.path, cfg.storage), cfg.storage)
-    for shard in shards:
-        check_schema(shard, cfg.input)
+    shards, bad_files = usable_shards(cfg)
     rows_in = sum(s.rows for s in shards)
 
     work = resume.work_hash(cfg)
@@ -80,7 +79,8 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
     summary = RunSummary(cfg.output.path, rows_in, rows_out, sum(p["errored"] for p in parts),
                          round(elapsed, 3), round(progress.done / elapsed, 2) if elapsed else 0.0, None)
     complete = rows_out == rows_in and len(markers) == len(shards)
-    io.write_json(manifest(cfg, work, labels, shards, set(markers), parts, summary, started, complete),
+    io.write_json(manifest(cfg, work, labels, shards, bad_files, set(markers), parts, summary,
+                           started, complete),
                   io.join(cfg.output.path, MANIFEST), cfg.storage)
     if not complete:
         raise RuntimeError(f"rows out ({rows_out}) != rows in ({rows_in}) or shards unfinished; "
@@ -88,7 +88,35 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
     if cfg.input.label_column:
         metrics = write_evaluation(cfg.output.path, cfg.storage, labels, total, summary.rows_per_s)
         summary = replace(summary, metrics=metrics)
+    log.info("classify: done\n%s", summary_table(summary, len(shards), len(bad_files)))
     return summary
+
+
+def usable_shards(cfg: ClassifyConfig) -> tuple[list[io.ShardInfo], list[str]]:
+    """Shards whose footer reads and whose schema serves the config; unreadable files fail
+    the run or are skipped (and reported) as `input.on_bad_file` says."""
+    shards = io.inspect_shards(io.list_shards(cfg.input.path, cfg.storage), cfg.storage)
+    bad = [s.error for s in shards if s.error]
+    if bad and cfg.input.on_bad_file == "fail":
+        raise InputError(f"{bad[0]} (input.on_bad_file: skip would skip it; "
+                         f"{len(bad)} unreadable file(s) in all)")
+    for error in bad:
+        log.warning("classify: skipping %s", error)
+    shards = [s for s in shards if not s.error]
+    for shard in shards:
+        check_schema(shard, cfg.input)
+    return shards, bad
+
+
+def summary_table(summary: RunSummary, shards: int, skipped: int) -> str:
+    rows = [("rows in", summary.rows_in), ("rows out", summary.rows_out),
+            ("labelled", summary.rows_out - summary.rows_errored),
+            ("errored", summary.rows_errored), ("shards", shards), ("files skipped", skipped),
+            ("rows/s (this attempt)", summary.rows_per_s), ("output", summary.output)]
+    if summary.metrics:
+        rows.insert(4, ("accuracy", round(summary.metrics["accuracy"], 4)))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
 def label_shards(cfg: ClassifyConfig, labels: LabelSet, shards: list[io.ShardInfo]) -> Iterator[dict]:
@@ -186,8 +214,8 @@ class Progress:
 
 
 def manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, shards: list[io.ShardInfo],
-             done: set[str], parts: list[dict], summary: RunSummary, started: datetime,
-             complete: bool) -> dict:
+             bad_files: list[str], done: set[str], parts: list[dict], summary: RunSummary,
+             started: datetime, complete: bool) -> dict:
     return {
         "status": "complete" if complete else "incomplete",
         "run_id": uuid.uuid4().hex,
@@ -208,6 +236,7 @@ def manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, shards: list[io.S
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "shards": [{"path": s.path, "key": s.key, "rows": s.rows, "done": s.key in done}
                    for s in shards],
+        "skipped_files": bad_files,
         "parts": sorted(parts, key=lambda p: p["part"]),
     }
 

@@ -161,3 +161,22 @@ def test_missing_text_column_names_column_and_file(qwen_model, ray_cluster, tmp_
                  input={"label_column": None, "carry_columns": []})
     with pytest.raises(InputError, match=r"shard-001\.parquet: input\.text_column 'text' is not a column"):
         run_classify(cfg)
+
+
+def test_unreadable_files_fail_the_run_or_are_skipped_and_listed(qwen_model, ray_cluster, tmp_path):
+    inp, _ = corpus(tmp_path, shards=2, rows=20)
+    rows_good = 2 * (20 + len(BAD_TEXTS))
+    (inp / "empty.parquet").write_bytes(b"")
+    whole = (inp / "shard-000.parquet").read_bytes()
+    (inp / "truncated.parquet").write_bytes(whole[: len(whole) // 2])
+
+    with pytest.raises(InputError, match=r"empty\.parquet: not a readable Parquet file"):
+        run_classify(config(qwen_model, inp, tmp_path / "o1"))
+    assert not (tmp_path / "o1").exists()
+
+    summary = run_classify(config(qwen_model, inp, tmp_path / "o2", input={"on_bad_file": "skip"}))
+    assert summary.rows_in == summary.rows_out == read_output(tmp_path / "o2").num_rows == rows_good
+    manifest = json.loads((tmp_path / "o2" / "_manifest.json").read_text())
+    skipped = sorted(e.split(":")[0].rsplit("/", 1)[-1] for e in manifest["skipped_files"])
+    assert skipped == ["empty.parquet", "truncated.parquet"]
+    assert manifest["status"] == "complete"

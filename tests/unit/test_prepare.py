@@ -1,3 +1,5 @@
+import re
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -106,8 +108,11 @@ def test_iter_shard_chunks_cover_every_row_once(tmp_path):
 def test_corrupt_shard_is_named(tmp_path):
     bad = tmp_path / "broken.parquet"
     bad.write_bytes(b"PAR1 not really parquet")
-    with pytest.raises(io.InputError, match=r"broken\.parquet: not a readable Parquet file"):
-        io.inspect_shards([str(bad)], LOCAL)
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"text": ["x", "y"]}), good)
+    infos = io.inspect_shards([str(bad), str(good)], LOCAL)
+    assert re.match(r".*broken\.parquet: not a readable Parquet file", infos[0].error)
+    assert infos[1].error is None and infos[1].rows == 2
 
 
 def test_write_part_is_atomic_and_leaves_no_temp_files(tmp_path):
