@@ -1,0 +1,49 @@
+"""Faults during a run: a classifier actor's process killed mid-run; Ray restarts the actor,
+Ray Data retries its work, and the run still completes with every row exactly once."""
+import signal
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import psutil
+
+from clsjob.config import ClassifyConfig, validate
+from clsjob.pipeline import run_classify
+from conftest import sample_texts, write_shards
+
+SHARDS, ROWS = 6, 200
+
+
+def kill_first_classifier(stop: threading.Event, killed: list) -> None:
+    """SIGKILL the first classifier actor's process (as the OOM killer would) once it has
+    been at work for a moment."""
+    while not stop.is_set():
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            title = " ".join(proc.info["cmdline"] or [])
+            if title.startswith("ray::") and "HFClassifier" in title:
+                time.sleep(1.0)  # let it take a chunk or two first
+                proc.send_signal(signal.SIGKILL)
+                killed.append(proc.info["pid"])
+                return
+        time.sleep(0.2)
+
+
+def test_killed_actor_does_not_lose_or_double_rows(qwen_model, ray_cluster, tmp_path):
+    write_shards(tmp_path / "in", [{"text": sample_texts(ROWS, seed=s)} for s in range(SHARDS)])
+    cfg = validate({"input": {"path": str(tmp_path / "in")},
+                    "backend": {"model": str(qwen_model), "micro_batch_size": 1},
+                    "resources": {"batch_size": 50},
+                    "output": {"path": str(tmp_path / "out")}}, model=ClassifyConfig)
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=kill_first_classifier, args=(stop, killed))
+    killer.start()
+    try:
+        summary = run_classify(cfg)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no classifier actor was killed: the test did not test anything"
+    table = pa.concat_tables(pq.read_table(p) for p in (tmp_path / "out").glob("*.parquet"))
+    ids = table.column("id").to_pylist()
+    assert summary.rows_out == summary.rows_in == len(ids) == len(set(ids)) == SHARDS * ROWS
