@@ -165,7 +165,7 @@ def output_columns(cfg: ClassifyConfig) -> list[str]:
     inp = cfg.input
     cols = [id_column(inp), inp.text_column if cfg.output.keep_text else None,
             GOLD if inp.label_column else None,
-            *inp.carry_columns, "label", "confidence", "probs", "error"]
+            *inp.carry_columns, "label", "confidence", "probs", "truncated", "error"]
     return list(dict.fromkeys(c for c in cols if c))
 
 
@@ -188,6 +188,7 @@ def write_parts(table: pa.Table, cfg: ClassifyConfig, labels: LabelSet) -> pa.Ta
                        out.column("confidence").to_pylist(), errors)
         stats.append({"shard": rows.column(SHARD)[0].as_py(), "part": name, "rows": out.num_rows,
                       "errored": sum(e is not None for e in errors),
+                      "truncated": sum(bool(t) for t in out.column("truncated").to_pylist()),
                       # A JSON string: as an Arrow struct, per-row dicts would be unified into
                       # one schema and grow null keys.
                       "tally": json.dumps(counts.to_json())})
@@ -230,6 +231,7 @@ def manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, shards: list[io.S
         "rows_in": summary.rows_in,
         "rows_out": summary.rows_out,
         "rows_errored": summary.rows_errored,
+        "rows_truncated": sum(p["truncated"] for p in parts),
         "rows_per_s": summary.rows_per_s,  # of the rows labelled by this attempt
         "elapsed_s": summary.elapsed_s,
         "started_at": started.isoformat(),

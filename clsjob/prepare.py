@@ -15,7 +15,7 @@ DERIVED_ID = "id"
 # Gold labels are written under their own name: input corpora very often call them "label",
 # which is the name of the prediction column.
 GOLD = "gold"
-RESULT_COLUMNS = ("label", "confidence", "probs", "reasoning", "error")
+RESULT_COLUMNS = ("label", "confidence", "probs", "truncated", "reasoning", "error")
 # Internal columns: the input shard of a row, the output part it belongs to, and how many rows
 # that part must hold.
 SHARD, PART, PART_ROWS = "_shard", "_part", "_part_rows"

@@ -89,8 +89,7 @@ class ShardProgress:
 
     def add(self, stats: dict) -> None:
         key = stats["shard"]
-        self.parts[key].append({"part": stats["part"], "rows": stats["rows"],
-                                "errored": stats["errored"]})
+        self.parts[key].append({k: stats[k] for k in ("part", "rows", "errored", "truncated")})
         self.tallies[key].add(Tally.from_json(json.loads(stats["tally"])))
         if sum(p["rows"] for p in self.parts[key]) == self.rows[key]:
             self._mark(key)

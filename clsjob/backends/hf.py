@@ -72,13 +72,28 @@ def length_sorted_batches(lengths: list[int], size: int) -> list[list[int]]:
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
+def encode_truncating(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], list[bool]]:
+    """Token ids cut to `max_length` (with the tokenizer's own truncation, so special tokens
+    such as BERT's final [SEP] stay), and which rows were cut. Only the rows that do not fit
+    are tokenised a second time."""
+    ids = tokenizer(texts, verbose=False)["input_ids"]
+    truncated = [len(row) > max_length for row in ids]
+    long_rows = [i for i, cut in enumerate(truncated) if cut]
+    if long_rows:
+        cut = tokenizer([texts[i] for i in long_rows], truncation=True, max_length=max_length)
+        for i, row in zip(long_rows, cut["input_ids"]):
+            ids[i] = row
+    return ids, truncated
+
+
 def predict_probs(model, tokenizer, texts: list[str], max_length: int, micro_batch: int,
-                  device: str) -> np.ndarray:
+                  device: str, encoded: list[list[int]] | None = None) -> np.ndarray:
     """Softmax probabilities (rows x model labels) for `texts`, in the order given."""
     probs = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
     if not texts:
         return probs
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    if encoded is None:
+        encoded, _ = encode_truncating(tokenizer, texts, max_length)
     with torch.inference_mode():
         for batch in length_sorted_batches([len(ids) for ids in encoded], micro_batch):
             inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]},
@@ -101,7 +116,9 @@ class HFClassifier:
     def __call__(self, table: pa.Table) -> pa.Table:
         todo = rows_to_classify(table)
         texts = table.column(self.text_column).to_pylist()
-        probs = predict_probs(self.model, self.tokenizer, [texts[i] for i in todo],
-                              self.backend.max_length, self.backend.micro_batch_size, self.device)
+        todo_texts = [texts[i] for i in todo]
+        encoded, truncated = encode_truncating(self.tokenizer, todo_texts, self.backend.max_length)
+        probs = predict_probs(self.model, self.tokenizer, todo_texts, self.backend.max_length,
+                              self.backend.micro_batch_size, self.device, encoded)
         # Reorder the model's label columns into the config's label order.
-        return attach_probabilities(table, todo, probs[:, self.columns], self.labels)
+        return attach_probabilities(table, todo, probs[:, self.columns], self.labels, truncated)

@@ -22,6 +22,7 @@ def corpus(tmp_path, shards=3, rows=150):
     tables = []
     for s in range(shards):
         texts = sample_texts(rows, seed=s) + BAD_TEXTS
+        texts[7] = "the film was a delight " * 100  # far over max_length 256: cut and flagged
         gold = [LABELS[i % 3] for i in range(rows)] + ["positive"] * 3
         gold[5] = "sarcastic"  # outside the label set: counted, not a crash
         tables.append({"text": texts, "label": gold, "lang": ["en"] * len(texts),
@@ -32,7 +33,7 @@ def corpus(tmp_path, shards=3, rows=150):
 
 def config(model, inp, out, **extra) -> ClassifyConfig:
     data = {"input": {"path": str(inp), "label_column": "label", "carry_columns": ["lang"]},
-            "backend": {"model": str(model), "max_length": 64},
+            "backend": {"model": str(model), "max_length": 256},
             "resources": {"batch_size": 64, "actors": 1},
             "output": {"path": str(out)}}
     for key, value in extra.items():
@@ -54,7 +55,8 @@ def test_every_row_comes_out_once_with_the_output_contract(model_fixture, reques
     assert summary.rows_in == summary.rows_out == table.num_rows == rows_in
     ids = table.column("id").to_pylist()
     assert len(set(ids)) == len(ids)
-    assert table.column_names == ["id", "text", "gold", "lang", "label", "confidence", "probs", "error"]
+    assert table.column_names == ["id", "text", "gold", "lang", "label", "confidence", "probs",
+                                  "truncated", "error"]
     assert "unused_blob" not in table.column_names
     rows = table.to_pylist()
     bad = [r for r in rows if r["text"] is None or not r["text"].strip()]
@@ -63,6 +65,8 @@ def test_every_row_comes_out_once_with_the_output_contract(model_fixture, reques
     good = [r for r in rows if r["error"] is None]
     assert all(r["label"] in LABELS and abs(sum(r["probs"]) - 1) < 1e-4 for r in good)
     assert all(r["confidence"] == pytest.approx(max(r["probs"])) for r in good)
+    assert [r["id"] for r in good if r["truncated"]] == [f"shard-00{s}.parquet:7" for s in range(3)]
+    assert all(r["truncated"] is None for r in bad)
 
     # Parts are named after their shard and first row, and hold exactly those rows.
     parts = sorted(p.name for p in out.glob("*.parquet"))
@@ -74,6 +78,7 @@ def test_every_row_comes_out_once_with_the_output_contract(model_fixture, reques
 
     manifest = json.loads((out / "_manifest.json").read_text())
     assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_errored"]) == (rows_in, rows_in, 9)
+    assert manifest["rows_truncated"] == 3
     assert manifest["labels"] == LABELS and len(manifest["shards"]) == 3
     assert sum(p["rows"] for p in manifest["parts"]) == rows_in
 

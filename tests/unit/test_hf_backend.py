@@ -7,8 +7,9 @@ import pytest
 
 import torch
 
-from clsjob.backends.hf import (HFClassifier, ModelError, check_model_folder, inference_dtype,
-                                length_sorted_batches, load_classifier, predict_probs)
+from clsjob.backends.hf import (HFClassifier, ModelError, check_model_folder, encode_truncating,
+                                inference_dtype, length_sorted_batches, load_classifier,
+                                predict_probs)
 from clsjob.config import BackendConfig, InputConfig
 from clsjob.labels import LabelError, LabelSet
 from clsjob.prepare import prepare_chunk
@@ -103,3 +104,24 @@ def test_model_folder_checks_fail_before_any_row(tmp_path, qwen_model):
     with pytest.raises(LabelError, match=r"not in the model \['spam'\]"):
         check_model_folder(BackendConfig(model=str(qwen_model)), LabelSet(("negative", "spam")))
     assert check_model_folder(BackendConfig(model=str(qwen_model)), None).names == tuple(LABELS)
+
+
+@pytest.mark.parametrize("model_fixture", ["qwen_model", "bert_model"])
+def test_long_rows_are_cut_to_max_length_and_flagged(model_fixture, request):
+    _, tok = load_classifier(BackendConfig(model=str(request.getfixturevalue(model_fixture))), "cpu")
+    texts = ["short text", "the film was a delight " * 50, "", "a dull mess"]
+    ids, truncated = encode_truncating(tok, texts, max_length=16)
+    assert truncated == [False, True, False, False]
+    full = tok(texts)["input_ids"]
+    assert len(ids[1]) == 16 < len(full[1])
+    assert ids[0] == full[0] and ids[3] == full[3]
+    # Special tokens a model expects at the end (BERT's [SEP]) survive the cut.
+    if full[1][-1] in tok.all_special_ids:
+        assert ids[1][-1] == full[1][-1]
+
+
+def test_actor_flags_truncated_rows(qwen_model):
+    texts = ["short", "the film was a delight " * 100]
+    chunk = prepare_chunk(pa.table({"text": texts + [""]}), "s", 0, InputConfig(path="x"))
+    out = HFClassifier(BackendConfig(model=str(qwen_model), max_length=32), None, "text", False)(chunk)
+    assert out.column("truncated").to_pylist() == [False, True, None]
