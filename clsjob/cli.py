@@ -9,11 +9,15 @@ import sys
 
 from clsjob.config import (ClassifyConfig, ConfigError, FinetuneConfig, MergeConfig, StorageConfig,
                            load_config)
+from clsjob.backends import ModelError
 from clsjob.io import InputError
 from clsjob.labels import LabelError
 from clsjob.resume import OutputConflict
 
 log = logging.getLogger("clsjob")
+# Errors whose message tells the user what to fix; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, InputError, LabelError, ModelError, OutputConflict,
+               FileNotFoundError, FileExistsError)
 
 
 def _config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -69,12 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = run(args)
-    except (ConfigError, InputError, LabelError, OutputConflict, FileNotFoundError,
-            FileExistsError) as exc:
-        print(f"clsjob {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
-        # ModelError and the data checks are ValueErrors with messages meant for the user.
+    except USER_ERRORS as exc:
         print(f"clsjob {args.command}: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2, default=str))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from clsjob import io
 from clsjob.config import StorageConfig
+from clsjob.io import InputError
 from clsjob.labels import LabelSet
 from clsjob.metrics import Tally, summarize, tally
 
@@ -23,7 +24,7 @@ def evaluate_output(output: str, storage: StorageConfig) -> dict:
     manifest = io.read_json(io.join(output, "_manifest.json"), storage)
     gold_column = manifest.get("gold_column")
     if not gold_column:
-        raise ValueError(f"{output}: the run had no input.label_column, nothing to evaluate")
+        raise InputError(f"{output}: the run had no input.label_column, nothing to evaluate")
     labels = LabelSet(tuple(manifest["labels"]))
     counts = Tally(n_labels=len(labels))
     for part in manifest["parts"]:

@@ -6,6 +6,10 @@ from clsjob.config import BackendConfig
 from clsjob.labels import LabelSet
 
 
+class ModelError(ValueError):
+    """A model folder that cannot serve this job; the message names the folder."""
+
+
 def actor_class(backend: BackendConfig) -> type:
     # Imported lazily: a back end's heavy dependencies load only when it is used.
     if backend.kind == "hf":

@@ -11,13 +11,10 @@ import pyarrow as pa
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+from clsjob.backends import ModelError
 from clsjob.backends.rows import attach_probabilities, rows_to_classify
 from clsjob.config import BackendConfig
 from clsjob.labels import LabelSet, resolve_model_labels
-
-
-class ModelError(ValueError):
-    """A model folder that cannot serve this job; the message names the folder."""
 
 
 def check_model_folder(backend: BackendConfig, configured: LabelSet | None) -> LabelSet:

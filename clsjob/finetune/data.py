@@ -5,6 +5,7 @@ import logging
 
 from clsjob import io
 from clsjob.config import InputConfig, LabelSpec, StorageConfig
+from clsjob.io import InputError
 from clsjob.labels import LabelError, LabelSet
 
 log = logging.getLogger("clsjob")
@@ -26,7 +27,7 @@ def read_labelled(inp: InputConfig, storage: StorageConfig) -> tuple[list[str], 
     if skipped:
         log.warning("finetune: skipped %d rows of %s with no text or no label", skipped, inp.path)
     if not texts:
-        raise ValueError(f"{inp.path}: no labelled rows to train on")
+        raise InputError(f"{inp.path}: no labelled rows to train on")
     return texts, golds
 
 

@@ -7,7 +7,8 @@ import pytest
 
 import torch
 
-from clsjob.backends.hf import (HFClassifier, ModelError, check_model_folder, encode_truncating,
+from clsjob.backends import ModelError
+from clsjob.backends.hf import (HFClassifier, check_model_folder, encode_truncating,
                                 inference_dtype, length_sorted_batches, load_classifier,
                                 predict_probs)
 from clsjob.config import BackendConfig, InputConfig
