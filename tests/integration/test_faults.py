@@ -15,17 +15,27 @@ from conftest import sample_texts, write_shards
 SHARDS, ROWS = 6, 200
 
 
+def classifier_processes() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        if title.startswith("ray::") and "HFClassifier" in title:
+            found.append(proc)
+    return found
+
+
 def kill_first_classifier(stop: threading.Event, killed: list) -> None:
     """SIGKILL the first classifier actor's process (as the OOM killer would) once it has
     been at work for a moment."""
     while not stop.is_set():
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            title = " ".join(proc.info["cmdline"] or [])
-            if title.startswith("ray::") and "HFClassifier" in title:
-                time.sleep(1.0)  # let it take a chunk or two first
+        for proc in classifier_processes():
+            time.sleep(1.0)  # let it take a chunk or two first
+            try:
                 proc.send_signal(signal.SIGKILL)
-                killed.append(proc.info["pid"])
-                return
+            except psutil.NoSuchProcess:
+                continue
+            killed.append(proc.pid)
+            return
         time.sleep(0.2)
 
 
@@ -35,6 +45,12 @@ def test_killed_actor_does_not_lose_or_double_rows(qwen_model, ray_cluster, tmp_
                     "backend": {"model": str(qwen_model), "micro_batch_size": 1},
                     "resources": {"batch_size": 50},
                     "output": {"path": str(tmp_path / "out")}}, model=ClassifyConfig)
+    # Actors of earlier tests wind down asynchronously: wait until they are gone, so the
+    # process killed below is this run's.
+    deadline = time.monotonic() + 60
+    while classifier_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not classifier_processes(), "a classifier actor of an earlier test is still alive"
     stop, killed = threading.Event(), []
     killer = threading.Thread(target=kill_first_classifier, args=(stop, killed))
     killer.start()
