@@ -72,6 +72,13 @@ class Tally:
             bin_correct=np.array(data["bin_correct"]))
 
 
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Rows are gold classes, columns are predicted classes."""
+    matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
+    return matrix
+
+
 def calibration_bin(confidence: np.ndarray) -> np.ndarray:
     """Equal-width bins over [0, 1], right-closed so a confidence of exactly 1.0 is counted."""
     edges = np.linspace(0.0, 1.0, CALIBRATION_BINS + 1)
@@ -97,7 +104,7 @@ def tally(labels: LabelSet, gold: Sequence[str | None], predicted: Sequence[str 
             conf.append(c)
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(y_pred, dtype=np.int64)
-    np.add.at(t.confusion, (y_true, y_pred), 1)
+    t.confusion += confusion_matrix(y_true, y_pred, len(labels))
     has_conf = np.array([c is not None for c in conf], dtype=bool)
     t.no_confidence = int((~has_conf).sum())
     scored_conf = np.array([c for c in conf if c is not None], dtype=np.float64)

@@ -70,7 +70,7 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
     elapsed = time.monotonic() - progress.started
 
     # Every shard, done now or by an earlier attempt, is accounted for by its marker.
-    markers = resume.load_done(cfg, work, shards)
+    markers = {**done, **shard_progress.markers}
     parts = [p for m in markers.values() for p in m["parts"]]
     total = Tally(n_labels=len(labels))
     for marker in markers.values():

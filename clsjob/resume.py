@@ -83,6 +83,7 @@ class ShardProgress:
         self.rows = {s.key: s.rows for s in shards}
         self.parts: dict[str, list[dict]] = {s.key: [] for s in shards}
         self.tallies = {s.key: Tally(n_labels=n_labels) for s in shards}
+        self.markers: dict[str, dict] = {}  # shards finished by this attempt, by key
         for shard in shards:
             if shard.rows == 0:  # nothing to read, so no stats row will ever finish it
                 self._mark(shard.key)
@@ -99,3 +100,4 @@ class ShardProgress:
                   "parts": sorted(self.parts[key], key=lambda p: p["part"]),
                   "tally": self.tallies[key].to_json()}
         io.write_json(marker, marker_url(self.cfg.output.path, key), self.cfg.storage)
+        self.markers[key] = marker

@@ -22,7 +22,8 @@ from clsjob.config import FinetuneConfig, config_hash
 from clsjob.finetune.data import encode, read_labelled, settle_labels
 from clsjob.finetune.model import build_trainable, load_tokenizer
 from clsjob.labels import LabelSet
-from clsjob.metrics import per_class_scores, averaged
+from clsjob.metrics import averaged, confusion_matrix, per_class_scores
+from clsjob.pipeline import ensure_ray
 
 log = logging.getLogger("clsjob")
 SUMMARY = "clsjob_finetune.json"
@@ -32,8 +33,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     """Train on the cluster, copy the final checkpoint to `output.path`, return the summary."""
     if Path(cfg.output.path).exists() and any(Path(cfg.output.path).iterdir()):
         raise FileExistsError(f"output.path {cfg.output.path} is not empty; choose a new folder")
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     storage = cfg.output.storage_path or str(Path(cfg.output.path).absolute() / "ray")
     trainer = TorchTrainer(
         train_worker,
@@ -54,10 +54,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 def classification_metrics(eval_pred) -> dict:
     """HF Trainer hook: accuracy and weighted precision / recall / F1 on the eval rows."""
     logits, gold = eval_pred
-    predicted = np.asarray(logits).argmax(axis=-1)
-    k = np.asarray(logits).shape[-1]
-    matrix = np.zeros((k, k), dtype=np.int64)
-    np.add.at(matrix, (np.asarray(gold), predicted), 1)
+    logits = np.asarray(logits)
+    matrix = confusion_matrix(gold, logits.argmax(axis=-1), logits.shape[-1])
     avg = averaged(per_class_scores(matrix))
     return {"accuracy": float(np.trace(matrix) / max(matrix.sum(), 1)),
             "f1_weighted": avg["f1_weighted"], "precision_weighted": avg["precision_weighted"],
