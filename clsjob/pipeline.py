@@ -23,7 +23,7 @@ from clsjob.config import ClassifyConfig, InputConfig, StorageConfig, config_has
 from clsjob.io import InputError
 from clsjob.labels import LabelSet
 from clsjob.metrics import Tally, tally
-from clsjob.prepare import GOLD, PART, PART_ROWS, SHARD, check_schema, id_column, needed_columns, prepare_chunk
+from clsjob.prepare import CLEANED, GOLD, PART, PART_ROWS, SHARD, check_schema, id_column, needed_columns, prepare_chunk
 from clsjob.report import write_evaluation
 
 log = logging.getLogger("clsjob")
@@ -189,6 +189,7 @@ def write_parts(table: pa.Table, cfg: ClassifyConfig, labels: LabelSet) -> pa.Ta
         stats.append({"shard": rows.column(SHARD)[0].as_py(), "part": name, "rows": out.num_rows,
                       "errored": sum(e is not None for e in errors),
                       "truncated": sum(bool(t) for t in out.column("truncated").to_pylist()),
+                      "cleaned": pa.compute.sum(rows.column(CLEANED)).as_py() or 0,
                       # A JSON string: as an Arrow struct, per-row dicts would be unified into
                       # one schema and grow null keys.
                       "tally": json.dumps(counts.to_json())})
@@ -232,6 +233,8 @@ def manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, shards: list[io.S
         "rows_out": summary.rows_out,
         "rows_errored": summary.rows_errored,
         "rows_truncated": sum(p["truncated"] for p in parts),
+        # Rows whose text had invalid UTF-8 or control characters, cleaned before classifying.
+        "rows_cleaned": sum(p["cleaned"] for p in parts),
         "rows_per_s": summary.rows_per_s,  # of the rows labelled by this attempt
         "elapsed_s": summary.elapsed_s,
         "started_at": started.isoformat(),

@@ -5,6 +5,7 @@ rows out = rows in holds for every run.
 """
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -16,9 +17,12 @@ DERIVED_ID = "id"
 # which is the name of the prediction column.
 GOLD = "gold"
 RESULT_COLUMNS = ("label", "confidence", "probs", "truncated", "reasoning", "error")
-# Internal columns: the input shard of a row, the output part it belongs to, and how many rows
-# that part must hold.
-SHARD, PART, PART_ROWS = "_shard", "_part", "_part_rows"
+# Internal columns: the input shard of a row, the output part it belongs to, how many rows
+# that part must hold, and whether the row's text had to be cleaned.
+SHARD, PART, PART_ROWS, CLEANED = "_shard", "_part", "_part_rows", "_cleaned"
+# C0 and C1 control characters and DEL, except tab, newline and carriage return: they carry no
+# meaning for a classifier and some tokenizers and downstream readers choke on them.
+CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"
 
 
 def id_column(cfg: InputConfig) -> str:
@@ -37,6 +41,11 @@ def _is_string(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
+def _is_text(t: pa.DataType) -> bool:
+    # Raw bytes are accepted as text too: they are decoded as UTF-8 by clean_text.
+    return _is_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
 def check_schema(shard: ShardInfo, cfg: InputConfig) -> None:
     """Fail before any model loads when a shard cannot serve this config."""
     names = set(shard.schema.names)
@@ -46,8 +55,9 @@ def check_schema(shard: ShardInfo, cfg: InputConfig) -> None:
         if col and col not in names:
             raise InputError(f"{shard.path}: {key} {col!r} is not a column "
                              f"(columns: {sorted(names)})")
-    for key, col in [("input.text_column", cfg.text_column), ("input.label_column", cfg.label_column)]:
-        if col and not _is_string(shard.schema.field(col).type):
+    for key, col, ok in [("input.text_column", cfg.text_column, _is_text),
+                         ("input.label_column", cfg.label_column, _is_string)]:
+        if col and not ok(shard.schema.field(col).type):
             raise InputError(f"{shard.path}: {key} {col!r} has type "
                              f"{shard.schema.field(col).type}, expected string")
     reserved = set(RESULT_COLUMNS) | ({GOLD} if cfg.label_column else set())
@@ -67,6 +77,33 @@ def part_name(shard_key: str, start_row: int) -> str:
     return f"{stem.replace('/', '__')}-{start_row:010d}.parquet"
 
 
+def clean_text(column: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
+    """Text as valid UTF-8 without control characters, and which rows had to be changed.
+
+    Parquet readers do not validate UTF-8, so bad bytes arrive silently and would crash the
+    first Python decode. Invalid sequences become U+FFFD and control characters a space; the
+    row is still classified and counted as cleaned, never dropped."""
+    arr = column.combine_chunks()
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    raw = arr.view(pa.large_binary() if arr.type in (pa.large_string(), pa.large_binary())
+                   else pa.binary())
+    try:
+        text = raw.view(pa.string() if raw.type == pa.binary() else pa.large_string())
+        text.validate(full=True)
+        bad_utf8 = pa.array(np.zeros(len(arr), dtype=bool))
+    except pa.ArrowInvalid:
+        # Rare: decode row by row, replacing only the broken sequences.
+        values = raw.to_pylist()
+        decoded = [None if v is None else v.decode("utf-8", "replace") for v in values]
+        bad_utf8 = pa.array([v is not None and d.encode() != v for v, d in zip(values, decoded)])
+        text = pa.array(decoded, pa.string())
+    text = pc.cast(text, pa.string())
+    has_control = pc.fill_null(pc.match_substring_regex(text, CONTROL_CHARS), False)
+    cleaned = pc.or_(bad_utf8, has_control)
+    return pc.replace_substring_regex(text, CONTROL_CHARS, " "), cleaned
+
+
 def prepare_chunk(table: pa.Table, shard_key: str, start_row: int, cfg: InputConfig) -> pa.Table:
     """Input chunk -> id, text, gold, carried columns, error, and the part bookkeeping."""
     n = table.num_rows
@@ -74,7 +111,7 @@ def prepare_chunk(table: pa.Table, shard_key: str, start_row: int, cfg: InputCon
         ids = table.column(cfg.id_column)
     else:
         ids = pa.array([f"{shard_key}:{start_row + i}" for i in range(n)], pa.string())
-    text = pc.cast(table.column(cfg.text_column), pa.string())
+    text, cleaned = clean_text(table.column(cfg.text_column))
     empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0)
     error = pc.if_else(pc.is_null(text), "text is null",
                        pc.if_else(pc.fill_null(empty, False), "text is empty", pa.scalar(None, pa.string())))
@@ -87,4 +124,5 @@ def prepare_chunk(table: pa.Table, shard_key: str, start_row: int, cfg: InputCon
     columns[SHARD] = pa.array([shard_key] * n, pa.string())
     columns[PART] = pa.array([part_name(shard_key, start_row)] * n, pa.string())
     columns[PART_ROWS] = pa.array([n] * n, pa.int64())
+    columns[CLEANED] = cleaned
     return pa.table(columns)

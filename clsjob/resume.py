@@ -90,7 +90,7 @@ class ShardProgress:
 
     def add(self, stats: dict) -> None:
         key = stats["shard"]
-        self.parts[key].append({k: stats[k] for k in ("part", "rows", "errored", "truncated")})
+        self.parts[key].append({k: stats[k] for k in ("part", "rows", "errored", "truncated", "cleaned")})
         self.tallies[key].add(Tally.from_json(json.loads(stats["tally"])))
         if sum(p["rows"] for p in self.parts[key]) == self.rows[key]:
             self._mark(key)

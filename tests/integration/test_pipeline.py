@@ -25,7 +25,10 @@ def corpus(tmp_path, shards=3, rows=150):
         texts[7] = "the film was a delight " * 100  # far over max_length 256: cut and flagged
         gold = [LABELS[i % 3] for i in range(rows)] + ["positive"] * 3
         gold[5] = "sarcastic"  # outside the label set: counted, not a crash
-        tables.append({"text": texts, "label": gold, "lang": ["en"] * len(texts),
+        raw = [t.encode() if t is not None else None for t in texts]
+        raw[9] = b"a gripping \xff\xfe story"  # invalid UTF-8 in a string column
+        raw[11] = b"great\x07 film\x00"  # control characters
+        tables.append({"text": pa.array(raw, pa.binary()).view(pa.string()), "label": gold, "lang": ["en"] * len(texts),
                        "unused_blob": ["x" * 100] * len(texts)})
     write_shards(tmp_path / "in", tables)
     return tmp_path / "in", shards * (rows + len(BAD_TEXTS))
@@ -67,6 +70,10 @@ def test_every_row_comes_out_once_with_the_output_contract(model_fixture, reques
     assert all(r["confidence"] == pytest.approx(max(r["probs"])) for r in good)
     assert [r["id"] for r in good if r["truncated"]] == [f"shard-00{s}.parquet:7" for s in range(3)]
     assert all(r["truncated"] is None for r in bad)
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["shard-001.parquet:9"]["text"] == "a gripping \ufffd\ufffd story"
+    assert by_id["shard-001.parquet:11"]["text"] == "great  film "
+    assert by_id["shard-001.parquet:9"]["label"] in LABELS
 
     # Parts are named after their shard and first row, and hold exactly those rows.
     parts = sorted(p.name for p in out.glob("*.parquet"))
@@ -78,7 +85,7 @@ def test_every_row_comes_out_once_with_the_output_contract(model_fixture, reques
 
     manifest = json.loads((out / "_manifest.json").read_text())
     assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_errored"]) == (rows_in, rows_in, 9)
-    assert manifest["rows_truncated"] == 3
+    assert manifest["rows_truncated"] == 3 and manifest["rows_cleaned"] == 6
     assert manifest["labels"] == LABELS and len(manifest["shards"]) == 3
     assert sum(p["rows"] for p in manifest["parts"]) == rows_in
 

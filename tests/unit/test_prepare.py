@@ -6,7 +6,7 @@ import pytest
 
 from clsjob import io
 from clsjob.config import InputConfig, StorageConfig
-from clsjob.prepare import GOLD, PART, PART_ROWS, check_schema, needed_columns, part_name, prepare_chunk
+from clsjob.prepare import CLEANED, GOLD, PART, PART_ROWS, check_schema, needed_columns, part_name, prepare_chunk
 
 LOCAL = StorageConfig()
 
@@ -121,3 +121,22 @@ def test_write_part_is_atomic_and_leaves_no_temp_files(tmp_path):
     io.write_part(pa.table({"x": [3]}), str(target), LOCAL)  # a rerun replaces, never appends
     assert pq.read_table(target).column("x").to_pylist() == [3]
     assert sorted(p.name for p in target.parent.iterdir()) == ["p.parquet"]
+
+
+def test_invalid_utf8_and_control_characters_are_cleaned_and_counted():
+    # Parquet readers hand invalid UTF-8 through untouched; a Python decode would then crash.
+    raw = pa.array([b"caf\xc3\xa9 ok", b"bad \xff\xfe bytes", b"bell\x07 and\x00nul", b"tab\tline\n",
+                    None, b"\x01\x02"], pa.binary())
+    for column in (raw.view(pa.string()), raw):  # a string column lying about UTF-8, and bytes
+        out = prepare_chunk(pa.table({"text": column}), "s", 0, InputConfig(path="x"))
+        assert out.column("text").to_pylist() == [
+            "café ok", "bad \ufffd\ufffd bytes", "bell  and nul", "tab\tline\n", None, "  "]
+        assert out.column(CLEANED).to_pylist() == [False, True, True, False, False, True]
+        assert out.column("error").to_pylist() == [None, None, None, None, "text is null",
+                                                   "text is empty"]
+        out.validate(full=True)  # what goes on is valid UTF-8
+
+
+def test_binary_text_columns_pass_the_schema_check(tmp_path):
+    info = shard_info(tmp_path, pa.table({"text": pa.array([b"a"], pa.binary())}))
+    check_schema(info, InputConfig(path="x"))
