@@ -40,6 +40,9 @@ class InputConfig(Section):
         None, description="Column with gold labels; enables evaluation.")
     carry_columns: list[str] = Field(
         default_factory=list, description="Extra input columns copied to the output unchanged.")
+    on_duplicate_ids: Literal["report", "fail"] = Field(
+        "report", description="Values of id_column that occur more than once: label every row "
+                              "and list them in the manifest, or fail before labelling.")
     on_bad_file: Literal["fail", "skip"] = Field(
         "fail", description="A corrupt, truncated or empty Parquet file: fail naming it, or "
                             "skip it and list it in the manifest.")

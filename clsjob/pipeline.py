@@ -19,6 +19,7 @@ import pyarrow as pa
 import ray
 
 from clsjob import backends, io, resume
+from clsjob.duplicates import DuplicateIds, check_duplicate_ids
 from clsjob.config import ClassifyConfig, InputConfig, StorageConfig, config_hash
 from clsjob.io import InputError
 from clsjob.labels import LabelSet
@@ -59,6 +60,8 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
         return summary_of(finished, cfg)
     done = resume.load_done(cfg, work, shards)
     todo = [s for s in shards if s.key not in done]
+    ensure_ray()
+    duplicates = check_duplicate_ids(cfg, shards)
     log.info("classify: %d rows in %d shards -> %s (%d shards already done)",
              rows_in, len(shards), cfg.output.path, len(done))
 
@@ -79,8 +82,8 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
     summary = RunSummary(cfg.output.path, rows_in, rows_out, sum(p["errored"] for p in parts),
                          round(elapsed, 3), round(progress.done / elapsed, 2) if elapsed else 0.0, None)
     complete = rows_out == rows_in and len(markers) == len(shards)
-    io.write_json(manifest(cfg, work, labels, shards, bad_files, set(markers), parts, summary,
-                           started, complete),
+    io.write_json(manifest(cfg, work, labels, shards, bad_files, duplicates, set(markers), parts,
+                           summary, started, complete),
                   io.join(cfg.output.path, MANIFEST), cfg.storage)
     if not complete:
         raise RuntimeError(f"rows out ({rows_out}) != rows in ({rows_in}) or shards unfinished; "
@@ -124,7 +127,6 @@ def label_shards(cfg: ClassifyConfig, labels: LabelSet, shards: list[io.ShardInf
     Yields the write stage's stats rows as parts land."""
     if not any(s.rows for s in shards):
         return
-    ensure_ray()
     # Chunks must reach the writer whole (one chunk = one part); never split blocks by size.
     ray.data.DataContext.get_current().target_max_block_size = None
     ds = ray.data.from_items([{"path": s.path, "key": s.key} for s in shards],
@@ -216,8 +218,8 @@ class Progress:
 
 
 def manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, shards: list[io.ShardInfo],
-             bad_files: list[str], done: set[str], parts: list[dict], summary: RunSummary,
-             started: datetime, complete: bool) -> dict:
+             bad_files: list[str], duplicates: DuplicateIds | None, done: set[str],
+             parts: list[dict], summary: RunSummary, started: datetime, complete: bool) -> dict:
     return {
         "status": "complete" if complete else "incomplete",
         "run_id": uuid.uuid4().hex,
@@ -242,6 +244,8 @@ def manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, shards: list[io.S
         "shards": [{"path": s.path, "key": s.key, "rows": s.rows, "done": s.key in done}
                    for s in shards],
         "skipped_files": bad_files,
+        # Repeated values of input.id_column (null when ids are derived, so unique).
+        "duplicate_ids": duplicates.to_json() if duplicates else None,
         "parts": sorted(parts, key=lambda p: p["part"]),
     }
 

@@ -192,3 +192,43 @@ def test_unreadable_files_fail_the_run_or_are_skipped_and_listed(qwen_model, ray
     skipped = sorted(e.split(":")[0].rsplit("/", 1)[-1] for e in manifest["skipped_files"])
     assert skipped == ["empty.parquet", "truncated.parquet"]
     assert manifest["status"] == "complete"
+
+
+def test_duplicate_ids_are_reported_or_refused(qwen_model, ray_cluster, tmp_path):
+    # Ids repeat within a shard (7) and across shards (3 in both, 12 three times); null too.
+    write_shards(tmp_path / "in", [
+        {"doc": [1, 2, 3, 7, 7, None], "text": sample_texts(6, seed=0)},
+        {"doc": [3, 12, 12, 12, 20, None], "text": sample_texts(6, seed=1)}])
+    cfg = config(qwen_model, tmp_path / "in", tmp_path / "o",
+                 input={"id_column": "doc", "label_column": None, "carry_columns": []})
+
+    summary = run_classify(cfg)
+    assert summary.rows_in == summary.rows_out == 12  # every row is still labelled
+    assert sorted(read_output(tmp_path / "o").column("doc").to_pylist(), key=str) == sorted(
+        [1, 2, 3, 3, 7, 7, 12, 12, 12, 20, None, None], key=str)
+    found = json.loads((tmp_path / "o" / "_manifest.json").read_text())["duplicate_ids"]
+    assert (found["ids"], found["rows"]) == (4, 9)
+    assert found["examples"][0] == {"id": "12", "rows": 3}
+    assert sorted(e["id"] for e in found["examples"]) == ["12", "3", "7", "None"]
+
+    refuse = config(qwen_model, tmp_path / "in", tmp_path / "o2",
+                    input={"id_column": "doc", "label_column": None, "carry_columns": [],
+                           "on_duplicate_ids": "fail"})
+    with pytest.raises(InputError, match=r"input.id_column 'doc': 4 ids occur more than once, "
+                                         r"on 9 rows \(e\.g\. '12' ×3"):
+        run_classify(refuse)
+    assert not list((tmp_path / "o2").glob("*.parquet"))
+
+
+def test_unique_ids_report_no_duplicates(qwen_model, ray_cluster, tmp_path):
+    write_shards(tmp_path / "in", [{"doc": ["a", "b"], "text": sample_texts(2)},
+                                   {"doc": ["c", "d"], "text": sample_texts(2, seed=3)}])
+    cfg = config(qwen_model, tmp_path / "in", tmp_path / "o",
+                 input={"id_column": "doc", "label_column": None, "carry_columns": []})
+    run_classify(cfg)
+    manifest = json.loads((tmp_path / "o" / "_manifest.json").read_text())
+    assert manifest["duplicate_ids"] == {"ids": 0, "rows": 0, "examples": []}
+    derived = run_classify(config(qwen_model, tmp_path / "in", tmp_path / "o2",
+                                  input={"label_column": None, "carry_columns": []}))
+    assert derived.rows_out == 4
+    assert json.loads((tmp_path / "o2" / "_manifest.json").read_text())["duplicate_ids"] is None
