@@ -25,6 +25,9 @@ class StorageConfig(Section):
     endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint (MinIO, Ceph, a test server). None = AWS.")
     region: str | None = Field(None, description="S3 region; None = the AWS chain's default.")
+    max_attempts: int = Field(
+        10, ge=1, description="Tries per S3 request on throttling (SlowDown), 5xx answers and "
+                              "dropped connections, with exponential backoff and jitter.")
     # No credential fields on purpose: keys come only from the environment or the AWS chain,
     # so they can never end up in a config file, a manifest or a log line.
 

@@ -32,7 +32,14 @@ def filesystem(path: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSy
         import s3fs  # imported here so local-only runs never need botocore set up
 
         client_kwargs = {"region_name": storage.region} if storage.region else {}
-        fs = s3fs.S3FileSystem(endpoint_url=storage.endpoint_url, client_kwargs=client_kwargs)
+        # botocore's "standard" retry mode retries throttling, 5xx and connection errors with
+        # exponential backoff and jitter (its default, "legacy", tries 5 times and knows fewer
+        # errors). s3fs has its own loop on top for errors met while reading a body; both get
+        # the same bound, so max_attempts: 1 really means no retry.
+        fs = s3fs.S3FileSystem(
+            endpoint_url=storage.endpoint_url, client_kwargs=client_kwargs,
+            config_kwargs={"retries": {"total_max_attempts": storage.max_attempts, "mode": "standard"}})
+        fs.retries = storage.max_attempts  # a class attribute, not a constructor argument
         return fs, path[len("s3://"):]
     if path.startswith("file://"):
         path = path[len("file://"):]
@@ -93,15 +100,37 @@ def inspect_shards(shards: list[str], storage: StorageConfig, threads: int = 16)
     def one(item: tuple[str, str]) -> ShardInfo:
         url, key = item
         fs, p = filesystem(url, storage)
-        try:
-            with fs.open(p, "rb") as f:
-                meta = pq.ParquetFile(f).metadata
+        with fs.open(p, "rb") as f:
+            watched = _Watched(f)
+            try:
+                meta = pq.ParquetFile(watched).metadata
                 return ShardInfo(url, key, meta.num_rows, meta.schema.to_arrow_schema())
-        except (pa.ArrowInvalid, OSError) as exc:
-            return ShardInfo(url, key, 0, None, f"{url}: not a readable Parquet file ({exc})")
+            except (pa.ArrowInvalid, OSError) as exc:
+                if watched.failed:  # the storage failed, not the file: never skip it for that
+                    raise OSError(f"{url}: reading the footer failed after "
+                                  f"{storage.max_attempts} tries: {exc}") from exc
+                return ShardInfo(url, key, 0, None, f"{url}: not a readable Parquet file ({exc})")
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         return list(pool.map(one, zip(shards, keys)))
+
+
+class _Watched:
+    """A file that remembers whether reading it failed. pyarrow reports a corrupt file and a
+    storage error after spent retries alike (OSError), and only the first may be skipped."""
+
+    def __init__(self, f):
+        self._f, self.failed = f, False
+
+    def read(self, *args):
+        try:
+            return self._f.read(*args)
+        except Exception:
+            self.failed = True
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
 
 
 def iter_shard(url: str, columns: list[str], chunk_rows: int,

@@ -21,6 +21,7 @@ from clsjob import io
 from clsjob.config import ClassifyConfig, StorageConfig, validate
 from clsjob.pipeline import run_classify
 from conftest import LABELS, TEST_AWS_ENV, sample_texts, write_shards
+from faulty_s3 import FAULTS, FaultyS3
 
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
@@ -173,3 +174,39 @@ def test_glob_lists_the_same_shards_as_the_folder(s3):
     assert io.list_shards(f"s3://{BUCKET}/in/shard-00*.parquet", storage) == expected
     assert io.list_shards(f"s3://{BUCKET}/in/", storage) == expected  # _SUCCESS skipped
     assert io.list_shards(f"s3://{BUCKET}/in", storage) == expected
+
+
+def test_transient_s3_errors_are_retried_on_read_and_write(s3, ray_with_aws_env, qwen_model):
+    cfg = classify_config(s3, qwen_model)
+    with FaultyS3(s3.endpoint, every=3) as faulty:
+        flaky = cfg.model_copy(update={
+            "storage": StorageConfig(endpoint_url=faulty.endpoint),
+            "output": cfg.output.model_copy(update={"path": f"s3://{BUCKET}/out-flaky/"})})
+        summary = run_classify(flaky)
+
+    # Every third request of each method failed, in all three ways, on reads and on writes.
+    assert faulty.injected_for("GET") >= 3 and faulty.injected_for("PUT") >= 3, faulty.injected
+    assert {fault for _, fault in faulty.injected} == set(FAULTS)
+    rows_in = sum(SHARD_ROWS)
+    assert summary.rows_in == summary.rows_out == rows_in
+    parts = [k for k in s3.keys("out-flaky/") if k.endswith(".parquet")]
+    ids = pa.concat_tables(pq.read_table(bytes_io.BytesIO(s3.read(k))) for k in parts).column("id")
+    assert len(ids) == len(set(ids.to_pylist())) == rows_in
+    assert json.loads(s3.read("out-flaky/_manifest.json"))["status"] == "complete"
+
+
+def test_without_retries_the_same_faults_fail_the_run(s3, ray_with_aws_env, qwen_model):
+    # The control for the test above: it is the retries that carry the run through. And a
+    # read that fails for good is the storage's fault, not the file's: even with
+    # on_bad_file: skip, the file is not skipped as corrupt, the run fails.
+    cfg = classify_config(s3, qwen_model)
+    with FaultyS3(s3.endpoint, every=3) as faulty:
+        once = cfg.model_copy(update={
+            "input": cfg.input.model_copy(update={"on_bad_file": "skip"}),
+            "storage": StorageConfig(endpoint_url=faulty.endpoint, max_attempts=1),
+            "output": cfg.output.model_copy(update={"path": f"s3://{BUCKET}/out-once/"})})
+        with pytest.raises(OSError) as failed:
+            run_classify(once)
+    assert sum(faulty.injected.values()) >= 1
+    assert "not a readable Parquet file" not in str(failed.value)
+    assert "out-once/_manifest.json" not in s3.keys("out-once/")
