@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from datetime import date
 import logging
 import sys
 
@@ -12,11 +13,12 @@ from clsjob.config import (ClassifyConfig, ConfigError, FinetuneConfig, MergeCon
 from clsjob.backends import ModelError
 from clsjob.io import InputError
 from clsjob.labels import LabelError
+from clsjob.lock import RunLocked
 from clsjob.resume import OutputConflict
 
 log = logging.getLogger("clsjob")
 # Errors whose message tells the user what to fix; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, InputError, LabelError, ModelError, OutputConflict,
+USER_ERRORS = (ConfigError, InputError, LabelError, ModelError, OutputConflict, RunLocked,
                FileNotFoundError, FileExistsError)
 
 
@@ -24,6 +26,8 @@ def _config_args(parser: argparse.ArgumentParser, required: bool = True) -> None
     parser.add_argument("--config", required=required, help="YAML config file")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY.PATH=VALUE", help="override one config value (repeatable)")
+    parser.add_argument("--date", type=date.fromisoformat, metavar="YYYY-MM-DD",
+                        help="fills {date} and {date:<strftime>} templates in the config")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,16 +52,18 @@ def run(args: argparse.Namespace) -> dict:
     if args.command == "classify":
         from clsjob.pipeline import run_classify
         overrides = args.overrides + (["output.overwrite=true"] if args.overwrite else [])
-        cfg = load_config(args.config, overrides, model=ClassifyConfig)
+        cfg = load_config(args.config, overrides, model=ClassifyConfig, day=args.date)
         return run_classify(cfg).__dict__
     if args.command == "finetune":
         from clsjob.finetune.train import run_finetune
-        summary = run_finetune(load_config(args.config, args.overrides, model=FinetuneConfig))
+        summary = run_finetune(load_config(args.config, args.overrides, model=FinetuneConfig,
+                                           day=args.date))
         return {k: summary[k] for k in ("train_rows", "eval_rows", "final_eval", "wall_time_s",
                                         "train_tokens_per_s")}
     if args.command == "merge":
         from clsjob.finetune.merge import merge
-        return {"model": str(merge(load_config(args.config, args.overrides, model=MergeConfig)))}
+        cfg = load_config(args.config, args.overrides, model=MergeConfig, day=args.date)
+        return {"model": str(merge(cfg))}
     if args.command == "evaluate":
         from clsjob.report import evaluate_output
         metrics = evaluate_output(args.output, StorageConfig(endpoint_url=args.endpoint_url))

@@ -5,6 +5,8 @@ Every field is documented where it is declared; `clsjob <command> --help-config`
 from __future__ import annotations
 
 import hashlib
+import re
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -92,6 +94,10 @@ class OutputConfig(Section):
     overwrite: bool = Field(
         False, description="Redo the run from scratch. Off: a rerun resumes unfinished work "
                            "and a finished run is left as it is.")
+    stale_lock_after_s: float = Field(
+        600, gt=0, description="A run holds `_lock.json` in the output folder and refreshes it "
+                               "(every tenth of this, at most a minute); a lock not refreshed "
+                               "for this long belongs to a run that is gone and is taken over.")
 
 
 class ClassifyConfig(Section):
@@ -170,8 +176,27 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), *, model: type[Section]):
-    """Read YAML (or start empty), apply overrides, validate; errors name file and key."""
+DATE_TEMPLATE = re.compile(r"\{date(?::([^}]*))?\}")
+
+
+def fill_dates(data: Any, day: date | None, key: str = "") -> Any:
+    """Replace `{date}` (ISO, 2026-11-29) and `{date:<strftime>}` (e.g. `{date:%Y/%m/%d}`) in
+    every string of the config: one config file serves every day of a nightly schedule."""
+    if isinstance(data, dict):
+        return {k: fill_dates(v, day, f"{key}.{k}" if key else k) for k, v in data.items()}
+    if isinstance(data, list):
+        return [fill_dates(v, day, f"{key}[{i}]") for i, v in enumerate(data)]
+    if isinstance(data, str) and DATE_TEMPLATE.search(data):
+        if day is None:
+            raise ConfigError(f"{key}: {data!r} holds a date template; pass --date YYYY-MM-DD")
+        return DATE_TEMPLATE.sub(lambda m: day.strftime(m[1]) if m[1] else day.isoformat(), data)
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), *, model: type[Section],
+                day: date | None = None):
+    """Read YAML (or start empty), apply overrides, fill date templates, validate; errors name
+    file and key."""
     source = str(path) if path else "<overrides>"
     data: dict = {}
     if path:
@@ -183,7 +208,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, model: ty
             raise ConfigError(f"{source}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: the top level must be a mapping")
-    data = apply_overrides(data, list(overrides))
+    data = fill_dates(apply_overrides(data, list(overrides)), day)
     return validate(data, model=model, source=source)
 
 

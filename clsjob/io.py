@@ -159,6 +159,30 @@ def _write_atomic(url: str, storage: StorageConfig, write, mode: str = "wb") -> 
     os.replace(tmp, p)
 
 
+def create_exclusive(text: str, url: str, storage: StorageConfig) -> bool:
+    """Write a small file only if it does not exist yet; False if it does. Atomic on both
+    stores: S3's conditional PUT (If-None-Match: *), and locally a hard link, which fails
+    when the name is taken, from a temporary file written in full."""
+    fs, p = filesystem(url, storage)
+    if "s3" in fs.protocol:
+        try:
+            fs.pipe_file(p, text.encode(), mode="create")
+        except FileExistsError:
+            return False
+        return True
+    fs.makedirs(posixpath.dirname(p), exist_ok=True)
+    tmp = posixpath.join(posixpath.dirname(p), f".{posixpath.basename(p)}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+    try:
+        os.link(tmp, p)
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+    return True
+
+
 def write_part(table: pa.Table, url: str, storage: StorageConfig) -> None:
     _write_atomic(url, storage, lambda f: pq.write_table(table, f))
 

@@ -23,6 +23,7 @@ from clsjob.duplicates import DuplicateIds, check_duplicate_ids
 from clsjob.config import ClassifyConfig, InputConfig, StorageConfig, config_hash
 from clsjob.io import InputError
 from clsjob.labels import LabelSet
+from clsjob.lock import RunLock, RunLocked
 from clsjob.metrics import Tally, tally
 from clsjob.prepare import CLEANED, GOLD, PART, PART_ROWS, SHARD, check_schema, id_column, needed_columns, prepare_chunk
 from clsjob.report import write_evaluation
@@ -48,8 +49,14 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
     # schedules anything and before a row is read.
     labels = backends.check_model(cfg.backend, LabelSet.from_specs(cfg.labels) if cfg.labels else None)
     shards, bad_files = usable_shards(cfg)
-    rows_in = sum(s.rows for s in shards)
+    # Everything below writes to the output folder: one run at a time.
+    with RunLock(cfg.output.path, cfg.storage, cfg.output.stale_lock_after_s) as lock:
+        return classify_shards(cfg, labels, shards, bad_files, started, lock)
 
+
+def classify_shards(cfg: ClassifyConfig, labels: LabelSet, shards: list[io.ShardInfo],
+                    bad_files: list[str], started: datetime, lock: RunLock) -> RunSummary:
+    rows_in = sum(s.rows for s in shards)
     work = resume.work_hash(cfg)
     if cfg.output.overwrite:
         resume.clear(cfg.output.path, cfg.storage)
@@ -81,6 +88,9 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
     rows_out = sum(p["rows"] for p in parts)
     summary = RunSummary(cfg.output.path, rows_in, rows_out, sum(p["errored"] for p in parts),
                          round(elapsed, 3), round(progress.done / elapsed, 2) if elapsed else 0.0, None)
+    if lock.lost:
+        raise RunLocked(f"another run took {cfg.output.path} over during this one; "
+                        f"its manifest is left to that run")
     complete = rows_out == rows_in and len(markers) == len(shards)
     io.write_json(manifest(cfg, work, labels, shards, bad_files, duplicates, set(markers), parts,
                            summary, started, complete),

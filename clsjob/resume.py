@@ -29,7 +29,7 @@ def work_hash(cfg: ClassifyConfig) -> str:
     """What decides the rows written: the whole config except how many actors, GPUs and CPUs
     do the work and the overwrite switch. Two runs with the same hash write the same parts."""
     data = cfg.model_dump(mode="json", exclude={
-        "resources": {"actors", "gpus_per_actor", "cpus_per_actor"}, "output": {"overwrite"}})
+        "resources": {"actors", "gpus_per_actor", "cpus_per_actor"}, "output": {"overwrite", "stale_lock_after_s"}})
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

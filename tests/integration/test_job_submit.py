@@ -1,26 +1,18 @@
-"""`ray job submit -- python jobs/classify.py --config FILE` against a Ray head of its own.
+"""`ray job submit -- python jobs/classify.py --config FILE` and `jobs/nightly.sh` against a
+Ray head of their own (tests/ray_nodes.py).
 
 This is how people run clsjob: the repo is uploaded as the job's working dir and the entry
-script joins the cluster through RAY_ADDRESS. The head is started here with the venv's `ray`
-CLI, separate from the in-process cluster other tests share (the `ray_cluster` fixture), and
-is torn down without touching that one.
+script joins the cluster through RAY_ADDRESS.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import signal
 import socket
 import subprocess
-import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
-import uuid
-from dataclasses import dataclass
-from pathlib import Path
+from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,124 +20,23 @@ import pytest
 import yaml
 
 from conftest import LABELS, REPO, sample_texts, write_shards
+from clsjob.lock import LOCK
+from ray_nodes import RAY, start_head, stop_cluster
 from tiny_models import build_qwen2_classifier
 
 pytestmark = pytest.mark.slow
 
-# The venv's bin folder, not the resolved interpreter: sys.executable is a link into the venv.
-VENV_BIN = Path(sys.executable).parent
-RAY = VENV_BIN / "ray"
 SHARD_ROWS = [30, 25]
-START_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 300
 
 
-@dataclass(frozen=True)
-class RayHead:
-    dashboard: str       # http://127.0.0.1:<port>, what `ray job submit --address` takes
-    temp_dir: Path
-    env: dict            # the environment a client of this head needs (token, PATH)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def ray_head(tmp_path):
-    if not RAY.exists():
-        pytest.skip(f"no ray CLI next to {sys.executable}")
-    # Short: Ray puts Unix sockets below it, and socket paths are limited to ~107 bytes.
-    temp_dir = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
-    token = uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_RUNTIME_ENV_IGNORE_GITIGNORE")}
-    # PATH: `python` in the job's entrypoint must be the venv's. The token is explicit so the
-    # test neither depends on nor writes ~/.ray/auth_token: `ray start` turns token auth on
-    # only when a token exists, and `ray job submit` then needs RAY_AUTH_MODE=token.
-    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
-    dashboard_port = free_port()
-    cmd = [str(RAY), "start", "--head", "--block", "--disable-usage-stats",
-           f"--port={free_port()}", f"--dashboard-port={dashboard_port}",
-           "--dashboard-host=127.0.0.1", "--num-cpus=4",
-           f"--ray-client-server-port={free_port()}",
-           # Fixed by default (52365): would clash with any other Ray on this machine.
-           f"--dashboard-agent-listen-port={free_port()}",
-           # 0 = ports the OS picks, instead of the 10002-19999 range every Ray shares.
-           "--min-worker-port=0", "--max-worker-port=0",
-           f"--temp-dir={temp_dir}"]
-    log_path = tmp_path / "ray-head.log"
-    # --block in a session of its own: the head's processes are then exactly that session,
-    # and SIGTERM to this one process makes Ray's reaper end the rest (see stop_head).
-    # Ray 2.60 drains a `--block` head on SIGTERM for up to 30 s, and after a job it is never
-    # idle enough to finish early: a test head has nothing to drain.
-    head_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=head_env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    head = start_head(tmp_path_factory.mktemp("head"), num_cpus=4)
     try:
-        dashboard = f"http://127.0.0.1:{dashboard_port}"
-        wait_for_job_api(dashboard, token, proc, log_path)
-        yield RayHead(dashboard, temp_dir, env)
+        yield head
     finally:
-        stop_head(proc)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def wait_for_job_api(dashboard: str, token: str, proc: subprocess.Popen, log_path: Path) -> None:
-    request = urllib.request.Request(f"{dashboard}/api/jobs/",
-                                     headers={"Authorization": f"Bearer {token}"})
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"ray start exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(request, timeout=2):
-                return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.5)
-    pytest.fail(f"Ray job API not up after {START_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
-
-
-def stop_head(proc: subprocess.Popen) -> None:
-    """End this head's processes and no others.
-
-    Not `ray stop`: it ends every Ray process on the machine by name, which includes the
-    in-process cluster of the other tests and anyone else's Ray.
-    """
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    # Whatever the reaper missed is still in the session that Popen created (its id is the
-    # pid of `ray start`); workers change process group but not session.
-    deadline = time.monotonic() + 10
-    while session_pids(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for pid in session_pids(proc.pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def session_pids(sid: int) -> list[int]:
-    import psutil  # comes with ray[default]
-
-    pids = []
-    for pid in psutil.pids():
-        try:
-            if pid != os.getpid() and os.getsid(pid) == sid:
-                pids.append(pid)
-        except (ProcessLookupError, PermissionError):
-            pass
-    return pids
+        stop_cluster(head)
 
 
 def test_ray_job_submit_classify(ray_head, tmp_path):
@@ -197,3 +88,68 @@ def test_ray_job_submit_classify(ray_head, tmp_path):
     if shutil.which("git") and (REPO / ".git").exists():
         check = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", ".venv"])
         assert check.returncode == 0, ".gitignore does not cover .venv"
+
+
+NIGHTLY = REPO / "jobs" / "nightly.sh"
+
+
+def nightly_setup(tmp_path, days: list[str]):
+    """One input folder per day and a config that names them through {date} templates."""
+    model = build_qwen2_classifier(tmp_path / "model", LABELS)
+    for day in days:
+        write_shards(tmp_path / "in" / day, [{"text": sample_texts(20, seed=i)} for i in range(2)])
+    config = tmp_path / "nightly.yaml"
+    config.write_text(yaml.safe_dump({
+        "input": {"path": str(tmp_path / "in" / "{date}")},
+        "backend": {"model": str(model), "max_length": 64},
+        "resources": {"batch_size": 16},
+        "output": {"path": str(tmp_path / "out" / "day={date:%Y%m%d}")}}))
+    return config
+
+
+def run_nightly(ray_head, config, day: str, tries: int) -> subprocess.CompletedProcess:
+    env = {**ray_head.env, "RAY_ADDRESS": ray_head.dashboard, "CLSJOB_RAY": str(RAY),
+           "CLSJOB_TRIES": str(tries), "CLSJOB_RETRY_WAIT_S": "1"}
+    return subprocess.run(["bash", str(NIGHTLY), str(config), day], env=env, cwd="/",
+                          capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+
+
+def test_nightly_runs_one_day_and_a_rerun_does_nothing(ray_head, tmp_path):
+    config = nightly_setup(tmp_path, ["2026-11-28", "2026-11-29"])
+    first = run_nightly(ray_head, config, "2026-11-29", tries=2)
+    log = f"stdout:\n{first.stdout[-4000:]}\nstderr:\n{first.stderr[-2000:]}"
+    assert first.returncode == 0, log
+    assert "attempt 1/2" in first.stderr and "attempt 2/2" not in first.stderr, log
+
+    out = tmp_path / "out" / "day=20261129"
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["rows_out"] == 40
+    assert all("/in/2026-11-29/" in s["path"] for s in manifest["shards"])
+    assert not (tmp_path / "out" / "day=20261128").exists()  # only the day asked for
+    assert not (out / LOCK).exists()  # released at the end
+
+    again = run_nightly(ray_head, config, "2026-11-29", tries=1)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "already holds this finished run" in again.stdout
+    assert json.loads((out / "_manifest.json").read_text())["run_id"] == manifest["run_id"]
+
+
+def test_nightly_never_overlaps_a_running_day_and_gives_up_after_its_tries(ray_head, tmp_path):
+    config = nightly_setup(tmp_path, ["2026-11-30"])
+    out = tmp_path / "out" / "day=20261130"
+    out.mkdir(parents=True)
+    # The lock of a run in progress: this very test process, on this host, beating now.
+    now = datetime.now(timezone.utc).isoformat()
+    running = {"owner": "running-run", "host": socket.gethostname(), "pid": os.getpid(),
+               "started_at": now, "heartbeat_at": now}
+    (out / LOCK).write_text(json.dumps(running))
+
+    result = run_nightly(ray_head, config, "2026-11-30", tries=2)
+    log = f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-2000:]}"
+    assert result.returncode == 1, log
+    assert len(re.findall(r"attempt \d/2 as clsjob-", result.stderr)) == 2, log  # bounded
+    assert "failed 2 times; giving up" in result.stderr, log
+    assert "another run holds this output" in result.stdout, log
+    assert result.stdout.count("Job entrypoint command failed with exit code 2") == 2, log
+    assert not list(out.glob("*.parquet")) and not (out / "_manifest.json").exists()
+    assert json.loads((out / LOCK).read_text()) == running  # the running day's lock untouched

@@ -1,3 +1,4 @@
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ def minimal(tmp_path, **extra) -> Path:
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     model = KIND[path.stem.split("-")[0]]
-    cfg = load_config(path, model=model)
+    cfg = load_config(path, model=model, day=date(2026, 11, 29))  # for the nightly's {date}
     assert isinstance(cfg, model)
 
 
@@ -111,3 +112,19 @@ def test_training_arguments_follow_the_hardware(tmp_path):
     assert args.eval_strategy == "epoch" and args.save_strategy == "epoch"
     assert args.lr_scheduler_type == "cosine" and args.warmup_steps == 0.1
     assert training_arguments(cfg, str(tmp_path), has_eval=False).eval_strategy == "no"
+
+
+def test_date_templates_fill_every_path(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "input": {"path": ["s3://b/events/{date}/", "s3://b/late/{date:%Y/%m/%d}/*.parquet"]},
+        "backend": {"model": "m"}, "output": {"path": "s3://b/labelled/day={date:%Y%m%d}"}}))
+    cfg = load_config(path, model=ClassifyConfig, day=date(2026, 11, 29))
+    assert cfg.input.path == ["s3://b/events/2026-11-29/", "s3://b/late/2026/11/29/*.parquet"]
+    assert cfg.output.path == "s3://b/labelled/day=20261129"
+    # The same file without a date is refused, naming the key, rather than run on '{date}'.
+    with pytest.raises(ConfigError, match=r"output.path: .* holds a date template; pass --date"):
+        load_config(path, ["input.path=in/"], model=ClassifyConfig)
+    # Strings without a template are left alone, braces and all.
+    cfg = load_config(minimal(tmp_path), ["output.path=out/{x}"], model=ClassifyConfig)
+    assert cfg.output.path == "out/{x}"
