@@ -19,6 +19,7 @@ import ray
 
 from clsjob import io
 from clsjob.config import ClassifyConfig, StorageConfig, validate
+from clsjob.lock import LOCK, RunLock, RunLocked
 from clsjob.pipeline import run_classify
 from conftest import LABELS, TEST_AWS_ENV, sample_texts, write_shards
 from faulty_s3 import FAULTS, FaultyS3
@@ -210,3 +211,15 @@ def test_without_retries_the_same_faults_fail_the_run(s3, ray_with_aws_env, qwen
     assert sum(faulty.injected.values()) >= 1
     assert "not a readable Parquet file" not in str(failed.value)
     assert "out-once/_manifest.json" not in s3.keys("out-once/")
+
+
+def test_run_lock_on_s3_is_exclusive(s3):
+    # S3's conditional PUT (If-None-Match: *) makes the second create fail, not overwrite.
+    storage = StorageConfig(endpoint_url=s3.endpoint)
+    with RunLock(f"s3://{BUCKET}/locked/", storage, stale_after_s=600) as first:
+        assert json.loads(s3.read(f"locked/{LOCK}"))["owner"] == first.owner
+        with pytest.raises(RunLocked, match="another run holds this output"):
+            with RunLock(f"s3://{BUCKET}/locked/", storage, stale_after_s=600):
+                pass
+        assert json.loads(s3.read(f"locked/{LOCK}"))["owner"] == first.owner
+    assert f"locked/{LOCK}" not in s3.keys("locked/")
