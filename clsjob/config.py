@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 
 class ConfigError(ValueError):
@@ -69,15 +70,77 @@ def _labels_from_strings(value: Any) -> Any:
 Labels = Annotated[list[LabelSpec] | None, BeforeValidator(_labels_from_strings)]
 
 
+class Example(Section):
+    text: str = Field(description="An example input.")
+    label: str = Field(description="Its label (one of the configured labels).")
+
+
+class PromptConfig(Section):
+    """How `vllm_prompt` asks an LLM. Everything every row shares (system prompt,
+    instructions, the label list, examples) comes before the row's text, so that vLLM's
+    prefix cache computes it once."""
+    mode: Literal["choice", "json", "score"] = Field(
+        "choice", description="choice = the answer is forced to be exactly one label; json = "
+                              "{label, reasoning} under a JSON schema; score = no sampling, "
+                              "the model's probability of every label (fills probs).")
+    system_prompt: str | None = Field(None, description="System message (chat models).")
+    instructions: str | None = Field(
+        None, description="Free-text instructions placed before the label list.")
+    examples: list[Example] = Field(default_factory=list, description="Few-shot examples.")
+    examples_path: str | None = Field(
+        None, description="Parquet file of more few-shot examples (local or s3://).")
+    examples_text_column: str = "text"
+    examples_label_column: str = "label"
+    max_examples: int = Field(8, ge=0, description="Cap on examples used (inline first).")
+    chat_template: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto = the tokenizer's chat template when it has one, else a "
+                            "plain completion prompt.")
+    reasoning_max_chars: int = Field(
+        300, gt=0, description="json mode: longest `reasoning` the schema allows.")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy, the same answer every run.")
+    seed: int = Field(0, description="Sampling seed: with temperature > 0, runs still repeat.")
+
+
+class EngineConfig(Section):
+    """vLLM engine settings, passed through. None = vLLM's own default."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto = bfloat16 on GPU, float32 on CPU.")
+    max_model_len: int | None = Field(
+        None, gt=0, description="Prompt + answer tokens per row. None = the model's maximum.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="GPU memory share for weights and KV cache (GPU only).")
+    kv_cache_gib: float | None = Field(
+        None, gt=0, description="KV cache size in GiB. None = from gpu_memory_utilization on "
+                                "GPU, 1 GiB on CPU (where that share is of one NUMA node).")
+    tensor_parallel_size: int = Field(1, gt=0)
+    max_num_seqs: int | None = Field(None, gt=0, description="Sequences per engine step.")
+    max_num_batched_tokens: int | None = Field(None, gt=0, description="Tokens per step.")
+    enable_prefix_caching: bool = Field(True, description="Reuse the shared prompt prefix.")
+    structured_outputs_backend: Literal["guidance", "xgrammar", "outlines", "auto"] = Field(
+        "guidance", description="Constrained decoding library. guidance by default: on labels "
+                                "that are prefixes of others, outlines stops at the shortest "
+                                "and xgrammar allows non-canonical tokenisations.")
+    enforce_eager: bool | None = Field(
+        None, description="Skip graph capture/compilation. None = on for CPU (start-up), off "
+                          "for GPU (CUDA graphs).")
+
+
 class BackendConfig(Section):
-    kind: Literal["hf"] = Field(
-        "hf", description="hf = merged *ForSequenceClassification folder via transformers.")
-    model: str = Field(description="Merged classifier folder (safetensors + tokenizer).")
-    max_length: int = Field(512, gt=0, description="Tokens per row; longer rows are truncated.")
+    kind: Literal["hf", "vllm_prompt", "vllm_pool"] = Field(
+        "hf", description="hf = merged *ForSequenceClassification folder via transformers; "
+                          "vllm_pool = the same folder via vLLM's pooling runner; vllm_prompt "
+                          "= a generative LLM, prompted, under constrained decoding.")
+    model: str = Field(description="Model folder (safetensors + tokenizer).")
+    max_length: int = Field(512, gt=0, description="Tokens of a row's text; longer rows are "
+                                                   "truncated and flagged.")
     micro_batch_size: int = Field(
-        32, gt=0, description="Rows per forward pass, length-sorted within each batch.")
+        32, gt=0, description="hf: rows per forward pass, length-sorted within each batch.")
     trust_remote_code: bool = Field(
         False, description="Run model code shipped in the model folder. Off unless you trust it.")
+    prompt: PromptConfig = Field(default_factory=PromptConfig,
+                                 description="vllm_prompt only: how the LLM is asked.")
+    engine: EngineConfig = Field(default_factory=EngineConfig,
+                                 description="vllm_prompt and vllm_pool: engine settings.")
 
 
 class ResourcesConfig(Section):
@@ -103,11 +166,22 @@ class OutputConfig(Section):
 class ClassifyConfig(Section):
     input: InputConfig
     labels: Labels = Field(
-        None, description="Label names in output order. None = the model's id2label.")
+        None, description="Label names in output order. None = the model's id2label "
+                          "(required for vllm_prompt, whose model has no label head).")
     backend: BackendConfig
     resources: ResourcesConfig = ResourcesConfig()
     output: OutputConfig
     storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _prompted_needs_labels(self) -> "ClassifyConfig":
+        if self.backend.kind == "vllm_prompt" and not self.labels:
+            raise ValueError("labels: vllm_prompt needs the label list (its model has no "
+                             "id2label to take them from)")
+        limit = self.backend.engine.max_model_len
+        if self.backend.kind == "vllm_pool" and limit and self.backend.max_length > limit:
+            raise ValueError("backend.max_length must not exceed backend.engine.max_model_len")
+        return self
 
 
 class TrainingConfig(Section):

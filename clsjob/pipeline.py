@@ -47,7 +47,8 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
     started = datetime.now(timezone.utc)
     # Everything that can be wrong with the model, labels or schema fails here, before Ray
     # schedules anything and before a row is read.
-    labels = backends.check_model(cfg.backend, LabelSet.from_specs(cfg.labels) if cfg.labels else None)
+    labels = backends.check_model(cfg.backend, LabelSet.from_specs(cfg.labels) if cfg.labels else None,
+                                  cfg.storage)
     shards, bad_files = usable_shards(cfg)
     # Everything below writes to the output folder: one run at a time.
     with RunLock(cfg.output.path, cfg.storage, cfg.output.stale_lock_after_s) as lock:
@@ -146,9 +147,7 @@ def label_shards(cfg: ClassifyConfig, labels: LabelSet, shards: list[io.ShardInf
                                    "storage": cfg.storage})
     ds = ds.map_batches(
         backends.actor_class(cfg.backend), batch_size=None, batch_format="pyarrow",
-        fn_constructor_kwargs={"backend": cfg.backend, "labels": labels,
-                               "text_column": cfg.input.text_column,
-                               "use_gpu": cfg.resources.gpus_per_actor > 0},
+        fn_constructor_kwargs=backends.actor_kwargs(cfg, labels),
         compute=ray.data.ActorPoolStrategy(size=cfg.resources.actors),
         num_gpus=cfg.resources.gpus_per_actor,
         num_cpus=cfg.resources.cpus_per_actor)
@@ -177,7 +176,9 @@ def output_columns(cfg: ClassifyConfig) -> list[str]:
     inp = cfg.input
     cols = [id_column(inp), inp.text_column if cfg.output.keep_text else None,
             GOLD if inp.label_column else None,
-            *inp.carry_columns, "label", "confidence", "probs", "truncated", "error"]
+            *inp.carry_columns, "label", "confidence", "probs", "truncated",
+            "reasoning" if cfg.backend.kind == "vllm_prompt" and cfg.backend.prompt.mode == "json"
+            else None, "error"]
     return list(dict.fromkeys(c for c in cols if c))
 
 

@@ -3,7 +3,6 @@ transformers. Decoder classifiers pool on the last non-pad token, so the pad tok
 known and padding must be on the right."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pyarrow as pa
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from clsjob.backends import ModelError
+from clsjob.backends import ModelError, check_model_files
 from clsjob.backends.rows import attach_probabilities, rows_to_classify
 from clsjob.config import BackendConfig
 from clsjob.labels import LabelSet, resolve_model_labels
@@ -21,16 +20,7 @@ def check_model_folder(backend: BackendConfig, configured: LabelSet | None) -> L
     """Cheap checks on the driver (config.json only): the folder is complete and its labels
     match the config. Returns the output label order."""
     folder = Path(backend.model)
-    if not folder.is_dir():
-        raise ModelError(f"backend.model: no model folder at {folder}")
-    missing = [f for f in ("config.json",) if not (folder / f).exists()]
-    if not any(folder.glob("*.safetensors")):
-        missing.append("*.safetensors (only safetensors weights are loaded)")
-    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-        missing.append("tokenizer.json")
-    if missing:
-        raise ModelError(f"backend.model: {folder} is incomplete, missing {missing}")
-    architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    architectures = check_model_files(backend).get("architectures") or []
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         raise ModelError(f"backend.model: {folder} is {architectures}, not a merged "
                          f"*ForSequenceClassification model (run `clsjob merge` first?)")

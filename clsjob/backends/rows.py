@@ -18,19 +18,40 @@ def attach_probabilities(table: pa.Table, todo: Sequence[int], probs: np.ndarray
                          labels: LabelSet, truncated: Sequence[bool]) -> pa.Table:
     """Add label / confidence / probs / truncated for rows `todo` (probs in label order);
     other rows keep their error and get nulls, so the chunk keeps every row it came with."""
+    best = probs.argmax(axis=1) if len(todo) else []
+    return attach_results(table, todo, labels, [int(k) for k in best], truncated, probs=probs)
+
+
+def attach_results(table: pa.Table, todo: Sequence[int], labels: LabelSet,
+                   answers: Sequence[int | None], truncated: Sequence[bool], *,
+                   probs: np.ndarray | None = None, errors: Sequence[str | None] | None = None,
+                   reasoning: Sequence[str | None] | None = None) -> pa.Table:
+    """Join one result per row of `todo` (label index, or None with an error) to the chunk.
+    `probs` fills probs and confidence; `reasoning` adds that column (json mode)."""
     n = table.num_rows
     label: list[str | None] = [None] * n
     confidence: list[float | None] = [None] * n
     row_probs: list[list[float] | None] = [None] * n
     row_truncated: list[bool | None] = [None] * n
-    best = probs.argmax(axis=1) if len(todo) else []
-    for row, p, k, cut in zip(todo, probs, best, truncated):
+    row_reasoning: list[str | None] = [None] * n
+    error = table.column("error").to_pylist()
+    for j, row in enumerate(todo):
+        row_truncated[row] = truncated[j]
+        if errors is not None and errors[j] is not None:
+            error[row] = errors[j]
+            continue
+        k = answers[j]
         label[row] = labels.names[k]
-        confidence[row] = float(p[k])
-        row_probs[row] = p.astype(np.float32).tolist()
-        row_truncated[row] = cut
-    return (table
-            .append_column("label", pa.array(label, pa.string()))
-            .append_column("confidence", pa.array(confidence, pa.float32()))
-            .append_column("probs", pa.array(row_probs, pa.list_(pa.float32())))
-            .append_column("truncated", pa.array(row_truncated, pa.bool_())))
+        if probs is not None:
+            confidence[row] = float(probs[j][k])
+            row_probs[row] = probs[j].astype(np.float32).tolist()
+        if reasoning is not None:
+            row_reasoning[row] = reasoning[j]
+    out = (table.drop_columns(["error"])
+           .append_column("label", pa.array(label, pa.string()))
+           .append_column("confidence", pa.array(confidence, pa.float32()))
+           .append_column("probs", pa.array(row_probs, pa.list_(pa.float32())))
+           .append_column("truncated", pa.array(row_truncated, pa.bool_())))
+    if reasoning is not None:
+        out = out.append_column("reasoning", pa.array(row_reasoning, pa.string()))
+    return out.append_column("error", pa.array(error, pa.string()))

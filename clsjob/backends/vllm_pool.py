@@ -1,0 +1,39 @@
+"""`vllm_pool` back end: the merged *ForSequenceClassification folder (what `hf` runs) served by
+vLLM's pooling runner, `LLM(model, runner="pooling").classify(...)`. vLLM packs rows of any
+length into its batches itself, so there is no padding and no micro-batching to tune."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from clsjob.backends.hf import encode_truncating
+from clsjob.backends.rows import attach_probabilities, rows_to_classify
+from clsjob.backends.vllm_engine import engine, engine_args, prepare_env
+from clsjob.config import BackendConfig
+from clsjob.labels import LabelSet, resolve_model_labels
+
+
+class VLLMPoolClassifier:
+    """Ray Data actor: one pooling engine; labels one prepared chunk per call."""
+
+    def __init__(self, backend: BackendConfig, labels: LabelSet, text_column: str, use_gpu: bool):
+        prepare_env(use_gpu)
+        self.backend, self.text_column = backend, text_column
+        self.llm = engine(engine_args(backend, use_gpu, "pooling"))
+        self.tokenizer = self.llm.get_tokenizer()
+        model_labels = LabelSet.from_id2label(self.llm.llm_engine.model_config.hf_config.id2label)
+        self.labels, self.columns = resolve_model_labels(labels, model_labels)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        from vllm.inputs import TokensPrompt
+
+        todo = rows_to_classify(table)
+        texts = table.column(self.text_column).to_pylist()
+        # The same tokens as the hf back end: the tokenizer's own truncation, flagged.
+        encoded, truncated = encode_truncating(self.tokenizer, [texts[i] for i in todo],
+                                               self.backend.max_length)
+        outputs = self.llm.classify([TokensPrompt(prompt_token_ids=ids) for ids in encoded],
+                                    use_tqdm=False) if encoded else []
+        probs = np.array([o.outputs.probs for o in outputs], dtype=np.float32).reshape(
+            len(encoded), -1)
+        return attach_probabilities(table, todo, probs[:, self.columns], self.labels, truncated)
