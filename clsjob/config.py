@@ -196,9 +196,24 @@ class TrainingConfig(Section):
     lora_r: int = Field(64, gt=0)
     lora_alpha: int = Field(64, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
+    quantization: Literal["nf4", "none"] = Field(
+        "nf4", description="lora only: the frozen base in 4-bit NF4 with double quantisation "
+                           "and bf16 compute (QLoRA); none = plain LoRA. Falls back to none, "
+                           "with a warning, where bitsandbytes cannot run.")
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in the backward pass: far less memory for "
+                          "about a third more compute (non-reentrant, so it works with LoRA "
+                          "and DDP).")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    class_weights: Literal["none", "balanced"] | dict[str, float] = Field(
+        "none", description="Loss weight per label for imbalanced data: balanced = "
+                            "rows / (labels x rows of the label), or an explicit mapping.")
     seed: int = 0
-    workers: int = Field(1, gt=0, description="Ray Train workers (one per GPU).")
+    workers: int = Field(1, gt=0, description="Ray Train workers (one per GPU), DDP.")
     use_gpu: bool = Field(False, description="Give each worker a GPU.")
+    max_failures: int = Field(
+        2, ge=0, description="Worker failures survived by restarting from the last checkpoint.")
 
 
 class FinetuneOutputConfig(Section):

@@ -8,12 +8,14 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+import ray.train.torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 from ray.train.torch import TorchTrainer
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
@@ -21,7 +23,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 from clsjob.config import FinetuneConfig, config_hash
 from clsjob.finetune.data import encode, read_labelled, settle_labels
 from clsjob.finetune.model import build_trainable, load_tokenizer
-from clsjob.labels import LabelSet
+from clsjob.labels import LabelError, LabelSet
 from clsjob.metrics import averaged, confusion_matrix, per_class_scores
 from clsjob.pipeline import ensure_ray
 
@@ -30,17 +32,25 @@ SUMMARY = "clsjob_finetune.json"
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
-    """Train on the cluster, copy the final checkpoint to `output.path`, return the summary."""
-    if Path(cfg.output.path).exists() and any(Path(cfg.output.path).iterdir()):
-        raise FileExistsError(f"output.path {cfg.output.path} is not empty; choose a new folder")
+    """Train on the cluster, copy the final checkpoint to `output.path`, return the summary.
+
+    Checkpoints go to `output.storage_path` under a run name fixed by the config: a worker
+    that dies restarts from the last one (up to `training.max_failures` times), and running
+    the same job again after the driver or cluster was lost resumes from it too."""
+    summary_path = Path(cfg.output.path) / SUMMARY
+    if summary_path.exists():
+        log.info("finetune: %s already holds the finished model; nothing to do", cfg.output.path)
+        return json.loads(summary_path.read_text())
     ensure_ray()
-    storage = cfg.output.storage_path or str(Path(cfg.output.path).absolute() / "ray")
+    storage_path, storage_fs = checkpoint_storage(cfg)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json")},
         scaling_config=ScalingConfig(num_workers=cfg.training.workers, use_gpu=cfg.training.use_gpu),
-        run_config=RunConfig(name=f"finetune-{config_hash(cfg)}", storage_path=storage,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        run_config=RunConfig(name=f"finetune-{config_hash(cfg)}", storage_path=storage_path,
+                             storage_filesystem=storage_fs,
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=cfg.training.max_failures)),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
@@ -49,6 +59,24 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             raise RuntimeError(f"training ended without a final model in {result.checkpoint.path}")
         shutil.copytree(final, cfg.output.path, dirs_exist_ok=True)
     return json.loads((Path(cfg.output.path) / SUMMARY).read_text())
+
+
+def checkpoint_storage(cfg: FinetuneConfig):
+    """Ray Train's storage path and filesystem: local, or S3 through the job's endpoint."""
+    path = cfg.output.storage_path or str(Path(cfg.output.path).absolute() / "ray")
+    if not path.startswith("s3://"):
+        return path, None
+    import pyarrow.fs
+
+    # Ray Train writes through pyarrow; the same endpoint and region as every other S3 access,
+    # credentials from the environment as always.
+    endpoint = urlsplit(cfg.storage.endpoint_url) if cfg.storage.endpoint_url else None
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=endpoint.netloc if endpoint else None,
+                                 scheme=endpoint.scheme if endpoint else "https",
+                                 region=cfg.storage.region or "us-east-1",
+                                 retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(
+                                     max_attempts=cfg.storage.max_attempts))
+    return path[len("s3://"):], fs
 
 
 def classification_metrics(eval_pred) -> dict:
@@ -65,6 +93,7 @@ def classification_metrics(eval_pred) -> dict:
 def training_arguments(cfg: FinetuneConfig, output_dir: str, has_eval: bool) -> TrainingArguments:
     t = cfg.training
     cuda = torch.cuda.is_available() and t.use_gpu
+    bf16 = cuda and torch.cuda.is_bf16_supported()
     return TrainingArguments(
         output_dir=output_dir,
         num_train_epochs=t.epochs,
@@ -74,7 +103,14 @@ def training_arguments(cfg: FinetuneConfig, output_dir: str, has_eval: bool) -> 
         weight_decay=t.weight_decay,
         warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         lr_scheduler_type="cosine",
-        max_grad_norm=1.0,
+        max_grad_norm=t.max_grad_norm,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_checkpointing=t.gradient_checkpointing,
+        # Non-reentrant checkpointing works with frozen (LoRA) bases and with DDP; every
+        # trainable parameter gets a gradient each step, so DDP's unused-parameter search
+        # (an extra pass, and an error with checkpointing) stays off.
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        ddp_find_unused_parameters=False,
         # Length-grouped batches waste far less compute on padding than random ones.
         train_sampling_strategy="group_by_length",
         eval_strategy="epoch" if has_eval else "no",
@@ -82,7 +118,8 @@ def training_arguments(cfg: FinetuneConfig, output_dir: str, has_eval: bool) -> 
         save_strategy="epoch",
         save_total_limit=1,
         logging_strategy="epoch",
-        bf16=cuda and torch.cuda.is_bf16_supported(),
+        bf16=bf16,
+        fp16=cuda and not bf16,  # GPUs before Ampere
         use_cpu=not cuda,
         seed=t.seed,
         report_to="none",
@@ -90,10 +127,56 @@ def training_arguments(cfg: FinetuneConfig, output_dir: str, has_eval: bool) -> 
     )
 
 
+class WeightedLossTrainer(Trainer):
+    """The HF Trainer with a per-label weight in the cross-entropy, for imbalanced data."""
+
+    def __init__(self, *args, label_weights: torch.Tensor, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.label_weights = label_weights
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        gold = inputs.pop("labels")
+        outputs = model(**inputs)
+        logits = outputs.logits.float()
+        loss = torch.nn.functional.cross_entropy(logits, gold, weight=self.label_weights.to(logits.device))
+        return (loss, outputs) if return_outputs else loss
+
+
+def label_weights(spec, labels: LabelSet, train_rows: list[dict]) -> torch.Tensor | None:
+    """None for plain cross-entropy, else one weight per label id."""
+    if spec == "none":
+        return None
+    if spec == "balanced":
+        counts = np.bincount([r["labels"] for r in train_rows], minlength=len(labels))
+        # rows / (labels x rows of the label); a label with no rows gets no weight to give.
+        return torch.tensor(np.where(counts > 0, len(train_rows) / (len(labels) * np.maximum(counts, 1)), 0.0),
+                            dtype=torch.float32)
+    unknown = sorted(set(spec) - set(labels.names))
+    if unknown:
+        raise LabelError(f"training.class_weights names labels not in the label set: {unknown}")
+    return torch.tensor([float(spec.get(name, 1.0)) for name in labels.names], dtype=torch.float32)
+
+
+def resume_point(checkpoint) -> tuple[str | None, bool]:
+    """(HF checkpoint folder to resume from, whether training already finished), from the
+    checkpoint Ray Train hands a restarted or rerun job."""
+    if checkpoint is None:
+        return None, False
+    folder = checkpoint.to_directory()  # a local copy, wherever the storage is
+    if (Path(folder) / "final").is_dir():
+        return folder, True
+    return str(Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME), False
+
+
 def train_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     cfg = FinetuneConfig.model_validate(config["cfg"])
     started = time.monotonic()
+    resume_from, finished = resume_point(ray.train.get_checkpoint())
+    if finished:  # the job was rerun after training ended: hand the final model over again
+        ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(resume_from)
+                         if ray.train.get_context().get_world_rank() == 0 else None)
+        return
     tokenizer = load_tokenizer(cfg.base_model)
     texts, golds = read_labelled(cfg.train, cfg.storage)
     labels = settle_labels(cfg.labels, golds)
@@ -102,16 +185,21 @@ def train_worker(config: dict) -> None:
     if cfg.eval:
         eval_rows = encode(tokenizer, *read_labelled(cfg.eval, cfg.storage), labels,
                            cfg.training.max_length)
-    model = build_trainable(cfg.base_model, labels, cfg.training, tokenizer)
+    device = str(ray.train.torch.get_device())
+    model = build_trainable(cfg.base_model, labels, cfg.training, tokenizer, device)
+    weights = label_weights(cfg.training.class_weights, labels, train_rows)
 
     with tempfile.TemporaryDirectory() as work:
-        trainer = Trainer(
-            model=model, args=training_arguments(cfg, work, bool(eval_rows)),
-            train_dataset=train_rows, eval_dataset=eval_rows or None,
-            data_collator=DataCollatorWithPadding(tokenizer),
-            compute_metrics=classification_metrics, callbacks=[RayTrainReportCallback()])
+        kwargs = dict(model=model, args=training_arguments(cfg, work, bool(eval_rows)),
+                      train_dataset=train_rows, eval_dataset=eval_rows or None,
+                      data_collator=DataCollatorWithPadding(tokenizer),
+                      compute_metrics=classification_metrics, callbacks=[RayTrainReportCallback()])
+        trainer = (WeightedLossTrainer(**kwargs, label_weights=weights) if weights is not None
+                   else Trainer(**kwargs))
         trainer = prepare_trainer(trainer)
-        train_out = trainer.train()
+        if resume_from:
+            log.info("finetune: resuming from %s", resume_from)
+        train_out = trainer.train(resume_from_checkpoint=resume_from)
         per_epoch = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
         final_eval = trainer.evaluate() if eval_rows else {}
 
@@ -119,14 +207,18 @@ def train_worker(config: dict) -> None:
     summary = {
         "base_model": cfg.base_model,
         "method": cfg.training.method,
+        "quantization": cfg.training.quantization if cfg.training.method == "lora" else None,
         "labels": list(labels.names),
+        "class_weights": weights.tolist() if weights is not None else None,
         "train_rows": len(train_rows),
         "eval_rows": len(eval_rows),
         "epochs": per_epoch,
         "final_eval": final_eval,
         "train_loss": train_out.training_loss,
+        "resumed_from_checkpoint": resume_from is not None,
         "wall_time_s": round(time.monotonic() - started, 2),
         "train_tokens_per_s": round(tokens / max(train_out.metrics["train_runtime"], 1e-9), 1),
+        "peak_memory_gib": peak_memory_gib(device),
         "workers": cfg.training.workers,
         "config": cfg.model_dump(mode="json"),
     }
@@ -141,3 +233,11 @@ def train_worker(config: dict) -> None:
             checkpoint = ray.train.Checkpoint.from_directory(out)
         ray.train.report({k: v for k, v in final_eval.items() if isinstance(v, (int, float))},
                          checkpoint=checkpoint)
+
+
+def peak_memory_gib(device: str) -> float:
+    """Peak memory of this worker: the GPU's allocator on CUDA, the process's RSS on CPU."""
+    if device.startswith("cuda"):
+        return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB -> GiB

@@ -79,9 +79,11 @@ def test_merged_folder_reproduces_the_adapter_model(trained, tmp_path):
     assert (got.argmax(1) == np.array([labels.id_of(WORDS[t.split()[0]]) for t in texts])).mean() >= 0.9
 
 
-def test_finetune_refuses_a_non_empty_output(trained):
-    root, base, _ = trained
+def test_rerun_of_a_finished_finetune_does_nothing(trained):
+    root, base, summary = trained
+    adapter = root / "adapter" / "adapter_model.safetensors"
+    before = adapter.stat().st_mtime_ns
     cfg = validate({"base_model": str(base), "train": {"path": str(root / "train"), "label_column": "label"},
                     "output": {"path": str(root / "adapter")}}, model=FinetuneConfig)
-    with pytest.raises(FileExistsError, match="is not empty"):
-        run_finetune(cfg)
+    assert run_finetune(cfg) == json.loads((root / "adapter" / SUMMARY).read_text())
+    assert adapter.stat().st_mtime_ns == before

@@ -1,0 +1,56 @@
+"""Pieces of the fine-tune that need neither Ray nor a model: loss weights, trainer settings."""
+import pytest
+import torch
+
+from clsjob.config import FinetuneConfig, validate
+from clsjob.finetune.train import label_weights, training_arguments
+from clsjob.labels import LabelError, LabelSet
+
+LABELS = LabelSet(("a", "b", "c"))
+
+
+def rows(*ids):
+    return [{"labels": i} for i in ids]
+
+
+def test_balanced_weights_follow_label_frequencies():
+    w = label_weights("balanced", LABELS, rows(0, 0, 0, 0, 0, 0, 1, 1, 2))
+    # rows / (labels x rows of the label): 9 / (3 x 6), 9 / (3 x 2), 9 / (3 x 1)
+    assert w.tolist() == pytest.approx([0.5, 1.5, 3.0])
+    assert label_weights("balanced", LABELS, rows(0, 1)).tolist() == pytest.approx([2 / 3, 2 / 3, 0.0])
+    assert label_weights("none", LABELS, rows(0)) is None
+
+
+def test_explicit_weights_default_to_one_and_unknown_labels_are_named():
+    assert label_weights({"c": 4.0}, LABELS, rows(0)).tolist() == [1.0, 1.0, 4.0]
+    with pytest.raises(LabelError, match=r"not in the label set: \['z'\]"):
+        label_weights({"z": 2.0}, LABELS, rows(0))
+
+
+def test_weighted_loss_is_the_weighted_cross_entropy():
+    from clsjob.finetune.train import WeightedLossTrainer
+
+    class Model(torch.nn.Module):
+        def forward(self, input_ids):
+            return type("Out", (), {"logits": input_ids.float()})()
+
+    trainer = WeightedLossTrainer.__new__(WeightedLossTrainer)  # compute_loss needs no setup
+    trainer.label_weights = torch.tensor([1.0, 3.0])
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    loss = trainer.compute_loss(Model(), {"input_ids": logits, "labels": torch.tensor([0, 1])})
+    per_row = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1]), reduction="none")
+    assert loss.item() == pytest.approx(((per_row * torch.tensor([1.0, 3.0])).sum() / 4.0).item())
+
+
+def test_trainer_settings_for_lora_under_ddp(tmp_path):
+    cfg = validate({"base_model": "m", "train": {"path": "t", "label_column": "y"},
+                    "training": {"gradient_accumulation_steps": 4, "max_grad_norm": 0.5},
+                    "output": {"path": "o"}}, model=FinetuneConfig)
+    args = training_arguments(cfg, str(tmp_path), has_eval=True)
+    assert cfg.training.quantization == "nf4" and cfg.training.lora_r == 64
+    assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert args.ddp_find_unused_parameters is False
+    assert (args.gradient_accumulation_steps, args.max_grad_norm) == (4, 0.5)
+    assert args.lr_scheduler_type == "cosine" and args.warmup_steps == 0.05
+    assert args.eval_strategy == "epoch" and args.save_strategy == "epoch"
+    assert not args.bf16 and not args.fp16  # CPU: fp32
