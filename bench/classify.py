@@ -125,11 +125,13 @@ def count_tokens(tokenizer, texts: list[str]) -> list[int]:
 
 
 def write_shards(texts: list[str], folder: Path) -> Path:
-    """The rows as SHARDS Parquet files, written once and read by every clsjob repeat."""
+    """The rows as up to SHARDS Parquet files, written once and read by every clsjob repeat."""
     folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.parquet"):  # a rerun with fewer rows must not read stale shards
+        old.unlink()
     per = -(-len(texts) // SHARDS)
-    for s in range(SHARDS):
-        pq.write_table(pa.table({"text": texts[s * per:(s + 1) * per]}),
+    for s, start in enumerate(range(0, len(texts), per)):
+        pq.write_table(pa.table({"text": pa.array(texts[start:start + per], pa.string())}),
                        folder / f"shard-{s:03d}.parquet")
     return folder
 
@@ -177,7 +179,10 @@ def classify_config(kind: str, folder: Path, shards: Path, out: Path):
     backend = {"kind": kind, "model": str(folder), "max_length": MAX_LENGTH,
                "micro_batch_size": BATCH}
     if kind == "vllm_pool":
-        backend["engine"] = {"max_model_len": MAX_LENGTH}
+        # An encoder keeps no KV cache, so there is no prefix to reuse; with clsjob's default
+        # (prefix caching on) vLLM 0.32 refuses the BERT folder at start-up: "AssertionError:
+        # HybridKVCacheCoordinator requires at least one cacheable group."
+        backend["engine"] = {"max_model_len": MAX_LENGTH, "enable_prefix_caching": False}
     return validate({
         "input": {"path": str(shards)},
         "backend": backend,
@@ -229,7 +234,10 @@ def probe_actor(kind: str, folder: Path, texts: list[str]) -> dict:
             compute=ray.data.ActorPoolStrategy(size=1), num_cpus=CPUS_PER_ACTOR)
         rows = ds.take_all()
     except Exception as err:  # noqa: BLE001 - the point is to report whatever it was
-        return {"ok": False, "error": f"{type(err).__name__}: {err}"}
+        # Ray wraps the actor's exception with its whole traceback; the last line is the cause.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        return {"ok": False, "error": lines[-1] if lines else type(err).__name__,
+                "traceback": str(err)}
     return {"ok": True, "torch_threads": rows[0]["torch_threads"], "omp_env": rows[0]["omp_env"],
             "probs": [list(r["probs"]) for r in rows]}
 
@@ -352,7 +360,8 @@ def main() -> None:
     probes = {kind: probe_actor(kind, folder, probe_rows) for kind in ("hf", "vllm_pool")
               if f"clsjob-{kind}" in wanted}
     for kind, probe in probes.items():
-        print(f"probe {kind}: " + json.dumps({k: v for k, v in probe.items() if k != "probs"}))
+        print(f"probe {kind}: " + json.dumps({k: v for k, v in probe.items()
+                                              if k not in ("probs", "traceback")}))
 
     runs = {}
     for name, texts in row_sets.items():

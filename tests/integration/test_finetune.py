@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from peft import PeftModel
@@ -77,6 +78,15 @@ def test_merged_folder_reproduces_the_adapter_model(trained, tmp_path):
     got = predict_probs(merged, merged_tok, texts, 512, 8, "cpu")  # no truncation, as above
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert (got.argmax(1) == np.array([labels.id_of(WORDS[t.split()[0]]) for t in texts])).mean() >= 0.9
+
+    # The same folder served by vLLM's pooling runner.
+    pytest.importorskip("vllm")
+    from clsjob.backends.vllm_pool import VLLMPoolClassifier
+    from clsjob.config import InputConfig
+    from clsjob.prepare import prepare_chunk
+    pool = VLLMPoolClassifier(BackendConfig(kind="vllm_pool", model=str(out)), labels, "text", False)
+    served = pool(prepare_chunk(pa.table({"text": texts}), "s", 0, InputConfig(path="x")))
+    np.testing.assert_allclose(np.array(served.column("probs").to_pylist()), want, atol=1e-4)
 
 
 def test_rerun_of_a_finished_finetune_does_nothing(trained):
