@@ -19,13 +19,14 @@ import pyarrow as pa
 import ray
 
 from clsjob import backends, io, resume
-from clsjob.duplicates import DuplicateIds, check_duplicate_ids
 from clsjob.config import ClassifyConfig, InputConfig, StorageConfig, config_hash
+from clsjob.duplicates import DuplicateIds, check_duplicate_ids
 from clsjob.io import InputError
 from clsjob.labels import LabelSet
 from clsjob.lock import RunLock, RunLocked
 from clsjob.metrics import Tally, tally
-from clsjob.prepare import CLEANED, GOLD, PART, PART_ROWS, SHARD, check_schema, id_column, needed_columns, prepare_chunk
+from clsjob.prepare import (CLEANED, GOLD, PART, PART_ROWS, SHARD, check_schema, id_column,
+                            needed_columns, prepare_chunk)
 from clsjob.report import write_evaluation
 
 log = logging.getLogger("clsjob")

@@ -30,7 +30,9 @@ def engine_args(backend: BackendConfig, use_gpu: bool, runner: str,
         "model": backend.model, "runner": runner,
         "dtype": e.dtype if e.dtype != "auto" else ("bfloat16" if use_gpu else "float32"),
         "tensor_parallel_size": e.tensor_parallel_size,
-        "enable_prefix_caching": e.enable_prefix_caching,
+        # A classifier's rows share no prompt prefix, and vLLM refuses prefix caching for
+        # encoder classifiers (BERT) outright; prompted rows share the whole prompt head.
+        "enable_prefix_caching": e.enable_prefix_caching and runner == "generate",
         "enforce_eager": e.enforce_eager if e.enforce_eager is not None else not use_gpu,
         "trust_remote_code": backend.trust_remote_code, "seed": backend.prompt.seed,
         "load_format": "safetensors",  # never unpickle .bin weights

@@ -132,12 +132,14 @@ def test_prompt_too_long_for_the_model_is_a_clear_error(lm_model):
         actor_for(cfg)
 
 
-def test_vllm_pool_matches_hf(qwen_model):
+@pytest.mark.parametrize("model_fixture", ["qwen_model", "bert_model"])
+def test_vllm_pool_matches_hf(model_fixture, request):
+    model = request.getfixturevalue(model_fixture)
     texts = sample_texts(25, seed=9) + ["the parcel never arrived " * 60]
     common = {"input": {"path": "unused"}, "output": {"path": "unused"}}
-    hf = actor_for(validate({**common, "backend": {"model": str(qwen_model), "max_length": 64}},
+    hf = actor_for(validate({**common, "backend": {"model": str(model), "max_length": 64}},
                             model=ClassifyConfig))
-    pool = actor_for(validate({**common, "backend": {"kind": "vllm_pool", "model": str(qwen_model),
+    pool = actor_for(validate({**common, "backend": {"kind": "vllm_pool", "model": str(model),
                                                      "max_length": 64,
                                                      "engine": {"max_model_len": 128}}},
                               model=ClassifyConfig))
