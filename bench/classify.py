@@ -41,7 +41,7 @@ MAX_LENGTH = 512
 BATCH = 32          # naive's batch_size, floor's and clsjob's micro-batch
 CPUS_PER_ACTOR = 2  # all cores of the reference machine; in-process variants get as many threads
 SHARDS = 8
-TARGETS = {  # (row set, variant) -> minimum throughput ratio against (naive | floor)
+TARGETS = {  # (row set, variant, reference) -> the least rows/s ratio variant / reference
     ("long", "clsjob-hf", "naive"): 2.0,
     ("short", "clsjob-hf", "naive"): 1.2,
     ("long", "clsjob-hf", "floor"): 0.8,
@@ -323,51 +323,34 @@ def environment() -> dict:
             "vllm": vllm_version, "clsjob_commit": commit}
 
 
-def main() -> None:
-    args = parse_args()
-    env = environment()  # load average before this script adds its own
-    wanted = args.variants.split(",")
-    sst2 = find_sst2()
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="clsjob-bench-")).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-
-    import logging
-
-    import ray
-    import torch
-    from transformers import AutoTokenizer
-
-    # The clsjob actor is given CPUS_PER_ACTOR CPUs; the in-process variants get as many
-    # threads, so every variant computes on the same cores.
-    torch.set_num_threads(CPUS_PER_ACTOR)
-    logging.basicConfig(level=logging.WARNING)
-
-    folder = build_classifier(workdir)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+def make_row_sets(sst2: Path, tokenizer, args) -> dict[str, list[str]]:
     sentences = pq.read_table(sst2, columns=["text"]).column("text").to_pylist()
-    row_sets = {"short": short_rows(sentences, args.short_rows),
-                "long": long_rows(sentences, tokenizer, args.long_rows, args.seed)}
-    lengths = {name: count_tokens(tokenizer, texts) for name, texts in row_sets.items()}
-    rows = {name: len(texts) for name, texts in row_sets.items()}
-    tokens = {name: sum(ls) for name, ls in lengths.items()}
+    return {"short": short_rows(sentences, args.short_rows),
+            "long": long_rows(sentences, tokenizer, args.long_rows, args.seed)}
 
-    # A cluster of our own (address="local": never join a `ray start` cluster that happens to
-    # run here) with more logical CPUs than cores: the reader and writer tasks need slots
-    # beyond the actor's CPUS_PER_ACTOR.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    probe_rows = row_sets["short"][:4]
-    probes = {kind: probe_actor(kind, folder, probe_rows) for kind in ("hf", "vllm_pool")
+
+def run_probes(folder: Path, texts: list[str], wanted: list[str]) -> dict:
+    probes = {kind: probe_actor(kind, folder, texts) for kind in ("hf", "vllm_pool")
               if f"clsjob-{kind}" in wanted}
     for kind, probe in probes.items():
-        print(f"probe {kind}: " + json.dumps({k: v for k, v in probe.items()
-                                              if k not in ("probs", "traceback")}))
+        print(f"actor probe {kind}: " + json.dumps({k: v for k, v in probe.items()
+                                                    if k not in ("probs", "traceback")}))
+    if all(probes.get(k, {}).get("ok") for k in ("hf", "vllm_pool")):
+        # Both back ends must compute the same thing, or their speeds are not comparable.
+        diff = max(abs(a - b) for ra, rb in zip(probes["hf"]["probs"], probes["vllm_pool"]["probs"])
+                   for a, b in zip(ra, rb))
+        probes["max_abs_prob_diff_hf_vs_vllm_pool"] = diff
+        print(f"actor probe: hf and vllm_pool probabilities differ by at most {diff:.2e}")
+    return probes
 
+
+def build_runs(folder: Path, row_sets: dict, workdir: Path, wanted: list[str], probes: dict) -> dict:
+    """(row set, variant) -> a callable labelling that row set once, set up ahead of the clock."""
+    outputs = workdir / "out"
+    outputs.mkdir(exist_ok=True)
     runs = {}
     for name, texts in row_sets.items():
         shards = write_shards(texts, workdir / "rows" / name)
-        outputs = workdir / "out"
-        outputs.mkdir(exist_ok=True)
         makers = {"naive": lambda: naive_variant(folder, texts),
                   "floor": lambda: floor_variant(folder, texts),
                   "clsjob-hf": lambda: clsjob_variant("hf", folder, shards, outputs, len(texts)),
@@ -377,27 +360,83 @@ def main() -> None:
             if variant not in wanted:
                 continue
             if variant == "clsjob-vllm_pool" and not probes["vllm_pool"]["ok"]:
-                print(f"skipping {variant}: {probes['vllm_pool']['error']}")
+                print(f"skipping {name} {variant}: {probes['vllm_pool']['error']}")
                 continue
             runs[(name, variant)] = make()
-    results = time_round_robin(runs, args.repeats)
-    ray.shutdown()
+    return runs
 
-    table = summarise(results, rows, tokens)
-    print()
-    print(markdown(table))
-    print()
-    print("environment: " + json.dumps(env))
-    report = {"environment": env, "args": vars(args), "model": "all-MiniLM-L6-v2 + random 2-label head",
-              "max_length": MAX_LENGTH, "batch": BATCH, "cpus_per_actor": CPUS_PER_ACTOR,
-              "row_sets": {n: {"rows": rows[n], "tokens": tokens[n],
-                               "tokens_min": min(lengths[n]), "tokens_max": max(lengths[n])}
-                           for n in row_sets},
+
+def main() -> None:
+    args = parse_args()
+    env = environment()  # load average before this script adds its own
+    wanted = args.variants.split(",")
+    sst2 = find_sst2()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="clsjob-bench-")).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        benchmark(args, env, wanted, sst2, workdir)
+    finally:
+        if not args.workdir:  # ours alone: the model copy and shards are ~100 MB
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def benchmark(args, env: dict, wanted: list[str], sst2: Path, workdir: Path) -> None:
+    import logging
+
+    import ray
+    import torch
+    from transformers import AutoTokenizer
+
+    # The clsjob actor is given CPUS_PER_ACTOR CPUs (and Ray sets its OMP_NUM_THREADS to
+    # that); the in-process variants get as many threads, so all compute on the same cores.
+    env["torch_default_threads"] = torch.get_num_threads()
+    torch.set_num_threads(CPUS_PER_ACTOR)
+    logging.basicConfig(level=logging.WARNING)
+
+    folder = build_classifier(workdir)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    row_sets = make_row_sets(sst2, tokenizer, args)
+    lengths = {name: count_tokens(tokenizer, texts) for name, texts in row_sets.items()}
+
+    # A cluster of our own (address="local": never join a `ray start` cluster that happens to
+    # run here) with more logical CPUs than cores: the reader and writer tasks need slots
+    # beyond the actor's CPUS_PER_ACTOR.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    probes = run_probes(folder, row_sets["long"][:4] + row_sets["short"][:4], wanted)
+    results = time_round_robin(build_runs(folder, row_sets, workdir, wanted, probes), args.repeats)
+    ray.shutdown()
+    env["load_avg_at_end"] = os.getloadavg()
+
+    table = summarise(results, {n: len(t) for n, t in row_sets.items()},
+                      {n: sum(ls) for n, ls in lengths.items()})
+    report = {"environment": env, "args": vars(args),
+              "model": "all-MiniLM-L6-v2 + random 2-label head", "max_length": MAX_LENGTH,
+              "batch": BATCH, "cpus_per_actor": CPUS_PER_ACTOR,
+              "row_sets": {n: {"rows": len(ls), "tokens": sum(ls), "tokens_min": min(ls),
+                               "tokens_max": max(ls)} for n, ls in lengths.items()},
               "actor_probes": probes, "results": table}
+    print_report(report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
+
+
+def print_report(report: dict) -> None:
+    print()
+    print(markdown(report["results"]))
+    print()
+    for name, info in report["row_sets"].items():
+        print(f"- {name}: {info['rows']} rows, {info['tokens']} tokens "
+              f"({info['tokens_min']}-{info['tokens_max']} per row, special tokens included)")
+    threads = {f"{r['set']}/{r['variant']}": r["torch_threads"] for r in report["results"]
+               if "torch_threads" in r}
+    actors = {k: v.get("torch_threads") for k, v in report["actor_probes"].items()
+              if isinstance(v, dict)}
+    print(f"- torch threads: in-process {threads}; in the clsjob actor {actors}")
+    for key, value in report["environment"].items():
+        print(f"- {key}: {value}")
 
 
 if __name__ == "__main__":

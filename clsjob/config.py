@@ -212,8 +212,14 @@ class TrainingConfig(Section):
     seed: int = 0
     workers: int = Field(1, gt=0, description="Ray Train workers (one per GPU), DDP.")
     use_gpu: bool = Field(False, description="Give each worker a GPU.")
+    cpus_per_worker: float = Field(
+        1, gt=0, description="CPUs per worker (torch threads follow): data loading on GPU "
+                             "nodes, the whole compute on CPU.")
     max_failures: int = Field(
         2, ge=0, description="Worker failures survived by restarting from the last checkpoint.")
+    keep_best: bool = Field(
+        True, description="With eval rows: the final model is the epoch with the best eval "
+                          "accuracy, not merely the last one.")
 
 
 class FinetuneOutputConfig(Section):

@@ -46,7 +46,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json")},
-        scaling_config=ScalingConfig(num_workers=cfg.training.workers, use_gpu=cfg.training.use_gpu),
+        scaling_config=ScalingConfig(num_workers=cfg.training.workers, use_gpu=cfg.training.use_gpu,
+                                     resources_per_worker={"CPU": cfg.training.cpus_per_worker}),
         run_config=RunConfig(name=f"finetune-{config_hash(cfg)}", storage_path=storage_path,
                              storage_filesystem=storage_fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -117,6 +118,8 @@ def training_arguments(cfg: FinetuneConfig, output_dir: str, has_eval: bool) -> 
         # Checkpoint every epoch: the callback hands each one to Ray Train (resume point).
         save_strategy="epoch",
         save_total_limit=1,
+        load_best_model_at_end=has_eval and t.keep_best,
+        metric_for_best_model="accuracy" if has_eval else None,
         logging_strategy="epoch",
         bf16=bf16,
         fp16=cuda and not bf16,  # GPUs before Ampere
