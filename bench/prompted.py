@@ -25,6 +25,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -53,10 +54,14 @@ def load_sst2(rows: int) -> tuple[pa.Table, pa.Table]:
     if not DATA.exists():
         sys.exit(f"bench/prompted.py: SST-2 not found at {DATA} (expected <repo>/../shared/data)")
     table = pq.read_table(DATA, columns=["text", "label", "split"])
-    split = table.column("split").to_pylist()
-    pick = lambda name: table.take([i for i, s in enumerate(split) if s == name])  # noqa: E731
-    measured = pa.concat_tables([pick("dev"), pick("test")]).slice(0, rows)
-    return measured.drop_columns(["split"]), pick("train").drop_columns(["split"])
+    dev, test, train = (split_of(table, name) for name in ("dev", "test", "train"))
+    return pa.concat_tables([dev, test]).slice(0, rows), train
+
+
+def split_of(table: pa.Table, name: str) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return table.filter(pc.equal(table.column("split"), name)).drop_columns(["split"])
 
 
 def build_model(folder: Path, corpus: list[str]) -> Path:
@@ -171,36 +176,47 @@ def time_actor(actor, chunks: list[pa.Table], warm: pa.Table) -> tuple[float, pa
     return time.perf_counter() - start, out
 
 
+ACTOR_VARIANTS = [("choice", LABELS, "choice"), ("json", LABELS, "json"), ("score", LABELS, "score"),
+                  ("choice-5", FIVE, "choice"), ("score-5", FIVE, "score")]
+
+
 def bench_actor_modes(model: Path, rows: pa.Table, warm: pa.Table, log) -> dict:
     """(a) Every mode through the actor class; all share one engine (same engine args)."""
-    chunks, n, out = prepared_chunks(rows), rows.num_rows, {}
-    for name, labels, mode in [("choice", LABELS, "choice"), ("json", LABELS, "json"),
-                               ("score", LABELS, "score"), ("choice-5", FIVE, "choice"),
-                               ("score-5", FIVE, "score")]:
+    chunks, out = prepared_chunks(rows), {}
+    for name, labels, mode in ACTOR_VARIANTS:
         actor = make_actor(classify_config(model, labels, mode))
         seconds, table = time_actor(actor, chunks, warm)
-        entry = {"result": result(f"actor {name}", n, seconds), "labels": table.column("label").to_pylist(),
-                 "errors": sum(e is not None for e in table.column("error").to_pylist())}
-        if mode == "score":
-            entry["first_token_scoring"] = actor.first_token_scoring
-            entry["probs"] = np.array(table.column("probs").to_pylist(), dtype=np.float64)
-            entry["result"]["notes"] = ("first-token path (logprob_token_ids)" if actor.first_token_scoring
-                                        else f"whole-label trie path ({len(actor.nodes)} nodes)")
-        if name == "choice":  # what the floor replays: the very same tokens and params
-            entry["prompts"] = actor_prompts(actor, rows.column("text").to_pylist())
-            entry["warm_prompts"] = actor_prompts(actor, warm.column("text").to_pylist())
-            entry["params"] = actor.params
-        if name == "score":  # what the pooling route replays
-            entry["prompts"] = actor_prompts(actor, rows.column("text").to_pylist())
-            entry["warm_prompts"] = actor_prompts(actor, warm.column("text").to_pylist())
-            entry["first_tokens"] = actor.tokenizer.convert_ids_to_tokens(
-                [ids[0] for ids in actor.label_ids])
-        log(f"{entry['result']['variant']}: {entry['result']['rows_per_s']} rows/s "
-            f"{entry['result'].get('notes', '')}")
-        out[name] = entry
+        out[name] = describe_actor_run(actor, name, rows, warm, seconds, table)
+        log(f"{out[name]['result']['variant']}: {out[name]['result']['rows_per_s']} rows/s "
+            f"{out[name]['result'].get('notes', '')}")
         del actor
     free_engines()
     return out
+
+
+def describe_actor_run(actor, name: str, rows: pa.Table, warm: pa.Table, seconds: float,
+                       table: pa.Table) -> dict:
+    prompts = actor_prompts(actor, rows.column("text").to_pylist())
+    entry = {"result": result(f"actor {name}", rows.num_rows, seconds),
+             "labels": table.column("label").to_pylist(),
+             "errors": sum(e is not None for e in table.column("error").to_pylist()),
+             "prompt_tokens": float(np.mean([len(p) for p in prompts])),
+             # vLLM caches whole KV blocks only (128 tokens by default on CPU): a prompt
+             # shorter than a block shares nothing cached with its own label-trie requests.
+             "block_size": actor.llm.llm_engine.vllm_config.cache_config.block_size}
+    if actor.prompt.mode == "score":
+        entry["first_token_scoring"] = actor.first_token_scoring
+        entry["probs"] = np.array(table.column("probs").to_pylist(), dtype=np.float64)
+        entry["result"]["notes"] = ("first-token path (logprob_token_ids)" if actor.first_token_scoring
+                                    else f"whole-label trie path ({len(actor.nodes)} nodes)")
+    if name in ("choice", "score"):  # what the floor / the pooling route replay: the same tokens
+        entry["prompts"] = prompts
+        entry["warm_prompts"] = actor_prompts(actor, warm.column("text").to_pylist())
+    if name == "choice":
+        entry["params"] = actor.params
+    if name == "score":
+        entry["first_tokens"] = actor.tokenizer.convert_ids_to_tokens([ids[0] for ids in actor.label_ids])
+    return entry
 
 
 def bench_floor(model: Path, choice: dict, log) -> dict:
@@ -348,7 +364,10 @@ def bench_peer(model: Path, shards: Path, n: int, max_tokens: int, log) -> dict:
         preprocess=lambda row: {"messages": [{"role": "user", "content": head + row["text"] + tail}],
                                 "sampling_params": sampling, "row": row["row"]},
         postprocess=lambda row: {"row": row["row"], "answer": row["generated_text"]})
-    table = pa.Table.from_pylist(processor(ray.data.read_parquet(str(shards))).take_all())
+    # The shards are read here, not by read tasks: the peer's four stage actors take all four
+    # logical CPUs, so a Parquet read task would never be scheduled (a deadlock, seen here).
+    blocks = [pq.read_table(p) for p in sorted(shards.glob("*.parquet"))]
+    table = pa.Table.from_pylist(processor(ray.data.from_arrow(blocks)).take_all())
     seconds = time.perf_counter() - start
     assert table.num_rows == n, table.num_rows
     log(f"peer ray.data.llm: {n / seconds:.2f} rows/s")
@@ -435,7 +454,14 @@ def assemble(actor: dict, floor: dict, prefix: dict, pool: dict, ours: dict, pee
     notes = [f"score (2 labels) ran the {'first-token' if actor['score']['first_token_scoring'] else 'whole-label'} "
              f"path; score-5 ran the {'first-token' if actor['score-5']['first_token_scoring'] else 'whole-label'} path",
              f"pooling vs score: max abs difference of label probabilities {pool['max_abs_diff']:.2e}",
-             f"actor rows with an error: " + ", ".join(f"{k} {v['errors']}" for k, v in actor.items())]
+             f"mean prompt {actor['choice']['prompt_tokens']:.0f} tokens (5 labels: "
+             f"{actor['choice-5']['prompt_tokens']:.0f}); KV cache block {actor['choice']['block_size']} tokens",
+             "actor rows with an error: " + ", ".join(f"{k} {v['errors']}" for k, v in actor.items())]
+    # Random weights tend to give one label for every row: then agreement says little.
+    notes += [f"labels predicted by {name}: {dict(Counter(labels))}" for name, labels in [
+        ("actor choice", choice), ("actor score", actor["score"]["labels"]),
+        ("actor choice-5", actor["choice-5"]["labels"]), ("actor score-5", actor["score-5"]["labels"]),
+        ("peer", peer["labels"]), ("8-shot cache on", prefix["on"]["labels"])]]
     return {"results": results, "agreement": agree, "notes": notes}
 
 
@@ -476,10 +502,12 @@ def main() -> None:
     # slot next to the engine actor, and with 2 the engine would never be scheduled.
     ray.init(num_cpus=4)
     ray.data.DataContext.get_current().enable_progress_bars = False  # keeps the log readable
-    shards = write_shards(rows, work / "input")
-    ours = bench_ours(model, shards, work / "out-ours", rows.num_rows, log)
-    peer = bench_peer(model, shards, rows.num_rows, actor["choice"]["params"].max_tokens, log)
-    ray.shutdown()
+    try:
+        shards = write_shards(rows, work / "input")
+        ours = bench_ours(model, shards, work / "out-ours", rows.num_rows, log)
+        peer = bench_peer(model, shards, rows.num_rows, actor["choice"]["params"].max_tokens, log)
+    finally:
+        ray.shutdown()  # also on failure: stage actors outlive a driver that dies without it
 
     report = {"environment": env, "settings": {"rows": rows.num_rows, "batch_size": BATCH,
                                                "shards": SHARDS, "warmup_rows": WARMUP_ROWS,

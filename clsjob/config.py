@@ -116,6 +116,10 @@ class EngineConfig(Section):
     max_num_seqs: int | None = Field(None, gt=0, description="Sequences per engine step.")
     max_num_batched_tokens: int | None = Field(None, gt=0, description="Tokens per step.")
     enable_prefix_caching: bool = Field(True, description="Reuse the shared prompt prefix.")
+    block_size: int | None = Field(
+        None, gt=0, description="KV cache block (tokens): the prefix cache reuses whole blocks "
+                                "only. None = vLLM's default, except 32 for prompted engines on "
+                                "CPU, whose default of 128 caches nothing of a shorter prompt.")
     structured_outputs_backend: Literal["guidance", "xgrammar", "outlines", "auto"] = Field(
         "guidance", description="Constrained decoding library. guidance by default: on labels "
                                 "that are prefixes of others, outlines stops at the shortest "
