@@ -97,21 +97,29 @@ def start_head(log_dir: Path, num_cpus: int) -> RayHead:
     return head
 
 
-def start_worker(head: RayHead, log_path: Path, num_cpus: int) -> subprocess.Popen:
-    """Join a worker node to `head`; returns once the cluster counts its CPUs."""
+def start_worker(head: RayHead, log_path: Path, num_cpus: int, tries: int = 3) -> subprocess.Popen:
+    """Join a worker node to `head`; returns once the cluster counts its CPUs. A node gives
+    up when the GCS has not seen it register within 30 s (fixed in Ray 2.60), which a loaded
+    machine can exceed: such a start is tried again."""
     before = cluster_cpus(head)
-    cmd = [str(RAY), "start", "--block", "--disable-usage-stats", f"--address={head.gcs_address}",
-           f"--num-cpus={num_cpus}", *node_ports()]
-    proc = start_node(cmd, head.env, log_path)
-    head.workers.append(proc)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while cluster_cpus(head) < before + num_cpus:
-        if proc.poll() is not None:
+    for attempt in range(1, tries + 1):
+        cmd = [str(RAY), "start", "--block", "--disable-usage-stats",
+               f"--address={head.gcs_address}", f"--num-cpus={num_cpus}", *node_ports()]
+        proc = start_node(cmd, head.env, log_path)
+        head.workers.append(proc)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while cluster_cpus(head) < before + num_cpus:
+            if proc.poll() is not None:
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"worker node not up after {START_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        else:
+            return proc
+        if attempt == tries:
             pytest.fail(f"worker node exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"worker node not up after {START_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.5)
-    return proc
+        kill_session(proc.pid)
+    raise AssertionError("unreachable")
 
 
 def cluster_cpus(head: RayHead) -> float:

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
+import ray
 import torch
 from peft import PeftModel
 
@@ -79,14 +80,22 @@ def test_merged_folder_reproduces_the_adapter_model(trained, tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert (got.argmax(1) == np.array([labels.id_of(WORDS[t.split()[0]]) for t in texts])).mean() >= 0.9
 
-    # The same folder served by vLLM's pooling runner.
+    # The same folder served by vLLM's pooling runner, in a Ray worker: this test process has
+    # loaded Flask (moto's server), which vLLM's CPU start-up trips over (see the Makefile).
     pytest.importorskip("vllm")
+    served = ray.get(serve_with_vllm_pool.remote(str(out), labels, texts))
+    np.testing.assert_allclose(np.array(served), want, atol=1e-4)
+
+
+@ray.remote(num_cpus=1)
+def serve_with_vllm_pool(model: str, labels: LabelSet, texts: list[str]) -> list:
     from clsjob.backends.vllm_pool import VLLMPoolClassifier
     from clsjob.config import InputConfig
     from clsjob.prepare import prepare_chunk
-    pool = VLLMPoolClassifier(BackendConfig(kind="vllm_pool", model=str(out)), labels, "text", False)
-    served = pool(prepare_chunk(pa.table({"text": texts}), "s", 0, InputConfig(path="x")))
-    np.testing.assert_allclose(np.array(served.column("probs").to_pylist()), want, atol=1e-4)
+
+    pool = VLLMPoolClassifier(BackendConfig(kind="vllm_pool", model=model), labels, "text", False)
+    out = pool(prepare_chunk(pa.table({"text": texts}), "s", 0, InputConfig(path="x")))
+    return out.column("probs").to_pylist()
 
 
 def test_rerun_of_a_finished_finetune_does_nothing(trained):

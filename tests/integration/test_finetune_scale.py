@@ -84,7 +84,10 @@ def s3(monkeypatch):
 def test_qlora_on_two_workers_survives_a_killed_worker_with_s3_checkpoints(data, s3, ray_cluster, tmp_path):
     root, base = data
     endpoint, client = s3
-    cfg = finetune_config(root, base, tmp_path / "adapter", quantization="nf4", max_failures=2)
+    # 5 epochs: the kill at the first checkpoint must come well before training ends, even
+    # on a loaded machine.
+    cfg = finetune_config(root, base, tmp_path / "adapter", quantization="nf4", max_failures=2,
+                          epochs=5)
     cfg["output"]["storage_path"] = f"s3://{BUCKET}/runs"
     cfg["storage"] = {"endpoint_url": endpoint}
     cfg = validate(cfg, model=FinetuneConfig)
@@ -144,7 +147,7 @@ def test_rerun_after_a_killed_driver_resumes_from_the_checkpoint(data, ray_clust
         driver.wait()
     assert not (out / SUMMARY).exists()
     # The killed driver's job takes its training workers with it.
-    wait_until("the old workers to exit", lambda: not train_workers(), timeout=60)
+    wait_until("the old workers to exit", lambda: not train_workers(), timeout=240)
 
     cfg = validate(yaml.safe_load(config.read_text()), model=FinetuneConfig)
     summary = run_finetune(cfg)
