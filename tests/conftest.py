@@ -33,6 +33,24 @@ def ray_cluster():
     ray.shutdown()
 
 
+def cluster_processes(title: str) -> list:
+    """Worker processes of this session's Ray cluster (children of its raylet) whose title
+    holds `title`: a fault test must never pick a process of another Ray on the machine."""
+    import psutil
+    from ray._private import ray_constants
+    from ray._private.worker import _global_node
+
+    raylet = _global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    found = []
+    for proc in psutil.Process(raylet).children():
+        try:
+            if proc.cmdline() and proc.cmdline()[0].startswith("ray::") and title in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
 @pytest.fixture(scope="session")
 def qwen_model(tmp_path_factory) -> Path:
     return build_qwen2_classifier(tmp_path_factory.mktemp("qwen2-cls"), LABELS)

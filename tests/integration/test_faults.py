@@ -10,18 +10,13 @@ import psutil
 
 from clsjob.config import ClassifyConfig, validate
 from clsjob.pipeline import run_classify
-from conftest import sample_texts, write_shards
+from conftest import cluster_processes, sample_texts, write_shards
 
 SHARDS, ROWS = 6, 200
 
 
 def classifier_processes() -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        title = " ".join(proc.info["cmdline"] or [])
-        if title.startswith("ray::") and "HFClassifier" in title:
-            found.append(proc)
-    return found
+    return cluster_processes("HFClassifier")
 
 
 def kill_first_classifier(stop: threading.Event, killed: list) -> None:

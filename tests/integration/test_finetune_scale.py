@@ -16,7 +16,7 @@ import yaml
 
 from clsjob.config import FinetuneConfig, validate
 from clsjob.finetune.train import SUMMARY, run_finetune
-from conftest import REPO, TEST_AWS_ENV, write_shards
+from conftest import REPO, TEST_AWS_ENV, cluster_processes, write_shards
 from test_finetune import task_rows
 from tiny_models import build_qwen2_classifier
 
@@ -46,12 +46,7 @@ def finetune_config(root, base, out, **training) -> dict:
 
 
 def train_workers() -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        title = " ".join(proc.info["cmdline"] or [])
-        if title.startswith("ray::") and "RayTrainWorker" in title:
-            found.append(proc)
-    return found
+    return cluster_processes("RayTrainWorker")
 
 
 def resume_point_recorded(snapshot: bytes) -> bool:
