@@ -18,7 +18,7 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import ConfigDict, Field, ValidationError, create_model
+from pydantic import ConfigDict, Field, create_model
 
 from clsjob import io
 from clsjob.backends import ModelError, check_model_files

@@ -160,12 +160,17 @@ def label_weights(spec, labels: LabelSet, train_rows: list[dict]) -> torch.Tenso
     return torch.tensor([float(spec.get(name, 1.0)) for name in labels.names], dtype=torch.float32)
 
 
-def resume_point(checkpoint) -> tuple[str | None, bool]:
+def resume_point(checkpoint, into: str) -> tuple[str | None, bool]:
     """(HF checkpoint folder to resume from, whether training already finished), from the
-    checkpoint Ray Train hands a restarted or rerun job."""
+    checkpoint Ray Train hands a restarted or rerun job, copied into the folder `into`.
+
+    Each worker needs a copy of its own: Ray's default `to_directory()` shares one folder per
+    checkpoint between the workers of a node, and a worker that takes the download lock after
+    another finished downloads again over the files the other is already loading (seen as
+    safetensors' "header too small" after a restart)."""
     if checkpoint is None:
         return None, False
-    folder = checkpoint.to_directory()  # a local copy, wherever the storage is
+    folder = checkpoint.to_directory(into)
     if (Path(folder) / "final").is_dir():
         return folder, True
     return str(Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME), False
@@ -173,9 +178,14 @@ def resume_point(checkpoint) -> tuple[str | None, bool]:
 
 def train_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
-    cfg = FinetuneConfig.model_validate(config["cfg"])
+    with tempfile.TemporaryDirectory(prefix="clsjob-finetune-") as work:
+        train_in(FinetuneConfig.model_validate(config["cfg"]), Path(work))
+
+
+def train_in(cfg: FinetuneConfig, work: Path) -> None:
+    """One worker's training, with `work` as its scratch space (resume copy, HF checkpoints)."""
     started = time.monotonic()
-    resume_from, finished = resume_point(ray.train.get_checkpoint())
+    resume_from, finished = resume_point(ray.train.get_checkpoint(), str(work / "resume"))
     if finished:  # the job was rerun after training ended: hand the final model over again
         ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(resume_from)
                          if ray.train.get_context().get_world_rank() == 0 else None)
@@ -192,19 +202,18 @@ def train_worker(config: dict) -> None:
     model = build_trainable(cfg.base_model, labels, cfg.training, tokenizer, device)
     weights = label_weights(cfg.training.class_weights, labels, train_rows)
 
-    with tempfile.TemporaryDirectory() as work:
-        kwargs = dict(model=model, args=training_arguments(cfg, work, bool(eval_rows)),
-                      train_dataset=train_rows, eval_dataset=eval_rows or None,
-                      data_collator=DataCollatorWithPadding(tokenizer),
-                      compute_metrics=classification_metrics, callbacks=[RayTrainReportCallback()])
-        trainer = (WeightedLossTrainer(**kwargs, label_weights=weights) if weights is not None
-                   else Trainer(**kwargs))
-        trainer = prepare_trainer(trainer)
-        if resume_from:
-            log.info("finetune: resuming from %s", resume_from)
-        train_out = trainer.train(resume_from_checkpoint=resume_from)
-        per_epoch = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
-        final_eval = trainer.evaluate() if eval_rows else {}
+    kwargs = dict(model=model, args=training_arguments(cfg, str(work / "hf"), bool(eval_rows)),
+                  train_dataset=train_rows, eval_dataset=eval_rows or None,
+                  data_collator=DataCollatorWithPadding(tokenizer),
+                  compute_metrics=classification_metrics, callbacks=[RayTrainReportCallback()])
+    trainer = (WeightedLossTrainer(**kwargs, label_weights=weights) if weights is not None
+               else Trainer(**kwargs))
+    trainer = prepare_trainer(trainer)
+    if resume_from:
+        log.info("finetune: resuming from %s", resume_from)
+    train_out = trainer.train(resume_from_checkpoint=resume_from)
+    per_epoch = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    final_eval = trainer.evaluate() if eval_rows else {}
 
     tokens = sum(len(r["input_ids"]) for r in train_rows) * cfg.training.epochs
     summary = {
@@ -226,16 +235,16 @@ def train_worker(config: dict) -> None:
         "config": cfg.model_dump(mode="json"),
     }
     # Every worker must report; only rank 0 attaches the final model.
-    with tempfile.TemporaryDirectory() as out:
-        checkpoint = None
-        if ray.train.get_context().get_world_rank() == 0:
-            final = Path(out) / "final"
-            trainer.save_model(str(final))
-            tokenizer.save_pretrained(final)
-            (final / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
-            checkpoint = ray.train.Checkpoint.from_directory(out)
-        ray.train.report({k: v for k, v in final_eval.items() if isinstance(v, (int, float))},
-                         checkpoint=checkpoint)
+    checkpoint = None
+    if ray.train.get_context().get_world_rank() == 0:
+        out = work / "out"
+        final = out / "final"
+        trainer.save_model(str(final))
+        tokenizer.save_pretrained(final)
+        (final / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
+        checkpoint = ray.train.Checkpoint.from_directory(str(out))
+    ray.train.report({k: v for k, v in final_eval.items() if isinstance(v, (int, float))},
+                     checkpoint=checkpoint)
 
 
 def peak_memory_gib(device: str) -> float:

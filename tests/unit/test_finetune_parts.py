@@ -1,4 +1,6 @@
 """Pieces of the fine-tune that need neither Ray nor a model: loss weights, trainer settings."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -54,3 +56,38 @@ def test_trainer_settings_for_lora_under_ddp(tmp_path):
     assert args.lr_scheduler_type == "cosine" and args.warmup_steps == 0.05
     assert args.eval_strategy == "epoch" and args.save_strategy == "epoch"
     assert not args.bf16 and not args.fp16  # CPU: fp32
+
+
+def test_each_worker_resumes_from_a_copy_of_its_own(tmp_path):
+    """Two workers of a node must not share the downloaded checkpoint: with a shared folder
+    the second download rewrites files the first worker is already loading."""
+    from ray.train import Checkpoint
+
+    from clsjob.finetune.train import resume_point
+
+    stored = tmp_path / "stored"
+    (stored / "checkpoint").mkdir(parents=True)
+    weights = bytes(range(256)) * 64
+    (stored / "checkpoint" / "adapter_model.safetensors").write_bytes(weights)
+    checkpoint = Checkpoint.from_directory(str(stored))
+
+    first, finished = resume_point(checkpoint, str(tmp_path / "worker0"))
+    loading = open(Path(first) / "adapter_model.safetensors", "rb")  # worker 0 starts loading
+    second, _ = resume_point(checkpoint, str(tmp_path / "worker1"))  # worker 1 downloads later
+    assert not finished and first != second
+    assert Path(first) == tmp_path / "worker0" / "checkpoint"
+    with loading:
+        assert loading.read() == weights
+    assert (Path(second) / "adapter_model.safetensors").read_bytes() == weights
+
+
+def test_a_finished_run_resumes_as_finished(tmp_path):
+    from ray.train import Checkpoint
+
+    from clsjob.finetune.train import resume_point
+
+    (tmp_path / "stored" / "final").mkdir(parents=True)
+    folder, finished = resume_point(Checkpoint.from_directory(str(tmp_path / "stored")),
+                                    str(tmp_path / "copy"))
+    assert finished and (Path(folder) / "final").is_dir()
+    assert resume_point(None, str(tmp_path / "none")) == (None, False)

@@ -5,7 +5,7 @@ from clsjob.config import Example, PromptConfig
 from clsjob.labels import LabelSet
 from clsjob.prompts import (TEXT_SLOT, encode_rows, instructions, pick_examples, render_template,
                             tokenize_template)
-from tiny_models import CHAT_TEMPLATE, build_tokenizer
+from tiny_models import build_tokenizer
 
 LABELS = LabelSet(("billing", "delivery", "other"), ("money matters", None, None))
 EXAMPLES = [Example(text="I was charged twice", label="billing"),
