@@ -25,11 +25,13 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
-# Settings from DESIGN.md's measurements of this model on these corpora (2 CPU cores).
+# SST-2 as in DESIGN.md's measurement of this model. Banking77's new 77-way head starts from
+# random weights: at lr 1e-4 under the cosine schedule over 3 epochs it was still rising when
+# the rate reached zero (0.675, 0.835, 0.853), so it gets a higher rate and more epochs.
 TASKS = {
     "sst2": {"train": "train", "eval": "dev", "epochs": 3, "learning_rate": 5e-5,
              "baseline": "logistic_regression", "target": 0.87},
-    "banking77": {"train": "train", "eval": "test", "epochs": 3, "learning_rate": 1e-4,
+    "banking77": {"train": "train", "eval": "test", "epochs": 5, "learning_rate": 2e-4,
                   "baseline": "linear_svm", "target": 0.90},
 }
 
