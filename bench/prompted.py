@@ -308,7 +308,8 @@ def labels_by_row(table: pa.Table, column: str) -> list:
     return [table.column(column).to_pylist()[i] for i in order]
 
 
-def bench_ours(model: Path, shards: Path, out: Path, n: int, log, name: str = "ours: run_classify (Ray Data)") -> dict:
+def bench_ours(model: Path, shards: Path, out: Path, n: int, log,
+               name: str = "ours: run_classify (Ray Data)") -> dict:
     """(c) run_classify end to end: read, classify (actor start included), write, manifest."""
     from clsjob.pipeline import run_classify
 
@@ -345,7 +346,8 @@ def peer_messages(model: Path) -> tuple:
     return head, tail
 
 
-def bench_peer(model: Path, shards: Path, n: int, max_tokens: int, log, name: str = "peer: ray.data.llm") -> dict:
+def bench_peer(model: Path, shards: Path, n: int, max_tokens: int, log,
+               name: str = "peer: ray.data.llm") -> dict:
     """(d) ray.data.llm on the same shards: chat template, tokenize, vLLM, detokenize stages."""
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
@@ -392,8 +394,9 @@ def steady(full: dict, small: dict, variant: str) -> dict:
     """Rows/s of the rows the full run has beyond the small one: a two-point estimate that
     leaves out what both runs pay once (worker processes, imports, engine start). The full
     run goes first, so one-time costs of the session land in it: the estimate is low, if anything."""
+    per_row = (full["seconds"] - small["seconds"]) / (full["rows"] - small["rows"])
     return result(variant, full["rows"] - small["rows"], full["seconds"] - small["seconds"],
-                  notes=f"start-up {small['seconds'] - small['rows'] * (full['seconds'] - small['seconds']) / (full['rows'] - small['rows']):.1f} s")
+                  notes=f"start-up {small['seconds'] - small['rows'] * per_row:.1f} s")
 
 
 def agreement(a: list, b: list) -> float:
@@ -455,7 +458,8 @@ def assemble(actor: dict, floor: dict, prefix: dict, pool: dict, ours: dict, pee
     # The same two comparisons without start-up: what a run of many chunks per actor sees.
     ours_steady = steady(ours["result"], ours["small"], "ours steady state")
     peer_steady = steady(peer["result"], peer["small"], "peer steady state")
-    results += [ours["small"], peer["small"], ratio(ours_steady, floor["generate"], 0.7, "floor generate-only"),
+    results += [ours["small"], peer["small"],
+                ratio(ours_steady, floor["generate"], 0.7, "floor generate-only"),
                 ratio(peer_steady, ours_steady, None, "ours steady")]
     results.append({**ours_steady, "variant": "ours vs peer, steady state",
                     **{k: v for k, v in ratio(ours_steady, peer_steady, 3.0, "peer steady").items()

@@ -1,4 +1,5 @@
-"""Pieces of the fine-tune that need neither Ray nor a model: loss weights, trainer settings."""
+"""Pieces of the fine-tune that need neither a Ray cluster nor a model: loss weights, trainer
+settings, resume points."""
 from pathlib import Path
 
 import pytest
