@@ -44,10 +44,11 @@ def cluster_processes(title: str) -> list:
     found = []
     for proc in psutil.Process(raylet).children():
         try:
-            if proc.cmdline() and proc.cmdline()[0].startswith("ray::") and title in " ".join(proc.cmdline()):
-                found.append(proc)
+            cmdline = proc.cmdline()
         except psutil.NoSuchProcess:
-            pass
+            continue
+        if cmdline and cmdline[0].startswith("ray::") and title in " ".join(cmdline):
+            found.append(proc)
     return found
 
 
