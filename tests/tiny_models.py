@@ -79,3 +79,35 @@ def build_bert_classifier(folder: Path, labels: list[str], seed: int = 0) -> Pat
                         pad_token_id=tok.pad_token_id, **_label_maps(labels))
     BertForSequenceClassification(config).save_pretrained(folder)
     return folder
+
+
+def build_base(folder: Path, family: str, seed: int = 0) -> Path:
+    """A pretrained-style base with no classification head, saved the way real checkpoints
+    are: BERT as the bare body (tensor names without a prefix, like all-MiniLM-L6-v2),
+    RoBERTa as a masked LM (`roberta.` prefix and an LM head the classifier drops), Qwen2
+    and Llama as causal LMs (`model.` prefix). Fine-tuning must find the head's place in each."""
+    import torch
+    from transformers import (BertModel, LlamaConfig, LlamaForCausalLM, RobertaConfig,
+                              RobertaForMaskedLM)
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(folder)
+    ids = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id}
+    body = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+            "num_attention_heads": 2}
+    decoder = {**body, "num_key_value_heads": 1, "max_position_embeddings": 512,
+               "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id,
+               "tie_word_embeddings": False}
+    if family == "bert":
+        model = BertModel(BertConfig(**ids, **body, max_position_embeddings=512))
+    elif family == "roberta":
+        # RoBERTa's positions start after the pad id, hence the larger table.
+        model = RobertaForMaskedLM(RobertaConfig(**ids, **body, max_position_embeddings=520))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**ids, **decoder))
+    elif family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**ids, **decoder))
+    else:
+        raise ValueError(family)
+    model.save_pretrained(folder)
+    return folder
