@@ -14,12 +14,13 @@ from clsjob.backends import ModelError
 from clsjob.io import InputError
 from clsjob.labels import LabelError
 from clsjob.lock import RunLocked
+from clsjob.placement import PlacementError
 from clsjob.resume import OutputConflict
 
 log = logging.getLogger("clsjob")
 # Errors whose message tells the user what to fix; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ConfigError, InputError, LabelError, ModelError, OutputConflict, RunLocked,
-               FileNotFoundError, FileExistsError)
+               PlacementError, FileNotFoundError, FileExistsError)
 
 
 def _config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -83,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clsjob {args.command}: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2, default=str))
+    if args.command == "demo" and not result["passed"]:
+        print(f"clsjob demo: error: accuracy {result['accuracy']:.3f} is below the demo's floor "
+              f"of {result['accuracy_floor']}", file=sys.stderr)
+        return 1
     return 0
 
 

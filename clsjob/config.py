@@ -147,6 +147,18 @@ class BackendConfig(Section):
                                  description="vllm_prompt and vllm_pool: engine settings.")
 
 
+class ClusterConfig(Section):
+    autoscaling: bool = Field(
+        False, description="The cluster adds nodes on demand (the shipped cluster.yaml, KubeRay "
+                           "with autoscaling): actors or workers that do not fit the nodes up "
+                           "at start are waited for, with a warning. Off: such a job is "
+                           "refused at start, naming the resources.* keys and the nodes.")
+    stall_report_s: float = Field(
+        120, gt=0, description="When nothing has finished for this long, the log says what the "
+                               "job is waiting for (resources asked for and free), and again "
+                               "every this many seconds.")
+
+
 class ResourcesConfig(Section):
     actors: int = Field(1, gt=0, description="Classifier actors (one model copy each).")
     gpus_per_actor: float = Field(0, ge=0, description="GPUs per actor; 0 runs on CPU in fp32.")
@@ -176,6 +188,7 @@ class ClassifyConfig(Section):
     resources: ResourcesConfig = ResourcesConfig()
     output: OutputConfig
     storage: StorageConfig = StorageConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
     def _prompted_needs_labels(self) -> "ClassifyConfig":
@@ -241,6 +254,7 @@ class FinetuneConfig(Section):
     training: TrainingConfig = TrainingConfig()
     output: FinetuneOutputConfig
     storage: StorageConfig = StorageConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @field_validator("train")
     @classmethod
@@ -323,6 +337,7 @@ def validate(data: dict, *, model: type[Section], source: str = "<config>"):
         raise ConfigError("\n".join(lines)) from None
 
 
-def config_hash(cfg: Section) -> str:
-    """Stable short hash of the validated config, recorded in every manifest."""
-    return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+def config_hash(cfg: Section, exclude: set[str] | None = None) -> str:
+    """Stable short hash of the validated config (less the `exclude` sections), recorded in
+    every manifest."""
+    return hashlib.sha256(cfg.model_dump_json(exclude=exclude).encode()).hexdigest()[:16]

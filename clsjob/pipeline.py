@@ -25,6 +25,7 @@ from clsjob.io import InputError
 from clsjob.labels import LabelSet
 from clsjob.lock import RunLock, RunLocked
 from clsjob.metrics import Tally, tally
+from clsjob.placement import StallReporter, check_placement, classify_demand, ensure_ray
 from clsjob.prepare import (CLEANED, GOLD, PART, PART_ROWS, SHARD, check_schema, id_column,
                             needed_columns, prepare_chunk)
 from clsjob.report import write_evaluation
@@ -69,16 +70,20 @@ def classify_shards(cfg: ClassifyConfig, labels: LabelSet, shards: list[io.Shard
         return summary_of(finished, cfg)
     done = resume.load_done(cfg, work, shards)
     todo = [s for s in shards if s.key not in done]
-    ensure_ray()
+    demand = classify_demand(cfg.resources)
+    ensure_ray(demand)
+    check_placement(demand, cfg.cluster.autoscaling)
     duplicates = check_duplicate_ids(cfg, shards)
     log.info("classify: %d rows in %d shards -> %s (%d shards already done)",
              rows_in, len(shards), cfg.output.path, len(done))
 
     progress = Progress(sum(s.rows for s in todo))
     shard_progress = resume.ShardProgress(cfg, work, todo, len(labels))
-    for stats in label_shards(cfg, labels, todo):  # one small row per part, streamed
-        shard_progress.add(stats)
-        progress.update(stats["rows"])
+    with StallReporter(demand, "classify", cfg.cluster.stall_report_s) as stall:
+        for stats in label_shards(cfg, labels, todo):  # one small row per part, streamed
+            stall.beat()
+            shard_progress.add(stats)
+            progress.update(stats["rows"])
     elapsed = time.monotonic() - progress.started
 
     # Every shard, done now or by an earlier attempt, is accounted for by its marker.
@@ -155,14 +160,6 @@ def label_shards(cfg: ClassifyConfig, labels: LabelSet, shards: list[io.ShardInf
     ds = ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow",
                         fn_kwargs={"cfg": cfg, "labels": labels})
     yield from ds.iter_rows()
-
-
-def ensure_ray() -> None:
-    # ray.init() joins the cluster named by RAY_ADDRESS (as under `ray job submit`), else the
-    # last one `ray start` recorded on this machine (/tmp/ray/ray_current_cluster), and
-    # otherwise starts a local one; a caller that already initialised Ray keeps its own.
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
 
 
 def read_chunks(batch: pa.Table, input_cfg: InputConfig, chunk_rows: int,

@@ -80,3 +80,30 @@ def write_shards(folder: Path, shards: list[dict]) -> list[Path]:
         pq.write_table(pa.table(columns), path)
         paths.append(path)
     return paths
+
+
+def shipped_classify(name: str, model, tmp_path: Path, *overrides: str, day=None):
+    """A shipped classify config at tiny scale: only the data, the model (a tiny one of the
+    right kind) and one CPU actor are swapped; every other setting runs as shipped."""
+    from clsjob.config import ClassifyConfig, load_config
+
+    return load_config(REPO / "configs" / name, [
+        f"input.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}",
+        f"backend.model={model}", "resources.actors=1", "resources.gpus_per_actor=0",
+        "resources.cpus_per_actor=1", "resources.batch_size=16", *overrides],
+        model=ClassifyConfig, day=day)
+
+
+def check_output_contract(summary, output: Path, rows: int, errored: int) -> list[dict]:
+    """Rows out = rows in, ids unique, a complete manifest; returns the output rows."""
+    import json
+
+    table = pa.concat_tables(pq.read_table(p) for p in sorted(output.glob("*.parquet")))
+    out = table.to_pylist()
+    assert summary.rows_in == summary.rows_out == len(out) == rows
+    assert summary.rows_errored == errored == sum(r["error"] is not None for r in out)
+    ids = [r.get("id") for r in out]
+    assert len(set(ids)) == rows
+    manifest = json.loads((output / "_manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["rows_out"] == rows
+    return out

@@ -51,17 +51,19 @@ def _label_maps(labels: list[str]) -> dict:
 
 
 def build_qwen2_classifier(folder: Path, labels: list[str], causal_lm: bool = False,
-                           seed: int = 0, drop_pad_token: bool = False) -> Path:
+                           seed: int = 0, drop_pad_token: bool = False,
+                           max_positions: int = 512) -> Path:
     """A merged-classifier folder with a random Qwen2 (or the CausalLM). drop_pad_token: the
     tokenizer has no pad token of its own, and the one Qwen2's tokenizer class names by default
-    is not in the vocabulary, as with many decoder checkpoints."""
+    is not in the vocabulary, as with many decoder checkpoints. max_positions costs no weights
+    (rotary positions): a tiny model can take a production context length."""
     import torch
 
     torch.manual_seed(seed)
     tok = build_tokenizer(folder, with_pad=not drop_pad_token)
     config = Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                         max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                         max_position_embeddings=max_positions, pad_token_id=tok.pad_token_id,
                          eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
                          tie_word_embeddings=False, **_label_maps(labels))
     model = Qwen2ForCausalLM(config) if causal_lm else Qwen2ForSequenceClassification(config)

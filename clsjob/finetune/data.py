@@ -7,25 +7,34 @@ from clsjob import io
 from clsjob.config import InputConfig, LabelSpec, StorageConfig
 from clsjob.io import InputError
 from clsjob.labels import LabelError, LabelSet
+from clsjob.prepare import clean_text
 
 log = logging.getLogger("clsjob")
 
 
 def read_labelled(inp: InputConfig, storage: StorageConfig) -> tuple[list[str], list[str]]:
     """(texts, gold labels) of every usable row; rows with no text or no label are skipped
-    and counted, since a model cannot learn from them."""
-    texts, golds, skipped = [], [], 0
+    and counted, since a model cannot learn from them.
+
+    Text goes through the same decoding and cleaning as the rows `classify` labels (binary
+    columns decoded as UTF-8, broken bytes and control characters replaced), so a model is
+    trained on exactly the text it will be asked about."""
+    texts, golds, skipped, cleaned = [], [], 0, 0
     for shard in io.list_shards(inp.path, storage):
         table = io.read_table(shard, storage, [inp.text_column, inp.label_column])
-        for text, gold in zip(table.column(inp.text_column).to_pylist(),
-                              table.column(inp.label_column).to_pylist()):
-            if text is None or not str(text).strip() or gold is None:
+        text, changed = clean_text(table.column(inp.text_column))
+        cleaned += sum(changed.to_pylist())
+        for text, gold in zip(text.to_pylist(), table.column(inp.label_column).to_pylist()):
+            if text is None or not text.strip() or gold is None:
                 skipped += 1
                 continue
-            texts.append(str(text))
+            texts.append(text)
             golds.append(str(gold))
     if skipped:
         log.warning("finetune: skipped %d rows of %s with no text or no label", skipped, inp.path)
+    if cleaned:
+        log.info("finetune: cleaned %d rows of %s (invalid UTF-8 or control characters), as "
+                 "classify does", cleaned, inp.path)
     if not texts:
         raise InputError(f"{inp.path}: no labelled rows to train on")
     return texts, golds

@@ -25,7 +25,7 @@ from clsjob.finetune.data import encode, read_labelled, settle_labels
 from clsjob.finetune.model import build_trainable, load_tokenizer
 from clsjob.labels import LabelError, LabelSet
 from clsjob.metrics import averaged, confusion_matrix, per_class_scores
-from clsjob.pipeline import ensure_ray
+from clsjob.placement import check_placement, ensure_ray, training_demand
 
 log = logging.getLogger("clsjob")
 SUMMARY = "clsjob_finetune.json"
@@ -41,14 +41,18 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if summary_path.exists():
         log.info("finetune: %s already holds the finished model; nothing to do", cfg.output.path)
         return json.loads(summary_path.read_text())
-    ensure_ray()
+    demand = training_demand(cfg.training)
+    ensure_ray(demand)
+    check_placement(demand, cfg.cluster.autoscaling)
     storage_path, storage_fs = checkpoint_storage(cfg)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json")},
         scaling_config=ScalingConfig(num_workers=cfg.training.workers, use_gpu=cfg.training.use_gpu,
                                      resources_per_worker={"CPU": cfg.training.cpus_per_worker}),
-        run_config=RunConfig(name=f"finetune-{config_hash(cfg)}", storage_path=storage_path,
+        # Named by what is trained, not by how the cluster behaves: a rerun finds its checkpoints.
+        run_config=RunConfig(name=f"finetune-{config_hash(cfg, exclude={'cluster'})}",
+                             storage_path=storage_path,
                              storage_filesystem=storage_fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=cfg.training.max_failures)),

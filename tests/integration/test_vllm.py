@@ -19,7 +19,7 @@ from clsjob.config import ClassifyConfig, InputConfig, validate
 from clsjob.labels import LabelSet
 from clsjob.pipeline import run_classify
 from clsjob.prepare import prepare_chunk
-from conftest import LABELS, sample_texts, write_shards
+from conftest import LABELS, check_output_contract, sample_texts, shipped_classify, write_shards
 from tiny_models import build_qwen2_classifier
 
 pytest.importorskip("vllm")
@@ -182,3 +182,32 @@ def test_end_to_end_through_ray_data(kind, mode, lm_model, qwen_model, ray_clust
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["backend"] == kind and manifest["status"] == "complete"
     assert json.loads((tmp_path / "out" / "_metrics.json").read_text())["rows_scored"] == 48
+
+
+@pytest.mark.parametrize("name", ["classify-prompt-choice.yaml", "classify-prompt-json.yaml",
+                                  "classify-prompt-score.yaml", "classify-vllm-pool.yaml"])
+def test_shipped_vllm_config(name, qwen_model, ray_cluster, tmp_path_factory, tmp_path):
+    """Each shipped vLLM config at tiny scale: the data, a tiny model of the right kind (with
+    the shipped context length: rotary positions cost no weights) and one CPU actor; the rest
+    runs as shipped."""
+    lm_model = build_qwen2_classifier(tmp_path_factory.mktemp("qwen2-lm-4k"), LABELS,
+                                      causal_lm=True, max_positions=4096)
+    cfg = shipped_classify(name, qwen_model if "pool" in name else lm_model, tmp_path)
+    labels = [l.name for l in cfg.labels] if cfg.labels else LABELS
+    texts = sample_texts(20) + HOSTILE
+    shard = {"text": texts}
+    if cfg.input.label_column:
+        shard[cfg.input.label_column] = [labels[i % len(labels)] for i in range(len(texts))]
+    write_shards(tmp_path / "in", [shard])
+    if cfg.backend.prompt.examples_path:
+        write_shards(tmp_path / "examples", [{"text": ["what a film", "so dull"],
+                                              "label": ["positive", "negative"]}])
+        cfg = shipped_classify(name, lm_model, tmp_path,
+                               f"backend.prompt.examples_path={tmp_path / 'examples' / 'shard-000.parquet'}")
+    summary = run_classify(cfg)
+    rows = check_output_contract(summary, tmp_path / "out", len(texts), errored=2)
+    assert {r["label"] for r in rows if r["error"] is None} <= set(labels)
+    if cfg.backend.kind == "vllm_pool" or cfg.backend.prompt.mode == "score":
+        assert all(abs(sum(r["probs"]) - 1) < 1e-4 for r in rows if r["error"] is None)
+    if cfg.input.label_column:
+        assert (tmp_path / "out" / "_metrics.json").exists()

@@ -25,6 +25,14 @@ def test_every_shipped_config_loads(path):
     assert isinstance(cfg, model)
 
 
+def test_every_shipped_config_is_run_by_a_test():
+    """Loading is not enough: a default that does not run cannot ship. Each file in configs/
+    must be named (as a quoted file name) by an integration test that runs it."""
+    tests = "".join(p.read_text() for p in (CONFIGS.parent / "tests" / "integration").glob("*.py"))
+    unrun = [p.name for p in CONFIGS.glob("*.yaml") if f'"{p.name}"' not in tests]
+    assert not unrun, f"shipped configs no test runs: {unrun}"
+
+
 def test_shipped_configs_cover_every_command():
     assert {p.stem.split("-")[0] for p in CONFIGS.glob("*.yaml")} == set(KIND)
 

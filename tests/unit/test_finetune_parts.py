@@ -91,3 +91,36 @@ def test_a_finished_run_resumes_as_finished(tmp_path):
                                     str(tmp_path / "copy"))
     assert finished and (Path(folder) / "final").is_dir()
     assert resume_point(None, str(tmp_path / "none")) == (None, False)
+
+
+def test_training_text_is_the_text_classify_labels(tmp_path):
+    """Binary text, invalid UTF-8 and control characters: fine-tuning reads a row exactly as
+    `classify` prepares it, and tokenises it to the same ids."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clsjob.backends.hf import encode_truncating
+    from clsjob.config import InputConfig, StorageConfig
+    from clsjob.finetune.data import encode, read_labelled
+    from clsjob.prepare import prepare_chunk
+    from tiny_models import build_tokenizer
+
+    raw = [b"my card\x00payment \xff\xfe was declined", "parcel never arrived".encode(),
+           b"\x01\x02 ", None, "le colis n'est jamais arriv\u00e9".encode()]
+    pq.write_table(pa.table({"text": pa.array(raw, pa.binary()),
+                             "label": ["billing", "delivery", "billing", "billing", "delivery"]}),
+                   tmp_path / "train.parquet")
+    inp = InputConfig(path=str(tmp_path), label_column="label")
+    texts, golds = read_labelled(inp, StorageConfig())
+    # Rows that classify would mark "text is null" / "text is empty" are not trained on.
+    assert golds == ["billing", "delivery", "delivery"]
+    assert texts[0] == "my card payment \ufffd\ufffd was declined"
+    assert not any(t.startswith("b'") for t in texts)
+
+    prepared = prepare_chunk(pq.read_table(tmp_path / "train.parquet"), "train.parquet", 0, inp)
+    labelled = [t for t, e in zip(prepared.column("text").to_pylist(),
+                                  prepared.column("error").to_pylist()) if e is None]
+    assert texts == labelled
+    tok = build_tokenizer(tmp_path / "tok")
+    trained_ids = [row["input_ids"] for row in encode(tok, texts, golds, LabelSet(("billing", "delivery")), 8)]
+    assert trained_ids == encode_truncating(tok, labelled, 8)[0]

@@ -1,0 +1,171 @@
+"""Where a job's actors (classify) or workers (fine-tune) go, checked before work is scheduled.
+
+Ray never says that a request can never be met: an actor that asks for more than any node
+has, or actors that leave no CPU for the shard reader and part writer, just wait, and the job
+hangs with no error. So the driver sizes a local Ray it starts itself to fit the job, refuses
+at start a job the cluster cannot place (naming the `resources.*` keys and what the nodes
+have), and while the job runs says what it is waiting for when nothing lands for a while.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import ray
+
+log = logging.getLogger("clsjob")
+# The shard reader and the part writer are Ray tasks of one logical CPU each, I/O-light; they
+# take turns, so one CPU beside the classifier actors is enough for them to make progress.
+IO_CPUS = 1.0
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot run this job as configured; the message names the keys to change."""
+
+
+@dataclass(frozen=True)
+class Demand:
+    what: str          # "classifier actor" | "training worker"
+    count: int
+    cpus: float        # per actor / worker, on one node
+    gpus: float
+    keys: str          # the config keys that set these numbers, for messages
+    io_cpus: float = 0.0  # logical CPUs that must stay free beside them
+
+    def total_cpus(self) -> float:
+        return self.count * self.cpus + self.io_cpus
+
+
+def classify_demand(resources) -> Demand:
+    return Demand("classifier actor", resources.actors, resources.cpus_per_actor,
+                  resources.gpus_per_actor,
+                  "resources.actors / resources.cpus_per_actor / resources.gpus_per_actor",
+                  io_cpus=IO_CPUS)
+
+
+def training_demand(training) -> Demand:
+    return Demand("training worker", training.workers, training.cpus_per_worker,
+                  1.0 if training.use_gpu else 0.0,
+                  "training.workers / training.cpus_per_worker / training.use_gpu")
+
+
+def ensure_ray(demand: Demand | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`) or the one `ray start`
+    began on this machine; otherwise start a local Ray with enough logical CPUs for `demand`.
+    A caller that already initialised Ray keeps its own."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    try:
+        ray.init(address="auto", log_to_driver=True)
+        return
+    except ConnectionError:
+        pass  # nothing running: start one below
+    cores = os.cpu_count() or 1
+    cpus = max(cores, math.ceil(demand.total_cpus())) if demand else cores
+    if cpus > cores:
+        # Logical CPUs are a scheduling unit, not cores: the reader and writer are I/O-light
+        # and must get a slot beside actors that use every core for their torch threads.
+        log.info("starting a local Ray with %d logical CPUs on %d cores: %d %s(s) x %g CPU "
+                 "+ %g for reading and writing", cpus, cores, demand.count, demand.what,
+                 demand.cpus, demand.io_cpus)
+    ray.init(num_cpus=cpus, log_to_driver=True)
+
+
+def placement_problems(nodes: list[dict], demand: Demand) -> list[str]:
+    """Why `demand` cannot run on nodes with these resources ({"CPU": n, "GPU": m}); none
+    when it can. Placed greedily, node by node, as Ray's packing would at best."""
+    placed, free_cpus = 0, 0.0
+    for node in nodes:
+        cpus, gpus = node.get("CPU", 0.0), node.get("GPU", 0.0)
+        fits = min(cpus // demand.cpus if demand.cpus else math.inf,
+                   gpus // demand.gpus if demand.gpus else math.inf)
+        take = int(min(fits, demand.count - placed))
+        placed += take
+        free_cpus += cpus - take * demand.cpus
+    need = f"{demand.cpus:g} CPU" + (f" + {demand.gpus:g} GPU" if demand.gpus else "")
+    if placed < demand.count:
+        return [f"only {placed} of {demand.count} {demand.what}s fit, each needing {need} on "
+                f"one node ({demand.keys})"]
+    if free_cpus < demand.io_cpus:
+        return [f"the {demand.count} {demand.what}s ({need} each) take every CPU, leaving none "
+                f"of the {demand.io_cpus:g} the shard reader and part writer need "
+                f"({demand.keys})"]
+    return []
+
+
+def describe(nodes: list[dict]) -> str:
+    if not nodes:
+        return "no nodes"
+    parts = [f"{n.get('CPU', 0):g} CPU" + (f" + {n['GPU']:g} GPU" if n.get("GPU") else "")
+             for n in nodes]
+    return f"{len(nodes)} node(s): " + ", ".join(parts)
+
+
+def alive_nodes() -> list[dict]:
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def check_placement(demand: Demand, autoscaling: bool) -> None:
+    """Refuse a job the cluster's nodes cannot place, or on an autoscaling cluster say that
+    it waits for nodes."""
+    nodes = alive_nodes()
+    problems = placement_problems(nodes, demand)
+    if not problems:
+        return
+    message = f"{problems[0]}; the cluster has {describe(nodes)}"
+    if autoscaling:
+        log.warning("%s; waiting for the autoscaler to add nodes (cluster.autoscaling)", message)
+        return
+    raise PlacementError(f"{message}. Lower those settings, add nodes, or set "
+                         f"cluster.autoscaling: true if the cluster adds nodes on demand")
+
+
+class StallReporter:
+    """While the job runs: when no part has landed for `after_s` seconds, log what the job is
+    waiting for (resources it asked for that are not free, or a chunk still being labelled),
+    and again every `after_s` seconds until something lands."""
+
+    def __init__(self, demand: Demand, stage: str, after_s: float = 120.0, poll_s: float = 5.0):
+        self.demand, self.stage, self.after_s, self.poll_s = demand, stage, after_s, poll_s
+        self.last = self.reported = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="clsjob-stall", daemon=True)
+
+    def __enter__(self) -> "StallReporter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.poll_s + 1)
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            now = time.monotonic()
+            if now - self.last >= self.after_s and now - self.reported >= self.after_s:
+                self.reported = now
+                log.warning("%s: nothing finished for %.0f s; %s", self.stage, now - self.last,
+                            self.waiting_for())
+
+    def waiting_for(self) -> str:
+        try:
+            free, total = ray.available_resources(), ray.cluster_resources()
+        except Exception as exc:  # the report must never take the job down
+            return f"cluster state unavailable ({exc})"
+        d = self.demand
+        have = (f"free now: {free.get('CPU', 0):g} of {total.get('CPU', 0):g} CPU"
+                + (f", {free.get('GPU', 0):g} of {total.get('GPU', 0):g} GPU" if d.gpus else ""))
+        return (f"{d.count} {d.what}(s) asked for {d.cpus:g} CPU"
+                + (f" + {d.gpus:g} GPU" if d.gpus else "") + f" each ({d.keys}) plus "
+                f"{d.io_cpus:g} CPU for reading and writing; {have}. If the CPUs are taken, a "
+                f"task or actor is waiting for a slot; if not, a chunk is still being labelled")
