@@ -144,10 +144,12 @@ def label_shards(cfg: ClassifyConfig, labels: LabelSet, shards: list[io.ShardInf
     Yields the write stage's stats rows as parts land."""
     if not any(s.rows for s in shards):
         return
-    # Chunks must reach the writer whole (one chunk = one part); never split blocks by size.
-    ray.data.DataContext.get_current().target_max_block_size = None
     ds = ray.data.from_items([{"path": s.path, "key": s.key} for s in shards],
                              override_num_blocks=len(shards))
+    # Chunks must reach the writer whole (one chunk = one part): this job's blocks are never
+    # split by size. The dataset holds its own copy of the context, which every stage built
+    # from it below shares, so the process's other datasets keep Ray's default.
+    ds.context.target_max_block_size = None
     ds = ds.map_batches(read_chunks, batch_size=1, batch_format="pyarrow",
                         fn_kwargs={"input_cfg": cfg.input, "chunk_rows": cfg.resources.batch_size,
                                    "storage": cfg.storage})

@@ -21,7 +21,7 @@ from clsjob import io
 from clsjob.config import ClassifyConfig, StorageConfig, validate
 from clsjob.lock import LOCK, RunLock, RunLocked
 from clsjob.pipeline import run_classify
-from conftest import LABELS, TEST_AWS_ENV, sample_texts, write_shards
+from helpers import LABELS, TEST_AWS_ENV, sample_texts, write_shards
 from faulty_s3 import FAULTS, FaultyS3
 
 boto3 = pytest.importorskip("boto3")

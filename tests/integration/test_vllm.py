@@ -19,7 +19,7 @@ from clsjob.config import ClassifyConfig, InputConfig, validate
 from clsjob.labels import LabelSet
 from clsjob.pipeline import run_classify
 from clsjob.prepare import prepare_chunk
-from conftest import LABELS, check_output_contract, sample_texts, shipped_classify, write_shards
+from helpers import LABELS, check_output_contract, sample_texts, shipped_classify, write_shards
 from tiny_models import build_qwen2_classifier
 
 pytest.importorskip("vllm")
