@@ -18,13 +18,13 @@ from typing import Iterator
 import pyarrow as pa
 import ray
 
-from clsjob import backends, io, resume
+from clsjob import backends, resume, store
 from clsjob.config import ClassifyConfig, InputConfig, StorageConfig, config_hash
 from clsjob.duplicates import DuplicateIds, check_duplicate_ids
-from clsjob.io import InputError
+from clsjob.store import InputError
 from clsjob.labels import LabelSet
 from clsjob.lock import RunLock, RunLocked
-from clsjob.metrics import Tally, tally
+from clsjob.metrics import Tally, count_rows
 from clsjob.placement import StallReporter, check_placement, classify_demand, ensure_ray
 from clsjob.prepare import (CLEANED, GOLD, PART, PART_ROWS, SHARD, check_schema, id_column,
                             needed_columns, prepare_chunk)
@@ -49,15 +49,15 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
     started = datetime.now(timezone.utc)
     # Everything that can be wrong with the model, labels or schema fails here, before Ray
     # schedules anything and before a row is read.
-    labels = backends.check_model(cfg.backend, LabelSet.from_specs(cfg.labels) if cfg.labels else None,
-                                  cfg.storage)
+    configured = LabelSet.from_specs(cfg.labels) if cfg.labels else None
+    labels = backends.check_model_and_labels(cfg.backend, configured, cfg.storage)
     shards, bad_files = usable_shards(cfg)
     # Everything below writes to the output folder: one run at a time.
     with RunLock(cfg.output.path, cfg.storage, cfg.output.stale_lock_after_s) as lock:
-        return classify_shards(cfg, labels, shards, bad_files, started, lock)
+        return run_locked(cfg, labels, shards, bad_files, started, lock)
 
 
-def classify_shards(cfg: ClassifyConfig, labels: LabelSet, shards: list[io.ShardInfo],
+def run_locked(cfg: ClassifyConfig, labels: LabelSet, shards: list[store.ShardInfo],
                     bad_files: list[str], started: datetime, lock: RunLock) -> RunSummary:
     rows_in = sum(s.rows for s in shards)
     work = resume.work_hash(cfg)
@@ -80,7 +80,7 @@ def classify_shards(cfg: ClassifyConfig, labels: LabelSet, shards: list[io.Shard
     progress = Progress(sum(s.rows for s in todo))
     shard_progress = resume.ShardProgress(cfg, work, todo, len(labels))
     with StallReporter(demand, "classify", cfg.cluster.stall_report_s) as stall:
-        for stats in label_shards(cfg, labels, todo):  # one small row per part, streamed
+        for stats in stream_labelled_parts(cfg, labels, todo):  # one small row per part, streamed
             stall.beat()
             shard_progress.add(stats)
             progress.update(stats["rows"])
@@ -99,9 +99,9 @@ def classify_shards(cfg: ClassifyConfig, labels: LabelSet, shards: list[io.Shard
         raise RunLocked(f"another run took {cfg.output.path} over during this one; "
                         f"its manifest is left to that run")
     complete = rows_out == rows_in and len(markers) == len(shards)
-    io.write_json(manifest(cfg, work, labels, shards, bad_files, duplicates, set(markers), parts,
+    store.write_json(manifest(cfg, work, labels, shards, bad_files, duplicates, set(markers), parts,
                            summary, started, complete),
-                  io.join(cfg.output.path, MANIFEST), cfg.storage)
+                  store.join(cfg.output.path, MANIFEST), cfg.storage)
     if not complete:
         raise RuntimeError(f"rows out ({rows_out}) != rows in ({rows_in}) or shards unfinished; "
                            f"see {MANIFEST}; a rerun resumes")
@@ -112,10 +112,10 @@ def classify_shards(cfg: ClassifyConfig, labels: LabelSet, shards: list[io.Shard
     return summary
 
 
-def usable_shards(cfg: ClassifyConfig) -> tuple[list[io.ShardInfo], list[str]]:
+def usable_shards(cfg: ClassifyConfig) -> tuple[list[store.ShardInfo], list[str]]:
     """Shards whose footer reads and whose schema serves the config; unreadable files fail
     the run or are skipped (and reported) as `input.on_bad_file` says."""
-    shards = io.inspect_shards(io.list_shards(cfg.input.path, cfg.storage), cfg.storage)
+    shards = store.inspect_shards(store.list_shards(cfg.input.path, cfg.storage), cfg.storage)
     bad = [s.error for s in shards if s.error]
     if bad and cfg.input.on_bad_file == "fail":
         raise InputError(f"{bad[0]} (input.on_bad_file: skip would skip it; "
@@ -139,7 +139,7 @@ def summary_table(summary: RunSummary, shards: int, skipped: int) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
-def label_shards(cfg: ClassifyConfig, labels: LabelSet, shards: list[io.ShardInfo]) -> Iterator[dict]:
+def stream_labelled_parts(cfg: ClassifyConfig, labels: LabelSet, shards: list[store.ShardInfo]) -> Iterator[dict]:
     """The Ray Data pipeline: read + prepare (tasks) -> classify (actor pool) -> write (tasks).
     Yields the write stage's stats rows as parts land."""
     if not any(s.rows for s in shards):
@@ -168,7 +168,7 @@ def read_chunks(batch: pa.Table, input_cfg: InputConfig, chunk_rows: int,
                 storage: StorageConfig) -> Iterator[pa.Table]:
     """Read stage (Ray task): one shard -> prepared chunks of `chunk_rows` rows."""
     for path, key in zip(batch.column("path").to_pylist(), batch.column("key").to_pylist()):
-        for start, table in io.iter_shard(path, needed_columns(input_cfg), chunk_rows, storage):
+        for start, table in store.iter_shard(path, needed_columns(input_cfg), chunk_rows, storage):
             yield prepare_chunk(table, key, start, input_cfg)
 
 
@@ -193,11 +193,11 @@ def write_parts(table: pa.Table, cfg: ClassifyConfig, labels: LabelSet) -> pa.Ta
             # Guard for the invariant above: a split chunk would write a short part and lose rows.
             raise RuntimeError(f"part {name}: got {rows.num_rows} of {expected} rows in one batch")
         out = rows.select(output_columns(cfg))
-        io.write_part(out, io.join(cfg.output.path, name), cfg.storage)
+        store.write_part(out, store.join(cfg.output.path, name), cfg.storage)
         errors = out.column("error").to_pylist()
         gold = (out.column(GOLD).to_pylist() if cfg.input.label_column
                 else [None] * out.num_rows)
-        counts = tally(labels, gold, out.column("label").to_pylist(),
+        counts = count_rows(labels, gold, out.column("label").to_pylist(),
                        out.column("confidence").to_pylist(), errors)
         stats.append({"shard": rows.column(SHARD)[0].as_py(), "part": name, "rows": out.num_rows,
                       "errored": sum(e is not None for e in errors),
@@ -228,7 +228,7 @@ class Progress:
                  done, self.total, 100 * done / max(self.total, 1), rate, left)
 
 
-def manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, shards: list[io.ShardInfo],
+def manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, shards: list[store.ShardInfo],
              bad_files: list[str], duplicates: DuplicateIds | None, done: set[str],
              parts: list[dict], summary: RunSummary, started: datetime, complete: bool) -> dict:
     return {
@@ -263,7 +263,7 @@ def manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, shards: list[io.S
 
 def summary_of(manifest: dict, cfg: ClassifyConfig) -> RunSummary:
     """The summary of a finished run, read back instead of redone."""
-    metrics_url = io.join(cfg.output.path, "_metrics.json")
-    metrics = io.read_json(metrics_url, cfg.storage) if io.exists(metrics_url, cfg.storage) else None
+    metrics_url = store.join(cfg.output.path, "_metrics.json")
+    metrics = store.read_json(metrics_url, cfg.storage) if store.exists(metrics_url, cfg.storage) else None
     return RunSummary(cfg.output.path, manifest["rows_in"], manifest["rows_out"],
                       manifest["rows_errored"], 0.0, 0.0, metrics)

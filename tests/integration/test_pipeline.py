@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clsjob import io, resume
+from clsjob import resume, store
 from clsjob.config import ClassifyConfig, StorageConfig, validate
-from clsjob.io import InputError
+from clsjob.store import InputError
 from clsjob.labels import LabelError
 from clsjob.pipeline import run_classify
 from clsjob.report import evaluate_output
@@ -45,7 +45,7 @@ def config(model, inp, out, **extra) -> ClassifyConfig:
 
 
 def read_output(out) -> pa.Table:
-    return pa.concat_tables(pq.read_table(p) for p in io.list_parts(str(out), StorageConfig()))
+    return pa.concat_tables(pq.read_table(p) for p in store.list_parts(str(out), StorageConfig()))
 
 
 @pytest.mark.parametrize("model_fixture", ["qwen_model", "bert_model"])

@@ -50,7 +50,7 @@ def prompted(model, mode: str, labels=LABELS, **prompt) -> ClassifyConfig:
 
 
 def actor_for(cfg: ClassifyConfig):
-    labels = LabelSet.from_specs(cfg.labels) if cfg.labels else backends.check_model(
+    labels = LabelSet.from_specs(cfg.labels) if cfg.labels else backends.check_model_and_labels(
         cfg.backend, None, cfg.storage)
     return backends.actor_class(cfg.backend)(**backends.actor_kwargs(cfg, labels))
 
