@@ -58,7 +58,7 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
 
 
 def run_locked(cfg: ClassifyConfig, labels: LabelSet, shards: list[store.ShardInfo],
-                    bad_files: list[str], started: datetime, lock: RunLock) -> RunSummary:
+               bad_files: list[str], started: datetime, lock: RunLock) -> RunSummary:
     rows_in = sum(s.rows for s in shards)
     work = resume.work_hash(cfg)
     if cfg.output.overwrite:
