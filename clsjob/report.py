@@ -29,7 +29,7 @@ def evaluate_output(output: str, storage: StorageConfig) -> dict:
     counts = Tally(n_labels=len(labels))
     for part in manifest["parts"]:
         t = store.read_table(store.join(output, part["part"]), storage,
-                          [gold_column, "label", "confidence", "error"])
+                             [gold_column, "label", "confidence", "error"])
         counts.add(count_rows(labels, t.column(gold_column).to_pylist(), t.column("label").to_pylist(),
                          t.column("confidence").to_pylist(), t.column("error").to_pylist()))
     return write_evaluation(output, storage, labels, counts, manifest.get("rows_per_s"))
