@@ -59,23 +59,21 @@ def ensure_ray(demand: Demand | None = None) -> None:
     A caller that already initialised Ray keeps its own."""
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        return
-    try:
-        ray.init(address="auto", log_to_driver=True)
-        return
-    except ConnectionError:
-        pass  # nothing running: start one below
     cores = os.cpu_count() or 1
     cpus = max(cores, math.ceil(demand.total_cpus())) if demand else cores
+    try:
+        # Starts a local Ray unless there is one to join; Ray refuses num_cpus for a cluster
+        # it joins, before connecting, and that refusal is the only sign of which it is.
+        ray.init(num_cpus=cpus, log_to_driver=True)
+    except ValueError:
+        ray.init(log_to_driver=True)
+        return
     if cpus > cores:
         # Logical CPUs are a scheduling unit, not cores: the reader and writer are I/O-light
         # and must get a slot beside actors that use every core for their torch threads.
-        log.info("starting a local Ray with %d logical CPUs on %d cores: %d %s(s) x %g CPU "
+        log.info("started a local Ray with %d logical CPUs on %d cores: %d %s(s) x %g CPU "
                  "+ %g for reading and writing", cpus, cores, demand.count, demand.what,
                  demand.cpus, demand.io_cpus)
-    ray.init(num_cpus=cpus, log_to_driver=True)
 
 
 def placement_problems(nodes: list[dict], demand: Demand) -> list[str]:

@@ -43,7 +43,7 @@ def test_shipped_local_eval_config_runs_on_a_local_ray_clsjob_starts(tmp_path):
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert summary["rows_in"] == summary["rows_out"] == 40
     if os.cpu_count() == 2:  # a larger machine's Ray has a free CPU anyway
-        assert "starting a local Ray with 3 logical CPUs on 2 cores" in proc.stderr
+        assert "started a local Ray with 3 logical CPUs on 2 cores" in proc.stderr
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["status"] == "complete"
 
