@@ -230,7 +230,7 @@ def probe_actor(kind: str, folder: Path, texts: list[str]) -> dict:
         ds = ray.data.from_arrow(chunk).map_batches(
             ThreadProbe, batch_size=None, batch_format="pyarrow",
             fn_constructor_kwargs=backends.actor_kwargs(
-                cfg, backends.check_model(cfg.backend, None, cfg.storage)),
+                cfg, backends.check_model_and_labels(cfg.backend, None, cfg.storage)),
             compute=ray.data.ActorPoolStrategy(size=1), num_cpus=CPUS_PER_ACTOR)
         rows = ds.take_all()
     except Exception as err:  # noqa: BLE001 - the point is to report whatever it was

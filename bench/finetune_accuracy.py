@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
-# SST-2 as in DESIGN.md's measurement of this model. Banking77's new 77-way head starts from
+# SST-2 with the settings measured for this model before (0.853 dev accuracy after 1 epoch). Banking77's new 77-way head starts from
 # random weights: at lr 1e-4 under the cosine schedule over 3 epochs it was still rising when
 # the rate reached zero (0.675, 0.835, 0.853), so it gets a higher rate and more epochs.
 TASKS = {

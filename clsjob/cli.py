@@ -11,7 +11,7 @@ import sys
 from clsjob.config import (ClassifyConfig, ConfigError, FinetuneConfig, MergeConfig, StorageConfig,
                            load_config)
 from clsjob.backends import ModelError
-from clsjob.io import InputError
+from clsjob.store import InputError
 from clsjob.labels import LabelError
 from clsjob.lock import RunLocked
 from clsjob.placement import PlacementError

@@ -172,6 +172,7 @@ def run_demo(workdir: str) -> dict:
     from clsjob.finetune.merge import merge
     from clsjob.finetune.train import run_finetune
     from clsjob.pipeline import run_classify
+    from clsjob.placement import classify_demand, ensure_ray
 
     started = time.monotonic()
     work = Path(workdir).absolute()
@@ -192,9 +193,10 @@ def run_demo(workdir: str) -> dict:
     for name, cfg in [("finetune", finetune_cfg), ("merge", merge_cfg), ("classify", classify_cfg)]:
         (work / "configs" / f"{name}.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
 
-    # More logical CPUs than the 2 cores: the shard reader is I/O-light and must get a slot
-    # next to a classifier actor that holds both cores for its torch threads.
-    ray.init(num_cpus=4, include_dashboard=False)
+    # Sized for the classify stage (its actor holds both cores, and the reader needs a slot
+    # beside it), with the dashboard: Ray Train's clean-up watcher asks its state API, and
+    # without one it logs a failed query every second.
+    ensure_ray(classify_demand(classify_cfg.resources))
     trained = run_finetune(finetune_cfg)
     merge(merge_cfg)
     summary = run_classify(classify_cfg)

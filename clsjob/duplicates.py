@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from clsjob import io
+from clsjob import store
 from clsjob.config import ClassifyConfig, StorageConfig
-from clsjob.io import InputError
+from clsjob.store import InputError
 
 log = logging.getLogger("clsjob")
 COUNT = "count()"  # the column Ray Data's groupby().count() names
@@ -33,7 +33,7 @@ class DuplicateIds:
         return {"ids": self.ids, "rows": self.rows, "examples": self.examples}
 
 
-def check_duplicate_ids(cfg: ClassifyConfig, shards: list[io.ShardInfo]) -> DuplicateIds | None:
+def check_duplicate_ids(cfg: ClassifyConfig, shards: list[store.ShardInfo]) -> DuplicateIds | None:
     """Find repeated values of `input.id_column`; fail or report as `input.on_duplicate_ids`
     says. None when ids are derived."""
     column = cfg.input.id_column
@@ -73,5 +73,5 @@ def find_duplicate_ids(paths: list[str], column: str, storage: StorageConfig,
 
 def read_ids(batch: pa.Table, column: str, storage: StorageConfig) -> Iterator[pa.Table]:
     for path in batch.column("path").to_pylist():
-        for _, table in io.iter_shard(path, [column], 1 << 20, storage):
+        for _, table in store.iter_shard(path, [column], 1 << 20, storage):
             yield pa.table({"id": table.column(column)})

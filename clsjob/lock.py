@@ -17,7 +17,7 @@ import threading
 import uuid
 from datetime import datetime, timezone
 
-from clsjob import io
+from clsjob import store
 from clsjob.config import StorageConfig
 
 log = logging.getLogger("clsjob")
@@ -30,7 +30,7 @@ class RunLocked(RuntimeError):
 
 class RunLock:
     def __init__(self, output: str, storage: StorageConfig, stale_after_s: float):
-        self.url = io.join(output, LOCK)
+        self.url = store.join(output, LOCK)
         self.storage, self.stale_after_s = storage, stale_after_s
         self.owner = uuid.uuid4().hex
         self.started_at = datetime.now(timezone.utc).isoformat()
@@ -39,7 +39,7 @@ class RunLock:
         self._beat = threading.Thread(target=self._heartbeat, daemon=True, name="clsjob-lock")
 
     def __enter__(self) -> "RunLock":
-        if not io.create_exclusive(self._content(), self.url, self.storage):
+        if not store.create_exclusive(self._content(), self.url, self.storage):
             held = self._read()
             reason = stale_reason(held, self.stale_after_s)
             if not reason:
@@ -49,8 +49,8 @@ class RunLock:
                     f"{held.get('heartbeat_at')}); it is taken over once its heartbeat is "
                     f"{self.stale_after_s:.0f} s old")
             log.warning("classify: taking over the lock of a run that is gone (%s)", reason)
-            io.remove(self.url, self.storage)
-            if not io.create_exclusive(self._content(), self.url, self.storage):
+            store.remove(self.url, self.storage)
+            if not store.create_exclusive(self._content(), self.url, self.storage):
                 raise RunLocked(f"{self.url}: another run took this output over just now")
         self._beat.start()
         return self
@@ -59,7 +59,7 @@ class RunLock:
         self._stop.set()
         self._beat.join()
         if self._read().get("owner") == self.owner:
-            io.remove(self.url, self.storage)
+            store.remove(self.url, self.storage)
 
     def _content(self) -> str:
         now = datetime.now(timezone.utc).isoformat()
@@ -68,7 +68,7 @@ class RunLock:
 
     def _read(self) -> dict:
         try:
-            return io.read_json(self.url, self.storage)
+            return store.read_json(self.url, self.storage)
         except FileNotFoundError:
             return {}
 
@@ -79,7 +79,7 @@ class RunLock:
                 self.lost = True
                 log.error("classify: %s was taken over by another run", self.url)
                 return
-            io.write_text(self._content(), self.url, self.storage)
+            store.write_text(self._content(), self.url, self.storage)
 
 
 def stale_reason(held: dict, stale_after_s: float) -> str | None:

@@ -85,8 +85,8 @@ def calibration_bin(confidence: np.ndarray) -> np.ndarray:
     return np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, CALIBRATION_BINS - 1)
 
 
-def tally(labels: LabelSet, gold: Sequence[str | None], predicted: Sequence[str | None],
-          confidence: Sequence[float | None], errors: Sequence[str | None]) -> Tally:
+def count_rows(labels: LabelSet, gold: Sequence[str | None], predicted: Sequence[str | None],
+               confidence: Sequence[float | None], errors: Sequence[str | None]) -> Tally:
     """Count one batch of output rows. Rows that errored, have no gold label, or whose gold
     label is outside the label set are counted and left out of the scores, never a crash."""
     t = Tally(n_labels=len(labels), rows=len(gold))

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clsjob.config import InputConfig
-from clsjob.io import InputError, ShardInfo
+from clsjob.store import InputError, ShardInfo
 
 DERIVED_ID = "id"
 # Gold labels are written under their own name: input corpora very often call them "label",

@@ -1,11 +1,11 @@
 """Evaluation outputs: _metrics.json and a readable report.md, from a Tally of the run."""
 from __future__ import annotations
 
-from clsjob import io
+from clsjob import store
 from clsjob.config import StorageConfig
-from clsjob.io import InputError
+from clsjob.store import InputError
 from clsjob.labels import LabelSet
-from clsjob.metrics import Tally, summarize, tally
+from clsjob.metrics import Tally, count_rows, summarize
 
 METRICS, REPORT = "_metrics.json", "report.md"
 
@@ -13,24 +13,24 @@ METRICS, REPORT = "_metrics.json", "report.md"
 def write_evaluation(output: str, storage: StorageConfig, labels: LabelSet, counts: Tally,
                      rows_per_s: float | None) -> dict:
     metrics = {**summarize(labels, counts), "rows_per_s": rows_per_s}
-    io.write_json(metrics, io.join(output, METRICS), storage)
-    io.write_text(render_report(metrics), io.join(output, REPORT), storage)
+    store.write_json(metrics, store.join(output, METRICS), storage)
+    store.write_text(render_report(metrics), store.join(output, REPORT), storage)
     return metrics
 
 
 def evaluate_output(output: str, storage: StorageConfig) -> dict:
     """Recompute the metrics of an existing output, one part at a time. Only the parts the
     manifest lists are read, so stray files in the folder cannot skew the numbers."""
-    manifest = io.read_json(io.join(output, "_manifest.json"), storage)
+    manifest = store.read_json(store.join(output, "_manifest.json"), storage)
     gold_column = manifest.get("gold_column")
     if not gold_column:
         raise InputError(f"{output}: the run had no input.label_column, nothing to evaluate")
     labels = LabelSet(tuple(manifest["labels"]))
     counts = Tally(n_labels=len(labels))
     for part in manifest["parts"]:
-        t = io.read_table(io.join(output, part["part"]), storage,
-                          [gold_column, "label", "confidence", "error"])
-        counts.add(tally(labels, t.column(gold_column).to_pylist(), t.column("label").to_pylist(),
+        t = store.read_table(store.join(output, part["part"]), storage,
+                             [gold_column, "label", "confidence", "error"])
+        counts.add(count_rows(labels, t.column(gold_column).to_pylist(), t.column("label").to_pylist(),
                          t.column("confidence").to_pylist(), t.column("error").to_pylist()))
     return write_evaluation(output, storage, labels, counts, manifest.get("rows_per_s"))
 

@@ -12,7 +12,7 @@ import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-from clsjob import io
+from clsjob import store
 from clsjob.config import ClassifyConfig
 from clsjob.metrics import Tally
 
@@ -36,23 +36,23 @@ def work_hash(cfg: ClassifyConfig) -> str:
 
 
 def marker_url(output: str, shard_key: str) -> str:
-    return io.join(output, PROGRESS, hashlib.sha1(shard_key.encode()).hexdigest()[:20] + ".json")
+    return store.join(output, PROGRESS, hashlib.sha1(shard_key.encode()).hexdigest()[:20] + ".json")
 
 
 def clear(output: str, storage) -> None:
     """--overwrite: forget a previous run, parts included."""
-    for part in io.list_parts(output, storage):
-        io.remove(part, storage)
+    for part in store.list_parts(output, storage):
+        store.remove(part, storage)
     for name in (PROGRESS, MANIFEST, "_metrics.json", "report.md"):
-        io.remove(io.join(output, name), storage)
+        store.remove(store.join(output, name), storage)
 
 
 def finished_run(cfg: ClassifyConfig, work: str) -> dict | None:
     """The manifest of a complete earlier run of this same work, if there is one."""
-    url = io.join(cfg.output.path, MANIFEST)
-    if not io.exists(url, cfg.storage):
+    url = store.join(cfg.output.path, MANIFEST)
+    if not store.exists(url, cfg.storage):
         return None
-    manifest = io.read_json(url, cfg.storage)
+    manifest = store.read_json(url, cfg.storage)
     if manifest.get("work_hash") != work:
         raise OutputConflict(
             f"output.path {cfg.output.path} holds a finished run of another config "
@@ -61,11 +61,11 @@ def finished_run(cfg: ClassifyConfig, work: str) -> dict | None:
     return manifest if manifest.get("status") == "complete" else None
 
 
-def load_done(cfg: ClassifyConfig, work: str, shards: list[io.ShardInfo]) -> dict[str, dict]:
+def load_done(cfg: ClassifyConfig, work: str, shards: list[store.ShardInfo]) -> dict[str, dict]:
     """Markers of shards already finished by an earlier attempt of this work, by shard key."""
-    urls = io.list_files(io.join(cfg.output.path, PROGRESS), ".json", cfg.storage)
+    urls = store.list_files(store.join(cfg.output.path, PROGRESS), ".json", cfg.storage)
     with ThreadPoolExecutor(max_workers=16) as pool:
-        markers = list(pool.map(lambda u: io.read_json(u, cfg.storage), urls))
+        markers = list(pool.map(lambda u: store.read_json(u, cfg.storage), urls))
     other = {m["work_hash"] for m in markers} - {work}
     if other:
         raise OutputConflict(
@@ -80,7 +80,7 @@ class ShardProgress:
     """Collects the write stage's stats rows per shard; marks a shard done when all its rows
     are written."""
 
-    def __init__(self, cfg: ClassifyConfig, work: str, shards: list[io.ShardInfo], n_labels: int):
+    def __init__(self, cfg: ClassifyConfig, work: str, shards: list[store.ShardInfo], n_labels: int):
         self.cfg, self.work, self.n_labels = cfg, work, n_labels
         self.rows = {s.key: s.rows for s in shards}
         self.parts: dict[str, list[dict]] = {s.key: [] for s in shards}
@@ -101,5 +101,5 @@ class ShardProgress:
         marker = {"shard": key, "rows": self.rows[key], "work_hash": self.work,
                   "parts": sorted(self.parts[key], key=lambda p: p["part"]),
                   "tally": self.tallies[key].to_json()}
-        io.write_json(marker, marker_url(self.cfg.output.path, key), self.cfg.storage)
+        store.write_json(marker, marker_url(self.cfg.output.path, key), self.cfg.storage)
         self.markers[key] = marker

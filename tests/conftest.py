@@ -1,24 +1,12 @@
 """Shared fixtures: one local Ray cluster and one set of tiny models per test session."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import build_bert_classifier, build_qwen2_classifier  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-LABELS = ["negative", "neutral", "positive"]
-# Dummy credentials for the moto S3 tests. A Ray worker's environment is fixed when Ray starts,
-# so they go into the session cluster's runtime_env (distinctive values: a leak is greppable).
-TEST_AWS_ENV = {"AWS_ACCESS_KEY_ID": "AKIACLSJOBTESTKEY0001",
-                "AWS_SECRET_ACCESS_KEY": "clsjob-test-secret-5f0c2a9e7d41b8c3",
-                "AWS_DEFAULT_REGION": "us-east-1"}
+from helpers import LABELS, TEST_AWS_ENV
+from tiny_models import build_bert_classifier, build_qwen2_classifier
 
 
 @pytest.fixture(scope="session")
@@ -33,25 +21,6 @@ def ray_cluster():
     ray.shutdown()
 
 
-def cluster_processes(title: str) -> list:
-    """Worker processes of this session's Ray cluster (children of its raylet) whose title
-    holds `title`: a fault test must never pick a process of another Ray on the machine."""
-    import psutil
-    from ray._private import ray_constants
-    from ray._private.worker import _global_node
-
-    raylet = _global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
-    found = []
-    for proc in psutil.Process(raylet).children():
-        try:
-            cmdline = proc.cmdline()
-        except psutil.NoSuchProcess:
-            continue
-        if cmdline and cmdline[0].startswith("ray::") and title in " ".join(cmdline):
-            found.append(proc)
-    return found
-
-
 @pytest.fixture(scope="session")
 def qwen_model(tmp_path_factory) -> Path:
     return build_qwen2_classifier(tmp_path_factory.mktemp("qwen2-cls"), LABELS)
@@ -60,50 +29,3 @@ def qwen_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def bert_model(tmp_path_factory) -> Path:
     return build_bert_classifier(tmp_path_factory.mktemp("bert-cls"), LABELS)
-
-
-def sample_texts(n: int, seed: int = 0) -> list[str]:
-    """Varied lengths, so padding and length sorting matter."""
-    import random
-
-    rng = random.Random(seed)
-    words = "the film was a delight dull tedious card payment parcel arrived account".split()
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(1, 40))) for _ in range(n)]
-
-
-def write_shards(folder: Path, shards: list[dict]) -> list[Path]:
-    """Write one Parquet file per dict of columns; returns the paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, columns in enumerate(shards):
-        path = folder / f"shard-{i:03d}.parquet"
-        pq.write_table(pa.table(columns), path)
-        paths.append(path)
-    return paths
-
-
-def shipped_classify(name: str, model, tmp_path: Path, *overrides: str, day=None):
-    """A shipped classify config at tiny scale: only the data, the model (a tiny one of the
-    right kind) and one CPU actor are swapped; every other setting runs as shipped."""
-    from clsjob.config import ClassifyConfig, load_config
-
-    return load_config(REPO / "configs" / name, [
-        f"input.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}",
-        f"backend.model={model}", "resources.actors=1", "resources.gpus_per_actor=0",
-        "resources.cpus_per_actor=1", "resources.batch_size=16", *overrides],
-        model=ClassifyConfig, day=day)
-
-
-def check_output_contract(summary, output: Path, rows: int, errored: int) -> list[dict]:
-    """Rows out = rows in, ids unique, a complete manifest; returns the output rows."""
-    import json
-
-    table = pa.concat_tables(pq.read_table(p) for p in sorted(output.glob("*.parquet")))
-    out = table.to_pylist()
-    assert summary.rows_in == summary.rows_out == len(out) == rows
-    assert summary.rows_errored == errored == sum(r["error"] is not None for r in out)
-    ids = [r.get("id") for r in out]
-    assert len(set(ids)) == rows
-    manifest = json.loads((output / "_manifest.json").read_text())
-    assert manifest["status"] == "complete" and manifest["rows_out"] == rows
-    return out

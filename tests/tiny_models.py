@@ -1,6 +1,6 @@
 """Tiny random transformers models built on the spot: no model hub is reachable here.
 
-Shapes follow DESIGN.md: vLLM's CPU attention needs head_dim 64, so hidden 128 with 2 heads.
+vLLM's CPU attention rejects head_dim 16 and takes 64: hidden 128 with 2 heads.
 """
 from __future__ import annotations
 

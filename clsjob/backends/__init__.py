@@ -37,7 +37,7 @@ def actor_kwargs(cfg, labels: LabelSet) -> dict:
     return kwargs
 
 
-def check_model(backend: BackendConfig, configured: LabelSet | None, storage) -> LabelSet:
+def check_model_and_labels(backend: BackendConfig, configured: LabelSet | None, storage) -> LabelSet:
     """Validate the model and the labels on the driver, before any row is read; return the
     label set in output order."""
     if backend.kind in ("hf", "vllm_pool"):  # the same merged classifier folder

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import ConfigDict, Field, create_model
 
-from clsjob import io
+from clsjob import store
 from clsjob.backends import ModelError, check_model_files
 from clsjob.backends.rows import attach_results, rows_to_classify
 from clsjob.backends.vllm_engine import engine, engine_args, prepare_env
@@ -44,7 +44,7 @@ def load_examples(prompt: PromptConfig, labels: LabelSet, storage: StorageConfig
     if prompt.examples_path and room > 0:
         cols = [prompt.examples_text_column, prompt.examples_label_column]
         try:
-            table = io.read_table(prompt.examples_path, storage, columns=cols)
+            table = store.read_table(prompt.examples_path, storage, columns=cols)
         except (OSError, pa.ArrowInvalid, KeyError) as exc:
             raise ModelError(f"backend.prompt.examples_path: cannot read {cols} from "
                              f"{prompt.examples_path}: {exc}") from None

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import logging
 
-from clsjob import io
+from clsjob import store
 from clsjob.config import InputConfig, LabelSpec, StorageConfig
-from clsjob.io import InputError
+from clsjob.store import InputError
 from clsjob.labels import LabelError, LabelSet
 from clsjob.prepare import clean_text
 
@@ -20,8 +20,8 @@ def read_labelled(inp: InputConfig, storage: StorageConfig) -> tuple[list[str], 
     columns decoded as UTF-8, broken bytes and control characters replaced), so a model is
     trained on exactly the text it will be asked about."""
     texts, golds, skipped, cleaned = [], [], 0, 0
-    for shard in io.list_shards(inp.path, storage):
-        table = io.read_table(shard, storage, [inp.text_column, inp.label_column])
+    for shard in store.list_shards(inp.path, storage):
+        table = store.read_table(shard, storage, [inp.text_column, inp.label_column])
         text, changed = clean_text(table.column(inp.text_column))
         cleaned += sum(changed.to_pylist())
         for text, gold in zip(text.to_pylist(), table.column(inp.label_column).to_pylist()):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -18,11 +19,12 @@ import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 from ray.train.torch import TorchTrainer
-from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
 
 from clsjob.config import FinetuneConfig, config_hash
 from clsjob.finetune.data import encode, read_labelled, settle_labels
 from clsjob.finetune.model import build_trainable, load_tokenizer
+from clsjob.finetune.progress import ProgressLog, RunningTotals
 from clsjob.labels import LabelError, LabelSet
 from clsjob.metrics import averaged, confusion_matrix, per_class_scores
 from clsjob.placement import check_placement, ensure_ray, training_demand
@@ -43,6 +45,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         return json.loads(summary_path.read_text())
     demand = training_demand(cfg.training)
     ensure_ray(demand)
+    # Ray Train copies every print of a worker to both its stdout and its log, and the driver
+    # shows both: each line twice. Workers log through `logging` instead (progress.py).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     check_placement(demand, cfg.cluster.autoscaling)
     storage_path, storage_fs = checkpoint_storage(cfg)
     trainer = TorchTrainer(
@@ -134,19 +139,31 @@ def training_arguments(cfg: FinetuneConfig, output_dir: str, has_eval: bool) -> 
     )
 
 
-class WeightedLossTrainer(Trainer):
-    """The HF Trainer with a per-label weight in the cross-entropy, for imbalanced data."""
+class ClassifierTrainer(Trainer):
+    """The HF Trainer with an optional per-label weight in the cross-entropy (for imbalanced
+    data), feeding the loss and token counts of every micro-batch to the progress line."""
 
-    def __init__(self, *args, label_weights: torch.Tensor, **kwargs):
+    def __init__(self, *args, label_weights: torch.Tensor | None = None,
+                 running: RunningTotals | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.label_weights = label_weights
+        self.label_weights, self.running = label_weights, running
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.label_weights is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         gold = inputs.pop("labels")
         outputs = model(**inputs)
         logits = outputs.logits.float()
         loss = torch.nn.functional.cross_entropy(logits, gold, weight=self.label_weights.to(logits.device))
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        mask = inputs.get("attention_mask")
+        tokens = int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.running is not None:
+            self.running.add(loss, tokens)
+        return loss
 
 
 def label_weights(spec, labels: LabelSet, train_rows: list[dict]) -> torch.Tensor | None:
@@ -206,12 +223,14 @@ def train_in(cfg: FinetuneConfig, work: Path) -> None:
     model = build_trainable(cfg.base_model, labels, cfg.training, tokenizer, device)
     weights = label_weights(cfg.training.class_weights, labels, train_rows)
 
-    kwargs = dict(model=model, args=training_arguments(cfg, str(work / "hf"), bool(eval_rows)),
-                  train_dataset=train_rows, eval_dataset=eval_rows or None,
-                  data_collator=DataCollatorWithPadding(tokenizer),
-                  compute_metrics=classification_metrics, callbacks=[RayTrainReportCallback()])
-    trainer = (WeightedLossTrainer(**kwargs, label_weights=weights) if weights is not None
-               else Trainer(**kwargs))
+    running = RunningTotals()
+    trainer = ClassifierTrainer(
+        model=model, args=training_arguments(cfg, str(work / "hf"), bool(eval_rows)),
+        train_dataset=train_rows, eval_dataset=eval_rows or None,
+        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=classification_metrics,
+        callbacks=[RayTrainReportCallback(), ProgressLog(running)], label_weights=weights,
+        running=running)
+    trainer.remove_callback(PrinterCallback)  # ProgressLog says it once, through the logger
     trainer = prepare_trainer(trainer)
     if resume_from:
         log.info("finetune: resuming from %s", resume_from)

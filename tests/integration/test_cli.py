@@ -6,7 +6,7 @@ import sys
 import yaml
 
 from clsjob.cli import main
-from conftest import REPO, sample_texts, write_shards
+from helpers import REPO, sample_texts, write_shards
 
 
 def test_bad_config_exits_2_naming_the_key(tmp_path):

@@ -18,7 +18,7 @@ from clsjob.backends.hf import load_classifier, predict_probs
 from clsjob.config import BackendConfig, TrainingConfig
 from clsjob.finetune.model import build_trainable, load_tokenizer
 from clsjob.labels import LabelSet
-from conftest import REPO
+from helpers import REPO
 from tiny_models import build_base
 
 PATHS = ["native", "avx512", "avx2"]

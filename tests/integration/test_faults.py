@@ -10,7 +10,7 @@ import psutil
 
 from clsjob.config import ClassifyConfig, validate
 from clsjob.pipeline import run_classify
-from conftest import cluster_processes, sample_texts, write_shards
+from helpers import cluster_processes, sample_texts, write_shards
 
 SHARDS, ROWS = 6, 200
 

@@ -14,7 +14,7 @@ from clsjob.finetune.merge import merge
 from clsjob.finetune.model import load_base_classifier, load_tokenizer
 from clsjob.finetune.train import SUMMARY, run_finetune
 from clsjob.labels import LabelSet
-from conftest import sample_texts, write_shards
+from helpers import sample_texts, write_shards
 from tiny_models import build_qwen2_classifier
 
 # A task the tiny model can learn in a few steps: the label is the first word.

@@ -16,7 +16,7 @@ import yaml
 
 from clsjob.config import FinetuneConfig, validate
 from clsjob.finetune.train import SUMMARY, run_finetune
-from conftest import REPO, TEST_AWS_ENV, cluster_processes, write_shards
+from helpers import REPO, TEST_AWS_ENV, cluster_processes, write_shards
 from test_finetune import task_rows
 from tiny_models import build_qwen2_classifier
 

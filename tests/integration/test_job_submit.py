@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import LABELS, REPO, sample_texts, write_shards
+from helpers import LABELS, REPO, sample_texts, write_shards
 from clsjob.lock import LOCK
 from ray_nodes import RAY, start_head, stop_cluster
 from tiny_models import build_qwen2_classifier

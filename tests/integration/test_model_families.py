@@ -14,7 +14,7 @@ from clsjob.config import BackendConfig, FinetuneConfig, MergeConfig, load_confi
 from clsjob.finetune.merge import merge
 from clsjob.finetune.train import run_finetune
 from clsjob.labels import LabelSet
-from conftest import REPO, write_shards
+from helpers import REPO, write_shards
 from test_finetune import WORDS, task_rows
 from tiny_models import build_base
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import REPO, sample_texts, write_shards
+from helpers import REPO, sample_texts, write_shards
 from ray_nodes import kill_session, session_pids, start_head, start_worker, stop_cluster
 
 pytestmark = pytest.mark.slow

@@ -6,13 +6,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clsjob import io, resume
+from clsjob import resume, store
 from clsjob.config import ClassifyConfig, StorageConfig, validate
-from clsjob.io import InputError
+from clsjob.store import InputError
 from clsjob.labels import LabelError
 from clsjob.pipeline import run_classify
 from clsjob.report import evaluate_output
-from conftest import LABELS, sample_texts, write_shards
+from helpers import LABELS, sample_texts, write_shards
 
 BAD_TEXTS = [None, "", "   \n"]
 
@@ -45,7 +45,7 @@ def config(model, inp, out, **extra) -> ClassifyConfig:
 
 
 def read_output(out) -> pa.Table:
-    return pa.concat_tables(pq.read_table(p) for p in io.list_parts(str(out), StorageConfig()))
+    return pa.concat_tables(pq.read_table(p) for p in store.list_parts(str(out), StorageConfig()))
 
 
 @pytest.mark.parametrize("model_fixture", ["qwen_model", "bert_model"])
@@ -232,3 +232,21 @@ def test_unique_ids_report_no_duplicates(qwen_model, ray_cluster, tmp_path):
                                   input={"label_column": None, "carry_columns": []}))
     assert derived.rows_out == 4
     assert json.loads((tmp_path / "o2" / "_manifest.json").read_text())["duplicate_ids"] is None
+
+
+def test_chunks_stay_whole_without_changing_the_process_setting(qwen_model, ray_cluster, tmp_path):
+    """A part is one whole chunk even where Ray Data would split blocks by size (here a 1 KiB
+    limit against chunks of ~20 KiB), and the job changes no other dataset's setting."""
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    before = context.target_max_block_size
+    context.target_max_block_size = 1024
+    try:
+        inp, rows = corpus(tmp_path, shards=1, rows=100)
+        summary = run_classify(config(qwen_model, inp, tmp_path / "out"))
+        assert context.target_max_block_size == 1024
+    finally:
+        context.target_max_block_size = before
+    assert summary.rows_out == rows == 103
+    assert read_output(tmp_path / "out").num_rows == rows

@@ -16,7 +16,7 @@ import pytest
 from clsjob.config import ClassifyConfig, ResourcesConfig, validate
 from clsjob.pipeline import run_classify
 from clsjob.placement import (PlacementError, StallReporter, check_placement, classify_demand)
-from conftest import REPO, sample_texts, write_shards
+from helpers import REPO, sample_texts, write_shards
 from tiny_models import build_bert_classifier
 
 INTENTS = ["account", "billing", "delivery", "product"]  # the labels the shipped config names

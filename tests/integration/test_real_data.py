@@ -11,7 +11,7 @@ from clsjob.demo import extract_minilm
 from clsjob.finetune.merge import merge
 from clsjob.finetune.train import run_finetune
 from clsjob.pipeline import run_classify
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA
 
 SST2 = SHARED_DATA / "sst2.parquet"
 pytestmark = [pytest.mark.slow,

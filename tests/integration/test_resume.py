@@ -14,7 +14,7 @@ import yaml
 from clsjob.config import ClassifyConfig, load_config
 from clsjob.pipeline import run_classify
 from clsjob.resume import PROGRESS
-from conftest import REPO, sample_texts, write_shards
+from helpers import REPO, sample_texts, write_shards
 
 SHARDS, ROWS = 8, 240
 

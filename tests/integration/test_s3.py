@@ -2,7 +2,7 @@
 
 Input shards, output parts, the manifest and the evaluation all go through s3fs, in the driver
 and in the Ray workers, exactly as on AWS; only the endpoint differs. The results are read
-back with plain boto3, not through clsjob.io, so the check does not share the code it checks.
+back with plain boto3, not through clsjob.store, so the check does not share the code it checks.
 """
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from clsjob import io
+from clsjob import store
 from clsjob.config import ClassifyConfig, StorageConfig, validate
 from clsjob.lock import LOCK, RunLock, RunLocked
 from clsjob.pipeline import run_classify
-from conftest import LABELS, TEST_AWS_ENV, sample_texts, write_shards
+from helpers import LABELS, TEST_AWS_ENV, sample_texts, write_shards
 from faulty_s3 import FAULTS, FaultyS3
 
 boto3 = pytest.importorskip("boto3")
@@ -172,9 +172,9 @@ def test_glob_lists_the_same_shards_as_the_folder(s3):
     storage = StorageConfig(endpoint_url=s3.endpoint)
     expected = [f"s3://{BUCKET}/in/shard-{i:03d}.parquet" for i in range(len(SHARD_ROWS))]
 
-    assert io.list_shards(f"s3://{BUCKET}/in/shard-00*.parquet", storage) == expected
-    assert io.list_shards(f"s3://{BUCKET}/in/", storage) == expected  # _SUCCESS skipped
-    assert io.list_shards(f"s3://{BUCKET}/in", storage) == expected
+    assert store.list_shards(f"s3://{BUCKET}/in/shard-00*.parquet", storage) == expected
+    assert store.list_shards(f"s3://{BUCKET}/in/", storage) == expected  # _SUCCESS skipped
+    assert store.list_shards(f"s3://{BUCKET}/in", storage) == expected
 
 
 def test_transient_s3_errors_are_retried_on_read_and_write(s3, ray_with_aws_env, qwen_model):

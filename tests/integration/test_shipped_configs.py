@@ -6,7 +6,7 @@ import json
 from datetime import date
 
 from clsjob.pipeline import run_classify
-from conftest import LABELS, check_output_contract, sample_texts, shipped_classify, write_shards
+from helpers import LABELS, check_output_contract, sample_texts, shipped_classify, write_shards
 from tiny_models import build_bert_classifier
 
 INTENTS = ["account", "billing", "delivery", "product"]

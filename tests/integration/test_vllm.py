@@ -19,7 +19,7 @@ from clsjob.config import ClassifyConfig, InputConfig, validate
 from clsjob.labels import LabelSet
 from clsjob.pipeline import run_classify
 from clsjob.prepare import prepare_chunk
-from conftest import LABELS, check_output_contract, sample_texts, shipped_classify, write_shards
+from helpers import LABELS, check_output_contract, sample_texts, shipped_classify, write_shards
 from tiny_models import build_qwen2_classifier
 
 pytest.importorskip("vllm")
@@ -50,7 +50,7 @@ def prompted(model, mode: str, labels=LABELS, **prompt) -> ClassifyConfig:
 
 
 def actor_for(cfg: ClassifyConfig):
-    labels = LabelSet.from_specs(cfg.labels) if cfg.labels else backends.check_model(
+    labels = LabelSet.from_specs(cfg.labels) if cfg.labels else backends.check_model_and_labels(
         cfg.backend, None, cfg.storage)
     return backends.actor_class(cfg.backend)(**backends.actor_kwargs(cfg, labels))
 

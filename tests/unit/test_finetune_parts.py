@@ -31,13 +31,13 @@ def test_explicit_weights_default_to_one_and_unknown_labels_are_named():
 
 
 def test_weighted_loss_is_the_weighted_cross_entropy():
-    from clsjob.finetune.train import WeightedLossTrainer
+    from clsjob.finetune.train import ClassifierTrainer
 
     class Model(torch.nn.Module):
         def forward(self, input_ids):
             return type("Out", (), {"logits": input_ids.float()})()
 
-    trainer = WeightedLossTrainer.__new__(WeightedLossTrainer)  # compute_loss needs no setup
+    trainer = ClassifierTrainer.__new__(ClassifierTrainer)  # compute_loss needs no setup
     trainer.label_weights = torch.tensor([1.0, 3.0])
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     loss = trainer.compute_loss(Model(), {"input_ids": logits, "labels": torch.tensor([0, 1])})
@@ -124,3 +124,31 @@ def test_training_text_is_the_text_classify_labels(tmp_path):
     tok = build_tokenizer(tmp_path / "tok")
     trained_ids = [row["input_ids"] for row in encode(tok, texts, golds, LabelSet(("billing", "delivery")), 8)]
     assert trained_ids == encode_truncating(tok, labelled, 8)[0]
+
+
+def test_progress_line_between_epochs(caplog):
+    """Every `every_s` seconds: step of total, the mean loss per optimizer step since the last
+    line, tokens/s and the time left; one line per logged metrics dict; rank 0 only."""
+    import logging
+    from types import SimpleNamespace
+
+    from clsjob.finetune.progress import ProgressLog, RunningTotals
+
+    running = RunningTotals()
+    progress = ProgressLog(running, every_s=0.0)
+    state = SimpleNamespace(global_step=10, max_steps=40, epoch=0.25, is_world_process_zero=True)
+    progress.on_train_begin(None, state, None)
+    for _ in range(4):  # two optimizer steps of two micro-batches, each loss already halved
+        running.add(torch.tensor(0.25), tokens=100)
+    state.global_step = 12
+    with caplog.at_level(logging.INFO, logger="clsjob"):
+        progress.on_step_end(None, state, None)
+        progress.on_log(None, state, None, logs={"loss": 0.51234, "epoch": 1.0})
+        SimpleNamespace.__setattr__(state, "is_world_process_zero", False)
+        progress.on_step_end(None, state, None)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert lines[0].startswith("finetune: step 12/40 (30%), epoch 0.25, loss 0.5000, ")
+    assert "tokens/s per worker" in lines[0] and "s left" in lines[0]
+    assert lines[1] == "finetune: epoch 0.25: loss 0.5123, epoch 1"
+    assert running.take() == (0.0, 0)

@@ -14,7 +14,7 @@ from clsjob.backends.hf import (HFClassifier, check_model_folder, encode_truncat
 from clsjob.config import BackendConfig, InputConfig
 from clsjob.labels import LabelError, LabelSet
 from clsjob.prepare import prepare_chunk
-from conftest import LABELS, sample_texts
+from helpers import LABELS, sample_texts
 from tiny_models import build_qwen2_classifier
 
 

@@ -3,7 +3,7 @@ import pytest
 from sklearn import metrics as sk
 
 from clsjob.labels import LabelSet
-from clsjob.metrics import Tally, summarize, tally
+from clsjob.metrics import Tally, count_rows, summarize
 
 LABELS = LabelSet(("a", "b", "c", "d"))
 
@@ -23,7 +23,7 @@ def random_run(seed: int, n: int = 500):
 def test_scores_match_scikit_learn(seed):
     gold, pred, conf = random_run(seed)
     names = np.array(LABELS.names)
-    m = summarize(LABELS, tally(LABELS, names[gold].tolist(), names[pred].tolist(), conf.tolist(),
+    m = summarize(LABELS, count_rows(LABELS, names[gold].tolist(), names[pred].tolist(), conf.tolist(),
                                 [None] * len(gold)))
     assert m["accuracy"] == pytest.approx(sk.accuracy_score(gold, pred))
     for avg in ("macro", "weighted"):
@@ -41,7 +41,7 @@ def test_scores_match_scikit_learn(seed):
 def test_expected_calibration_error_by_definition():
     gold, pred, conf = random_run(11, n=2000)
     names = np.array(LABELS.names)
-    m = summarize(LABELS, tally(LABELS, names[gold].tolist(), names[pred].tolist(), conf.tolist(),
+    m = summarize(LABELS, count_rows(LABELS, names[gold].tolist(), names[pred].tolist(), conf.tolist(),
                                 [None] * len(gold)))
     correct = (gold == pred).astype(float)
     bins = np.minimum((conf * 15).astype(int), 14)
@@ -50,13 +50,13 @@ def test_expected_calibration_error_by_definition():
                    for b in range(15) if (bins == b).any())
     assert m["expected_calibration_error"] == pytest.approx(expected)
     # Perfectly calibrated extreme: always right with confidence 1.0 -> ECE 0.
-    perfect = summarize(LABELS, tally(LABELS, ["a"] * 10, ["a"] * 10, [1.0] * 10, [None] * 10))
+    perfect = summarize(LABELS, count_rows(LABELS, ["a"] * 10, ["a"] * 10, [1.0] * 10, [None] * 10))
     assert perfect["expected_calibration_error"] == pytest.approx(0.0)
     assert perfect["calibration"]["rows"][-1] == 10
 
 
 def test_errors_missing_and_unknown_gold_are_counted_not_scored():
-    m = summarize(LABELS, tally(
+    m = summarize(LABELS, count_rows(
         LABELS,
         gold=["a", "b", None, "zzz", "zzz", "c"],
         predicted=["a", "a", "b", "c", "a", None],
@@ -69,7 +69,7 @@ def test_errors_missing_and_unknown_gold_are_counted_not_scored():
 
 
 def test_no_confidence_gives_null_ece():
-    m = summarize(LABELS, tally(LABELS, ["a", "b"], ["a", "b"], [None, None], [None, None]))
+    m = summarize(LABELS, count_rows(LABELS, ["a", "b"], ["a", "b"], [None, None], [None, None]))
     assert m["expected_calibration_error"] is None and m["accuracy"] == 1.0
 
 
@@ -78,10 +78,10 @@ def test_tallies_add_up_and_survive_json():
     names = np.array(LABELS.names)
     args = lambda s: (names[gold[s]].tolist(), names[pred[s]].tolist(), conf[s].tolist(),
                       [None] * len(gold[s]))
-    whole = summarize(LABELS, tally(LABELS, *args(slice(None))))
+    whole = summarize(LABELS, count_rows(LABELS, *args(slice(None))))
     parts = Tally(n_labels=4)
     for s in (slice(0, 100), slice(100, 250), slice(250, None)):
-        parts.add(Tally.from_json(tally(LABELS, *args(s)).to_json()))
+        parts.add(Tally.from_json(count_rows(LABELS, *args(s)).to_json()))
     merged = summarize(LABELS, parts)
     assert merged["confusion_matrix"] == whole["confusion_matrix"]
     assert merged["expected_calibration_error"] == pytest.approx(whole["expected_calibration_error"])

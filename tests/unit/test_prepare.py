@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clsjob import io
+from clsjob import store
 from clsjob.config import InputConfig, StorageConfig
 from clsjob.prepare import CLEANED, GOLD, PART, PART_ROWS, check_schema, needed_columns, part_name, prepare_chunk
 
@@ -46,28 +46,28 @@ def test_needed_columns_only_and_in_order():
     assert needed_columns(cfg) == ["i", "text", "y", "a"]
 
 
-def shard_info(tmp_path, table: pa.Table) -> io.ShardInfo:
+def shard_info(tmp_path, table: pa.Table) -> store.ShardInfo:
     path = tmp_path / "bad.parquet"
     pq.write_table(table, path)
-    return io.inspect_shards([str(path)], LOCAL)[0]
+    return store.inspect_shards([str(path)], LOCAL)[0]
 
 
 def test_schema_errors_name_the_file_and_column(tmp_path):
     info = shard_info(tmp_path, pa.table({"body": ["a"], "n": [1]}))
-    with pytest.raises(io.InputError, match=r"bad\.parquet: input\.text_column 'text' is not a column"):
+    with pytest.raises(store.InputError, match=r"bad\.parquet: input\.text_column 'text' is not a column"):
         check_schema(info, InputConfig(path="x"))
-    with pytest.raises(io.InputError, match=r"bad\.parquet: input\.text_column 'n' has type int64"):
+    with pytest.raises(store.InputError, match=r"bad\.parquet: input\.text_column 'n' has type int64"):
         check_schema(info, InputConfig(path="x", text_column="n"))
-    with pytest.raises(io.InputError, match=r"input\.carry_columns 'lang' is not a column"):
+    with pytest.raises(store.InputError, match=r"input\.carry_columns 'lang' is not a column"):
         check_schema(info, InputConfig(path="x", text_column="body", carry_columns=["lang"]))
 
 
 def test_columns_that_collide_with_outputs_are_rejected(tmp_path):
     info = shard_info(tmp_path, pa.table({"text": ["a"], "label": ["x"], "id": [1]}))
     check_schema(info, InputConfig(path="x", label_column="label"))  # gold goes to "gold"
-    with pytest.raises(io.InputError, match=r"\['label'\] would collide"):
+    with pytest.raises(store.InputError, match=r"\['label'\] would collide"):
         check_schema(info, InputConfig(path="x", carry_columns=["label"]))
-    with pytest.raises(io.InputError, match=r"\['id'\] would collide"):
+    with pytest.raises(store.InputError, match=r"\['id'\] would collide"):
         check_schema(info, InputConfig(path="x", carry_columns=["id"]))
     check_schema(info, InputConfig(path="x", id_column="id"))
 
@@ -83,21 +83,21 @@ def test_list_shards_folder_glob_list_and_keys(tmp_path):
         for i in range(2):
             pq.write_table(pa.table({"text": ["x"]}), tmp_path / sub / f"p{i}.parquet")
     (tmp_path / "a" / "_SUCCESS.parquet").write_bytes(b"")  # markers are not shards
-    folder = io.list_shards(str(tmp_path), LOCAL)
+    folder = store.list_shards(str(tmp_path), LOCAL)
     assert [p.split("/")[-2:] for p in folder] == [["a", "p0.parquet"], ["a", "p1.parquet"],
                                                    ["b", "p0.parquet"], ["b", "p1.parquet"]]
-    assert io.list_shards(str(tmp_path / "*" / "p1.parquet"), LOCAL) == [folder[1], folder[3]]
-    assert io.list_shards([folder[2], folder[0], folder[2]], LOCAL) == [folder[0], folder[2]]
-    assert io.shard_keys(folder) == ["a/p0.parquet", "a/p1.parquet", "b/p0.parquet", "b/p1.parquet"]
-    with pytest.raises(io.InputError, match="nothing found at"):
-        io.list_shards(str(tmp_path / "missing"), LOCAL)
+    assert store.list_shards(str(tmp_path / "*" / "p1.parquet"), LOCAL) == [folder[1], folder[3]]
+    assert store.list_shards([folder[2], folder[0], folder[2]], LOCAL) == [folder[0], folder[2]]
+    assert store.shard_keys(folder) == ["a/p0.parquet", "a/p1.parquet", "b/p0.parquet", "b/p1.parquet"]
+    with pytest.raises(store.InputError, match="nothing found at"):
+        store.list_shards(str(tmp_path / "missing"), LOCAL)
 
 
 def test_iter_shard_chunks_cover_every_row_once(tmp_path):
     path = tmp_path / "s.parquet"
     pq.write_table(pa.table({"text": [str(i) for i in range(1000)], "other": list(range(1000))}),
                    path, row_group_size=300)
-    chunks = list(io.iter_shard(str(path), ["text"], 128, LOCAL))
+    chunks = list(store.iter_shard(str(path), ["text"], 128, LOCAL))
     starts = [s for s, _ in chunks]
     rows = [r for _, t in chunks for r in t.column("text").to_pylist()]
     assert rows == [str(i) for i in range(1000)]
@@ -110,15 +110,15 @@ def test_corrupt_shard_is_named(tmp_path):
     bad.write_bytes(b"PAR1 not really parquet")
     good = tmp_path / "good.parquet"
     pq.write_table(pa.table({"text": ["x", "y"]}), good)
-    infos = io.inspect_shards([str(bad), str(good)], LOCAL)
+    infos = store.inspect_shards([str(bad), str(good)], LOCAL)
     assert re.match(r".*broken\.parquet: not a readable Parquet file", infos[0].error)
     assert infos[1].error is None and infos[1].rows == 2
 
 
 def test_write_part_is_atomic_and_leaves_no_temp_files(tmp_path):
     target = tmp_path / "out" / "p.parquet"
-    io.write_part(pa.table({"x": [1, 2]}), str(target), LOCAL)
-    io.write_part(pa.table({"x": [3]}), str(target), LOCAL)  # a rerun replaces, never appends
+    store.write_part(pa.table({"x": [1, 2]}), str(target), LOCAL)
+    store.write_part(pa.table({"x": [3]}), str(target), LOCAL)  # a rerun replaces, never appends
     assert pq.read_table(target).column("x").to_pylist() == [3]
     assert sorted(p.name for p in target.parent.iterdir()) == ["p.parquet"]
 

@@ -1,0 +1,100 @@
+"""What a classify run reports: its summary, progress lines while it runs, the manifest
+written last, and the closing table."""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from clsjob import store
+from clsjob.config import ClassifyConfig, config_hash
+from clsjob.duplicates import DuplicateIds
+from clsjob.labels import LabelSet
+from clsjob.prepare import GOLD, id_column
+
+log = logging.getLogger("clsjob")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    output: str
+    rows_in: int
+    rows_out: int
+    rows_errored: int
+    elapsed_s: float
+    rows_per_s: float
+    metrics: dict | None
+
+
+class Progress:
+    """A log line at most every `every_s` seconds: rows done of total, rows/s, time left."""
+
+    def __init__(self, total: int, every_s: float = 10.0):
+        self.total, self.every_s, self.done = total, every_s, 0
+        self.started = self.last = time.monotonic()
+
+    def update(self, rows: int) -> None:
+        self.done += rows
+        done, now = self.done, time.monotonic()
+        if done < self.total and now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = done / max(now - self.started, 1e-9)
+        left = (self.total - done) / rate if rate else float("inf")
+        log.info("classify: %d/%d rows (%.1f%%), %.1f rows/s, ~%.0f s left",
+                 done, self.total, 100 * done / max(self.total, 1), rate, left)
+
+
+def build_manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, shards: list[store.ShardInfo],
+                   bad_files: list[str], duplicates: DuplicateIds | None, done: set[str],
+                   parts: list[dict], summary: RunSummary, started: datetime,
+                   complete: bool) -> dict:
+    return {
+        "status": "complete" if complete else "incomplete",
+        "run_id": uuid.uuid4().hex,
+        "config_hash": config_hash(cfg),
+        "work_hash": work,
+        "backend": cfg.backend.kind,
+        "model": cfg.backend.model,
+        "labels": list(labels.names),
+        "id_column": id_column(cfg.input),
+        "text_column": cfg.input.text_column,
+        "gold_column": GOLD if cfg.input.label_column else None,
+        "rows_in": summary.rows_in,
+        "rows_out": summary.rows_out,
+        "rows_errored": summary.rows_errored,
+        "rows_truncated": sum(p["truncated"] for p in parts),
+        # Rows whose text had invalid UTF-8 or control characters, cleaned before classifying.
+        "rows_cleaned": sum(p["cleaned"] for p in parts),
+        "rows_per_s": summary.rows_per_s,  # of the rows labelled by this attempt
+        "elapsed_s": summary.elapsed_s,
+        "started_at": started.isoformat(),
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "shards": [{"path": s.path, "key": s.key, "rows": s.rows, "done": s.key in done}
+                   for s in shards],
+        "skipped_files": bad_files,
+        # Repeated values of input.id_column (null when ids are derived, so unique).
+        "duplicate_ids": duplicates.to_json() if duplicates else None,
+        "parts": sorted(parts, key=lambda p: p["part"]),
+    }
+
+
+def summary_table(summary: RunSummary, shards: int, skipped: int) -> str:
+    rows = [("rows in", summary.rows_in), ("rows out", summary.rows_out),
+            ("labelled", summary.rows_out - summary.rows_errored),
+            ("errored", summary.rows_errored), ("shards", shards), ("files skipped", skipped),
+            ("rows/s (this attempt)", summary.rows_per_s), ("output", summary.output)]
+    if summary.metrics:
+        rows.insert(4, ("accuracy", round(summary.metrics["accuracy"], 4)))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def summary_of(manifest: dict, cfg: ClassifyConfig) -> RunSummary:
+    """The summary of a finished run, read back instead of redone."""
+    metrics_url = store.join(cfg.output.path, "_metrics.json")
+    metrics = store.read_json(metrics_url, cfg.storage) if store.exists(metrics_url, cfg.storage) else None
+    return RunSummary(cfg.output.path, manifest["rows_in"], manifest["rows_out"],
+                      manifest["rows_errored"], 0.0, 0.0, metrics)
