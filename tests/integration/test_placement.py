@@ -85,3 +85,16 @@ def test_a_stalled_job_says_what_it_waits_for(ray_cluster, caplog):
     assert caplog.text.count("nothing finished") == reports
     assert "2 classifier actor(s) asked for 1 CPU + 1 GPU each" in caplog.text
     assert re.search(r"free now: [\d.]+ of 4 CPU, 0 of 0 GPU", caplog.text)
+
+
+def test_a_finetune_the_cluster_cannot_place_fails_at_start(ray_cluster, tmp_path):
+    from clsjob.config import FinetuneConfig
+    from clsjob.finetune.train import run_finetune
+
+    cfg = validate({"base_model": "unused", "train": {"path": "unused", "label_column": "y"},
+                    "training": {"workers": 2, "use_gpu": True},
+                    "output": {"path": str(tmp_path / "adapter")}}, model=FinetuneConfig)
+    with pytest.raises(PlacementError, match=r"only 0 of 2 training workers fit, each needing "
+                                             r"1 CPU \+ 1 GPU on one node \(training.workers"):
+        run_finetune(cfg)
+    assert not (tmp_path / "adapter").exists()
