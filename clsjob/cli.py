@@ -9,7 +9,7 @@ import logging
 import sys
 
 from clsjob.config import (ClassifyConfig, ConfigError, FinetuneConfig, MergeConfig, StorageConfig,
-                           load_config)
+                           field_reference, load_config)
 from clsjob.backends import ModelError
 from clsjob.store import InputError
 from clsjob.labels import LabelError
@@ -18,6 +18,7 @@ from clsjob.placement import PlacementError
 from clsjob.resume import OutputConflict
 
 log = logging.getLogger("clsjob")
+CONFIGS = {"classify": ClassifyConfig, "finetune": FinetuneConfig, "merge": MergeConfig}
 # Errors whose message tells the user what to fix; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ConfigError, InputError, LabelError, ModelError, OutputConflict, RunLocked,
                PlacementError, FileNotFoundError, FileExistsError)
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="recompute _metrics.json and report.md of an output")
     ev.add_argument("--output", required=True, help="output folder of a classify run")
     ev.add_argument("--endpoint-url", help="S3-compatible endpoint, if the output is on one")
+    ref = sub.add_parser("config", help="every setting of a command's config, its default and meaning")
+    ref.add_argument("kind", choices=sorted(CONFIGS))
     demo = sub.add_parser("demo", help="corpus -> fine-tune MiniLM -> merge -> classify, locally")
     demo.add_argument("--workdir", default="demo-output")
     return parser
@@ -75,9 +78,18 @@ def run(args: argparse.Namespace) -> dict:
     raise AssertionError(args.command)
 
 
+def config_table(model) -> str:
+    rows = field_reference(model)
+    width = max(len(key) for key, _, _ in rows)
+    return "\n".join(f"{key:<{width}}  {default:<10}  {text}".rstrip() for key, default, text in rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if args.command == "config":
+        print(config_table(CONFIGS[args.kind]))
+        return 0
     try:
         result = run(args)
     except USER_ERRORS as exc:

@@ -1,6 +1,7 @@
 """Typed job configs: YAML + `--set key.path=value` overrides -> one frozen pydantic model.
 
-Every field is documented where it is declared; `clsjob <command> --help-config` prints them.
+Every field is documented where it is declared; `clsjob config classify|finetune|merge`
+prints them all, with their defaults.
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import hashlib
 import re
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
@@ -89,8 +90,8 @@ class PromptConfig(Section):
     examples: list[Example] = Field(default_factory=list, description="Few-shot examples.")
     examples_path: str | None = Field(
         None, description="Parquet file of more few-shot examples (local or s3://).")
-    examples_text_column: str = "text"
-    examples_label_column: str = "label"
+    examples_text_column: str = Field("text", description="Text column of examples_path.")
+    examples_label_column: str = Field("label", description="Label column of examples_path.")
     max_examples: int = Field(8, ge=0, description="Cap on examples used (inline first).")
     chat_template: Literal["auto", "on", "off"] = Field(
         "auto", description="auto = the tokenizer's chat template when it has one, else a "
@@ -112,7 +113,7 @@ class EngineConfig(Section):
     kv_cache_gib: float | None = Field(
         None, gt=0, description="KV cache size in GiB. None = from gpu_memory_utilization on "
                                 "GPU, 1 GiB on CPU (where that share is of one NUMA node).")
-    tensor_parallel_size: int = Field(1, gt=0)
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs one engine spans.")
     max_num_seqs: int | None = Field(None, gt=0, description="Sequences per engine step.")
     max_num_batched_tokens: int | None = Field(None, gt=0, description="Tokens per step.")
     enable_prefix_caching: bool = Field(True, description="Reuse the shared prompt prefix.")
@@ -204,15 +205,18 @@ class ClassifyConfig(Section):
 class TrainingConfig(Section):
     method: Literal["lora", "full"] = Field(
         "lora", description="lora = adapter + head; full = every weight (small encoders).")
-    epochs: float = Field(3, gt=0)
-    learning_rate: float = Field(1e-4, gt=0)
+    epochs: float = Field(3, gt=0, description="Passes over the training rows; evaluated and "
+                                                "checkpointed after each.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak rate of the cosine schedule; a "
+                                                         "new head over many labels may need more.")
     batch_size: int = Field(32, gt=0, description="Rows per step per worker.")
     max_length: int = Field(512, gt=0, description="Tokens per training row.")
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    lora_r: int = Field(64, gt=0)
-    lora_alpha: int = Field(64, gt=0)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent "
+                                                              "warming the rate up.")
+    lora_r: int = Field(64, gt=0, description="LoRA rank, on the body's linear layers.")
+    lora_alpha: int = Field(64, gt=0, description="LoRA scale numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     quantization: Literal["nf4", "none"] = Field(
         "nf4", description="lora only: the frozen base in 4-bit NF4 with double quantisation "
                            "and bf16 compute (QLoRA); none = plain LoRA. Falls back to none, "
@@ -221,12 +225,14 @@ class TrainingConfig(Section):
         True, description="Recompute activations in the backward pass: far less memory for "
                           "about a third more compute (non-reentrant, so it works with LoRA "
                           "and DDP).")
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per "
+                                                                   "optimizer step.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     class_weights: Literal["none", "balanced"] | dict[str, float] = Field(
         "none", description="Loss weight per label for imbalanced data: balanced = "
                             "rows / (labels x rows of the label), or an explicit mapping.")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the head's initialisation, the data order and "
+                                      "dropout.")
     workers: int = Field(1, gt=0, description="Ray Train workers (one per GPU), DDP.")
     use_gpu: bool = Field(False, description="Give each worker a GPU.")
     cpus_per_worker: float = Field(
@@ -341,3 +347,23 @@ def config_hash(cfg: Section, exclude: set[str] | None = None) -> str:
     """Stable short hash of the validated config (less the `exclude` sections), recorded in
     every manifest."""
     return hashlib.sha256(cfg.model_dump_json(exclude=exclude).encode()).hexdigest()[:16]
+
+
+def field_reference(model: type[Section], prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) of every setting of `model`, nested sections
+    walked; lists of sections (labels, examples) are settings of their own."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key = prefix + name
+        # A section, or an optional one (eval); a list of sections is one setting.
+        kinds = () if get_origin(field.annotation) is list else (
+            get_args(field.annotation) or (field.annotation,))
+        section = next((t for t in kinds if isinstance(t, type) and issubclass(t, Section)), None)
+        if section is not None:
+            rows += field_reference(section, key + ".")
+            continue
+        default = "required" if field.is_required() else (
+            "[]" if field.default_factory is list else yaml.safe_dump(field.default).strip()
+            .removesuffix("...").strip())
+        rows.append((key, default, field.description or ""))
+    return rows
