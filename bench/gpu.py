@@ -54,7 +54,8 @@ from clsjob.backends.hf import HFClassifier, encode_truncating, inference_dtype 
 from clsjob.config import BackendConfig, FinetuneConfig, MergeConfig, ResourcesConfig, validate  # noqa: E402
 from clsjob.finetune.merge import merge  # noqa: E402
 from clsjob.finetune.model import build_trainable, load_tokenizer  # noqa: E402
-from clsjob.finetune.train import SUMMARY, peak_memory_gib, training_arguments  # noqa: E402
+from clsjob.finetune.train import SUMMARY, peak_memory_gib  # noqa: E402
+from clsjob.finetune.trainer import training_arguments  # noqa: E402
 from clsjob.labels import LabelSet  # noqa: E402
 from tiny_models import build_tokenizer  # noqa: E402
 

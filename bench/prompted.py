@@ -157,11 +157,8 @@ def actor_prompts(actor, texts: list[str]) -> list[list[int]]:
 
 
 def free_engines() -> None:
-    # The back ends share engines through a per-process cache keyed by their arguments; a
-    # benchmark wants each variant's engine gone before the next one takes its 1 GiB cache.
-    from clsjob.backends import vllm_engine
-
-    vllm_engine._ENGINES.clear()
+    # Each actor holds its own engine: a benchmark wants the last variant's engine gone
+    # before the next one takes its 1 GiB cache.
     gc.collect()
 
 

@@ -86,11 +86,11 @@ def qlora_grads(model: str) -> dict:
 
 def vllm_pool_probs(model: str) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this (masked) process
-    from clsjob.backends.vllm_engine import engine, engine_args
+    from clsjob.backends.vllm_engine import engine_args, start_engine
     from clsjob.config import BackendConfig
     from vllm.inputs import TokensPrompt
 
-    llm = engine(engine_args(BackendConfig(kind="vllm_pool", model=model, max_length=64), False, "pooling"))
+    llm = start_engine(engine_args(BackendConfig(kind="vllm_pool", model=model, max_length=64), False, "pooling"))
     ids = llm.get_tokenizer()(TEXTS)["input_ids"]
     out = llm.classify([TokensPrompt(prompt_token_ids=i) for i in ids], use_tqdm=False)
     return {"probs": [o.outputs.probs for o in out], "libraries": vllm_libraries()}

@@ -5,16 +5,12 @@ below are read when vLLM loads.
 """
 from __future__ import annotations
 
-import json
 import os
 
 from clsjob.config import BackendConfig
 
 CPU_KV_CACHE_GIB = 1.0
 CPU_PROMPT_BLOCK_SIZE = 32
-# One engine per distinct set of arguments and process: an actor builds one; a test session
-# calling actor classes directly shares it between them instead of paying start-up again.
-_ENGINES: dict[str, object] = {}
 
 
 def prepare_env(use_gpu: bool) -> None:
@@ -65,9 +61,7 @@ def engine_args(backend: BackendConfig, use_gpu: bool, runner: str,
     return args
 
 
-def engine(args: dict):
-    key = json.dumps(args, sort_keys=True)
-    if key not in _ENGINES:
-        from vllm import LLM
-        _ENGINES[key] = LLM(**args)
-    return _ENGINES[key]
+def start_engine(args: dict):
+    """The vLLM engine an actor holds for its lifetime (one per actor process)."""
+    from vllm import LLM
+    return LLM(**args)

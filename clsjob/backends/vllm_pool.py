@@ -8,7 +8,8 @@ import pyarrow as pa
 
 from clsjob.backends.hf import encode_truncating
 from clsjob.backends.rows import attach_probabilities, rows_to_classify
-from clsjob.backends.vllm_engine import engine, engine_args, prepare_env
+from clsjob.backends import vllm_engine
+from clsjob.backends.vllm_engine import engine_args, prepare_env
 from clsjob.config import BackendConfig
 from clsjob.labels import LabelSet, resolve_model_labels
 
@@ -19,7 +20,7 @@ class VLLMPoolClassifier:
     def __init__(self, backend: BackendConfig, labels: LabelSet, text_column: str, use_gpu: bool):
         prepare_env(use_gpu)
         self.backend, self.text_column = backend, text_column
-        self.llm = engine(engine_args(backend, use_gpu, "pooling"))
+        self.llm = vllm_engine.start_engine(engine_args(backend, use_gpu, "pooling"))
         self.tokenizer = self.llm.get_tokenizer()
         model_labels = LabelSet.from_id2label(self.llm.llm_engine.model_config.hf_config.id2label)
         self.labels, self.columns = resolve_model_labels(labels, model_labels)

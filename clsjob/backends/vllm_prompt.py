@@ -23,7 +23,8 @@ from pydantic import ConfigDict, Field, create_model
 from clsjob import store
 from clsjob.backends import ModelError, check_model_files
 from clsjob.backends.rows import attach_results, rows_to_classify
-from clsjob.backends.vllm_engine import engine, engine_args, prepare_env
+from clsjob.backends import vllm_engine
+from clsjob.backends.vllm_engine import engine_args, prepare_env
 from clsjob.config import BackendConfig, Example, PromptConfig, StorageConfig
 from clsjob.labels import LabelError, LabelSet
 from clsjob.prompts import encode_rows, pick_examples, render_template, tokenize_template
@@ -83,7 +84,7 @@ class VLLMPromptClassifier:
 
         self.backend, self.labels, self.text_column = backend, labels, text_column
         self.prompt = backend.prompt
-        self.llm = engine(engine_args(backend, use_gpu, "generate"))
+        self.llm = vllm_engine.start_engine(engine_args(backend, use_gpu, "generate"))
         tok = self.tokenizer = self.llm.get_tokenizer()
         chat = self.prompt.chat_template == "on" or (
             self.prompt.chat_template == "auto" and getattr(tok, "chat_template", None))

@@ -8,25 +8,23 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import numpy as np
 import ray
 import ray.train
-import torch
 import ray.train.torch
+import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 from ray.train.torch import TorchTrainer
-from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
 
 from clsjob.config import FinetuneConfig, config_hash
 from clsjob.finetune.data import encode, read_labelled, settle_labels
 from clsjob.finetune.model import build_trainable, load_tokenizer
-from clsjob.finetune.progress import ProgressLog, RunningTotals
-from clsjob.labels import LabelError, LabelSet
-from clsjob.metrics import averaged, confusion_matrix, per_class_scores
+from clsjob.finetune.trainer import build_trainer
+from clsjob.labels import LabelSet
 from clsjob.placement import check_placement, ensure_ray, training_demand
 
 log = logging.getLogger("clsjob")
@@ -89,98 +87,6 @@ def checkpoint_storage(cfg: FinetuneConfig):
     return path[len("s3://"):], fs
 
 
-def classification_metrics(eval_pred) -> dict:
-    """HF Trainer hook: accuracy and weighted precision / recall / F1 on the eval rows."""
-    logits, gold = eval_pred
-    logits = np.asarray(logits)
-    matrix = confusion_matrix(gold, logits.argmax(axis=-1), logits.shape[-1])
-    avg = averaged(per_class_scores(matrix))
-    return {"accuracy": float(np.trace(matrix) / max(matrix.sum(), 1)),
-            "f1_weighted": avg["f1_weighted"], "precision_weighted": avg["precision_weighted"],
-            "recall_weighted": avg["recall_weighted"]}
-
-
-def training_arguments(cfg: FinetuneConfig, output_dir: str, has_eval: bool) -> TrainingArguments:
-    t = cfg.training
-    cuda = torch.cuda.is_available() and t.use_gpu
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    return TrainingArguments(
-        output_dir=output_dir,
-        num_train_epochs=t.epochs,
-        learning_rate=t.learning_rate,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size * 2,
-        weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        lr_scheduler_type="cosine",
-        max_grad_norm=t.max_grad_norm,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        gradient_checkpointing=t.gradient_checkpointing,
-        # Non-reentrant checkpointing works with frozen (LoRA) bases and with DDP; every
-        # trainable parameter gets a gradient each step, so DDP's unused-parameter search
-        # (an extra pass, and an error with checkpointing) stays off.
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        ddp_find_unused_parameters=False,
-        # Length-grouped batches waste far less compute on padding than random ones.
-        train_sampling_strategy="group_by_length",
-        eval_strategy="epoch" if has_eval else "no",
-        # Checkpoint every epoch: the callback hands each one to Ray Train (resume point).
-        save_strategy="epoch",
-        save_total_limit=1,
-        load_best_model_at_end=has_eval and t.keep_best,
-        metric_for_best_model="accuracy" if has_eval else None,
-        logging_strategy="epoch",
-        bf16=bf16,
-        fp16=cuda and not bf16,  # GPUs before Ampere
-        use_cpu=not cuda,
-        seed=t.seed,
-        report_to="none",
-        disable_tqdm=True,
-    )
-
-
-class ClassifierTrainer(Trainer):
-    """The HF Trainer with an optional per-label weight in the cross-entropy (for imbalanced
-    data), feeding the loss and token counts of every micro-batch to the progress line."""
-
-    def __init__(self, *args, label_weights: torch.Tensor | None = None,
-                 running: RunningTotals | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.label_weights, self.running = label_weights, running
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.label_weights is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        gold = inputs.pop("labels")
-        outputs = model(**inputs)
-        logits = outputs.logits.float()
-        loss = torch.nn.functional.cross_entropy(logits, gold, weight=self.label_weights.to(logits.device))
-        return (loss, outputs) if return_outputs else loss
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        mask = inputs.get("attention_mask")
-        tokens = int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.running is not None:
-            self.running.add(loss, tokens)
-        return loss
-
-
-def label_weights(spec, labels: LabelSet, train_rows: list[dict]) -> torch.Tensor | None:
-    """None for plain cross-entropy, else one weight per label id."""
-    if spec == "none":
-        return None
-    if spec == "balanced":
-        counts = np.bincount([r["labels"] for r in train_rows], minlength=len(labels))
-        # rows / (labels x rows of the label); a label with no rows gets no weight to give.
-        return torch.tensor(np.where(counts > 0, len(train_rows) / (len(labels) * np.maximum(counts, 1)), 0.0),
-                            dtype=torch.float32)
-    unknown = sorted(set(spec) - set(labels.names))
-    if unknown:
-        raise LabelError(f"training.class_weights names labels not in the label set: {unknown}")
-    return torch.tensor([float(spec.get(name, 1.0)) for name in labels.names], dtype=torch.float32)
-
-
 def resume_point(checkpoint, into: str) -> tuple[str | None, bool]:
     """(HF checkpoint folder to resume from, whether training already finished), from the
     checkpoint Ray Train hands a restarted or rerun job, copied into the folder `into`.
@@ -204,13 +110,41 @@ def train_worker(config: dict) -> None:
 
 
 def train_in(cfg: FinetuneConfig, work: Path) -> None:
-    """One worker's training, with `work` as its scratch space (resume copy, HF checkpoints)."""
+    """One worker's training, with `work` as its scratch space (resume copy, HF checkpoints):
+    set up, train, report."""
     started = time.monotonic()
     resume_from, finished = resume_point(ray.train.get_checkpoint(), str(work / "resume"))
     if finished:  # the job was rerun after training ended: hand the final model over again
         ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(resume_from)
                          if ray.train.get_context().get_world_rank() == 0 else None)
         return
+    data = load_examples(cfg)
+    device = str(ray.train.torch.get_device())
+    model = build_trainable(cfg.base_model, data.labels, cfg.training, data.tokenizer, device)
+    trainer, weights = build_trainer(cfg, model, data.tokenizer, data.labels, data.train_rows,
+                                     data.eval_rows, str(work / "hf"), [RayTrainReportCallback()])
+    trainer = prepare_trainer(trainer)
+    if resume_from:
+        log.info("finetune: resuming from %s", resume_from)
+    train_out = trainer.train(resume_from_checkpoint=resume_from)
+    # Each epoch's evaluation, read before the final one adds its own entry.
+    per_epoch = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    final_eval = trainer.evaluate() if data.eval_rows else {}
+    summary = training_summary(cfg, data, train_out, per_epoch, final_eval, weights,
+                               resume_from is not None, time.monotonic() - started, device)
+    report_final(trainer, data.tokenizer, summary, final_eval, work)
+
+
+@dataclass(frozen=True)
+class Examples:
+    tokenizer: object
+    labels: LabelSet
+    train_rows: list[dict]
+    eval_rows: list[dict]
+
+
+def load_examples(cfg: FinetuneConfig) -> Examples:
+    """Tokenised training and eval rows and the label set they settle."""
     tokenizer = load_tokenizer(cfg.base_model)
     texts, golds = read_labelled(cfg.train, cfg.storage)
     labels = settle_labels(cfg.labels, golds)
@@ -219,45 +153,35 @@ def train_in(cfg: FinetuneConfig, work: Path) -> None:
     if cfg.eval:
         eval_rows = encode(tokenizer, *read_labelled(cfg.eval, cfg.storage), labels,
                            cfg.training.max_length)
-    device = str(ray.train.torch.get_device())
-    model = build_trainable(cfg.base_model, labels, cfg.training, tokenizer, device)
-    weights = label_weights(cfg.training.class_weights, labels, train_rows)
+    return Examples(tokenizer, labels, train_rows, eval_rows)
 
-    running = RunningTotals()
-    trainer = ClassifierTrainer(
-        model=model, args=training_arguments(cfg, str(work / "hf"), bool(eval_rows)),
-        train_dataset=train_rows, eval_dataset=eval_rows or None,
-        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=classification_metrics,
-        callbacks=[RayTrainReportCallback(), ProgressLog(running)], label_weights=weights,
-        running=running)
-    trainer.remove_callback(PrinterCallback)  # ProgressLog says it once, through the logger
-    trainer = prepare_trainer(trainer)
-    if resume_from:
-        log.info("finetune: resuming from %s", resume_from)
-    train_out = trainer.train(resume_from_checkpoint=resume_from)
-    per_epoch = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
-    final_eval = trainer.evaluate() if eval_rows else {}
 
-    tokens = sum(len(r["input_ids"]) for r in train_rows) * cfg.training.epochs
-    summary = {
+def training_summary(cfg: FinetuneConfig, data: Examples, train_out, per_epoch: list[dict],
+                     final_eval: dict, weights, resumed: bool, wall_s: float, device: str) -> dict:
+    """What `clsjob_finetune.json` records (merge reads base_model, method and labels)."""
+    tokens = sum(len(r["input_ids"]) for r in data.train_rows) * cfg.training.epochs
+    return {
         "base_model": cfg.base_model,
         "method": cfg.training.method,
         "quantization": cfg.training.quantization if cfg.training.method == "lora" else None,
-        "labels": list(labels.names),
+        "labels": list(data.labels.names),
         "class_weights": weights.tolist() if weights is not None else None,
-        "train_rows": len(train_rows),
-        "eval_rows": len(eval_rows),
+        "train_rows": len(data.train_rows),
+        "eval_rows": len(data.eval_rows),
         "epochs": per_epoch,
         "final_eval": final_eval,
         "train_loss": train_out.training_loss,
-        "resumed_from_checkpoint": resume_from is not None,
-        "wall_time_s": round(time.monotonic() - started, 2),
+        "resumed_from_checkpoint": resumed,
+        "wall_time_s": round(wall_s, 2),
         "train_tokens_per_s": round(tokens / max(train_out.metrics["train_runtime"], 1e-9), 1),
         "peak_memory_gib": peak_memory_gib(device),
         "workers": cfg.training.workers,
         "config": cfg.model_dump(mode="json"),
     }
-    # Every worker must report; only rank 0 attaches the final model.
+
+
+def report_final(trainer, tokenizer, summary: dict, final_eval: dict, work: Path) -> None:
+    """Every worker must report; only rank 0 attaches the final model."""
     checkpoint = None
     if ray.train.get_context().get_world_rank() == 0:
         out = work / "out"

