@@ -60,5 +60,5 @@ class ProgressLog(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                              for k, v in logs.items())
+                              for k, v in logs.items() if k != "epoch")  # said in front
             log.info("finetune: epoch %.2f: %s", state.epoch or 0.0, shown)

@@ -150,5 +150,5 @@ def test_progress_line_between_epochs(caplog):
     assert len(lines) == 2
     assert lines[0].startswith("finetune: step 12/40 (30%), epoch 0.25, loss 0.5000, ")
     assert "tokens/s per worker" in lines[0] and "s left" in lines[0]
-    assert lines[1] == "finetune: epoch 0.25: loss 0.5123, epoch 1"
+    assert lines[1] == "finetune: epoch 0.25: loss 0.5123"
     assert running.take() == (0.0, 0)
