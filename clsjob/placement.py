@@ -39,6 +39,10 @@ class Demand:
     def total_cpus(self) -> float:
         return self.count * self.cpus + self.io_cpus
 
+    def each(self) -> str:
+        """What one actor or worker asks for, as messages say it."""
+        return f"{self.cpus:g} CPU" + (f" + {self.gpus:g} GPU" if self.gpus else "")
+
 
 def classify_demand(resources) -> Demand:
     return Demand("classifier actor", resources.actors, resources.cpus_per_actor,
@@ -87,7 +91,7 @@ def placement_problems(nodes: list[dict], demand: Demand) -> list[str]:
         take = int(min(fits, demand.count - placed))
         placed += take
         free_cpus += cpus - take * demand.cpus
-    need = f"{demand.cpus:g} CPU" + (f" + {demand.gpus:g} GPU" if demand.gpus else "")
+    need = demand.each()
     if placed < demand.count:
         return [f"only {placed} of {demand.count} {demand.what}s fit, each needing {need} on "
                 f"one node ({demand.keys})"]
@@ -163,7 +167,6 @@ class StallReporter:
         d = self.demand
         have = (f"free now: {free.get('CPU', 0):g} of {total.get('CPU', 0):g} CPU"
                 + (f", {free.get('GPU', 0):g} of {total.get('GPU', 0):g} GPU" if d.gpus else ""))
-        return (f"{d.count} {d.what}(s) asked for {d.cpus:g} CPU"
-                + (f" + {d.gpus:g} GPU" if d.gpus else "") + f" each ({d.keys}) plus "
+        return (f"{d.count} {d.what}(s) asked for {d.each()} each ({d.keys}) plus "
                 f"{d.io_cpus:g} CPU for reading and writing; {have}. If the CPUs are taken, a "
                 f"task or actor is waiting for a slot; if not, a chunk is still being labelled")

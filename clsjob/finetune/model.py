@@ -120,8 +120,8 @@ def nf4_config(device: str, keep_whole: tuple[str, ...]) -> BitsAndBytesConfig:
                               llm_int8_skip_modules=[f"^{re.escape(n)}(\\..+)?$" for n in keep_whole])
 
 
-def keep_training_kernels(model) -> int:
-    """Pin every 4-bit layer to bitsandbytes' training path; returns how many were pinned.
+def keep_training_kernels(model) -> None:
+    """Pin every 4-bit layer to bitsandbytes' training path.
 
     On a CPU with AVX-512 BF16, bitsandbytes 0.50 repacks a 4-bit weight, in place and for
     good, the first time its layer runs in eval mode without gradients (the evaluation pass
@@ -129,12 +129,9 @@ def keep_training_kernels(model) -> int:
     that runs through that kernel, which adds the bias in place on a tensor autograd must
     keep ("a view of a leaf Variable that requires grad is being used in an in-place
     operation"). CPUs without AVX-512 BF16, and GPUs, never repack; training never wants to."""
-    pinned = 0
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-            pinned += 1
-    return pinned
 
 
 def build_trainable(base_model: str, labels: LabelSet, training: TrainingConfig, tokenizer,
