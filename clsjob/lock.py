@@ -19,9 +19,9 @@ from datetime import datetime, timezone
 
 from clsjob import store
 from clsjob.config import StorageConfig
+from clsjob.contract import LOCK
 
 log = logging.getLogger("clsjob")
-LOCK = "_lock.json"
 
 
 class RunLocked(RuntimeError):

@@ -1,6 +1,6 @@
 """run_classify(cfg): Parquet shards in, labelled Parquet parts + manifest (+ metrics) out.
 
-Read it top to bottom to follow one row: a shard is read in chunks of `resources.batch_size`
+Read it top to bottom to follow one row: a shard is read in chunks of `output.rows_per_part`
 rows (prepare: ids, errors), each chunk is labelled whole by one back-end actor, and written
 whole as one part whose name comes from its shard and first row. Keeping a chunk whole from
 read to write is what makes part names stable and rows out = rows in checkable per part.
@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 
 from clsjob import backends, resume, store
 from clsjob.config import ClassifyConfig
+from clsjob.contract import MANIFEST
 from clsjob.duplicates import check_duplicate_ids
 from clsjob.labels import LabelSet
 from clsjob.lock import RunLock, RunLocked
@@ -26,7 +27,6 @@ from clsjob.store import InputError
 from clsjob.summary import Progress, RunSummary, build_manifest, summary_of, summary_table
 
 log = logging.getLogger("clsjob")
-MANIFEST = resume.MANIFEST
 
 
 def run_classify(cfg: ClassifyConfig) -> RunSummary:
@@ -64,10 +64,10 @@ def run_locked(cfg: ClassifyConfig, labels: LabelSet, shards: list[store.ShardIn
     progress = Progress(sum(s.rows for s in todo))
     shard_progress = resume.ShardProgress(cfg, work, todo, len(labels))
     with StallReporter(demand, "classify", cfg.cluster.stall_report_s) as stall:
-        for stats in stream_labelled_parts(cfg, labels, todo):  # one small row per part, streamed
+        for record in stream_labelled_parts(cfg, labels, todo):  # one per part, as it lands
             stall.beat()
-            shard_progress.add(stats)
-            progress.update(stats["rows"])
+            shard_progress.add(record)
+            progress.update(record.rows)
     elapsed = time.monotonic() - progress.started
 
     # Every shard, done now or by an earlier attempt, is accounted for by its marker.

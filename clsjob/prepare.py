@@ -10,23 +10,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clsjob.config import InputConfig
+from clsjob.contract import (CLEANED, DERIVED_ID, GOLD, PART, PART_ROWS, RESULT_COLUMNS,
+                             RESULT_FIELDS, SHARD, id_column, part_name)
 from clsjob.store import InputError, ShardInfo
 
-DERIVED_ID = "id"
-# Gold labels are written under their own name: input corpora very often call them "label",
-# which is the name of the prediction column.
-GOLD = "gold"
-RESULT_COLUMNS = ("label", "confidence", "probs", "truncated", "reasoning", "error")
-# Internal columns: the input shard of a row, the output part it belongs to, how many rows
-# that part must hold, and whether the row's text had to be cleaned.
-SHARD, PART, PART_ROWS, CLEANED = "_shard", "_part", "_part_rows", "_cleaned"
 # C0 and C1 control characters and DEL, except tab, newline and carriage return: they carry no
 # meaning for a classifier and some tokenizers and downstream readers choke on them.
 CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"
-
-
-def id_column(cfg: InputConfig) -> str:
-    return cfg.id_column or DERIVED_ID
 
 
 def needed_columns(cfg: InputConfig) -> list[str]:
@@ -71,12 +61,6 @@ def check_schema(shard: ShardInfo, cfg: InputConfig) -> None:
                          f"'_'; rename them in the input or set input.id_column")
 
 
-def part_name(shard_key: str, start_row: int) -> str:
-    """Stable for a given shard and row range, so a rerun writes the same names."""
-    stem = shard_key[: -len(".parquet")] if shard_key.endswith(".parquet") else shard_key
-    return f"{stem.replace('/', '__')}-{start_row:010d}.parquet"
-
-
 def clean_text(column: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
     """Text as valid UTF-8 without control characters, and which rows had to be changed.
 
@@ -114,7 +98,8 @@ def prepare_chunk(table: pa.Table, shard_key: str, start_row: int, cfg: InputCon
     text, cleaned = clean_text(table.column(cfg.text_column))
     empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0)
     error = pc.if_else(pc.is_null(text), "text is null",
-                       pc.if_else(pc.fill_null(empty, False), "text is empty", pa.scalar(None, pa.string())))
+                       pc.if_else(pc.fill_null(empty, False), "text is empty",
+                                  pa.scalar(None, RESULT_FIELDS["error"])))
     columns = {id_column(cfg): ids, cfg.text_column: text}
     if cfg.label_column:
         columns[GOLD] = pc.cast(table.column(cfg.label_column), pa.string())

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from clsjob import store
 from clsjob.config import StorageConfig
-from clsjob.store import InputError
+from clsjob.contract import MANIFEST, METRICS, REPORT
 from clsjob.labels import LabelSet
 from clsjob.metrics import Tally, count_rows, summarize
-
-METRICS, REPORT = "_metrics.json", "report.md"
+from clsjob.store import InputError
 
 
 def write_evaluation(output: str, storage: StorageConfig, labels: LabelSet, counts: Tally,
@@ -21,7 +20,7 @@ def write_evaluation(output: str, storage: StorageConfig, labels: LabelSet, coun
 def evaluate_output(output: str, storage: StorageConfig) -> dict:
     """Recompute the metrics of an existing output, one part at a time. Only the parts the
     manifest lists are read, so stray files in the folder cannot skew the numbers."""
-    manifest = store.read_json(store.join(output, "_manifest.json"), storage)
+    manifest = store.read_json(store.join(output, MANIFEST), storage)
     gold_column = manifest.get("gold_column")
     if not gold_column:
         raise InputError(f"{output}: the run had no input.label_column, nothing to evaluate")

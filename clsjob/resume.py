@@ -14,11 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from clsjob import store
 from clsjob.config import ClassifyConfig
+from clsjob.contract import MANIFEST, METRICS, PROGRESS, REPORT, PartRecord
 from clsjob.metrics import Tally
 
 log = logging.getLogger("clsjob")
-PROGRESS = "_progress"
-MANIFEST = "_manifest.json"
 
 
 class OutputConflict(ValueError):
@@ -43,7 +42,7 @@ def clear(output: str, storage) -> None:
     """--overwrite: forget a previous run, parts included."""
     for part in store.list_parts(output, storage):
         store.remove(part, storage)
-    for name in (PROGRESS, MANIFEST, "_metrics.json", "report.md"):
+    for name in (PROGRESS, MANIFEST, METRICS, REPORT):
         store.remove(store.join(output, name), storage)
 
 
@@ -77,7 +76,7 @@ def load_done(cfg: ClassifyConfig, work: str, shards: list[store.ShardInfo]) -> 
 
 
 class ShardProgress:
-    """Collects the write stage's stats rows per shard; marks a shard done when all its rows
+    """Collects the written parts' records per shard; marks a shard done when all its rows
     are written."""
 
     def __init__(self, cfg: ClassifyConfig, work: str, shards: list[store.ShardInfo], n_labels: int):
@@ -90,10 +89,10 @@ class ShardProgress:
             if shard.rows == 0:  # nothing to read, so no stats row will ever finish it
                 self._mark(shard.key)
 
-    def add(self, stats: dict) -> None:
-        key = stats["shard"]
-        self.parts[key].append({k: stats[k] for k in ("part", "rows", "errored", "truncated", "cleaned")})
-        self.tallies[key].add(Tally.from_json(json.loads(stats["tally"])))
+    def add(self, record: PartRecord) -> None:
+        key = record.shard
+        self.parts[key].append(record.entry())
+        self.tallies[key].add(record.counts)
         if sum(p["rows"] for p in self.parts[key]) == self.rows[key]:
             self._mark(key)
 

@@ -12,7 +12,7 @@ from clsjob import store
 from clsjob.config import ClassifyConfig, config_hash
 from clsjob.duplicates import DuplicateIds
 from clsjob.labels import LabelSet
-from clsjob.prepare import GOLD, id_column
+from clsjob.contract import GOLD, METRICS, id_column
 
 log = logging.getLogger("clsjob")
 
@@ -94,7 +94,7 @@ def summary_table(summary: RunSummary, shards: int, skipped: int) -> str:
 
 def summary_of(manifest: dict, cfg: ClassifyConfig) -> RunSummary:
     """The summary of a finished run, read back instead of redone."""
-    metrics_url = store.join(cfg.output.path, "_metrics.json")
+    metrics_url = store.join(cfg.output.path, METRICS)
     metrics = store.read_json(metrics_url, cfg.storage) if store.exists(metrics_url, cfg.storage) else None
     return RunSummary(cfg.output.path, manifest["rows_in"], manifest["rows_out"],
                       manifest["rows_errored"], 0.0, 0.0, metrics)

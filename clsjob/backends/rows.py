@@ -6,6 +6,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
+from clsjob.contract import RESULT_FIELDS
 from clsjob.labels import LabelSet
 
 
@@ -47,11 +48,12 @@ def attach_results(table: pa.Table, todo: Sequence[int], labels: LabelSet,
             row_probs[row] = probs[j].astype(np.float32).tolist()
         if reasoning is not None:
             row_reasoning[row] = reasoning[j]
-    out = (table.drop_columns(["error"])
-           .append_column("label", pa.array(label, pa.string()))
-           .append_column("confidence", pa.array(confidence, pa.float32()))
-           .append_column("probs", pa.array(row_probs, pa.list_(pa.float32())))
-           .append_column("truncated", pa.array(row_truncated, pa.bool_())))
+    results = {"label": label, "confidence": confidence, "probs": row_probs,
+               "truncated": row_truncated}
     if reasoning is not None:
-        out = out.append_column("reasoning", pa.array(row_reasoning, pa.string()))
-    return out.append_column("error", pa.array(error, pa.string()))
+        results["reasoning"] = row_reasoning
+    results["error"] = error
+    out = table.drop_columns(["error"])
+    for name, values in results.items():
+        out = out.append_column(name, pa.array(values, RESULT_FIELDS[name]))
+    return out

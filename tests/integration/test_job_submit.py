@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from helpers import LABELS, REPO, sample_texts, write_shards
-from clsjob.lock import LOCK
+from clsjob.contract import LOCK
 from ray_nodes import RAY, start_head, stop_cluster
 from tiny_models import build_qwen2_classifier
 
@@ -50,8 +50,8 @@ def test_ray_job_submit_classify(ray_head, tmp_path):
     config.write_text(yaml.safe_dump({
         "input": {"path": str(tmp_path / "in"), "text_column": "text", "label_column": "label"},
         "backend": {"kind": "hf", "model": str(model), "max_length": 64},
-        "resources": {"actors": 1, "cpus_per_actor": 1, "batch_size": 16},
-        "output": {"path": str(out)},
+        "resources": {"actors": 1, "cpus_per_actor": 1},
+        "output": {"path": str(out), "rows_per_part": 16},
     }))
 
     cmd = [str(RAY), "job", "submit", "--address", ray_head.dashboard,
@@ -102,8 +102,7 @@ def nightly_setup(tmp_path, days: list[str]):
     config.write_text(yaml.safe_dump({
         "input": {"path": str(tmp_path / "in" / "{date}")},
         "backend": {"model": str(model), "max_length": 64},
-        "resources": {"batch_size": 16},
-        "output": {"path": str(tmp_path / "out" / "day={date:%Y%m%d}")}}))
+        "output": {"path": str(tmp_path / "out" / "day={date:%Y%m%d}"), "rows_per_part": 16}}))
     return config
 
 

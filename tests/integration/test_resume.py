@@ -13,7 +13,7 @@ import yaml
 
 from clsjob.config import ClassifyConfig, load_config
 from clsjob.pipeline import run_classify
-from clsjob.resume import PROGRESS
+from clsjob.contract import PROGRESS
 from helpers import REPO, sample_texts, write_shards
 
 SHARDS, ROWS = 8, 240

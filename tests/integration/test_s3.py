@@ -19,7 +19,8 @@ import ray
 
 from clsjob import store
 from clsjob.config import ClassifyConfig, StorageConfig, validate
-from clsjob.lock import LOCK, RunLock, RunLocked
+from clsjob.contract import LOCK
+from clsjob.lock import RunLock, RunLocked
 from clsjob.pipeline import run_classify
 from helpers import LABELS, TEST_AWS_ENV, sample_texts, write_shards
 from faulty_s3 import FAULTS, FaultyS3
@@ -37,7 +38,7 @@ AWS_UNSET = ["AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SEC
              "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"]
 SHARD_ROWS = [40, 35, 30]
 # (shard, row) -> a text the prepare stage must turn into an error row. Row 16 of shard 1 is
-# the first row of its second chunk (batch_size 16 below).
+# the first row of its second chunk (rows_per_part 16 below).
 BAD_TEXTS = {(0, 3): None, (1, 16): "", (2, 29): "  "}
 
 
@@ -117,8 +118,8 @@ def classify_config(s3: S3, model) -> ClassifyConfig:
     return validate({
         "input": {"path": f"s3://{BUCKET}/in/", "text_column": "text", "label_column": "label"},
         "backend": {"kind": "hf", "model": str(model), "max_length": 64, "micro_batch_size": 8},
-        "resources": {"actors": 1, "cpus_per_actor": 1, "batch_size": 16},
-        "output": {"path": f"s3://{BUCKET}/out/"},
+        "resources": {"actors": 1, "cpus_per_actor": 1},
+        "output": {"path": f"s3://{BUCKET}/out/", "rows_per_part": 16},
         "storage": {"endpoint_url": s3.endpoint},
     }, model=ClassifyConfig)
 

@@ -10,7 +10,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from clsjob.config import StorageConfig
-from clsjob.lock import LOCK, RunLock, RunLocked
+from clsjob.contract import LOCK
+from clsjob.lock import RunLock, RunLocked
 
 LOCAL = StorageConfig()
 

@@ -6,7 +6,8 @@ import pytest
 
 from clsjob import store
 from clsjob.config import InputConfig, StorageConfig
-from clsjob.prepare import CLEANED, GOLD, PART, PART_ROWS, check_schema, needed_columns, part_name, prepare_chunk
+from clsjob.contract import CLEANED, GOLD, PART, PART_ROWS, part_name
+from clsjob.prepare import check_schema, needed_columns, prepare_chunk
 
 LOCAL = StorageConfig()
 

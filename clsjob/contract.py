@@ -1,0 +1,118 @@
+"""The output contract in one place: the columns of a labelled part and their Arrow types, the
+internal columns that travel between stages, the files a run writes beside its parts, and the
+record each written part leaves for the shard markers and the manifest.
+
+A new output column is one entry in RESULT_FIELDS (and the back end that fills it)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from clsjob.config import ClassifyConfig, InputConfig
+from clsjob.labels import LabelSet
+from clsjob.metrics import Tally, count_rows
+
+# Row ids derived from shard and row number when input.id_column is not set.
+DERIVED_ID = "id"
+# Gold labels are written under their own name: input corpora very often call them "label",
+# which is the name of the prediction column.
+GOLD = "gold"
+# The columns a back end adds, in output order, with their types: a part whose rows all
+# errored still has a typed (all-null) label column, not a null-typed one.
+RESULT_FIELDS: dict[str, pa.DataType] = {
+    "label": pa.string(),
+    "confidence": pa.float32(),
+    "probs": pa.list_(pa.float32()),
+    "truncated": pa.bool_(),
+    "reasoning": pa.string(),  # vllm_prompt json mode only
+    "error": pa.string(),
+}
+RESULT_COLUMNS = tuple(RESULT_FIELDS)
+# Internal columns, dropped before writing: the input shard of a row, the output part it
+# belongs to, how many rows that part must hold, and whether the row's text had to be cleaned.
+SHARD, PART, PART_ROWS, CLEANED = "_shard", "_part", "_part_rows", "_cleaned"
+
+# What a run writes beside its parts.
+PART_SUFFIX = ".parquet"
+MANIFEST = "_manifest.json"
+METRICS = "_metrics.json"
+REPORT = "report.md"
+PROGRESS = "_progress"  # one marker per finished shard
+LOCK = "_lock.json"
+
+
+def id_column(cfg: InputConfig) -> str:
+    return cfg.id_column or DERIVED_ID
+
+
+def result_columns(cfg: ClassifyConfig) -> list[str]:
+    """The result columns this config writes: `reasoning` only where the back end gives one."""
+    backend = cfg.backend
+    has_reasoning = backend.kind == "vllm_prompt" and backend.prompt.mode == "json"
+    return [c for c in RESULT_COLUMNS if c != "reasoning" or has_reasoning]
+
+
+def output_columns(cfg: ClassifyConfig) -> list[str]:
+    inp = cfg.input
+    cols = [id_column(inp), inp.text_column if cfg.output.keep_text else None,
+            GOLD if inp.label_column else None, *inp.carry_columns, *result_columns(cfg)]
+    return list(dict.fromkeys(c for c in cols if c))
+
+
+def output_table(chunk: pa.Table, cfg: ClassifyConfig) -> pa.Table:
+    """A labelled chunk as it is written: the output columns in order, result columns in their
+    contract types (input columns keep the types they were read with)."""
+    out = chunk.select(output_columns(cfg))
+    schema = pa.schema([pa.field(f.name, RESULT_FIELDS.get(f.name, f.type)) for f in out.schema])
+    return out.cast(schema)
+
+
+def part_name(shard_key: str, start_row: int) -> str:
+    """Stable for a given shard and row range, so a rerun writes the same names."""
+    stem = shard_key.removesuffix(PART_SUFFIX)
+    return f"{stem.replace('/', '__')}-{start_row:010d}{PART_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class PartRecord:
+    """What the writer knows of one written part: the shard marker lists it, the manifest
+    lists it, and its counts add up to the run's metrics without re-reading the output."""
+    shard: str
+    part: str
+    rows: int
+    errored: int
+    truncated: int
+    cleaned: int
+    counts: Tally
+
+    @classmethod
+    def of(cls, written: pa.Table, chunk: pa.Table, labels: LabelSet) -> "PartRecord":
+        """The record of `written` (output_table of `chunk`, one whole part)."""
+        errors = written.column("error").to_pylist()
+        gold = (written.column(GOLD).to_pylist() if GOLD in written.column_names
+                else [None] * written.num_rows)
+        counts = count_rows(labels, gold, written.column("label").to_pylist(),
+                            written.column("confidence").to_pylist(), errors)
+        return cls(shard=chunk.column(SHARD)[0].as_py(), part=chunk.column(PART)[0].as_py(),
+                   rows=written.num_rows, errored=sum(e is not None for e in errors),
+                   truncated=sum(bool(t) for t in written.column("truncated").to_pylist()),
+                   cleaned=pc.sum(chunk.column(CLEANED)).as_py() or 0, counts=counts)
+
+    def entry(self) -> dict:
+        """The part as markers and the manifest list it."""
+        return {"part": self.part, "rows": self.rows, "errored": self.errored,
+                "truncated": self.truncated, "cleaned": self.cleaned}
+
+    # Between the write stage and the driver a record travels as one JSON string: as an Arrow
+    # struct, the counts of many parts would be unified into one schema and grow null keys.
+    def to_row(self) -> dict:
+        return {"shard": self.shard, "record": json.dumps({**self.entry(),
+                                                           "counts": self.counts.to_json()})}
+
+    @classmethod
+    def from_row(cls, row: dict) -> "PartRecord":
+        data = json.loads(row["record"])
+        return cls(shard=row["shard"], counts=Tally.from_json(data.pop("counts")), **data)
