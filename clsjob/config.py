@@ -5,15 +5,20 @@ prints them all, with their defaults.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
+import logging
 import re
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
+
+
+log = logging.getLogger("clsjob")
 
 
 class ConfigError(ValueError):
@@ -130,22 +135,59 @@ class EngineConfig(Section):
                           "for GPU (CUDA graphs).")
 
 
-class BackendConfig(Section):
-    kind: Literal["hf", "vllm_prompt", "vllm_pool"] = Field(
-        "hf", description="hf = merged *ForSequenceClassification folder via transformers; "
-                          "vllm_pool = the same folder via vLLM's pooling runner; vllm_prompt "
-                          "= a generative LLM, prompted, under constrained decoding.")
+class BackendSection(Section):
+    """Settings every back end has. Each back end is one subclass holding only its own
+    settings, told apart by `kind`."""
     model: str = Field(description="Model folder (safetensors + tokenizer).")
     max_length: int = Field(512, gt=0, description="Tokens of a row's text; longer rows are "
                                                    "truncated and flagged.")
-    micro_batch_size: int = Field(
-        32, gt=0, description="hf: rows per forward pass, length-sorted within each batch.")
     trust_remote_code: bool = Field(
         False, description="Run model code shipped in the model folder. Off unless you trust it.")
-    prompt: PromptConfig = Field(default_factory=PromptConfig,
-                                 description="vllm_prompt only: how the LLM is asked.")
+
+
+class HFBackendConfig(BackendSection):
+    kind: Literal["hf"] = Field(
+        "hf", description="hf = merged *ForSequenceClassification folder via transformers; "
+                          "vllm_pool = the same folder via vLLM's pooling runner; vllm_prompt "
+                          "= a generative LLM, prompted, under constrained decoding.")
+    micro_batch_size: int = Field(
+        32, gt=0, description="Rows per forward pass, length-sorted within each batch.")
+
+
+class VLLMPoolBackendConfig(BackendSection):
+    kind: Literal["vllm_pool"] = "vllm_pool"
     engine: EngineConfig = Field(default_factory=EngineConfig,
-                                 description="vllm_prompt and vllm_pool: engine settings.")
+                                 description="vLLM engine settings.")
+
+    @model_validator(mode="after")
+    def _text_fits_the_engine(self) -> "VLLMPoolBackendConfig":
+        limit = self.engine.max_model_len
+        if limit and self.max_length > limit:
+            raise ValueError("backend.max_length must not exceed backend.engine.max_model_len")
+        return self
+
+
+class VLLMPromptBackendConfig(BackendSection):
+    kind: Literal["vllm_prompt"] = "vllm_prompt"
+    prompt: PromptConfig = Field(default_factory=PromptConfig,
+                                 description="How the LLM is asked.")
+    engine: EngineConfig = Field(default_factory=EngineConfig,
+                                 description="vLLM engine settings.")
+
+
+BACKEND_CONFIGS = (HFBackendConfig, VLLMPoolBackendConfig, VLLMPromptBackendConfig)
+
+
+def _kind_defaults_to_hf(value: Any) -> Any:
+    # `kind` may be left out (the hf back end), yet a discriminated union needs it to choose.
+    if isinstance(value, dict) and "kind" not in value:
+        return {**value, "kind": "hf"}
+    return value
+
+
+# One back end's settings, chosen by `kind`: a setting of another back end is an unknown key.
+BackendConfig = Annotated[Union[BACKEND_CONFIGS], Field(discriminator="kind"),
+                          BeforeValidator(_kind_defaults_to_hf)]
 
 
 class ClusterConfig(Section):
@@ -164,12 +206,14 @@ class ResourcesConfig(Section):
     actors: int = Field(1, gt=0, description="Classifier actors (one model copy each).")
     gpus_per_actor: float = Field(0, ge=0, description="GPUs per actor; 0 runs on CPU in fp32.")
     cpus_per_actor: float = Field(1, gt=0, description="CPUs per actor (torch threads follow).")
-    batch_size: int = Field(
-        1024, gt=0, description="Rows per actor call and per output part.")
 
 
 class OutputConfig(Section):
     path: str = Field(description="Output folder (local or s3://) for parts and reports.")
+    rows_per_part: int = Field(
+        1024, gt=0, description="Rows of one output part, read, labelled (one actor call) and "
+                                "written whole. Part of what decides the rows written: a rerun "
+                                "with another value is another run.")
     keep_text: bool = Field(True, description="Copy the text column into the output.")
     overwrite: bool = Field(
         False, description="Redo the run from scratch. Off: a rerun resumes unfinished work "
@@ -191,15 +235,43 @@ class ClassifyConfig(Section):
     storage: StorageConfig = StorageConfig()
     cluster: ClusterConfig = ClusterConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        return rename_keys(data, RENAMED_CLASSIFY_KEYS)
+
     @model_validator(mode="after")
     def _prompted_needs_labels(self) -> "ClassifyConfig":
         if self.backend.kind == "vllm_prompt" and not self.labels:
             raise ValueError("labels: vllm_prompt needs the label list (its model has no "
                              "id2label to take them from)")
-        limit = self.backend.engine.max_model_len
-        if self.backend.kind == "vllm_pool" and limit and self.backend.max_length > limit:
-            raise ValueError("backend.max_length must not exceed backend.engine.max_model_len")
         return self
+
+
+# Keys that moved, old -> new: old configs still load, with a warning naming both.
+RENAMED_CLASSIFY_KEYS = {"resources.batch_size": "output.rows_per_part"}
+
+
+def rename_keys(data: Any, renamed: dict[str, str]) -> Any:
+    if not isinstance(data, dict):
+        return data
+    data = copy.deepcopy(data)
+    for old, new in renamed.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        section = data.get(old_section)
+        if not isinstance(section, dict) or old_key not in section:
+            continue
+        value = section.pop(old_key)
+        target = data.setdefault(new_section, {})
+        if not isinstance(target, dict):
+            continue  # the new section's own error says what is wrong with it
+        if new_key in target and target[new_key] != value:
+            raise ValueError(f"{old} ({value}) is the old name of {new} ({target[new_key]}); "
+                             f"set only {new}")
+        target[new_key] = value
+        log.warning("config: %s is deprecated, renamed %s; reading it as %s: %s",
+                    old, new, new, value)
+    return data
 
 
 class TrainingConfig(Section):
@@ -336,11 +408,29 @@ def validate(data: dict, *, model: type[Section], source: str = "<config>"):
         return model.model_validate(data)
     except ValidationError as exc:
         lines = [f"{source}: invalid {model.__name__}:"]
-        for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"  {key}: {msg}")
+        lines += [f"  {key}: {msg}" for key, msg in map(explain, exc.errors())]
         raise ConfigError("\n".join(lines)) from None
+
+
+BACKEND_KINDS = tuple(c.model_fields["kind"].default for c in BACKEND_CONFIGS)
+
+
+def explain(err: dict) -> tuple[str, str]:
+    """(dotted key, message) of one validation error, in the words of the config file: the
+    back end chosen by `kind` is named in the message, not spliced into the key."""
+    loc, kind = [], None
+    for part in err["loc"]:
+        if part in BACKEND_KINDS and loc and loc[-1] == "backend":
+            kind = part  # pydantic's tag of the union member
+            continue
+        loc.append(str(part))
+    key = ".".join(loc) or "(top level)"
+    if err["type"] == "union_tag_invalid":
+        return f"{key}.kind", (f"{err['ctx']['tag']!r} is not a back end "
+                               f"(one of {', '.join(BACKEND_KINDS)})")
+    if err["type"] == "extra_forbidden":
+        return key, "unknown key" + (f" for backend.kind {kind}" if kind else "")
+    return key, err["msg"]
 
 
 def config_hash(cfg: Section, exclude: set[str] | None = None) -> str:
@@ -351,19 +441,42 @@ def config_hash(cfg: Section, exclude: set[str] | None = None) -> str:
 
 def field_reference(model: type[Section], prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted key, default, description) of every setting of `model`, nested sections
-    walked; lists of sections (labels, examples) are settings of their own."""
+    walked; lists of sections (labels, examples) are settings of their own. The settings of a
+    union of sections (the back ends) are listed once each, marked with the kinds that have
+    them where not all do."""
     rows = []
     for name, field in model.model_fields.items():
         key = prefix + name
-        # A section, or an optional one (eval); a list of sections is one setting.
+        # A section, an optional one (eval) or a union of them; a list of sections is one setting.
         kinds = () if get_origin(field.annotation) is list else (
             get_args(field.annotation) or (field.annotation,))
-        section = next((t for t in kinds if isinstance(t, type) and issubclass(t, Section)), None)
-        if section is not None:
-            rows += field_reference(section, key + ".")
-            continue
-        default = "required" if field.is_required() else (
-            "[]" if field.default_factory is list else yaml.safe_dump(field.default).strip()
-            .removesuffix("...").strip())
-        rows.append((key, default, field.description or ""))
+        sections = [t for t in kinds if isinstance(t, type) and issubclass(t, Section)]
+        if len(sections) > 1:
+            rows += union_reference(sections, key + ".")
+        elif sections:
+            rows += field_reference(sections[0], key + ".")
+        else:
+            rows.append((key, default_text(field), field.description or ""))
     return rows
+
+
+def union_reference(members: list[type[Section]], prefix: str) -> list[tuple[str, str, str]]:
+    owners: dict[str, list[str]] = {}
+    rows: dict[str, tuple[str, str, str]] = {}
+    for member in members:
+        for key, default, text in field_reference(member, prefix):
+            owners.setdefault(key, []).append(member.model_fields["kind"].default)
+            rows.setdefault(key, (key, default, text))
+    every = len(members)
+    kind_first = sorted(rows.values(), key=lambda row: not row[0].endswith(".kind"))
+    return [(key, default, text if len(owners[key]) == every or key.endswith(".kind")
+             else f"({', '.join(owners[key])}) {text}")
+            for key, default, text in kind_first]
+
+
+def default_text(field) -> str:
+    if field.is_required():
+        return "required"
+    if field.default_factory is list:
+        return "[]"
+    return yaml.safe_dump(field.default).strip().removesuffix("...").strip()

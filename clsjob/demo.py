@@ -160,8 +160,8 @@ def demo_configs(work: Path, base_model: Path) -> tuple[FinetuneConfig, MergeCon
     classify = validate({
         "input": {"path": str(work / "data/test"), "label_column": "label"},
         "backend": {"kind": "hf", "model": str(work / "model"), "max_length": 64},
-        "resources": {"actors": 1, "cpus_per_actor": 2, "batch_size": 64},
-        "output": {"path": str(work / "output")},
+        "resources": {"actors": 1, "cpus_per_actor": 2},
+        "output": {"path": str(work / "output"), "rows_per_part": 64},
     }, model=ClassifyConfig, source="demo classify")
     return finetune, merge, classify
 

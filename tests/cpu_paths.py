@@ -48,9 +48,9 @@ def force(isa: str) -> None:
 
 def hf_probs(model: str) -> dict:
     from clsjob.backends.hf import load_classifier, predict_probs
-    from clsjob.config import BackendConfig
+    from clsjob.config import HFBackendConfig
 
-    net, tok = load_classifier(BackendConfig(model=model), "cpu")
+    net, tok = load_classifier(HFBackendConfig(model=model), "cpu")
     return {"probs": predict_probs(net, tok, TEXTS, 64, 2, "cpu").tolist()}
 
 
@@ -87,10 +87,10 @@ def qlora_grads(model: str) -> dict:
 def vllm_pool_probs(model: str) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this (masked) process
     from clsjob.backends.vllm_engine import engine_args, start_engine
-    from clsjob.config import BackendConfig
+    from clsjob.config import VLLMPoolBackendConfig
     from vllm.inputs import TokensPrompt
 
-    llm = start_engine(engine_args(BackendConfig(kind="vllm_pool", model=model, max_length=64), False, "pooling"))
+    llm = start_engine(engine_args(VLLMPoolBackendConfig(model=model, max_length=64), False, "pooling"))
     ids = llm.get_tokenizer()(TEXTS)["input_ids"]
     out = llm.classify([TokensPrompt(prompt_token_ids=i) for i in ids], use_tqdm=False)
     return {"probs": [o.outputs.probs for o in out], "libraries": vllm_libraries()}

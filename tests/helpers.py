@@ -64,7 +64,7 @@ def shipped_classify(name: str, model, tmp_path: Path, *overrides: str, day=None
     return load_config(REPO / "configs" / name, [
         f"input.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}",
         f"backend.model={model}", "resources.actors=1", "resources.gpus_per_actor=0",
-        "resources.cpus_per_actor=1", "resources.batch_size=16", *overrides],
+        "resources.cpus_per_actor=1", "output.rows_per_part=16", *overrides],
         model=ClassifyConfig, day=day)
 
 

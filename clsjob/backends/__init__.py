@@ -1,11 +1,18 @@
 """Classification back ends. Each is a Ray Data actor class: a heavy `__init__` that loads the
-model once, and a thin `__call__(chunk) -> chunk` over pure functions in the same module."""
+model once, and a thin `__call__(chunk) -> chunk` over pure functions in the same module.
+
+REGISTRY maps a `backend.kind` to its config model, the check run on the driver before any
+row is read, and its actor; a new back end is one entry here and one config model."""
 from __future__ import annotations
 
+import importlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from clsjob.config import BackendConfig
+from clsjob.config import (BackendSection, HFBackendConfig, VLLMPoolBackendConfig,
+                           VLLMPromptBackendConfig)
 from clsjob.labels import LabelSet
 
 
@@ -13,43 +20,58 @@ class ModelError(ValueError):
     """A model folder that cannot serve this job; the message names the folder."""
 
 
-def actor_class(backend: BackendConfig) -> type:
-    # Imported lazily: a back end's heavy dependencies load only when it is used.
-    if backend.kind == "hf":
-        from clsjob.backends.hf import HFClassifier
-        return HFClassifier
-    if backend.kind == "vllm_pool":
-        from clsjob.backends.vllm_pool import VLLMPoolClassifier
-        return VLLMPoolClassifier
-    if backend.kind == "vllm_prompt":
-        from clsjob.backends.vllm_prompt import VLLMPromptClassifier
-        return VLLMPromptClassifier
-    raise ValueError(f"backend.kind: unknown back end {backend.kind!r}")
+@dataclass(frozen=True)
+class BackEnd:
+    """One back end. The check and the actor are named, not imported: a back end's heavy
+    dependencies (torch, vLLM) load only when it is used."""
+    config: type[BackendSection]
+    check: str  # "module:function"(backend, configured labels, storage) -> output LabelSet
+    actor: str  # "module:Class"(backend, labels, text_column, use_gpu, **driver_kwargs)
+    # "module:function"(backend, labels, storage) -> extra actor kwargs, read once on the driver
+    driver_kwargs: str | None = None
+
+    def actor_class(self) -> type:
+        return resolve(self.actor)
+
+
+REGISTRY: dict[str, BackEnd] = {
+    # vllm_pool serves the same merged classifier folder as hf, so both check it alike.
+    "hf": BackEnd(HFBackendConfig, "clsjob.backends.hf:check_model_folder",
+                  "clsjob.backends.hf:HFClassifier"),
+    "vllm_pool": BackEnd(VLLMPoolBackendConfig, "clsjob.backends.hf:check_model_folder",
+                         "clsjob.backends.vllm_pool:VLLMPoolClassifier"),
+    "vllm_prompt": BackEnd(VLLMPromptBackendConfig, "clsjob.backends.vllm_prompt:check_prompted_model",
+                           "clsjob.backends.vllm_prompt:VLLMPromptClassifier",
+                           driver_kwargs="clsjob.backends.vllm_prompt:actor_examples"),
+}
+
+
+def resolve(name: str) -> Callable:
+    module, _, attr = name.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def actor_class(backend: BackendSection) -> type:
+    return REGISTRY[backend.kind].actor_class()
 
 
 def actor_kwargs(cfg, labels: LabelSet) -> dict:
     """Constructor arguments of the back end's actor (cfg: a ClassifyConfig)."""
     kwargs = {"backend": cfg.backend, "labels": labels, "text_column": cfg.input.text_column,
               "use_gpu": cfg.resources.gpus_per_actor > 0}
-    if cfg.backend.kind == "vllm_prompt":
-        from clsjob.backends.vllm_prompt import load_examples  # read once, on the driver
-        kwargs["examples"] = load_examples(cfg.backend.prompt, labels, cfg.storage)
+    extra = REGISTRY[cfg.backend.kind].driver_kwargs
+    if extra:
+        kwargs.update(resolve(extra)(cfg.backend, labels, cfg.storage))
     return kwargs
 
 
-def check_model_and_labels(backend: BackendConfig, configured: LabelSet | None, storage) -> LabelSet:
+def check_model_and_labels(backend: BackendSection, configured: LabelSet | None, storage) -> LabelSet:
     """Validate the model and the labels on the driver, before any row is read; return the
     label set in output order."""
-    if backend.kind in ("hf", "vllm_pool"):  # the same merged classifier folder
-        from clsjob.backends.hf import check_model_folder
-        return check_model_folder(backend, configured)
-    if backend.kind == "vllm_prompt":
-        from clsjob.backends.vllm_prompt import check_prompted_model
-        return check_prompted_model(backend, configured, storage)
-    raise ValueError(f"backend.kind: unknown back end {backend.kind!r}")
+    return resolve(REGISTRY[backend.kind].check)(backend, configured, storage)
 
 
-def check_model_files(backend: BackendConfig) -> dict:
+def check_model_files(backend: BackendSection) -> dict:
     """The model folder is complete, with safetensors weights; returns its config.json."""
     folder = Path(backend.model)
     if not folder.is_dir():

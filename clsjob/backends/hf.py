@@ -12,13 +12,15 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from clsjob.backends import ModelError, check_model_files
 from clsjob.backends.rows import attach_probabilities, rows_to_classify
-from clsjob.config import BackendConfig
+from clsjob.config import BackendSection, HFBackendConfig, StorageConfig
 from clsjob.labels import LabelSet, resolve_model_labels
 
 
-def check_model_folder(backend: BackendConfig, configured: LabelSet | None) -> LabelSet:
+def check_model_folder(backend: BackendSection, configured: LabelSet | None,
+                       storage: StorageConfig | None = None) -> LabelSet:
     """Cheap checks on the driver (config.json only): the folder is complete and its labels
-    match the config. Returns the output label order."""
+    match the config. Returns the output label order. Also vllm_pool's check: it serves the
+    same folder."""
     folder = Path(backend.model)
     architectures = check_model_files(backend).get("architectures") or []
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
@@ -35,7 +37,7 @@ def inference_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
-def load_classifier(backend: BackendConfig, device: str):
+def load_classifier(backend: BackendSection, device: str):
     """Model and tokenizer ready for batched inference on `device`."""
     dtype = inference_dtype(device)
     tokenizer = AutoTokenizer.from_pretrained(backend.model, trust_remote_code=backend.trust_remote_code)
@@ -93,7 +95,7 @@ def predict_probs(model, tokenizer, texts: list[str], max_length: int, micro_bat
 class HFClassifier:
     """Ray Data actor: loads the model once, labels one prepared chunk per call."""
 
-    def __init__(self, backend: BackendConfig, labels: LabelSet, text_column: str, use_gpu: bool):
+    def __init__(self, backend: HFBackendConfig, labels: LabelSet, text_column: str, use_gpu: bool):
         self.backend, self.text_column = backend, text_column
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model, self.tokenizer = load_classifier(backend, self.device)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from clsjob.config import BackendConfig
+from clsjob.config import VLLMPoolBackendConfig, VLLMPromptBackendConfig
 
 CPU_KV_CACHE_GIB = 1.0
 CPU_PROMPT_BLOCK_SIZE = 32
@@ -20,8 +20,8 @@ def prepare_env(use_gpu: bool) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
-def engine_args(backend: BackendConfig, use_gpu: bool, runner: str,
-                hf_overrides: dict | None = None) -> dict:
+def engine_args(backend: VLLMPoolBackendConfig | VLLMPromptBackendConfig, use_gpu: bool,
+                runner: str, hf_overrides: dict | None = None, seed: int = 0) -> dict:
     e = backend.engine
     args = {
         "model": backend.model, "runner": runner,
@@ -31,7 +31,7 @@ def engine_args(backend: BackendConfig, use_gpu: bool, runner: str,
         # encoder classifiers (BERT) outright; prompted rows share the whole prompt head.
         "enable_prefix_caching": e.enable_prefix_caching and runner == "generate",
         "enforce_eager": e.enforce_eager if e.enforce_eager is not None else not use_gpu,
-        "trust_remote_code": backend.trust_remote_code, "seed": backend.prompt.seed,
+        "trust_remote_code": backend.trust_remote_code, "seed": seed,
         "load_format": "safetensors",  # never unpickle .bin weights
     }
     if e.kv_cache_gib is not None or not use_gpu:

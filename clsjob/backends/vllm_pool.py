@@ -10,14 +10,14 @@ from clsjob.backends.hf import encode_truncating
 from clsjob.backends.rows import attach_probabilities, rows_to_classify
 from clsjob.backends import vllm_engine
 from clsjob.backends.vllm_engine import engine_args, prepare_env
-from clsjob.config import BackendConfig
+from clsjob.config import VLLMPoolBackendConfig
 from clsjob.labels import LabelSet, resolve_model_labels
 
 
 class VLLMPoolClassifier:
     """Ray Data actor: one pooling engine; labels one prepared chunk per call."""
 
-    def __init__(self, backend: BackendConfig, labels: LabelSet, text_column: str, use_gpu: bool):
+    def __init__(self, backend: VLLMPoolBackendConfig, labels: LabelSet, text_column: str, use_gpu: bool):
         prepare_env(use_gpu)
         self.backend, self.text_column = backend, text_column
         self.llm = vllm_engine.start_engine(engine_args(backend, use_gpu, "pooling"))

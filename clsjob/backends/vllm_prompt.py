@@ -14,6 +14,7 @@ refuses gets `error` and the chunk goes on.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -25,18 +26,25 @@ from clsjob.backends import ModelError, check_model_files
 from clsjob.backends.rows import attach_results, rows_to_classify
 from clsjob.backends import vllm_engine
 from clsjob.backends.vllm_engine import engine_args, prepare_env
-from clsjob.config import BackendConfig, Example, PromptConfig, StorageConfig
+from clsjob.config import Example, PromptConfig, StorageConfig, VLLMPromptBackendConfig
 from clsjob.labels import LabelError, LabelSet
 from clsjob.prompts import encode_rows, pick_examples, render_template, tokenize_template
 
 
-def check_prompted_model(backend: BackendConfig, labels: LabelSet, storage: StorageConfig) -> LabelSet:
+def check_prompted_model(backend: VLLMPromptBackendConfig, labels: LabelSet,
+                         storage: StorageConfig) -> LabelSet:
     architectures = check_model_files(backend).get("architectures") or []
     if not any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in architectures):
         raise ModelError(f"backend.model: {backend.model} is {architectures}, not a generative "
                          f"(*ForCausalLM) model; a merged classifier runs under hf or vllm_pool")
     load_examples(backend.prompt, labels, storage)  # labels of the examples, before any row
     return labels
+
+
+def actor_examples(backend: VLLMPromptBackendConfig, labels: LabelSet,
+                   storage: StorageConfig) -> dict:
+    """The few-shot examples, read once on the driver and handed to every actor."""
+    return {"examples": load_examples(backend.prompt, labels, storage)}
 
 
 def load_examples(prompt: PromptConfig, labels: LabelSet, storage: StorageConfig) -> list[Example]:
@@ -73,88 +81,194 @@ def renormalise(logprobs: np.ndarray) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
-class VLLMPromptClassifier:
-    """Ray Data actor: one vLLM engine; labels one prepared chunk per call."""
+@dataclass
+class Answers:
+    """One result per prompt: a label index (None where `errors` has the reason), and what
+    the mode adds: `probs` (score) or `reasoning` (json)."""
+    labels: list[int | None]
+    errors: list[str | None]
+    probs: np.ndarray | None = None
+    reasoning: list[str | None] | None = None
 
-    def __init__(self, backend: BackendConfig, labels: LabelSet, text_column: str, use_gpu: bool,
-                 examples: list[Example]):
-        prepare_env(use_gpu)
+
+class GeneratedAnswer:
+    """choice and json: one sampled answer per row under constrained decoding, parsed back."""
+    gives_reasoning = False
+
+    def __init__(self, labels: LabelSet, prompt: PromptConfig, params, answer_tokens: int):
+        self.labels, self.prompt = labels, prompt
+        self.params, self.answer_tokens = params, answer_tokens
+
+    def requests(self, prompts: list[list[int]]):
+        return prompts, self.params
+
+    def read(self, outputs: list, n: int) -> Answers:
+        answers = Answers(labels=[], errors=[], reasoning=[] if self.gives_reasoning else None)
+        for out in outputs:
+            label, why, error = None, None, None
+            if isinstance(out, Exception):
+                error = f"vLLM refused the prompt: {out}"
+            else:
+                label, why, error = self.parse(out.outputs[0].text, out.outputs[0].finish_reason)
+            answers.labels.append(None if label is None else self.labels.id_of(label))
+            answers.errors.append(error)
+            if self.gives_reasoning:
+                answers.reasoning.append(why)
+        return answers
+
+    def parse(self, text: str, finish: str | None) -> tuple[str | None, str | None, str | None]:
+        """(label, reasoning, error) from one answer. Constrained decoding makes failures
+        rare, but an answer cut at max_tokens is possible and is reported, not guessed."""
+        raise NotImplementedError
+
+
+class ChoiceAnswer(GeneratedAnswer):
+    """The answer is forced to be exactly one label."""
+
+    def __init__(self, labels: LabelSet, prompt: PromptConfig, base: dict):
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
-        self.backend, self.labels, self.text_column = backend, labels, text_column
-        self.prompt = backend.prompt
-        self.llm = vllm_engine.start_engine(engine_args(backend, use_gpu, "generate"))
+        # Bytes, not tokens: a grammar may spell a label in more tokens than the tokenizer
+        # would; +1 for the end-of-sequence token.
+        answer_tokens = max(len(n.encode()) for n in labels.names) + 1
+        params = SamplingParams(**base, max_tokens=answer_tokens, structured_outputs=
+                                StructuredOutputsParams(choice=list(labels.names)))
+        super().__init__(labels, prompt, params, answer_tokens)
+
+    def parse(self, text, finish):
+        if text in self.labels:
+            return text, None, None
+        return None, None, f"answer {text[:80]!r} is not a label (finish: {finish})"
+
+
+class JsonAnswer(GeneratedAnswer):
+    """{label, reasoning} under a JSON schema."""
+    gives_reasoning = True
+
+    def __init__(self, labels: LabelSet, prompt: PromptConfig, base: dict):
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        # Bytes of the longest answer the schema allows: a character of reasoning is at most
+        # 6 bytes (a \uXXXX escape), a label at most its bytes plus escapes.
+        longest = max(len(n.encode()) for n in labels.names)
+        answer_tokens = 32 + 2 * longest + 6 * prompt.reasoning_max_chars
+        schema = answer_schema(labels, prompt.reasoning_max_chars)
+        params = SamplingParams(**base, max_tokens=answer_tokens,
+                                structured_outputs=StructuredOutputsParams(json=schema))
+        super().__init__(labels, prompt, params, answer_tokens)
+
+    def parse(self, text, finish):
+        try:
+            data = json.loads(text)
+            label, why = data["label"], data["reasoning"]
+        except (ValueError, KeyError, TypeError):
+            return None, None, f"answer is not the expected JSON (finish: {finish}): {text[:80]!r}"
+        if label not in self.labels:
+            return None, None, f"answer label {label!r} is not a label"
+        return label, why, None
+
+
+class LabelScores:
+    """No sampling: the model's probability of every label, renormalised over the labels.
+
+    P(label) = product over its tokens. The label sequences form a trie; one request per trie
+    node (the prompt + that prefix) returns, in one forward step, the log-probabilities of all
+    the node's next tokens (`logprob_token_ids`). Plain generate requests, so the row's prompt
+    is read from the prefix cache and each node costs only its own few tokens. When the
+    labels' first tokens differ the trie is one node: one request per row."""
+
+    def __init__(self, labels: LabelSet, tokenizer):
+        from vllm import SamplingParams
+
+        label_ids = [tokenizer.encode(name, add_special_tokens=False) for name in labels.names]
+        first = [ids[0] for ids in label_ids]
+        self.first_token_scoring = len(set(first)) == len(first)
+        # Whole labels end with the end of turn, so that "pos" is not scored as "positive"'s prefix.
+        self.sequences = ([[ids[0]] for ids in label_ids] if self.first_token_scoring
+                          else [ids + [tokenizer.eos_token_id] for ids in label_ids])
+        children: dict[tuple[int, ...], set[int]] = {}
+        for seq in self.sequences:
+            for t, token in enumerate(seq):
+                children.setdefault(tuple(seq[:t]), set()).add(token)
+        self.nodes = sorted(children)
+        self.node_params = [SamplingParams(temperature=0.0, max_tokens=1,
+                                           logprob_token_ids=sorted(children[node]))
+                            for node in self.nodes]
+        self.answer_tokens = max(len(seq) for seq in self.sequences)
+        self.n_labels = len(labels)
+
+    def requests(self, prompts: list[list[int]]):
+        return [p + list(node) for p in prompts for node in self.nodes], self.node_params * len(prompts)
+
+    def read(self, outputs: list, n: int) -> Answers:
+        m = len(self.nodes)
+        failed: list[str | None] = [None] * n
+        next_logprob: list[dict] = [{} for _ in range(n)]  # row -> (node, token) -> log p
+        for j, out in enumerate(outputs):
+            i, node = divmod(j, m)
+            if isinstance(out, Exception):
+                failed[i] = f"vLLM refused the prompt: {out}"
+                continue
+            for token, lp in out.outputs[0].logprobs[0].items():  # at the answer position
+                next_logprob[i][(self.nodes[node], token)] = lp.logprob
+        logprobs = np.zeros((n, self.n_labels))
+        for i in (i for i in range(n) if failed[i] is None):
+            logprobs[i] = [sum(next_logprob[i][(tuple(seq[:t]), token)] for t, token in enumerate(seq))
+                           for seq in self.sequences]
+        probs = renormalise(logprobs)
+        answers = [int(np.argmax(probs[i])) if failed[i] is None else None for i in range(n)]
+        return Answers(labels=answers, errors=failed, probs=probs)
+
+
+def answer_mode(labels: LabelSet, prompt: PromptConfig, tokenizer):
+    """The strategy of `backend.prompt.mode`: what is asked of vLLM and how it is read."""
+    base = {"temperature": prompt.temperature, "seed": prompt.seed}
+    if prompt.mode == "choice":
+        return ChoiceAnswer(labels, prompt, base)
+    if prompt.mode == "json":
+        return JsonAnswer(labels, prompt, base)
+    return LabelScores(labels, tokenizer)
+
+
+class VLLMPromptClassifier:
+    """Ray Data actor: one vLLM engine; labels one prepared chunk per call."""
+
+    def __init__(self, backend: VLLMPromptBackendConfig, labels: LabelSet, text_column: str,
+                 use_gpu: bool, examples: list[Example]):
+        prepare_env(use_gpu)
+        self.labels, self.text_column, prompt = labels, text_column, backend.prompt
+        self.llm = vllm_engine.start_engine(engine_args(backend, use_gpu, "generate", seed=prompt.seed))
         tok = self.tokenizer = self.llm.get_tokenizer()
-        chat = self.prompt.chat_template == "on" or (
-            self.prompt.chat_template == "auto" and getattr(tok, "chat_template", None))
+        chat = prompt.chat_template == "on" or (
+            prompt.chat_template == "auto" and getattr(tok, "chat_template", None))
         apply_chat = (lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
                       ) if chat else None
-        self.template = tokenize_template(tok, *render_template(labels, self.prompt, examples, apply_chat),
+        self.template = tokenize_template(tok, *render_template(labels, prompt, examples, apply_chat),
                                           chat=bool(chat))
-        self.label_ids = [tok.encode(name, add_special_tokens=False) for name in labels.names]
-        self.end_id = tok.eos_token_id
-        first = [ids[0] for ids in self.label_ids]
-        self.first_token_scoring = len(set(first)) == len(first)
-
-        mode, base = self.prompt.mode, {"temperature": self.prompt.temperature, "seed": self.prompt.seed}
-        longest = max(len(n.encode()) for n in labels.names)
-        if mode == "choice":
-            # Bytes, not tokens: a grammar may spell a label in more tokens than the tokenizer
-            # would; +1 for the end-of-sequence token.
-            answer_tokens = longest + 1
-            self.params = SamplingParams(**base, max_tokens=answer_tokens, structured_outputs=
-                                         StructuredOutputsParams(choice=list(labels.names)))
-        elif mode == "json":
-            # Bytes of the longest answer the schema allows: a character of reasoning is at
-            # most 6 bytes (a \uXXXX escape), a label at most its bytes plus escapes.
-            answer_tokens = 32 + 2 * longest + 6 * self.prompt.reasoning_max_chars
-            schema = answer_schema(labels, self.prompt.reasoning_max_chars)
-            self.params = SamplingParams(**base, max_tokens=answer_tokens,
-                                         structured_outputs=StructuredOutputsParams(json=schema))
-        else:
-            # Score every label as a token sequence: P(label) = product over its tokens. The
-            # sequences form a trie; one request per trie node (the prompt + that prefix)
-            # returns, in one forward step, the log-probabilities of all the node's next
-            # tokens (`logprob_token_ids`). Plain generate requests, so the row's prompt is
-            # read from the prefix cache and each node costs only its own few tokens.
-            # When the first tokens differ the trie is one node: one request per row.
-            self.sequences = ([[ids[0]] for ids in self.label_ids] if self.first_token_scoring
-                              else [ids + [self.end_id] for ids in self.label_ids])
-            children: dict[tuple[int, ...], set[int]] = {}
-            for seq in self.sequences:
-                for t, token in enumerate(seq):
-                    children.setdefault(tuple(seq[:t]), set()).add(token)
-            self.nodes = sorted(children)
-            self.node_params = [SamplingParams(temperature=0.0, max_tokens=1,
-                                               logprob_token_ids=sorted(children[node]))
-                                for node in self.nodes]
-            answer_tokens = max(len(seq) for seq in self.sequences)
+        self.mode = answer_mode(labels, prompt, tok)
         limit = self.llm.llm_engine.model_config.max_model_len
-        self.budget = min(backend.max_length, limit - self.template.overhead - answer_tokens)
+        self.budget = min(backend.max_length, limit - self.template.overhead - self.mode.answer_tokens)
         if self.budget < 1:
             raise ModelError(f"backend.engine.max_model_len {limit} leaves "
                              f"no room for the row text: the shared prompt takes "
-                             f"{self.template.overhead} tokens and the answer {answer_tokens}")
+                             f"{self.template.overhead} tokens and the answer {self.mode.answer_tokens}")
 
     def __call__(self, table: pa.Table) -> pa.Table:
         todo = rows_to_classify(table)
         texts = table.column(self.text_column).to_pylist()
         ids, truncated = encode_rows(self.tokenizer, [texts[i] for i in todo], self.budget)
-        prompts = [self.template.build(row) for row in ids]
-        if self.prompt.mode == "score":
-            answers, probs, errors = self._score(prompts)
-            return attach_results(table, todo, self.labels, answers, truncated, probs=probs, errors=errors)
-        answers, reasoning, errors = self._generate(prompts)
-        return attach_results(table, todo, self.labels, answers, truncated, errors=errors,
-                              reasoning=reasoning if self.prompt.mode == "json" else None)
+        requests, params = self.mode.requests([self.template.build(row) for row in ids])
+        answers = self.mode.read(self._run(requests, params), len(ids))
+        return attach_results(table, todo, self.labels, answers.labels, truncated,
+                              probs=answers.probs, errors=answers.errors, reasoning=answers.reasoning)
 
-    def _run(self, prompts: list[list[int]], params=None) -> list:
+    def _run(self, prompts: list[list[int]], params) -> list:
         """vLLM outputs in order; a prompt vLLM refuses becomes an Exception in its place
         instead of failing the whole chunk. `params`: one SamplingParams, or one per prompt."""
         from vllm.inputs import TokensPrompt
 
-        params = self.params if params is None else params
         requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
         try:
             return self.llm.generate(requests, params, use_tqdm=False)
@@ -167,53 +281,3 @@ class VLLMPromptClassifier:
                 except Exception as exc:
                     results.append(exc)
             return results
-
-    def _generate(self, prompts):
-        answers, reasoning, errors = [], [], []
-        for out in self._run(prompts):
-            label, why, error = None, None, None
-            if isinstance(out, Exception):
-                error = f"vLLM refused the prompt: {out}"
-            else:
-                label, why, error = self._parse(out.outputs[0].text, out.outputs[0].finish_reason)
-            answers.append(None if label is None else self.labels.id_of(label))
-            reasoning.append(why)
-            errors.append(error)
-        return answers, reasoning, errors
-
-    def _parse(self, text: str, finish: str | None):
-        """(label, reasoning, error) from one answer. Constrained decoding makes the first two
-        failures rare, but an answer cut at max_tokens is possible and is reported, not guessed."""
-        if self.prompt.mode == "choice":
-            if text in self.labels:
-                return text, None, None
-            return None, None, f"answer {text[:80]!r} is not a label (finish: {finish})"
-        try:
-            data = json.loads(text)
-            label, why = data["label"], data["reasoning"]
-        except (ValueError, KeyError, TypeError):
-            return None, None, f"answer is not the expected JSON (finish: {finish}): {text[:80]!r}"
-        if label not in self.labels:
-            return None, None, f"answer label {label!r} is not a label"
-        return label, why, None
-
-    def _score(self, prompts):
-        n, k, m = len(prompts), len(self.labels), len(self.nodes)
-        requests = [p + list(node) for p in prompts for node in self.nodes]
-        outputs = self._run(requests, self.node_params * n)
-        failed: list[str | None] = [None] * n
-        next_logprob: list[dict] = [{} for _ in range(n)]  # row -> (node, token) -> log p
-        for j, out in enumerate(outputs):
-            i, node = divmod(j, m)
-            if isinstance(out, Exception):
-                failed[i] = f"vLLM refused the prompt: {out}"
-                continue
-            for token, lp in out.outputs[0].logprobs[0].items():  # at the answer position
-                next_logprob[i][(self.nodes[node], token)] = lp.logprob
-        logprobs = np.zeros((n, k))
-        for i in (i for i in range(n) if failed[i] is None):
-            logprobs[i] = [sum(next_logprob[i][(tuple(seq[:t]), token)] for t, token in enumerate(seq))
-                           for seq in self.sequences]
-        probs = renormalise(logprobs)
-        answers = [int(np.argmax(probs[i])) if failed[i] is None else None for i in range(n)]
-        return answers, probs, failed

@@ -27,7 +27,7 @@ def test_classify_then_evaluate_from_the_command_line(qwen_model, ray_cluster, t
                                     "backend": {"model": str(qwen_model)},
                                     "output": {"path": str(tmp_path / "wrong")}}))
     code = main(["classify", "--config", str(path), "--set", "input.label_column=y",
-                 "--set", f"output.path={tmp_path / 'out'}", "--set", "resources.batch_size=8"])
+                 "--set", f"output.path={tmp_path / 'out'}", "--set", "output.rows_per_part=8"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["rows_in"] == summary["rows_out"] == 31 and summary["rows_errored"] == 1

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from clsjob.backends.hf import load_classifier, predict_probs
-from clsjob.config import BackendConfig, TrainingConfig
+from clsjob.config import HFBackendConfig, TrainingConfig
 from clsjob.finetune.model import build_trainable, load_tokenizer
 from clsjob.labels import LabelSet
 from helpers import REPO
@@ -95,7 +95,7 @@ def test_vllm_pool_on_each_kernel_library_matches_hf(isa, library, qwen_model):
     run = run_on(isa, "vllm-pool-probs", qwen_model)
     if torch.cpu._is_avx512_supported() or isa == "avx2":
         assert run["libraries"] == [library]
-    net, tok = load_classifier(BackendConfig(model=str(qwen_model)), "cpu")
+    net, tok = load_classifier(HFBackendConfig(model=str(qwen_model)), "cpu")
     from cpu_paths import TEXTS
 
     want = predict_probs(net, tok, TEXTS, 64, 2, "cpu")

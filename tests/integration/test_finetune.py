@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 
 from clsjob.backends.hf import load_classifier, predict_probs
-from clsjob.config import BackendConfig, FinetuneConfig, MergeConfig, validate
+from clsjob.config import FinetuneConfig, HFBackendConfig, MergeConfig, VLLMPoolBackendConfig, validate
 from clsjob.finetune.merge import merge
 from clsjob.finetune.model import load_base_classifier, load_tokenizer
 from clsjob.finetune.train import SUMMARY, run_finetune
@@ -71,7 +71,7 @@ def test_merged_folder_reproduces_the_adapter_model(trained, tmp_path):
     tok = load_tokenizer(str(root / "adapter"))
     adapter_model = PeftModel.from_pretrained(
         load_base_classifier(str(base), labels, tok), root / "adapter").eval()
-    merged, merged_tok = load_classifier(BackendConfig(model=str(out)), "cpu")
+    merged, merged_tok = load_classifier(HFBackendConfig(model=str(out)), "cpu")
     texts = task_rows(20, 9)["text"][:20]
     with torch.inference_mode():
         enc = tok(texts, padding=True, return_tensors="pt")
@@ -93,7 +93,7 @@ def serve_with_vllm_pool(model: str, labels: LabelSet, texts: list[str]) -> list
     from clsjob.config import InputConfig
     from clsjob.prepare import prepare_chunk
 
-    pool = VLLMPoolClassifier(BackendConfig(kind="vllm_pool", model=model), labels, "text", False)
+    pool = VLLMPoolClassifier(VLLMPoolBackendConfig(model=model), labels, "text", False)
     out = pool(prepare_chunk(pa.table({"text": texts}), "s", 0, InputConfig(path="x")))
     return out.column("probs").to_pylist()
 

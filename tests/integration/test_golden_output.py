@@ -47,7 +47,7 @@ def golden_corpus(folder: Path) -> Path:
 def golden_config(model, inp: Path, out: Path) -> ClassifyConfig:
     return validate({"input": {"path": str(inp), "label_column": "label", "carry_columns": ["lang"]},
                      "backend": {"model": str(model), "max_length": 128},
-                     "resources": {"batch_size": 16}, "output": {"path": str(out)}},
+                     "output": {"path": str(out), "rows_per_part": 16}},
                     model=ClassifyConfig)
 
 

@@ -12,7 +12,7 @@ import torch
 from peft import PeftModel
 
 from clsjob.backends.hf import load_classifier, predict_probs
-from clsjob.config import BackendConfig, FinetuneConfig, MergeConfig, load_config
+from clsjob.config import FinetuneConfig, HFBackendConfig, MergeConfig, load_config
 from clsjob.finetune.merge import merge
 from clsjob.finetune.model import load_base_classifier
 from clsjob.finetune.train import run_finetune
@@ -64,7 +64,7 @@ def test_qlora_defaults_train_merge_and_serve(family, data, ray_cluster, tmp_pat
     assert config["architectures"][0].endswith("ForSequenceClassification")
     assert config["id2label"] == {"0": "access", "1": "billing", "2": "delivery"}
 
-    model, tokenizer = load_classifier(BackendConfig(model=str(merged)), "cpu")
+    model, tokenizer = load_classifier(HFBackendConfig(model=str(merged)), "cpu")
     texts = task_rows(30, 9)["text"][:30] + ["card", "parcel", "account", "x"]
     batched = predict_probs(model, tokenizer, texts, 512, 8, "cpu")
     one_by_one = np.concatenate([predict_probs(model, tokenizer, [t], 512, 1, "cpu") for t in texts])
@@ -83,7 +83,7 @@ def test_qlora_defaults_train_merge_and_serve(family, data, ray_cluster, tmp_pat
     with torch.inference_mode():
         want = np.concatenate([torch.softmax(adapter(**tokenizer([t], return_tensors="pt")).logits, -1)
                                .numpy() for t in texts])
-    model, tokenizer = load_classifier(BackendConfig(model=str(exact)), "cpu")
+    model, tokenizer = load_classifier(HFBackendConfig(model=str(exact)), "cpu")
     np.testing.assert_allclose(predict_probs(model, tokenizer, texts, 512, 8, "cpu"), want, atol=1e-5)
 
 

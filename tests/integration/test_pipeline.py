@@ -37,8 +37,8 @@ def corpus(tmp_path, shards=3, rows=150):
 def config(model, inp, out, **extra) -> ClassifyConfig:
     data = {"input": {"path": str(inp), "label_column": "label", "carry_columns": ["lang"]},
             "backend": {"model": str(model), "max_length": 256},
-            "resources": {"batch_size": 64, "actors": 1},
-            "output": {"path": str(out)}}
+            "resources": {"actors": 1},
+            "output": {"path": str(out), "rows_per_part": 64}}
     for key, value in extra.items():
         data[key] = {**data.get(key, {}), **value}
     return validate(data, model=ClassifyConfig)
@@ -114,7 +114,7 @@ def test_rerun_gives_the_same_rows_and_ids(qwen_model, ray_cluster, tmp_path):
     inp, _ = corpus(tmp_path, shards=2, rows=40)
     a = read_output_of(run_classify(config(qwen_model, inp, tmp_path / "a")))
     b = read_output_of(run_classify(config(qwen_model, inp, tmp_path / "b",
-                                           resources={"actors": 2, "batch_size": 64})))
+                                           resources={"actors": 2})))
     assert a.sort_by("id").to_pylist() == b.sort_by("id").to_pylist()
 
 

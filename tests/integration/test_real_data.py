@@ -44,8 +44,8 @@ def test_minilm_on_sst2_beats_chance_by_far(ray_cluster, tmp_path):
     summary = run_classify(validate({
         "input": {"path": str(tmp_path / "dev"), "label_column": "label"},
         "backend": {"model": str(tmp_path / "model"), "max_length": 64},
-        "resources": {"cpus_per_actor": 2, "batch_size": 256},
-        "output": {"path": str(tmp_path / "out")},
+        "resources": {"cpus_per_actor": 2},
+        "output": {"path": str(tmp_path / "out"), "rows_per_part": 256},
     }, model=ClassifyConfig))
     metrics = json.loads((tmp_path / "out" / "_metrics.json").read_text())
     print(f"SST-2 dev accuracy {metrics['accuracy']:.3f} after 2,000 train rows, "

@@ -120,8 +120,8 @@ def test_score_probabilities_match_transformers(lm_model, labels):
     tok = actor.tokenizer
     label_ids = [tok.encode(name, add_special_tokens=False) for name in labels]
     first = [ids[0] for ids in label_ids]
-    assert actor.first_token_scoring == (len(set(first)) == len(labels))  # the path under test
-    assert actor.first_token_scoring == (labels is DISTINCT)
+    assert actor.mode.first_token_scoring == (len(set(first)) == len(labels))  # the path under test
+    assert actor.mode.first_token_scoring == (labels is DISTINCT)
 
     texts = ["the film was a delight", "my card payment was declined", HOSTILE[1]]
     out = actor(chunk(texts)).to_pylist()
@@ -134,7 +134,7 @@ def test_score_probabilities_match_transformers(lm_model, labels):
                                               split_special_tokens=True)["input_ids"])
         # First-token scoring renormalises P(first token); whole-label scoring the product
         # over the label's tokens and the end of the answer.
-        sequences = ([[t] for t in first] if actor.first_token_scoring
+        sequences = ([[t] for t in first] if actor.mode.first_token_scoring
                      else [ids + [tok.eos_token_id] for ids in label_ids])
         expected = transformers_label_logprobs(lm_model, prompt_ids, sequences)
         expected = np.exp(expected - expected.max())
@@ -221,7 +221,7 @@ def test_shipped_vllm_config(name, qwen_model, ray_cluster, tmp_path_factory, tm
     if cfg.input.label_column:
         shard[cfg.input.label_column] = [labels[i % len(labels)] for i in range(len(texts))]
     write_shards(tmp_path / "in", [shard])
-    if cfg.backend.prompt.examples_path:
+    if cfg.backend.kind == "vllm_prompt" and cfg.backend.prompt.examples_path:
         write_shards(tmp_path / "examples", [{"text": ["what a film", "so dull"],
                                               "label": ["positive", "negative"]}])
         cfg = shipped_classify(name, lm_model, tmp_path,

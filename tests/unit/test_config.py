@@ -59,6 +59,36 @@ def test_bad_value_is_named(tmp_path):
         load_config(minimal(tmp_path), ["backend.kind=bananas"], model=ClassifyConfig)
 
 
+def test_each_back_end_accepts_only_its_own_settings(tmp_path):
+    # kind left out is hf, which has no prompt; the error names the key and the back end.
+    with pytest.raises(ConfigError, match=r"backend\.prompt: unknown key for backend.kind hf"):
+        load_config(minimal(tmp_path), ["backend.prompt.mode=json"], model=ClassifyConfig)
+    with pytest.raises(ConfigError, match=r"backend\.micro_batch_size: unknown key for "
+                                          r"backend.kind vllm_pool"):
+        load_config(minimal(tmp_path), ["backend.kind=vllm_pool", "backend.micro_batch_size=8"],
+                    model=ClassifyConfig)
+    with pytest.raises(ConfigError, match=r"backend\.kind: 'bananas' is not a back end "
+                                          r"\(one of hf, vllm_pool, vllm_prompt\)"):
+        load_config(minimal(tmp_path), ["backend.kind=bananas"], model=ClassifyConfig)
+    cfg = load_config(minimal(tmp_path, labels=["a", "b"]),
+                      ["backend.kind=vllm_prompt", "backend.prompt.mode=json"], model=ClassifyConfig)
+    assert type(cfg.backend).__name__ == "VLLMPromptBackendConfig" and cfg.backend.prompt.mode == "json"
+
+
+def test_the_registry_has_every_back_end_the_config_accepts():
+    from clsjob.backends import REGISTRY, resolve
+    from clsjob.config import BACKEND_CONFIGS, BACKEND_KINDS
+
+    assert set(REGISTRY) == set(BACKEND_KINDS)
+    for kind, entry in REGISTRY.items():
+        assert entry.config in BACKEND_CONFIGS and entry.config.model_fields["kind"].default == kind
+        assert callable(resolve(entry.check))  # names that resolve (imports torch, not vLLM)
+        module, _, name = entry.actor.partition(":")
+        # The actor's module imports vLLM lazily, but reading it is enough to find the class.
+        source = (CONFIGS.parent / Path(*module.split("."))).with_suffix(".py").read_text()
+        assert f"\nclass {name}:" in source
+
+
 def test_missing_required_key_is_named(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"input": {"path": "x"}, "backend": {"model": "m"}}))
@@ -68,12 +98,27 @@ def test_missing_required_key_is_named(tmp_path):
 
 def test_overrides_parse_yaml_values(tmp_path):
     cfg = load_config(minimal(tmp_path), [
-        "resources.batch_size=64", "input.carry_columns=[a, b]", "output.keep_text=false",
+        "output.rows_per_part=64", "input.carry_columns=[a, b]", "output.keep_text=false",
         "input.path=s3://b/k/"], model=ClassifyConfig)
-    assert cfg.resources.batch_size == 64
+    assert cfg.output.rows_per_part == 64
     assert cfg.input.carry_columns == ["a", "b"]
     assert cfg.output.keep_text is False
     assert cfg.input.path == "s3://b/k/"
+
+
+def test_renamed_key_still_loads_with_a_warning_naming_both(tmp_path, caplog):
+    cfg = load_config(minimal(tmp_path, resources={"actors": 2, "batch_size": 256}),
+                      model=ClassifyConfig)
+    assert cfg.output.rows_per_part == 256 and cfg.resources.actors == 2
+    assert "resources.batch_size is deprecated, renamed output.rows_per_part" in caplog.text
+    # The same run whichever name the file used: the work hash sees only the new key.
+    new = load_config(minimal(tmp_path, resources={"actors": 2}), ["output.rows_per_part=256"],
+                      model=ClassifyConfig)
+    assert new == cfg
+    with pytest.raises(ConfigError, match=r"resources.batch_size \(8\) is the old name of "
+                                          r"output.rows_per_part \(16\); set only output.rows_per_part"):
+        load_config(minimal(tmp_path), ["resources.batch_size=8", "output.rows_per_part=16"],
+                    model=ClassifyConfig)
 
 
 def test_override_errors():
@@ -144,7 +189,8 @@ def test_config_reference_lists_every_setting_with_default_and_meaning(capsys):
 
     rows = {key: (default, text) for key, default, text in field_reference(ClassifyConfig)}
     assert rows["input.path"][0] == "required" and rows["cluster.autoscaling"][0] == "false"
-    assert rows["resources.batch_size"][0] == "1024" and rows["input.carry_columns"][0] == "[]"
+    assert rows["output.rows_per_part"][0] == "1024" and rows["input.carry_columns"][0] == "[]"
+    assert "resources.batch_size" not in rows
     assert "backend.prompt.examples" in rows  # a list of sections is one setting
     for model in KIND.values():
         undocumented = [k for k, _, text in field_reference(model) if not text]

@@ -11,7 +11,7 @@ from clsjob.backends import ModelError
 from clsjob.backends.hf import (HFClassifier, check_model_folder, encode_truncating,
                                 inference_dtype, length_sorted_batches, load_classifier,
                                 predict_probs)
-from clsjob.config import BackendConfig, InputConfig
+from clsjob.config import HFBackendConfig, InputConfig
 from clsjob.labels import LabelError, LabelSet
 from clsjob.prepare import prepare_chunk
 from helpers import LABELS, sample_texts
@@ -25,7 +25,7 @@ def test_bf16_on_cuda_fp32_on_cpu():
 
 def test_actor_without_a_gpu_runs_on_cpu_in_fp32(qwen_model):
     # use_gpu asks for CUDA only where there is one: the same config runs on a CPU node.
-    actor = HFClassifier(BackendConfig(model=str(qwen_model)), None, "text", use_gpu=True)
+    actor = HFClassifier(HFBackendConfig(model=str(qwen_model)), None, "text", use_gpu=True)
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert actor.device == expected
     assert next(actor.model.parameters()).dtype == inference_dtype(expected)
@@ -42,7 +42,7 @@ def test_length_sorted_batches_cover_all_rows_once():
 def test_batched_probabilities_equal_one_row_at_a_time(model_fixture, request):
     """Right padding + length sorting must not change any row's answer: a decoder pools on
     its last non-pad token, so a padding bug shows up here as different probabilities."""
-    backend = BackendConfig(model=str(request.getfixturevalue(model_fixture)), max_length=64)
+    backend = HFBackendConfig(model=str(request.getfixturevalue(model_fixture)), max_length=64)
     model, tok = load_classifier(backend, "cpu")
     texts = sample_texts(24, seed=1)
     batched = predict_probs(model, tok, texts, 64, micro_batch=8, device="cpu")
@@ -54,7 +54,7 @@ def test_batched_probabilities_equal_one_row_at_a_time(model_fixture, request):
 
 def test_missing_pad_token_falls_back_and_truncation_applies(tmp_path):
     folder = build_qwen2_classifier(tmp_path, LABELS, drop_pad_token=True)
-    model, tok = load_classifier(BackendConfig(model=str(folder)), "cpu")
+    model, tok = load_classifier(HFBackendConfig(model=str(folder)), "cpu")
     assert tok.pad_token == tok.eos_token and model.config.pad_token_id == tok.eos_token_id
     assert tok.pad_token_id < model.get_input_embeddings().num_embeddings
     assert tok.padding_side == "right"
@@ -66,7 +66,7 @@ def test_missing_pad_token_falls_back_and_truncation_applies(tmp_path):
 def test_actor_labels_a_prepared_chunk_and_keeps_bad_rows(qwen_model):
     texts = sample_texts(10) + [None, "", "   "]
     chunk = prepare_chunk(pa.table({"text": texts}), "s.parquet", 0, InputConfig(path="x"))
-    actor = HFClassifier(BackendConfig(model=str(qwen_model)), None, "text", use_gpu=False)
+    actor = HFClassifier(HFBackendConfig(model=str(qwen_model)), None, "text", use_gpu=False)
     out = actor(chunk)
     assert out.num_rows == 13
     labels, conf, probs, errors = (out.column(c).to_pylist() for c in
@@ -82,7 +82,7 @@ def test_actor_labels_a_prepared_chunk_and_keeps_bad_rows(qwen_model):
 
 def test_config_label_order_reorders_probabilities(qwen_model):
     chunk = prepare_chunk(pa.table({"text": sample_texts(6)}), "s", 0, InputConfig(path="x"))
-    backend = BackendConfig(model=str(qwen_model))
+    backend = HFBackendConfig(model=str(qwen_model))
     natural = HFClassifier(backend, None, "text", False)(chunk)
     reordered = HFClassifier(backend, LabelSet(tuple(reversed(LABELS))), "text", False)(chunk)
     assert reordered.column("label").to_pylist() == natural.column("label").to_pylist()
@@ -92,24 +92,24 @@ def test_config_label_order_reorders_probabilities(qwen_model):
 
 def test_model_folder_checks_fail_before_any_row(tmp_path, qwen_model):
     with pytest.raises(ModelError, match="no model folder at"):
-        check_model_folder(BackendConfig(model=str(tmp_path / "nope")), None)
+        check_model_folder(HFBackendConfig(model=str(tmp_path / "nope")), None)
     broken = tmp_path / "broken"
     shutil.copytree(qwen_model, broken)
     for weights in broken.glob("*.safetensors"):
         weights.unlink()
     with pytest.raises(ModelError, match=r"incomplete, missing \['\*\.safetensors"):
-        check_model_folder(BackendConfig(model=str(broken)), None)
+        check_model_folder(HFBackendConfig(model=str(broken)), None)
     lm = build_qwen2_classifier(tmp_path / "lm", LABELS, causal_lm=True)
     with pytest.raises(ModelError, match="Qwen2ForCausalLM.*not a merged"):
-        check_model_folder(BackendConfig(model=str(lm)), None)
+        check_model_folder(HFBackendConfig(model=str(lm)), None)
     with pytest.raises(LabelError, match=r"not in the model \['spam'\]"):
-        check_model_folder(BackendConfig(model=str(qwen_model)), LabelSet(("negative", "spam")))
-    assert check_model_folder(BackendConfig(model=str(qwen_model)), None).names == tuple(LABELS)
+        check_model_folder(HFBackendConfig(model=str(qwen_model)), LabelSet(("negative", "spam")))
+    assert check_model_folder(HFBackendConfig(model=str(qwen_model)), None).names == tuple(LABELS)
 
 
 @pytest.mark.parametrize("model_fixture", ["qwen_model", "bert_model"])
 def test_long_rows_are_cut_to_max_length_and_flagged(model_fixture, request):
-    _, tok = load_classifier(BackendConfig(model=str(request.getfixturevalue(model_fixture))), "cpu")
+    _, tok = load_classifier(HFBackendConfig(model=str(request.getfixturevalue(model_fixture))), "cpu")
     texts = ["short text", "the film was a delight " * 50, "", "a dull mess"]
     ids, truncated = encode_truncating(tok, texts, max_length=16)
     assert truncated == [False, True, False, False]
@@ -124,5 +124,5 @@ def test_long_rows_are_cut_to_max_length_and_flagged(model_fixture, request):
 def test_actor_flags_truncated_rows(qwen_model):
     texts = ["short", "the film was a delight " * 100]
     chunk = prepare_chunk(pa.table({"text": texts + [""]}), "s", 0, InputConfig(path="x"))
-    out = HFClassifier(BackendConfig(model=str(qwen_model), max_length=32), None, "text", False)(chunk)
+    out = HFClassifier(HFBackendConfig(model=str(qwen_model), max_length=32), None, "text", False)(chunk)
     assert out.column("truncated").to_pylist() == [False, True, None]
