@@ -118,7 +118,12 @@ class EngineConfig(Section):
     kv_cache_gib: float | None = Field(
         None, gt=0, description="KV cache size in GiB. None = from gpu_memory_utilization on "
                                 "GPU, 1 GiB on CPU (where that share is of one NUMA node).")
-    tensor_parallel_size: int = Field(1, gt=0, description="GPUs one engine spans.")
+    tensor_parallel_size: int = Field(
+        1, gt=0, description="GPUs one engine splits each layer over. The actor is given "
+                             "tensor_parallel_size x pipeline_parallel_size GPUs, one "
+                             "placement-group bundle each, on one node.")
+    pipeline_parallel_size: int = Field(
+        1, gt=0, description="GPUs one engine splits its layers over, in stages.")
     max_num_seqs: int | None = Field(None, gt=0, description="Sequences per engine step.")
     max_num_batched_tokens: int | None = Field(None, gt=0, description="Tokens per step.")
     enable_prefix_caching: bool = Field(True, description="Reuse the shared prompt prefix.")
@@ -246,6 +251,42 @@ class ClassifyConfig(Section):
             raise ValueError("labels: vllm_prompt needs the label list (its model has no "
                              "id2label to take them from)")
         return self
+
+    @model_validator(mode="after")
+    def _gpus_fit_the_back_end(self) -> "ClassifyConfig":
+        problem = gpu_mismatch(self.backend, self.resources)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+def engine_gpus(backend: BackendSection) -> int | None:
+    """GPUs one vLLM engine spans (None for hf, which runs on one device)."""
+    engine = getattr(backend, "engine", None)
+    return engine.tensor_parallel_size * engine.pipeline_parallel_size if engine else None
+
+
+def gpu_mismatch(backend: BackendSection, resources: ResourcesConfig) -> str | None:
+    """Why resources.gpus_per_actor contradicts what the back end can use, naming both keys;
+    None when they agree. A GPU an actor holds but cannot use is one no other actor gets."""
+    asked = resources.gpus_per_actor
+    spans = engine_gpus(backend)
+    if spans is None:
+        if asked > 1:
+            return (f"resources.gpus_per_actor {asked:g}: backend.kind hf runs one model copy "
+                    f"on one GPU; use resources.actors for more GPUs, or vllm_pool with "
+                    f"backend.engine.tensor_parallel_size for a model that needs several")
+        return None
+    product = (f"backend.engine.tensor_parallel_size {backend.engine.tensor_parallel_size} x "
+               f"backend.engine.pipeline_parallel_size {backend.engine.pipeline_parallel_size}")
+    if spans > 1 and asked != spans:
+        return (f"resources.gpus_per_actor {asked:g} contradicts {product} = {spans} GPUs per "
+                f"engine; set resources.gpus_per_actor: {spans}")
+    if spans == 1 and asked > 1:
+        return (f"resources.gpus_per_actor {asked:g} but {product} = 1 GPU per engine; set "
+                f"backend.engine.tensor_parallel_size: {asked:g} to use them, or "
+                f"resources.gpus_per_actor: 1")
+    return None
 
 
 # Keys that moved, old -> new: old configs still load, with a warning naming both.

@@ -14,8 +14,12 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from clsjob.config import engine_gpus
 
 log = logging.getLogger("clsjob")
 # The shard reader and the part writer are Ray tasks of one logical CPU each, I/O-light; they
@@ -49,6 +53,43 @@ def classify_demand(resources) -> Demand:
                   resources.gpus_per_actor,
                   "resources.actors / resources.cpus_per_actor / resources.gpus_per_actor",
                   io_cpus=IO_CPUS)
+
+
+def actor_placement(cfg) -> dict:
+    """The Ray Data map_batches arguments that place one classifier actor (cfg: a
+    ClassifyConfig).
+
+    GPUs are asked for per actor (`ray_remote_args_fn`, called as each actor starts), never
+    as map_batches' num_gpus: Ray Data refuses num_gpus unless batches have a fixed row count,
+    and fixed-size batches would cut a chunk that ends a shard together with the next one,
+    so a part could no longer be written whole. An engine spanning several GPUs (tensor or
+    pipeline parallel) gets a placement group of one bundle per GPU, as ray.data.llm does:
+    vLLM's workers each need one, and they start inside the group."""
+    r = cfg.resources
+    if not r.gpus_per_actor:
+        return {"num_cpus": r.cpus_per_actor}
+    spans = engine_gpus(cfg.backend) or 1
+    ask = (partial(engine_placement_group, spans, r.cpus_per_actor) if spans > 1
+           else partial(actor_gpus, r.gpus_per_actor))
+    return {"num_cpus": r.cpus_per_actor, "num_gpus": 0, "ray_remote_args_fn": ask}
+
+
+def actor_gpus(gpus: float) -> dict:
+    return {"num_gpus": gpus}
+
+
+def engine_bundles(gpus: int, cpus: float) -> list[dict]:
+    """The actor and its engine's first worker share the first bundle; the other workers
+    (vLLM's ask for a GPU and no CPU) take one GPU each."""
+    return [{"GPU": 1, "CPU": cpus}] + [{"GPU": 1} for _ in range(gpus - 1)]
+
+
+def engine_placement_group(gpus: int, cpus: float) -> dict:
+    # STRICT_PACK: tensor-parallel workers exchange activations every layer; over the
+    # network instead of NVLink they would be slower than one GPU.
+    group = ray.util.placement_group(engine_bundles(gpus, cpus), strategy="STRICT_PACK")
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+        group, placement_group_capture_child_tasks=True)}
 
 
 def training_demand(training) -> Demand:

@@ -5,6 +5,7 @@ counts). Chunks stay whole from read to write: part names are stable, and rows o
 is checked per part."""
 from __future__ import annotations
 
+import warnings
 from typing import Iterator
 
 import pyarrow as pa
@@ -14,6 +15,7 @@ from clsjob import backends, store
 from clsjob.config import ClassifyConfig, InputConfig, StorageConfig
 from clsjob.contract import PART, PART_ROWS, PartRecord, output_table
 from clsjob.labels import LabelSet
+from clsjob.placement import actor_placement
 from clsjob.prepare import needed_columns, prepare_chunk
 
 
@@ -32,12 +34,15 @@ def stream_labelled_parts(cfg: ClassifyConfig, labels: LabelSet,
     ds = ds.map_batches(read_chunks, batch_size=1, batch_format="pyarrow",
                         fn_kwargs={"input_cfg": cfg.input, "chunk_rows": cfg.output.rows_per_part,
                                    "storage": cfg.storage})
-    ds = ds.map_batches(
-        backends.actor_class(cfg.backend), batch_size=None, batch_format="pyarrow",
-        fn_constructor_kwargs=backends.actor_kwargs(cfg, labels),
-        compute=ray.data.ActorPoolStrategy(size=cfg.resources.actors),
-        num_gpus=cfg.resources.gpus_per_actor,
-        num_cpus=cfg.resources.cpus_per_actor)
+    with warnings.catch_warnings():
+        # Ray 2.60 calls ray_remote_args_fn deprecated (for removal in 2.64), yet it is how
+        # ray.data.llm places its own GPU actors; placement.actor_placement says why we need it.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*deprecated")
+        ds = ds.map_batches(
+            backends.actor_class(cfg.backend), batch_size=None, batch_format="pyarrow",
+            fn_constructor_kwargs=backends.actor_kwargs(cfg, labels),
+            compute=ray.data.ActorPoolStrategy(size=cfg.resources.actors),
+            **actor_placement(cfg))
     ds = ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow",
                         fn_kwargs={"cfg": cfg, "labels": labels})
     for row in ds.iter_rows():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,32 @@ from clsjob.labels import LabelSet
 
 class ModelError(ValueError):
     """A model folder that cannot serve this job; the message names the folder."""
+
+
+class GPUMissing(RuntimeError):
+    """An actor given GPUs that finds no CUDA device; the message names the node."""
+
+
+def require_cuda(use_gpu: bool) -> None:
+    """An actor Ray gave GPUs must find one. On a cluster, running on the CPU instead is a
+    mis-scheduled job 100x slow, not a fallback: fail at start, naming the node."""
+    if not use_gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    import socket
+
+    import ray
+
+    node = f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+    raise GPUMissing(
+        f"node {node}: this actor was given resources.gpus_per_actor GPU(s) but finds no CUDA "
+        f"device (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}; torch "
+        f"{torch.__version__}, {'built with CUDA ' + torch.version.cuda if torch.version.cuda else 'a CPU-only build'}). "
+        f"The node's GPUs are missing, hidden or held by another process, or torch lacks CUDA; "
+        f"it will not run on the CPU instead. Set resources.gpus_per_actor: 0 to run on CPUs.")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pyarrow as pa
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from clsjob.backends import ModelError, check_model_files
+from clsjob.backends import ModelError, check_model_files, require_cuda
 from clsjob.backends.rows import attach_probabilities, rows_to_classify
 from clsjob.config import BackendSection, HFBackendConfig, StorageConfig
 from clsjob.labels import LabelSet, resolve_model_labels
@@ -97,7 +97,8 @@ class HFClassifier:
 
     def __init__(self, backend: HFBackendConfig, labels: LabelSet, text_column: str, use_gpu: bool):
         self.backend, self.text_column = backend, text_column
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        require_cuda(use_gpu)
+        self.device = "cuda" if use_gpu else "cpu"
         self.model, self.tokenizer = load_classifier(backend, self.device)
         model_labels = LabelSet.from_id2label(self.model.config.id2label)
         self.labels, self.columns = resolve_model_labels(labels, model_labels)

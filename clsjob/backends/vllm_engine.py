@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+from clsjob.backends import require_cuda
 from clsjob.config import VLLMPoolBackendConfig, VLLMPromptBackendConfig
 
 CPU_KV_CACHE_GIB = 1.0
@@ -14,6 +15,7 @@ CPU_PROMPT_BLOCK_SIZE = 32
 
 
 def prepare_env(use_gpu: bool) -> None:
+    require_cuda(use_gpu)
     if not use_gpu:
         # On CPU, run the engine inside the actor's process: it starts in ~3 s instead of
         # 25-40 s with spawned engine processes, and uses the CPUs Ray gave the actor.
@@ -27,6 +29,7 @@ def engine_args(backend: VLLMPoolBackendConfig | VLLMPromptBackendConfig, use_gp
         "model": backend.model, "runner": runner,
         "dtype": e.dtype if e.dtype != "auto" else ("bfloat16" if use_gpu else "float32"),
         "tensor_parallel_size": e.tensor_parallel_size,
+        "pipeline_parallel_size": e.pipeline_parallel_size,
         # A classifier's rows share no prompt prefix, and vLLM refuses prefix caching for
         # encoder classifiers (BERT) outright; prompted rows share the whole prompt head.
         "enable_prefix_caching": e.enable_prefix_caching and runner == "generate",
@@ -45,6 +48,10 @@ def engine_args(backend: VLLMPoolBackendConfig | VLLMPromptBackendConfig, use_gp
         # from the cache: whole-label scoring (one request per label-trie node) then pays the
         # full prompt per node, 5x slower on a 5-label set. 32 is the CPU kernels' smallest.
         args["block_size"] = e.block_size or CPU_PROMPT_BLOCK_SIZE
+    if e.tensor_parallel_size * e.pipeline_parallel_size > 1:
+        # The engine's workers go into the placement group the actor was scheduled in
+        # (placement.actor_placement): one bundle, one GPU, per worker.
+        args["distributed_executor_backend"] = "ray"
     if e.max_model_len:
         args["max_model_len"] = e.max_model_len
     if e.max_num_seqs:

@@ -75,6 +75,29 @@ def test_each_back_end_accepts_only_its_own_settings(tmp_path):
     assert type(cfg.backend).__name__ == "VLLMPromptBackendConfig" and cfg.backend.prompt.mode == "json"
 
 
+def test_gpus_per_actor_must_match_what_the_back_end_can_use(tmp_path):
+    def load(*sets):
+        return load_config(minimal(tmp_path, labels=["a"]), list(sets), model=ClassifyConfig)
+
+    with pytest.raises(ConfigError, match=r"resources.gpus_per_actor 1 contradicts "
+                       r"backend.engine.tensor_parallel_size 2 x backend.engine."
+                       r"pipeline_parallel_size 1 = 2 GPUs per engine; set resources.gpus_per_actor: 2"):
+        load("backend.kind=vllm_pool", "backend.engine.tensor_parallel_size=2",
+             "resources.gpus_per_actor=1")
+    with pytest.raises(ConfigError, match=r"gpus_per_actor 0 contradicts .* = 4 GPUs"):
+        load("backend.kind=vllm_prompt", "backend.engine.tensor_parallel_size=2",
+             "backend.engine.pipeline_parallel_size=2")
+    with pytest.raises(ConfigError, match=r"gpus_per_actor 2 but .* = 1 GPU per engine; set "
+                                          r"backend.engine.tensor_parallel_size: 2"):
+        load("backend.kind=vllm_pool", "resources.gpus_per_actor=2")
+    with pytest.raises(ConfigError, match=r"gpus_per_actor 2: backend.kind hf runs one model "
+                                          r"copy on one GPU; use resources.actors"):
+        load("resources.gpus_per_actor=2")
+    assert load("backend.kind=vllm_pool", "backend.engine.tensor_parallel_size=2",
+                "resources.gpus_per_actor=2").resources.gpus_per_actor == 2
+    assert load("resources.gpus_per_actor=0.5").resources.gpus_per_actor == 0.5  # two per GPU
+
+
 def test_the_registry_has_every_back_end_the_config_accepts():
     from clsjob.backends import REGISTRY, resolve
     from clsjob.config import BACKEND_CONFIGS, BACKEND_KINDS

@@ -1,5 +1,6 @@
 """The hf back end on CPU with tiny models, called directly (no Ray)."""
 import shutil
+import socket
 
 import numpy as np
 import pyarrow as pa
@@ -7,7 +8,7 @@ import pytest
 
 import torch
 
-from clsjob.backends import ModelError
+from clsjob.backends import GPUMissing, ModelError
 from clsjob.backends.hf import (HFClassifier, check_model_folder, encode_truncating,
                                 inference_dtype, length_sorted_batches, load_classifier,
                                 predict_probs)
@@ -23,12 +24,13 @@ def test_bf16_on_cuda_fp32_on_cpu():
     assert inference_dtype("cpu") == torch.float32
 
 
-def test_actor_without_a_gpu_runs_on_cpu_in_fp32(qwen_model):
-    # use_gpu asks for CUDA only where there is one: the same config runs on a CPU node.
-    actor = HFClassifier(HFBackendConfig(model=str(qwen_model)), None, "text", use_gpu=True)
-    expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert actor.device == expected
-    assert next(actor.model.parameters()).dtype == inference_dtype(expected)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_actor_given_a_gpu_it_cannot_find_fails_naming_the_node(qwen_model):
+    # Running on the CPU instead would be a mis-scheduled job, 100x slow: refuse at start.
+    with pytest.raises(GPUMissing, match=rf"node {socket.gethostname()} .*finds no CUDA device"):
+        HFClassifier(HFBackendConfig(model=str(qwen_model)), None, "text", use_gpu=True)
+    actor = HFClassifier(HFBackendConfig(model=str(qwen_model)), None, "text", use_gpu=False)
+    assert actor.device == "cpu" and next(actor.model.parameters()).dtype == torch.float32
 
 
 def test_length_sorted_batches_cover_all_rows_once():
