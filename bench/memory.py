@@ -11,22 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+from common import REPO, environment, environment_line, markdown_table, write_report
 ROWS_PER_SHARD = 10_000
 WORDS = "the film was a delight dull tedious card payment parcel arrived account reset".split()
 
@@ -75,8 +71,8 @@ def run(model: Path, inp: Path, out: Path, actors: int) -> dict:
 
     cfg = validate({"input": {"path": str(inp)},
                     "backend": {"model": str(model), "max_length": 64, "micro_batch_size": 64},
-                    "resources": {"actors": actors, "batch_size": 2048},
-                    "output": {"path": str(out), "keep_text": False}}, model=ClassifyConfig)
+                    "resources": {"actors": actors},
+                    "output": {"path": str(out), "keep_text": False, "rows_per_part": 2048}}, model=ClassifyConfig)
     started = time.monotonic()
     with ActorPeaks() as peaks:
         summary = run_classify(cfg)
@@ -92,6 +88,7 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 200_000])
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "memory.json"))
     args = parser.parse_args()
+    env = environment()  # load average before this script adds its own
     import ray
     from tiny_models import build_qwen2_classifier
 
@@ -110,15 +107,12 @@ def main() -> int:
         results.append(run(model, work / f"in-{largest}", work / f"out-{largest}-2", actors=2))
         print(json.dumps(results[-1]), flush=True)
 
-    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "runs": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print("\n| rows | actors | s | rows/s | driver peak RSS MiB | actor peak RSS MiB |")
-    print("|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['rows']} | {r['actors']} | {r['seconds']} | {r['rows_per_s']} | "
-              f"{r['driver_peak_rss_mib']} | {', '.join(map(str, r['actor_peak_rss_mib']))} |")
+    report = {"environment": env, "runs": results}
+    table = markdown_table(
+        ["rows", "actors", "s", "rows/s", "driver peak RSS MiB", "actor peak RSS MiB"],
+        [[r["rows"], r["actors"], r["seconds"], r["rows_per_s"], r["driver_peak_rss_mib"],
+          ", ".join(map(str, r["actor_peak_rss_mib"]))] for r in results])
+    write_report(report, Path(args.out), f"\n{table}\n\n{environment_line(env)}")
     return 0
 
 

@@ -17,11 +17,7 @@ Nothing is downloaded: the tokenizer is trained here and the model is built here
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,9 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "sst2.parquet"
-sys.path.insert(0, str(REPO / "tests"))  # the tests' chat template, so prompts look the same
+from common import (DATA, REPO, TARGETS, classify_config, environment, environment_line, make_actor,
+                    markdown_table, prepared_chunks, write_report, write_shards)
+
+SST2 = DATA / "sst2.parquet"
 
 LABELS = ["negative", "positive"]  # first tokens differ: one forward step scores both
 FIVE = ["very negative", "negative", "neutral", "positive", "very positive"]  # shared "very"
@@ -54,9 +51,9 @@ SHOTS_PER_LABEL = 4
 
 def load_sst2(rows: int) -> tuple[pa.Table, pa.Table]:
     """(measured rows: dev then test, the first `rows`; train split)."""
-    if not DATA.exists():
-        sys.exit(f"bench/prompted.py: SST-2 not found at {DATA} (expected <repo>/../shared/data)")
-    table = pq.read_table(DATA, columns=["text", "label", "split"])
+    if not SST2.exists():
+        sys.exit(f"bench/prompted.py: SST-2 not found at {SST2} (expected <repo>/../shared/data)")
+    table = pq.read_table(SST2, columns=["text", "label", "split"])
     dev, test, train = (split_of(table, name) for name in ("dev", "test", "train"))
     return pa.concat_tables([dev, test]).slice(0, rows), train
 
@@ -114,38 +111,18 @@ def warmup_texts(train: pa.Table) -> list[str]:
 
 # ---------------------------------------------------------------- clsjob pieces
 
-def classify_config(model: Path, labels: list[str], mode: str = "choice", examples=(),
-                    prefix_caching: bool = True, input_path: str = "unused",
-                    output_path: str = "unused"):
-    from clsjob.config import ClassifyConfig, validate
-
-    return validate({
-        "input": {"path": input_path, "label_column": "label", "carry_columns": ["row"]},
-        "labels": labels, "output": {"path": output_path, "overwrite": True},
-        "backend": {"kind": "vllm_prompt", "model": str(model), "max_length": MAX_LENGTH,
-                    "prompt": {"mode": mode, "reasoning_max_chars": 60,
-                               "examples": list(examples)},
-                    "engine": {"max_model_len": MAX_MODEL_LEN,
-                               "enable_prefix_caching": prefix_caching}},
-        "resources": {"batch_size": BATCH, "actors": 1}}, model=ClassifyConfig)
+def prompt_config(model: Path, labels: list[str], mode: str = "choice", examples=(),
+                  prefix_caching: bool = True, input_path: str = "unused",
+                  output_path: str = "unused"):
+    backend = {"kind": "vllm_prompt", "model": str(model), "max_length": MAX_LENGTH,
+               "prompt": {"mode": mode, "reasoning_max_chars": 60, "examples": list(examples)},
+               "engine": {"max_model_len": MAX_MODEL_LEN, "enable_prefix_caching": prefix_caching}}
+    return classify_config(Path(input_path), Path(output_path), backend, rows_per_part=BATCH,
+                           labels=labels, label_column="label", carry_columns=("row",))
 
 
-def make_actor(cfg):
-    from clsjob import backends
-    from clsjob.labels import LabelSet
-
-    labels = LabelSet.from_specs(cfg.labels)
-    return backends.actor_class(cfg.backend)(**backends.actor_kwargs(cfg, labels))
-
-
-def prepared_chunks(table: pa.Table, rows_per_chunk: int = BATCH) -> list[pa.Table]:
-    """The chunks the pipeline's read stage would hand the actor."""
-    from clsjob.config import InputConfig
-    from clsjob.prepare import prepare_chunk
-
-    cfg = InputConfig(path="bench", label_column="label")
-    return [prepare_chunk(table.slice(start, rows_per_chunk), "bench.parquet", start, cfg)
-            for start in range(0, table.num_rows, rows_per_chunk)]
+def chunks_of(table: pa.Table) -> list[pa.Table]:
+    return prepared_chunks(table, BATCH, label_column="label")
 
 
 def actor_prompts(actor, texts: list[str]) -> list[list[int]]:
@@ -182,9 +159,9 @@ ACTOR_VARIANTS = [("choice", LABELS, "choice"), ("json", LABELS, "json"), ("scor
 
 def bench_actor_modes(model: Path, rows: pa.Table, warm: pa.Table, log) -> dict:
     """(a) Every mode through the actor class; all share one engine (same engine args)."""
-    chunks, out = prepared_chunks(rows), {}
+    chunks, out = chunks_of(rows), {}
     for name, labels, mode in ACTOR_VARIANTS:
-        actor = make_actor(classify_config(model, labels, mode))
+        actor = make_actor(prompt_config(model, labels, mode))
         seconds, table = time_actor(actor, chunks, warm)
         out[name] = describe_actor_run(actor, name, rows, warm, seconds, table)
         log(f"{out[name]['result']['variant']}: {out[name]['result']['rows_per_s']} rows/s "
@@ -204,18 +181,18 @@ def describe_actor_run(actor, name: str, rows: pa.Table, warm: pa.Table, seconds
              # vLLM caches whole KV blocks only (128 tokens by default on CPU): a prompt
              # shorter than a block shares nothing cached with its own label-trie requests.
              "block_size": actor.llm.llm_engine.vllm_config.cache_config.block_size}
-    if actor.prompt.mode == "score":
-        entry["first_token_scoring"] = actor.first_token_scoring
+    if name.startswith("score"):
+        entry["first_token_scoring"] = actor.mode.first_token_scoring
         entry["probs"] = np.array(table.column("probs").to_pylist(), dtype=np.float64)
-        entry["result"]["notes"] = ("first-token path (logprob_token_ids)" if actor.first_token_scoring
-                                    else f"whole-label trie path ({len(actor.nodes)} nodes)")
+        entry["result"]["notes"] = ("first-token path (logprob_token_ids)" if actor.mode.first_token_scoring
+                                    else f"whole-label trie path ({len(actor.mode.nodes)} nodes)")
     if name in ("choice", "score"):  # what the floor / the pooling route replay: the same tokens
         entry["prompts"] = prompts
         entry["warm_prompts"] = actor_prompts(actor, warm.column("text").to_pylist())
     if name == "choice":
-        entry["params"] = actor.params
+        entry["params"] = actor.mode.params
     if name == "score":
-        entry["first_tokens"] = actor.tokenizer.convert_ids_to_tokens([ids[0] for ids in actor.label_ids])
+        entry["first_tokens"] = actor.tokenizer.convert_ids_to_tokens([s[0] for s in actor.mode.sequences])
     return entry
 
 
@@ -226,7 +203,7 @@ def bench_floor(model: Path, choice: dict, log) -> dict:
 
     from clsjob.backends.vllm_engine import engine_args
 
-    args = engine_args(classify_config(model, LABELS).backend, False, "generate")
+    args = engine_args(prompt_config(model, LABELS).backend, False, "generate")
     as_requests = lambda prompts: [TokensPrompt(prompt_token_ids=p) for p in prompts]  # noqa: E731
     start = time.perf_counter()
     llm = LLM(**args)
@@ -249,9 +226,9 @@ def bench_floor(model: Path, choice: dict, log) -> dict:
 
 def bench_prefix_cache(model: Path, rows: pa.Table, warm: pa.Table, examples: list[dict], log) -> dict:
     """(e) 8-shot choice prompts: the head is ~8x longer than a row, so caching it should pay."""
-    chunks, out = prepared_chunks(rows), {}
+    chunks, out = chunks_of(rows), {}
     for caching in (True, False):
-        actor = make_actor(classify_config(model, LABELS, "choice", examples, prefix_caching=caching))
+        actor = make_actor(prompt_config(model, LABELS, "choice", examples, prefix_caching=caching))
         seconds, table = time_actor(actor, chunks, warm)
         name = "on" if caching else "off"
         out[name] = {"result": result(f"8-shot choice, prefix cache {name}", rows.num_rows, seconds,
@@ -273,7 +250,7 @@ def bench_pooling(model: Path, score: dict, log) -> dict:
 
     overrides = {"architectures": ["Qwen2ForSequenceClassification"],
                  "classifier_from_token": score["first_tokens"], "method": "no_post_processing"}
-    args = engine_args(classify_config(model, LABELS, "score").backend, False, "pooling", overrides)
+    args = engine_args(prompt_config(model, LABELS, "score").backend, False, "pooling", overrides)
     llm = LLM(**args)
     as_requests = lambda prompts: [TokensPrompt(prompt_token_ids=p) for p in prompts]  # noqa: E731
     llm.classify(as_requests(score["warm_prompts"]), use_tqdm=False)  # warm-up, as for the actor
@@ -290,14 +267,10 @@ def bench_pooling(model: Path, score: dict, log) -> dict:
             "labels": [LABELS[i] for i in probs.argmax(axis=1)], "max_abs_diff": diff}
 
 
-def write_shards(rows: pa.Table, folder: Path) -> Path:
+def row_shards(rows: pa.Table, folder: Path) -> Path:
     """The measured rows as Parquet shards, with their position so outputs can be realigned."""
-    folder.mkdir(parents=True, exist_ok=True)
-    table = rows.append_column("row", pa.array(range(rows.num_rows), pa.int64()))
-    per = -(-rows.num_rows // SHARDS)
-    for i in range(SHARDS):
-        pq.write_table(table.slice(i * per, per), folder / f"part-{i}.parquet")
-    return folder
+    return write_shards(rows.append_column("row", pa.array(range(rows.num_rows), pa.int64())),
+                        folder, SHARDS)
 
 
 def labels_by_row(table: pa.Table, column: str) -> list:
@@ -310,7 +283,7 @@ def bench_ours(model: Path, shards: Path, out: Path, n: int, log,
     """(c) run_classify end to end: read, classify (actor start included), write, manifest."""
     from clsjob.pipeline import run_classify
 
-    cfg = classify_config(model, LABELS, "choice", input_path=str(shards), output_path=str(out))
+    cfg = prompt_config(model, LABELS, "choice", input_path=str(shards), output_path=str(out))
     start = time.perf_counter()
     summary = run_classify(cfg)
     seconds = time.perf_counter() - start
@@ -331,7 +304,7 @@ def peer_messages(model: Path) -> tuple:
     from clsjob.labels import LabelSet
     from clsjob.prompts import render_template
 
-    labels, prompt = LabelSet.from_specs(classify_config(model, LABELS).labels), PromptConfig()
+    labels, prompt = LabelSet.from_specs(prompt_config(model, LABELS).labels), PromptConfig()
     tok = AutoTokenizer.from_pretrained(model)
     chat = lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)  # noqa: E731
     # Rendering with "the user message itself" as the template gives the user content around
@@ -352,7 +325,7 @@ def bench_peer(model: Path, shards: Path, n: int, max_tokens: int, log,
     from clsjob.backends.vllm_engine import engine_args
 
     head, tail = peer_messages(model)
-    kwargs = engine_args(classify_config(model, LABELS).backend, False, "generate")
+    kwargs = engine_args(prompt_config(model, LABELS).backend, False, "generate")
     for key in ("model", "runner"):  # given as model_source; the stage sets the runner itself
         kwargs.pop(key)
     config = vLLMEngineProcessorConfig(
@@ -400,34 +373,17 @@ def agreement(a: list, b: list) -> float:
     return round(sum(x == y for x, y in zip(a, b)) / len(a), 4)
 
 
-def environment() -> dict:
-    import ray
-    import torch
-    import vllm
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "cpu": cpu, "cores": os.cpu_count(), "load_average": os.getloadavg(),
-            "python": platform.python_version(), "vllm": vllm.__version__, "ray": ray.__version__,
-            "torch": torch.__version__}
-
-
 def markdown(report: dict) -> str:
-    lines = ["| variant | rows | seconds | rows/s | ratio | target | met? |",
-             "|---|---:|---:|---:|---|---|---|"]
+    rows = []
     for r in report["results"]:
-        ratio_text = f"{r['ratio']:.2f}x {r['ratio_of']}" if "ratio" in r else ""
-        target = f">= {r['target']}x" if r.get("target") is not None else ""
         met = {True: "yes", False: "**no**", None: ""}[r.get("met")]
-        lines.append(f"| {r['variant']} | {r['rows']} | {r['seconds']:.1f} | {r['rows_per_s']} "
-                     f"| {ratio_text} | {target} | {met} |")
-    lines += ["", "| labels agree | share of rows |", "|---|---:|"]
-    lines += [f"| {pair} | {value:.3f} |" for pair, value in report["agreement"].items()]
-    env = report["environment"]
-    lines += ["", f"{env['date']}; {env['cpu']}, {env['cores']} cores, load average "
-              f"{', '.join(f'{x:.1f}' for x in env['load_average'])} at start; vllm {env['vllm']}, "
-              f"ray {env['ray']}, torch {env['torch']}"]
+        rows.append([r["variant"], r["rows"], f"{r['seconds']:.1f}", r["rows_per_s"],
+                     f"{r['ratio']:.2f}x {r['ratio_of']}" if "ratio" in r else "",
+                     f">= {r['target']}x" if r.get("target") is not None else "", met])
+    lines = [markdown_table(["variant", "rows", "seconds", "rows/s", "ratio", "target", "met?"], rows),
+             "", markdown_table(["labels agree", "share of rows"],
+                                [[pair, f"{value:.3f}"] for pair, value in report["agreement"].items()]),
+             "", environment_line(report["environment"])]
     lines += [f"- {note}" for note in report["notes"]]
     return "\n".join(lines)
 
@@ -436,18 +392,21 @@ def assemble(actor: dict, floor: dict, prefix: dict, pool: dict, ours: dict, pee
     """Rows of the table with their ratios and targets, and the label agreements."""
     results = [actor["choice"]["result"],
                ratio(actor["json"]["result"], actor["choice"]["result"], None, "choice"),
-               ratio(actor["score"]["result"], actor["choice"]["result"], 0.9, "choice"),
+               ratio(actor["score"]["result"], actor["choice"]["result"], TARGETS["prompted"]["score vs choice"], "choice"),
                actor["choice-5"]["result"],
-               ratio(actor["score-5"]["result"], actor["choice-5"]["result"], 0.5, "choice-5"),
+               ratio(actor["score-5"]["result"], actor["choice-5"]["result"],
+                     TARGETS["prompted"]["score-5 vs choice-5"], "choice-5"),
                floor["generate"], floor["with_start"],
-               ratio(ours["result"], floor["with_start"], 0.7, "floor with start"),
+               ratio(ours["result"], floor["with_start"], TARGETS["prompted"]["ours vs floor with start"],
+                     "floor with start"),
                ratio(peer["result"], ours["result"], None, "ours"),
                prefix["off"]["result"],
-               ratio(prefix["on"]["result"], prefix["off"]["result"], 2.0, "cache off"),
+               ratio(prefix["on"]["result"], prefix["off"]["result"], TARGETS["prompted"]["prefix cache on vs off"],
+                     "cache off"),
                ratio(pool["result"], actor["score"]["result"], None, "actor score")]
     # The target "ours >= 3x the peer" reads more naturally as ours over peer: one extra row.
     results.append({**ours["result"], "variant": "ours vs peer",
-                    **{k: v for k, v in ratio(ours["result"], peer["result"], 3.0, "peer").items()
+                    **{k: v for k, v in ratio(ours["result"], peer["result"], TARGETS["prompted"]["ours vs peer"], "peer").items()
                        if k in ("ratio", "ratio_of", "target", "met")}})
     results.append({**ours["result"], "variant": "ours vs floor generate-only",
                     **{k: v for k, v in ratio(ours["result"], floor["generate"], None, "floor").items()
@@ -456,10 +415,12 @@ def assemble(actor: dict, floor: dict, prefix: dict, pool: dict, ours: dict, pee
     ours_steady = steady(ours["result"], ours["small"], "ours steady state")
     peer_steady = steady(peer["result"], peer["small"], "peer steady state")
     results += [ours["small"], peer["small"],
-                ratio(ours_steady, floor["generate"], 0.7, "floor generate-only"),
+                ratio(ours_steady, floor["generate"], TARGETS["prompted"]["ours steady vs floor generate-only"],
+                      "floor generate-only"),
                 ratio(peer_steady, ours_steady, None, "ours steady")]
     results.append({**ours_steady, "variant": "ours vs peer, steady state",
-                    **{k: v for k, v in ratio(ours_steady, peer_steady, 3.0, "peer steady").items()
+                    **{k: v for k, v in ratio(ours_steady, peer_steady, TARGETS["prompted"]["ours vs peer, steady state"],
+                                            "peer steady").items()
                        if k in ("ratio", "ratio_of", "target", "met")}})
     choice = actor["choice"]["labels"]
     agree = {"actor choice = floor": agreement(choice, floor["labels"]),
@@ -508,7 +469,7 @@ def main() -> None:
     log = lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
     log(f"{rows.num_rows} rows; workdir {work}")
     model = build_model(work / "model", train.column("text").to_pylist())
-    warm = prepared_chunks(pa.table({"text": warmup_texts(train), "label": ["positive"] * WARMUP_ROWS}))[0]
+    warm = chunks_of(pa.table({"text": warmup_texts(train), "label": ["positive"] * WARMUP_ROWS}))[0]
 
     actor = bench_actor_modes(model, rows, warm, log)
     floor = bench_floor(model, actor["choice"], log)
@@ -523,8 +484,8 @@ def main() -> None:
     ray.init(num_cpus=4)
     ray.data.DataContext.get_current().enable_progress_bars = False  # keeps the log readable
     try:
-        shards = write_shards(rows, work / "input")
-        few = write_shards(rows.slice(0, STARTUP_ROWS), work / "input-start")
+        shards = row_shards(rows, work / "input")
+        few = row_shards(rows.slice(0, STARTUP_ROWS), work / "input-start")
         max_tokens = actor["choice"]["params"].max_tokens
         ours = bench_ours(model, shards, work / "out-ours", rows.num_rows, log)
         ours["small"] = bench_ours(model, few, work / "out-ours-start", STARTUP_ROWS, log,
@@ -540,9 +501,7 @@ def main() -> None:
                                                "startup_rows": STARTUP_ROWS,
                                                "max_model_len": MAX_MODEL_LEN, "kv_cache_gib": 1.0},
               **assemble(actor, floor, prefix, pool, ours, peer)}
-    print(markdown(report))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write_report(report, args.out, markdown(report))
     log(f"wrote {args.out}")
 
 

