@@ -21,6 +21,8 @@ so the whole run, imports included, ends within --budget-s (330 s on a GPU):
              - model only: predict_probs on the same rows already tokenised
              - dense: one micro-batch of 256-token rows without padding, forward only,
                timed by CUDA events (what the model itself reaches at that shape)
+             - shape cost: a forward on a batch shape not run before, and the same again,
+               with SDPA's default kernels and with the hf path's (no cuDNN attention)
              - naive: transformers.pipeline("text-classification", device=0, dtype=bf16)
                called on the rows in their order, as a user first writes it (batch_size
                default 1, and 32), timed on as many rows as its time slice allows
@@ -56,6 +58,7 @@ import sys
 import tempfile
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -68,12 +71,13 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]  # run as a script from a checko
 
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
+from torch.nn.attention import sdpa_kernel  # noqa: E402
 from transformers import (BertConfig, BertForSequenceClassification,  # noqa: E402
                           DataCollatorWithPadding, Qwen2Config, Qwen2ForSequenceClassification,
                           Trainer, TrainerCallback, pipeline)
 
-from clsjob.backends.hf import (HFClassifier, encode_truncating, inference_dtype,  # noqa: E402
-                                length_sorted_batches, predict_probs)
+from clsjob.backends.hf import (GPU_ATTENTION, HFClassifier, encode_truncating,  # noqa: E402
+                                inference_dtype, length_sorted_batches, predict_probs)
 from clsjob.config import BackendConfig, FinetuneConfig, MergeConfig, ResourcesConfig, validate  # noqa: E402
 from clsjob.finetune.merge import merge  # noqa: E402
 from clsjob.finetune.model import build_trainable, load_tokenizer  # noqa: E402
@@ -107,6 +111,8 @@ MERGE_SHARE = 0.4  # of the QLoRA part's budget, kept for saving the adapter and
 MATMUL_CALLS = 50  # per timed round: ~70 ms at 8192 on an H200, so event overhead vanishes
 DENSE_TOKENS = 256  # row length of the dense forward: near the rows' mean
 NAIVE_SLICE = 64    # rows per pipeline call in the naive loop: the clock is read between calls
+SHAPE_ROWS = 24     # rows of shape_cost's batches: a count no other measurement uses
+SHAPE_TRIES = 5     # new shapes per kernel order
 
 
 @dataclass(frozen=True)
@@ -369,7 +375,7 @@ def dense_forward(model, micro_batch: int, device: str, vocab: int, matmul_tflop
     the model's own speed at that shape, without tokenising, padding or copies."""
     ids = torch.randint(8, vocab, (micro_batch, DENSE_TOKENS), device=device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    with torch.inference_mode():
+    with torch.inference_mode(), sdpa_kernel(GPU_ATTENTION):  # the kernels the hf path uses
         model(**inputs)  # warm-up
         calls = 5
         seconds = timed_seconds(lambda: [model(**inputs) for _ in range(calls)], device) / calls
@@ -378,12 +384,52 @@ def dense_forward(model, micro_batch: int, device: str, vocab: int, matmul_tflop
                    seconds, matmul_tflops)}
 
 
+def shape_cost(model, device: str, vocab: int) -> dict:
+    """Wall milliseconds of forwards on padded (SHAPE_ROWS, tokens) batches of a shape this
+    process has not run before, and of the same batch run again at once: with SDPA's default
+    kernel order, then with the hf path's GPU_ATTENTION (on other new shapes). What a new
+    shape costs, measured rather than guessed."""
+    result = {}
+    for name, kernels, start in (("default", None, 301), ("gpu_attention", GPU_ATTENTION, 331)):
+        new_s, again_s = [], []
+        for tokens in range(start, start + 2 * SHAPE_TRIES, 2):
+            ids = torch.randint(8, vocab, (SHAPE_ROWS, tokens), device=device)
+            mask = torch.ones_like(ids)
+            mask[0, tokens // 2:] = 0  # one short row: a masked forward, as length-sorted batches are
+            inputs = {"input_ids": ids, "attention_mask": mask}
+
+            def forward() -> None:
+                model(**inputs).logits.float().cpu()  # back on the host: the GPU's work is done
+
+            with torch.inference_mode(), (sdpa_kernel(kernels) if kernels else nullcontext()):
+                new_s.append(wall_seconds(forward))
+                again_s.append(wall_seconds(forward))
+        result[name] = {"new_shape_ms": 1e3 * statistics.median(new_s),
+                        "same_shape_ms": 1e3 * statistics.median(again_s), "shapes": SHAPE_TRIES}
+    return {"rows": SHAPE_ROWS, **result}
+
+
 def naive_pipeline(folder: Path, texts: list[str], lengths: list[int], batch_size: int,
                    device: str, seconds_for: float, flops: FlopModel,
                    matmul_tflops: float | None) -> dict:
     """transformers' text-classification pipeline over the rows in their order, as a user
     first writes it: no sorting, the pipeline's own tokenising and padding; timed on as many
     rows as `seconds_for` allows (whole slices of NAIVE_SLICE rows)."""
+    # The pipeline turns the tokenizers' threads off for the whole process (it sets
+    # TOKENIZERS_PARALLELISM=false where unset); put that back for the parts after it.
+    parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+    try:
+        return naive_loop(folder, texts, lengths, batch_size, device, seconds_for, flops,
+                          matmul_tflops)
+    finally:
+        if parallelism is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = parallelism
+
+
+def naive_loop(folder: Path, texts: list[str], lengths: list[int], batch_size: int, device: str,
+               seconds_for: float, flops: FlopModel, matmul_tflops: float | None) -> dict:
     classify = pipeline("text-classification", model=str(folder),
                         device=0 if device.startswith("cuda") else -1, dtype=inference_dtype(device))
     classify(texts[:batch_size], batch_size=batch_size, truncation=True)  # warm-up
@@ -449,6 +495,7 @@ def inference(name: str, folder: Path, profile: Profile, device: str, deadline: 
                                      **rate(len(texts), useful, total_flops, model_s, matmul_tflops)})
         result["dense"].append(dense_forward(model, micro_batch, device, len(tokenizer),
                                              matmul_tflops, flops))
+    result["shape_cost"] = shape_cost(model, device, len(tokenizer))
     result["peak_memory_gib"] = peak_memory_gib(device)
     del classifier, model
     free_device_memory(device)
@@ -669,6 +716,13 @@ def markdown(report: dict) -> str:
                              f"{e['tokens_per_s']:,.0f} | {e['achieved_tflops']:.1f} | "
                              f"{cell(e['mfu'], '.1%')} | {cell(e.get('padding_share'), '.1%')} | "
                              f"{cell(e.get('x_naive'), '.1f')} |")
+    for name, inf in report["inference"].items():
+        cost = inf.get("shape_cost")
+        if cost:
+            lines.append(f"- {name}: a forward of {cost['rows']} rows on a new shape / the same again: "
+                         + "; ".join(f"{kernels} {cost[kernels]['new_shape_ms']:.1f} / "
+                                     f"{cost[kernels]['same_shape_ms']:.1f} ms"
+                                     for kernels in ("default", "gpu_attention")))
     ft = report.get("qlora")
     if ft:
         lines += ["", "| QLoRA | quantization | trainable M | steps timed | mean step s | tokens/s | "

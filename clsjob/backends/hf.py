@@ -8,12 +8,20 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from clsjob.backends import ModelError, check_model_files
 from clsjob.backends.rows import attach_probabilities, rows_to_classify
 from clsjob.config import BackendConfig
 from clsjob.labels import LabelSet, resolve_model_labels
+
+
+# Attention kernels for inference on a GPU: all of SDPA's but cuDNN's. torch 2.11 tries cuDNN's
+# first on an H200, and it builds an execution plan for every (rows, tokens) shape it has not
+# seen, which cost more than the forward itself (bench/RESULTS.md, GPU script); length-sorted
+# micro-batches are nearly all new shapes.
+GPU_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def check_model_folder(backend: BackendConfig, configured: LabelSet | None) -> LabelSet:
@@ -98,18 +106,19 @@ def predict_probs(model, tokenizer, texts: list[str], max_length: int, micro_bat
 @torch.inference_mode()
 def queued_probs(model, tokenizer, encoded: list[list[int]], batches: list[list[int]],
                  device: str) -> np.ndarray:
-    """On a GPU: the probabilities of `batches`, one after another, copied back once at the
-    end. Copying each micro-batch's back would make the CPU wait for the GPU and the GPU then
+    """On a GPU: the probabilities of `batches`, one after another, with GPU_ATTENTION's
+    kernels, copied back once at the end. Copying each micro-batch's back would make the CPU wait for the GPU and the GPU then
     wait while the CPU pads the next batch; queued, the padding overlaps the GPU's work.
     (transformers still waits for the GPU once per forward, where it checks the attention
     mask for padding.)"""
     out = []
-    for batch in batches:
-        inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
-        # non_blocking: from pageable memory the data is staged before the call returns, and
-        # the copy does not wait for the work already queued on the GPU (a blocking one does).
-        inputs = {key: value.to(device, non_blocking=True) for key, value in inputs.items()}
-        out.append(torch.softmax(model(**inputs).logits.float(), dim=-1))
+    with sdpa_kernel(GPU_ATTENTION):
+        for batch in batches:
+            inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
+            # non_blocking: from pageable memory the data is staged before the call returns,
+            # and the copy does not wait for the work queued on the GPU (a blocking one does).
+            inputs = {key: value.to(device, non_blocking=True) for key, value in inputs.items()}
+            out.append(torch.softmax(model(**inputs).logits.float(), dim=-1))
     return torch.cat(out).cpu().numpy()
 
 
