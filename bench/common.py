@@ -55,10 +55,21 @@ def package_version(name: str) -> str | None:
         return None
 
 
+def git_commit() -> str | None:
+    # Only where this checkout is a repository's top: a copy inside another repository
+    # (or without .git or git) names no commit rather than the wrong one.
+    try:
+        done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--show-toplevel", "--short", "HEAD"],
+                              capture_output=True, text=True)
+    except OSError:
+        return None
+    lines = done.stdout.split()
+    return lines[1] if len(lines) == 2 and Path(lines[0]).resolve() == REPO else None
+
+
 def environment() -> dict:
     """Where and with what a benchmark ran, recorded beside its numbers."""
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip() or None
+    commit = git_commit()
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_name(),
             "cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
             "python": platform.python_version(),

@@ -1,23 +1,46 @@
-"""GPU benchmark: QLoRA fine-tuning and merge, and the `hf` back end's rows/s and model FLOP
-utilisation, on models shaped exactly like Qwen2.5-0.5B and Qwen2.5-1.5B with random weights
-(no model can be downloaded on the GPU machine; speed and memory do not depend on the values).
+"""GPU benchmark: the `hf` back end's rows/s, tokens/s and model FLOP utilisation on a
+BERT-base-shaped encoder and a Qwen2.5-0.5B-shaped decoder, against a naive `transformers`
+pipeline loop on the same rows; then QLoRA steps and the merge on the Qwen2.5-0.5B shape.
+Random weights throughout (no model can be downloaded on the GPU machine; speed and memory do
+not depend on the values). Imports nothing of Ray or vLLM: it runs on a bare GPU machine.
 
     bench/gpu.sh                                                      # on the GPU machine
     .venv/bin/python bench/gpu.py --smoke --out /tmp/gpu-smoke.json   # CPU, tiny shapes, < 3 min
 
-Parts, cheapest first, each with a time budget; a part the remaining time cannot fit is
-skipped with a note, so the whole run ends within --budget-s (default 450 s on a GPU):
+Parts, each with a time budget; a part the remaining time cannot fit is skipped with a note,
+so the whole run, imports included, ends within --budget-s (330 s on a GPU):
 
   matmul     torch.matmul of two 8192 x 8192 bf16 matrices, timed by CUDA events: the rate
-             the model FLOP utilisation is measured against
-  inference  HFClassifier (the Ray Data actor of the `hf` back end, called directly) on
-             2,000 rows with IMDB-like lengths, 0.5B shape, bf16: rows/s, tokens/s, MFU
-  finetune   per shape: build_trainable (NF4 QLoRA, LoRA r 64 / alpha 64, gradient
-             checkpointing) under the HF Trainer with the project's training_arguments (bf16)
-             on random 32 x 512-token batches: step time, tokens/s, peak GPU memory; then the
-             adapter saved and `merge`d: merge wall time and merged folder size
+             the model FLOP utilisation (MFU) is measured against
+  bert-base, qwen2.5-0.5b   (inference, one part per model)
+             10,000 rows whose token counts are log-normal (median 200, sigma 0.6, at least
+             8, capped at 512: mean about 230), in bf16:
+             - hf: the back end's actor (HFClassifier, called directly on 1,024-row Arrow
+               chunks as Ray Data calls it: tokenising, length-sorting, micro-batching,
+               softmax, output columns), at micro_batch_size 32 (the default) and larger
+             - model only: predict_probs on the same rows already tokenised
+             - dense: one micro-batch of 256-token rows without padding, forward only,
+               timed by CUDA events (what the model itself reaches at that shape)
+             - shape cost: a forward on a batch shape not run before, and the same again,
+               with SDPA's default kernels and with the hf path's (no cuDNN attention)
+             - naive: transformers.pipeline("text-classification", device=0, dtype=bf16)
+               called on the rows in their order, as a user first writes it (batch_size
+               default 1, and 32), timed on as many rows as its time slice allows
+  qlora      build_trainable (NF4, LoRA r 64 / alpha 64 on every linear layer of the body,
+             gradient checkpointing) under the HF Trainer with the project's
+             training_arguments (bf16) on random 32 x 512-token batches: step time, tokens/s,
+             peak GPU memory; then the adapter saved and `merge`d: wall time, merged size
 
-With --smoke every part runs the same code on CPU with tiny Qwen2 shapes, in fp32.
+Forward FLOPs, counted for useful tokens only (padding is not counted), for a row of s tokens:
+    2 * P_tok * s  +  2 * P_row  +  4 * L * h * s^2
+P_tok: weights of the body's linear layers, which run on every token (embeddings are lookups,
+norms and biases elementwise: not counted); P_row: linear layers that run once per row
+(BERT's pooler and every head); L layers; h = attention heads x head size. The last term is
+QK^T and the weighted sum over the full s x s square, as PaLM's MFU counts it, though a causal
+kernel may skip half of it. MFU = achieved FLOP/s / the matmul rate measured in the same run.
+
+With --smoke every part runs the same code on CPU with tiny shapes, in fp32, and the run
+fails if anything imported Ray.
 """
 from __future__ import annotations
 
@@ -30,93 +53,108 @@ import platform
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 STARTED = time.monotonic()  # the overall budget counts the heavy imports below too
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]  # run as a script from a checkout, installed or not
+from common import REPO, cpu_name, git_commit, package_version  # noqa: E402  (puts clsjob on the path)
 
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
-from transformers import (DataCollatorWithPadding, Qwen2Config, Qwen2ForSequenceClassification,  # noqa: E402
-                          Trainer, TrainerCallback)
+from torch.nn.attention import sdpa_kernel  # noqa: E402
+from transformers import (BertConfig, BertForSequenceClassification,  # noqa: E402
+                          DataCollatorWithPadding, Qwen2Config, Qwen2ForSequenceClassification,
+                          Trainer, TrainerCallback, pipeline)
 
-from clsjob.backends.hf import HFClassifier, encode_truncating, inference_dtype  # noqa: E402
-from clsjob.config import BackendConfig, FinetuneConfig, MergeConfig, ResourcesConfig, validate  # noqa: E402
+from clsjob.backends.hf import (GPU_ATTENTION, HFClassifier, encode_truncating,  # noqa: E402
+                                inference_dtype, length_sorted_batches, predict_probs)
+from clsjob.config import FinetuneConfig, HFBackendConfig, MergeConfig, OutputConfig, validate  # noqa: E402
 from clsjob.finetune.merge import merge  # noqa: E402
 from clsjob.finetune.model import build_trainable, load_tokenizer  # noqa: E402
-from clsjob.finetune.train import SUMMARY, peak_memory_gib  # noqa: E402
+from clsjob.finetune.summary import SUMMARY, peak_memory_gib  # noqa: E402
 from clsjob.finetune.trainer import training_arguments  # noqa: E402
 from clsjob.labels import LabelSet  # noqa: E402
 from tiny_models import build_tokenizer  # noqa: E402
 
 LABELS = LabelSet(("world", "sports", "business", "science"))
-# Qwen2.5 checkpoints ship in bf16; build_trainable and the hf back end cast on load as they
-# would a real one.
+# Checkpoints of both ship in bf16 or fp32; stored in bf16 here, and the hf back end and
+# build_trainable cast on load as they would a real one.
 STORED_DTYPE = torch.bfloat16
 QWEN25 = dict(vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6,
               hidden_act="silu", use_sliding_window=False)
+BERT = dict(vocab_size=30522, type_vocab_size=2, hidden_act="gelu", max_position_embeddings=512)
 FULL_SHAPES = {
-    "qwen2.5-0.5b": dict(QWEN25, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, intermediate_size=4864,
-                         max_position_embeddings=32768),
-    # max_position_embeddings changes no compute at 512 tokens; 131072 as Qwen2.5-1.5B ships.
-    "qwen2.5-1.5b": dict(QWEN25, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, intermediate_size=8960,
-                         max_position_embeddings=131072),
+    "bert-base": ("bert", dict(BERT, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                               intermediate_size=3072)),
+    "qwen2.5-0.5b": ("qwen2", dict(QWEN25, hidden_size=896, num_hidden_layers=24,
+                                   num_attention_heads=14, num_key_value_heads=2,
+                                   intermediate_size=4864, max_position_embeddings=32768)),
 }
 SMOKE_SHAPES = {
-    "tiny-64": dict(QWEN25, vocab_size=1024, hidden_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                    max_position_embeddings=1024),
-    "tiny-128": dict(QWEN25, vocab_size=1024, hidden_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
-                     max_position_embeddings=1024),
+    "tiny-bert": ("bert", dict(BERT, vocab_size=1024, hidden_size=64, num_hidden_layers=2,
+                               num_attention_heads=2, intermediate_size=128)),
+    "tiny-qwen": ("qwen2", dict(QWEN25, vocab_size=1024, hidden_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2,
+                                intermediate_size=128, max_position_embeddings=1024)),
 }
-MERGE_SHARE = 0.4  # of a fine-tuning part's budget, kept for saving the adapter and merging
-MATMUL_CALLS = 50  # per timed round: ~80 ms at 8192 on an H200, so event overhead vanishes
+MERGE_SHARE = 0.4  # of the QLoRA part's budget, kept for saving the adapter and merging
+MATMUL_CALLS = 50  # per timed round: ~70 ms at 8192 on an H200, so event overhead vanishes
+DENSE_TOKENS = 256  # row length of the dense forward: near the rows' mean
+NAIVE_SLICE = 64    # rows per pipeline call in the naive loop: the clock is read between calls
+SHAPE_ROWS = 24     # rows of shape_cost's batches: a count no other measurement uses
+SHAPE_TRIES = 5     # new shapes per kernel order
 
 
 @dataclass(frozen=True)
 class Profile:
     """How big each part is: the real shapes on a GPU, tiny ones for --smoke on CPU."""
-    shapes: dict[str, dict]
-    inference_model: str
+    shapes: dict[str, tuple[str, dict]]  # name: (family, config)
+    finetune_model: str
+    rows: int
+    median_tokens: int
+    max_tokens: int
+    micro_batches: tuple[int, ...]  # the first is the back end's default
+    repeats: int
+    naive_batches: tuple[int, ...]
+    naive_s: float  # per naive variant
     batch_size: int
     seq_len: int
     warmup_steps: int
     timed_steps: int
-    rows: int
-    repeats: int
     matmul_size: int
     total_s: float
-    budget_s: dict[str, float]  # per part: "matmul", "inference", and each shape's name
+    budget_s: dict[str, float]  # per part: "matmul", each shape's name, "qlora"
 
 
-FULL = Profile(shapes=FULL_SHAPES, inference_model="qwen2.5-0.5b", batch_size=32, seq_len=512,
-               warmup_steps=3, timed_steps=15, rows=2000, repeats=3, matmul_size=8192,
-               total_s=450,  # bench/gpu.sh kills at 480 s
-               budget_s={"matmul": 20, "inference": 100, "qwen2.5-0.5b": 120, "qwen2.5-1.5b": 170})
-SMOKE = Profile(shapes=SMOKE_SHAPES, inference_model="tiny-64", batch_size=4, seq_len=64,
-                warmup_steps=1, timed_steps=3, rows=64, repeats=2, matmul_size=256,
-                total_s=175, budget_s={"matmul": 10, "inference": 35, "tiny-64": 45, "tiny-128": 45})
+FULL = Profile(shapes=FULL_SHAPES, finetune_model="qwen2.5-0.5b", rows=10_000, median_tokens=200,
+               max_tokens=512, micro_batches=(32, 128, 256), repeats=2, naive_batches=(1, 32),
+               naive_s=10, batch_size=32, seq_len=512, warmup_steps=3, timed_steps=10,
+               matmul_size=8192,
+               total_s=330,  # bench/gpu.sh kills at 360 s
+               budget_s={"matmul": 15, "bert-base": 75, "qwen2.5-0.5b": 100, "qlora": 90})
+SMOKE = Profile(shapes=SMOKE_SHAPES, finetune_model="tiny-qwen", rows=200, median_tokens=40,
+                max_tokens=128, micro_batches=(32, 64), repeats=2, naive_batches=(1, 32),
+                naive_s=3, batch_size=4, seq_len=64, warmup_steps=1, timed_steps=3,
+                matmul_size=256, total_s=175,
+                budget_s={"matmul": 10, "tiny-bert": 45, "tiny-qwen": 50, "qlora": 50})
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: proves the code paths")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="overall time limit, imports included (default: 450 on GPU, 175 smoke)")
+                   help="overall time limit, imports included (default: 330 on GPU, 175 smoke)")
     p.add_argument("--workdir", default=None, help="model folders (default: a temp dir, removed)")
+    p.add_argument("--source", default=None,
+                   help="what code ran, for the report (default: this checkout's git commit)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu.json"))
     return p.parse_args()
 
@@ -156,6 +194,14 @@ def timed_seconds(run: Callable[[], object], device: str) -> float:
     return begin.elapsed_time(end) / 1000
 
 
+def wall_seconds(run: Callable[[], object]) -> float:
+    """Wall time of work that ends by copying its results to the host (so the GPU's share is
+    inside the clock)."""
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
 def free_device_memory(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):
@@ -166,21 +212,50 @@ def free_device_memory(device: str) -> None:
 
 # --- models and rows ----------------------------------------------------------------------------
 
-def build_random_classifier(folder: Path, shape: dict, device: str) -> Path:
+def build_random_classifier(folder: Path, family: str, shape: dict, device: str) -> Path:
     """A merged-classifier folder (weights, tokenizer, id2label) with random weights."""
     if (folder / "config.json").exists():
         return folder
     tokenizer = build_tokenizer(folder)  # a few hundred tokens: ids above it are still valid model inputs
-    config = Qwen2Config(**shape, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                         id2label=LABELS.id2label(), label2id=LABELS.label2id())
+    ids = dict(pad_token_id=tokenizer.pad_token_id, id2label=LABELS.id2label(),
+               label2id=LABELS.label2id())
+    if family == "bert":
+        config, model_class = BertConfig(**shape, **ids), BertForSequenceClassification
+    else:
+        config = Qwen2Config(**shape, **ids, eos_token_id=tokenizer.eos_token_id,
+                             bos_token_id=tokenizer.bos_token_id)
+        model_class = Qwen2ForSequenceClassification
     torch.manual_seed(0)
-    with torch.device(device):  # random init of 1.5B parameters takes seconds on a GPU, not a minute
-        model = Qwen2ForSequenceClassification(config)
+    with torch.device(device):  # random init of 0.5B parameters takes seconds on a GPU, not a minute
+        model = model_class(config)
     model.to(STORED_DTYPE).save_pretrained(folder)
     del model
     free_device_memory(device)
     return folder
+
+
+def single_token_words(tokenizer) -> list[str]:
+    """Words (with their leading space) that the tokenizer keeps as one token each: a text of
+    n of them is exactly n tokens. "Ġ" is byte-level BPE's mark for a leading space."""
+    candidates = sorted(" " + t[1:] for t in tokenizer.get_vocab() if t.startswith("Ġ") and t[1:].isalpha())
+    return [w for w in candidates if len(tokenizer(w, add_special_tokens=False)["input_ids"]) == 1]
+
+
+def realistic_texts(tokenizer, rows: int, median: int, cap: int, seed: int = 0) -> list[str]:
+    """Random-word texts whose token counts are log-normal around `median` (sigma 0.6, so
+    the mean is about 1.2 x the median), at least 8 and capped at `cap`: the lengths of
+    reviews, news items and support tickets rather than one fixed length."""
+    rng = random.Random(seed)
+    words = single_token_words(tokenizer)
+    lengths = [max(8, min(cap, round(rng.lognormvariate(math.log(median), 0.6)))) for _ in range(rows)]
+    return ["".join(rng.choices(words, k=n)) for n in lengths]
+
+
+def arrow_chunks(texts: list[str], size: int) -> list[pa.Table]:
+    """The chunks Ray Data hands the actor: `output.rows_per_part` rows with the prepare
+    stage's `error` column (all null: every row is to be labelled)."""
+    table = pa.table({"text": texts, "error": pa.array([None] * len(texts), pa.string())})
+    return [table.slice(start, size) for start in range(0, len(texts), size)]
 
 
 def random_training_rows(tokenizer, vocab_size: int, rows: int, seq_len: int) -> list[dict]:
@@ -194,34 +269,11 @@ def random_training_rows(tokenizer, vocab_size: int, rows: int, seq_len: int) ->
             for row, gold in zip(ids, golds)]
 
 
-def single_token_words(tokenizer) -> list[str]:
-    """Words (with their leading space) that the tokenizer keeps as one token each: a text of
-    n of them is exactly n tokens. "Ġ" is byte-level BPE's mark for a leading space."""
-    candidates = sorted(" " + t[1:] for t in tokenizer.get_vocab() if t.startswith("Ġ") and t[1:].isalpha())
-    return [w for w in candidates if len(tokenizer(w, add_special_tokens=False)["input_ids"]) == 1]
-
-
-def imdb_like_texts(tokenizer, rows: int, seed: int = 0) -> list[str]:
-    """Random-word texts whose token counts are drawn like IMDB reviews': log-normal with a
-    median of 220 and a mean near 290 tokens, about one in eight longer than 512 (cut by the
-    back end, as real reviews are)."""
-    rng = random.Random(seed)
-    words = single_token_words(tokenizer)
-    lengths = [max(8, min(2500, round(rng.lognormvariate(math.log(220), 0.75)))) for _ in range(rows)]
-    return ["".join(rng.choice(words) for _ in range(n)) for n in lengths]
-
-
-def arrow_chunks(texts: list[str], size: int) -> list[pa.Table]:
-    """The chunks Ray Data hands the actor: `resources.batch_size` rows with the prepare
-    stage's `error` column (all null: every row is to be labelled)."""
-    table = pa.table({"text": texts, "error": pa.array([None] * len(texts), pa.string())})
-    return [table.slice(start, size) for start in range(0, len(texts), size)]
-
-
 # --- part: matmul rate --------------------------------------------------------------------------
 
 def matmul_rate(size: int, device: str, deadline: float) -> dict:
-    """FLOP/s of square matmuls in the dtype the hf back end computes in (bf16 on a GPU)."""
+    """FLOP/s of square matmuls in the dtype the hf back end computes in (bf16 on a GPU), on
+    random data (zeros run faster than real data)."""
     dtype = inference_dtype(device)
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     out = torch.empty_like(a)
@@ -245,47 +297,220 @@ def matmul_rate(size: int, device: str, deadline: float) -> dict:
 
 # --- part: inference ----------------------------------------------------------------------------
 
-def forward_flops(model, lengths: list[int]) -> float:
-    """Useful FLOPs of forward passes over rows of these token counts (padding not counted):
-    2 x non-embedding parameters per token (one multiply-add per weight; the embedding is a
-    lookup), plus per row 2 x 2 x layers x seq^2 x hidden for the attention scores and their
-    weighted sum (the full square, as PaLM's MFU counts it, though a causal kernel may skip
-    half of it)."""
-    c = model.config
-    weights = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
-    return float(sum(2 * weights * s + 4 * c.num_hidden_layers * s * s * c.hidden_size for s in lengths))
+@dataclass(frozen=True)
+class FlopModel:
+    """The counts of the module doc string's formula, read off a loaded model."""
+    per_token: int  # P_tok
+    per_row: int    # P_row
+    layers: int     # L
+    attention: int  # h
+
+    @classmethod
+    def of(cls, model) -> "FlopModel":
+        body_name = model.base_model_prefix
+        per_token = per_row = 0
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                in_body = name.startswith(body_name + ".") and ".pooler." not in f".{name}."
+                if in_body:
+                    per_token += module.weight.numel()
+                else:
+                    per_row += module.weight.numel()
+        c = model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return cls(per_token, per_row, c.num_hidden_layers, c.num_attention_heads * head_dim)
+
+    def row(self, s: int) -> float:
+        return 2 * self.per_token * s + 2 * self.per_row + 4 * self.layers * self.attention * s * s
+
+    def rows(self, lengths: list[int]) -> float:
+        return float(sum(self.row(s) for s in lengths))
 
 
-def inference(folder: Path, profile: Profile, device: str, deadline: float,
-              matmul_tflops: float | None) -> dict:
-    """The hf back end's hot path: its actor class, called on Arrow chunks as Ray Data calls it."""
-    backend = BackendConfig(model=str(folder))  # defaults a user gets: max_length 512, micro-batch 32
-    classifier = HFClassifier(backend, LABELS, "text", use_gpu=device.startswith("cuda"))
-    texts = imdb_like_texts(classifier.tokenizer, profile.rows)
-    encoded, truncated = encode_truncating(classifier.tokenizer, texts, backend.max_length)
-    lengths = [len(ids) for ids in encoded]
-    chunks = arrow_chunks(texts, ResourcesConfig().batch_size)
-    classifier(chunks[0].slice(0, backend.micro_batch_size))  # warm-up: CUDA context, kernels
-    seconds = []
-    while len(seconds) < profile.repeats and (not seconds or time.monotonic() < deadline):
-        start = time.perf_counter()
-        # Each call copies its probabilities to the host, so the GPU work is inside the clock.
-        labelled = [classifier(chunk) for chunk in chunks]
-        seconds.append(time.perf_counter() - start)
-    if any(table.column("label").null_count for table in labelled):
+def padded_tokens(lengths: list[int], chunk: int, micro_batch: int) -> int:
+    """Tokens the model computes, padding included, when the actor gets `chunk`-row chunks and
+    length-sorts each into micro-batches (as HFClassifier does)."""
+    total = 0
+    for start in range(0, len(lengths), chunk):
+        part = lengths[start:start + chunk]
+        total += sum(len(b) * max(part[i] for i in b) for b in length_sorted_batches(part, micro_batch))
+    return total
+
+
+def rate(rows: int, tokens: int, flops: float, seconds: float, matmul_tflops: float | None) -> dict:
+    achieved = flops / seconds / 1e12
+    return {"seconds": round(seconds, 4), "rows_per_s": rows / seconds,
+            "tokens_per_s": tokens / seconds, "achieved_tflops": achieved,
+            "mfu": achieved / matmul_tflops if matmul_tflops else None}
+
+
+def repeated(run: Callable[[], object], repeats: int, deadline: float) -> list[float]:
+    """Wall seconds of up to `repeats` runs; at least one, more only before the deadline."""
+    seconds: list[float] = []
+    while len(seconds) < repeats and (not seconds or time.monotonic() < deadline):
+        seconds.append(wall_seconds(run))
+    return seconds
+
+
+def hf_actor(classifier: HFClassifier, backend: HFBackendConfig, chunks: list[pa.Table],
+             micro_batch: int, repeats: int, deadline: float) -> list[float]:
+    """The actor over every chunk with `micro_batch_size` set as a user's config sets it."""
+    classifier.backend = backend.model_copy(update={"micro_batch_size": micro_batch})
+    labelled: list[pa.Table] = []
+
+    def run() -> None:
+        labelled[:] = [classifier(chunk) for chunk in chunks]  # probabilities end on the host
+
+    seconds = repeated(run, repeats, deadline)
+    if sum(table.column("label").null_count for table in labelled):
         raise RuntimeError("the hf back end left rows without a label")
-    s = statistics.median(seconds)
-    achieved = forward_flops(classifier.model, lengths) / s / 1e12
-    return {"rows": len(texts), "tokens": sum(lengths), "tokens_mean": sum(lengths) / len(lengths),
-            "tokens_max": max(lengths), "truncated_rows": sum(truncated),
-            "max_length": backend.max_length, "micro_batch_size": backend.micro_batch_size,
-            "dtype": str(classifier.model.dtype).removeprefix("torch."),
-            "attention": classifier.model.config._attn_implementation,
-            "seconds": [round(x, 3) for x in seconds], "median_s": s,
-            "rows_per_s": len(texts) / s, "tokens_per_s": sum(lengths) / s,
-            "achieved_tflops": achieved,
-            "mfu": achieved / matmul_tflops if matmul_tflops else None,
-            "peak_memory_gib": peak_memory_gib(device)}
+    return seconds
+
+
+def dense_forward(model, micro_batch: int, device: str, vocab: int, matmul_tflops: float | None,
+                  flops: FlopModel) -> dict:
+    """Forward passes of one unpadded micro-batch of DENSE_TOKENS-token rows, CUDA-event timed:
+    the model's own speed at that shape, without tokenising, padding or copies."""
+    ids = torch.randint(8, vocab, (micro_batch, DENSE_TOKENS), device=device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.inference_mode(), sdpa_kernel(GPU_ATTENTION):  # the kernels the hf path uses
+        model(**inputs)  # warm-up
+        calls = 5
+        seconds = timed_seconds(lambda: [model(**inputs) for _ in range(calls)], device) / calls
+    return {"micro_batch_size": micro_batch, "tokens_per_row": DENSE_TOKENS,
+            **rate(micro_batch, micro_batch * DENSE_TOKENS, flops.rows([DENSE_TOKENS] * micro_batch),
+                   seconds, matmul_tflops)}
+
+
+def shape_cost(model, device: str, vocab: int) -> dict:
+    """Wall milliseconds of forwards on padded (SHAPE_ROWS, tokens) batches of a shape this
+    process has not run before, and of the same batch run again at once: with SDPA's default
+    kernel order, then with the hf path's GPU_ATTENTION (on other new shapes). What a new
+    shape costs, measured rather than guessed."""
+    result = {}
+    for name, kernels, start in (("default", None, 301), ("gpu_attention", GPU_ATTENTION, 331)):
+        new_s, again_s = [], []
+        for tokens in range(start, start + 2 * SHAPE_TRIES, 2):
+            ids = torch.randint(8, vocab, (SHAPE_ROWS, tokens), device=device)
+            mask = torch.ones_like(ids)
+            mask[0, tokens // 2:] = 0  # one short row: a masked forward, as length-sorted batches are
+            inputs = {"input_ids": ids, "attention_mask": mask}
+
+            def forward() -> None:
+                model(**inputs).logits.float().cpu()  # back on the host: the GPU's work is done
+
+            with torch.inference_mode(), (sdpa_kernel(kernels) if kernels else nullcontext()):
+                new_s.append(wall_seconds(forward))
+                again_s.append(wall_seconds(forward))
+        result[name] = {"new_shape_ms": 1e3 * statistics.median(new_s),
+                        "same_shape_ms": 1e3 * statistics.median(again_s), "shapes": SHAPE_TRIES}
+    return {"rows": SHAPE_ROWS, **result}
+
+
+def naive_pipeline(folder: Path, texts: list[str], lengths: list[int], batch_size: int,
+                   device: str, seconds_for: float, flops: FlopModel,
+                   matmul_tflops: float | None) -> dict:
+    """transformers' text-classification pipeline over the rows in their order, as a user
+    first writes it: no sorting, the pipeline's own tokenising and padding; timed on as many
+    rows as `seconds_for` allows (whole slices of NAIVE_SLICE rows)."""
+    # The pipeline turns the tokenizers' threads off for the whole process (it sets
+    # TOKENIZERS_PARALLELISM=false where unset); put that back for the parts after it.
+    parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+    try:
+        return naive_loop(folder, texts, lengths, batch_size, device, seconds_for, flops,
+                          matmul_tflops)
+    finally:
+        if parallelism is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = parallelism
+
+
+def naive_loop(folder: Path, texts: list[str], lengths: list[int], batch_size: int, device: str,
+               seconds_for: float, flops: FlopModel, matmul_tflops: float | None) -> dict:
+    classify = pipeline("text-classification", model=str(folder),
+                        device=0 if device.startswith("cuda") else -1, dtype=inference_dtype(device))
+    classify(texts[:batch_size], batch_size=batch_size, truncation=True)  # warm-up
+    done, start = 0, time.perf_counter()
+    while done < len(texts) and (done == 0 or time.perf_counter() - start < seconds_for):
+        answers = classify(texts[done:done + NAIVE_SLICE], batch_size=batch_size, truncation=True)
+        if len(answers) != len(texts[done:done + NAIVE_SLICE]):
+            raise RuntimeError("the pipeline returned fewer answers than rows")
+        done += len(answers)
+    seconds = time.perf_counter() - start
+    del classify
+    return {"batch_size": batch_size, "rows": done, "tokens": sum(lengths[:done]),
+            **rate(done, sum(lengths[:done]), flops.rows(lengths[:done]), seconds, matmul_tflops)}
+
+
+def inference(name: str, folder: Path, profile: Profile, device: str, deadline: float,
+              matmul_tflops: float | None) -> dict:
+    """Every inference measurement of one model (see the module doc string)."""
+    cuda = device.startswith("cuda")
+    backend = HFBackendConfig(model=str(folder))  # defaults a user gets: max_length 512, micro-batch 32
+    load_start = time.perf_counter()
+    classifier = HFClassifier(backend, LABELS, "text", use_gpu=cuda)
+    load_s = time.perf_counter() - load_start
+    model, tokenizer = classifier.model, classifier.tokenizer
+    flops = FlopModel.of(model)
+    texts = realistic_texts(tokenizer, profile.rows, profile.median_tokens, profile.max_tokens)
+    tokenize_start = time.perf_counter()
+    encoded, truncated = encode_truncating(tokenizer, texts, backend.max_length)
+    tokenize_s = time.perf_counter() - tokenize_start
+    lengths = [len(ids) for ids in encoded]
+    useful = sum(lengths)
+    total_flops = flops.rows(lengths)
+    chunk = OutputConfig.model_fields["rows_per_part"].default
+    chunks = arrow_chunks(texts, chunk)
+    classifier(chunks[0])  # warm-up: CUDA context, kernels, allocator
+    result = {"model": name, "rows": len(texts), "tokens": useful, "tokens_mean": useful / len(texts),
+              "tokens_median": statistics.median(lengths), "tokens_max": max(lengths),
+              "truncated_rows": sum(truncated), "chunk_rows": chunk, "max_length": backend.max_length,
+              "dtype": str(model.dtype).removeprefix("torch."),
+              "attention": model.config._attn_implementation,
+              "flop_model": asdict(flops), "gflop_per_row_mean": total_flops / len(texts) / 1e9,
+              "load_s": round(load_s, 2), "tokenize_s": round(tokenize_s, 3),
+              "hf": [], "model_only": [], "dense": [], "naive": [], "notes": []}
+    naive_time = len(profile.naive_batches) * (profile.naive_s + 3)  # + loading and warm-up
+    hf_deadline = deadline - naive_time
+
+    for i, micro_batch in enumerate(profile.micro_batches):
+        if i and time.monotonic() > hf_deadline:
+            result["notes"].append(f"hf at micro_batch_size {micro_batch}: skipped, the part's time was spent")
+            continue
+        seconds = hf_actor(classifier, backend, chunks, micro_batch, profile.repeats, hf_deadline)
+        padded = padded_tokens(lengths, chunk, micro_batch)
+        result["hf"].append({"micro_batch_size": micro_batch, "runs_s": [round(s, 3) for s in seconds],
+                             "padded_tokens": padded, "padding_share": 1 - useful / padded,
+                             **rate(len(texts), useful, total_flops, statistics.median(seconds),
+                                    matmul_tflops)})
+        # The same rows already tokenised, in one call sorted over all of them: the
+        # difference is the actor's tokenising, Arrow work and per-chunk sorting.
+        model_s = wall_seconds(partial(predict_probs, model, tokenizer, texts, backend.max_length,
+                                       micro_batch, device, encoded))
+        result["model_only"].append({"micro_batch_size": micro_batch,
+                                     "padded_tokens": padded_tokens(lengths, len(texts), micro_batch),
+                                     **rate(len(texts), useful, total_flops, model_s, matmul_tflops)})
+        result["dense"].append(dense_forward(model, micro_batch, device, len(tokenizer),
+                                             matmul_tflops, flops))
+    result["shape_cost"] = shape_cost(model, device, len(tokenizer))
+    result["peak_memory_gib"] = peak_memory_gib(device)
+    del classifier, model
+    free_device_memory(device)
+
+    for batch_size in profile.naive_batches:
+        left = deadline - time.monotonic()
+        if left < 3:
+            result["notes"].append(f"naive pipeline at batch_size {batch_size}: skipped, the part's time was spent")
+            continue
+        result["naive"].append(naive_pipeline(folder, texts, lengths, batch_size, device,
+                                              min(profile.naive_s, left - 2), flops, matmul_tflops))
+        free_device_memory(device)
+    if result["hf"] and result["naive"]:
+        naive = result["naive"][0]["rows_per_s"]  # the loop a user writes first
+        for entry in result["hf"]:
+            entry["x_naive"] = entry["rows_per_s"] / naive
+    return result
 
 
 # --- part: fine-tuning and merge ----------------------------------------------------------------
@@ -351,8 +576,10 @@ def folder_gib(folder: Path) -> float:
 def train_steps(cfg: FinetuneConfig, profile: Profile, device: str, workdir: Path,
                 deadline: float) -> tuple[dict, Path]:
     """QLoRA steps on random batches; returns the measurements and the saved adapter."""
+    load_start = time.perf_counter()
     tokenizer = load_tokenizer(cfg.base_model)
     model = build_trainable(cfg.base_model, LABELS, cfg.training, tokenizer, device)
+    load_s = time.perf_counter() - load_start
     quantization = quantization_used(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     steps = profile.warmup_steps + profile.timed_steps
@@ -367,10 +594,11 @@ def train_steps(cfg: FinetuneConfig, profile: Profile, device: str, workdir: Pat
     timed = clock.step_seconds()[profile.warmup_steps:]
     mean_s = statistics.mean(timed) if timed else None
     adapter = save_adapter(trainer, tokenizer, cfg, quantization)
-    return {"quantization": quantization, "trainable_params": trainable,
+    return {"quantization": quantization, "trainable_params": trainable, "load_s": round(load_s, 2),
             "bf16": trainer.args.bf16, "steps_run": len(clock.step_seconds()),
             "warmup_steps": profile.warmup_steps, "timed_steps": len(timed),
             "step_seconds": [round(x, 4) for x in clock.step_seconds()], "mean_step_s": mean_s,
+            "batch_size": profile.batch_size, "seq_len": profile.seq_len,
             "tokens_per_step": profile.batch_size * profile.seq_len,
             "tokens_per_s": profile.batch_size * profile.seq_len / mean_s if mean_s else None,
             "peak_memory_gib": peak}, adapter
@@ -378,10 +606,12 @@ def train_steps(cfg: FinetuneConfig, profile: Profile, device: str, workdir: Pat
 
 def finetune_and_merge(name: str, profile: Profile, device: str, workdir: Path,
                        deadline: float) -> dict:
+    family, shape = profile.shapes[name]
     train_deadline = deadline - MERGE_SHARE * (deadline - time.monotonic())
-    base = build_random_classifier(workdir / name, profile.shapes[name], device)
+    base = build_random_classifier(workdir / name, family, shape, device)
     cfg = finetune_config(base, workdir / f"{name}-adapter", profile, device)
     result, adapter = train_steps(cfg, profile, device, workdir / f"{name}-train", train_deadline)
+    result["model"] = name
     free_device_memory(device)
     if time.monotonic() > deadline:
         result["merge_note"] = "merge skipped: the part's budget was spent by then"
@@ -407,6 +637,8 @@ def run_part(report: dict, name: str, budget_s: float, clock: Clock,
     try:
         result = part(clock.deadline(budget_s))
         result["part_s"] = round(time.monotonic() - start, 1)
+        print(f"bench/gpu.py: {name} done in {result['part_s']} s "
+              f"({time.monotonic() - STARTED:.0f} s so far)", flush=True)
         return result
     except Exception as err:  # noqa: BLE001 - one failed part must not cost the others' numbers
         traceback.print_exc()
@@ -425,24 +657,7 @@ def choose_device(smoke: bool) -> str:
     return "cuda:0"
 
 
-def package_version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
-def git_commit() -> str | None:
-    # The GPU machine gets a copy of the working tree, maybe without .git or git itself.
-    try:
-        done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True)
-    except OSError:
-        return None
-    return done.stdout.strip() or None
-
-
-def environment(device: str) -> dict:
+def environment(device: str, source: str | None) -> dict:
     cuda = device.startswith("cuda")
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
             "gpu": torch.cuda.get_device_name(device) if cuda else None,
@@ -451,13 +666,14 @@ def environment(device: str) -> dict:
             "cudnn": torch.backends.cudnn.version() if cuda else None,
             "transformers": package_version("transformers"), "peft": package_version("peft"),
             "bitsandbytes": package_version("bitsandbytes"), "python": platform.python_version(),
-            "cpu_cores": os.cpu_count(), "clsjob_commit": git_commit()}
+            "cpu": cpu_name(), "cpu_cores": os.cpu_count(), "source": source or git_commit()}
 
 
 def write_report(report: dict, out: Path) -> None:
     # Written after every part: a run killed by the outer timeout keeps what it measured.
     out.parent.mkdir(parents=True, exist_ok=True)
     report["wall_s"] = round(time.monotonic() - STARTED, 1)
+    report["ray_imported"] = "ray" in sys.modules
     out.write_text(json.dumps(report, indent=2))
 
 
@@ -466,34 +682,50 @@ def cell(value: float | None, spec: str) -> str:
 
 
 def markdown(report: dict) -> str:
-    lines = ["| fine-tuning (QLoRA, random weights) | quantization | trainable M | steps timed | "
-             "mean step s | tokens/s | peak GiB | merge s | merged GiB |", "|" + "---|" * 9]
-    for name, r in report["finetune"].items():
-        lines.append(f"| {name}, {report['profile']['batch_size']} x {report['profile']['seq_len']} | "
-                     f"{r['quantization']} | {r['trainable_params'] / 1e6:.1f} | {r['timed_steps']} | "
-                     f"{cell(r['mean_step_s'], '.3f')} | {cell(r['tokens_per_s'], ',.0f')} | "
-                     f"{r['peak_memory_gib']:.2f} | {cell(r.get('merge_s'), '.1f')} | "
-                     f"{cell(r.get('merged_gib'), '.2f')} |")
-    lines += ["", "| inference (hf back end) | rows | tokens | median s | rows/s | tokens/s | "
-              "achieved TFLOP/s | matmul TFLOP/s | MFU |", "|" + "---|" * 9]
-    inf, mm = report.get("inference"), report.get("matmul")
-    if inf:
-        lines.append(f"| {report['profile']['inference_model']}, {inf['dtype']} | {inf['rows']} | "
-                     f"{inf['tokens']:,} | {inf['median_s']:.2f} | {inf['rows_per_s']:,.1f} | "
-                     f"{inf['tokens_per_s']:,.0f} | {inf['achieved_tflops']:.2f} | "
-                     f"{cell(mm and mm['tflops'], '.2f')} | {cell(inf['mfu'], '.1%')} |")
+    mm = report.get("matmul")
+    lines = [f"matmul {cell(mm and mm['size'], 'd')}² {cell(mm and mm['tflops'], '.1f')} TFLOP/s "
+             f"(median round {cell(mm and mm['tflops_median'], '.1f')})", "",
+             "| model | path | micro-batch | rows/s | tokens/s | TFLOP/s | MFU | padding | x naive |",
+             "|" + "---|" * 9]
+    for name, inf in report["inference"].items():
+        for path in ("hf", "model_only", "dense", "naive"):
+            for e in inf[path]:
+                batch = e.get("micro_batch_size", e.get("batch_size"))
+                lines.append(f"| {name} | {path} | {batch} | {e['rows_per_s']:,.0f} | "
+                             f"{e['tokens_per_s']:,.0f} | {e['achieved_tflops']:.1f} | "
+                             f"{cell(e['mfu'], '.1%')} | {cell(e.get('padding_share'), '.1%')} | "
+                             f"{cell(e.get('x_naive'), '.1f')} |")
+    for name, inf in report["inference"].items():
+        cost = inf.get("shape_cost")
+        if cost:
+            lines.append(f"- {name}: a forward of {cost['rows']} rows on a new shape / the same again: "
+                         + "; ".join(f"{kernels} {cost[kernels]['new_shape_ms']:.1f} / "
+                                     f"{cost[kernels]['same_shape_ms']:.1f} ms"
+                                     for kernels in ("default", "gpu_attention")))
+    ft = report.get("qlora")
+    if ft:
+        lines += ["", "| QLoRA | quantization | trainable M | steps timed | mean step s | tokens/s | "
+                  "peak GiB | merge s | merged GiB |", "|" + "---|" * 9,
+                  f"| {ft['model']}, {ft['batch_size']} x {ft['seq_len']} | {ft['quantization']} | "
+                  f"{ft['trainable_params'] / 1e6:.1f} | {ft['timed_steps']} | "
+                  f"{cell(ft['mean_step_s'], '.3f')} | {cell(ft['tokens_per_s'], ',.0f')} | "
+                  f"{ft['peak_memory_gib']:.2f} | {cell(ft.get('merge_s'), '.1f')} | "
+                  f"{cell(ft.get('merged_gib'), '.2f')} |"]
+        if "merge_note" in ft:
+            lines.append(f"- note: qlora: {ft['merge_note']}")
     lines += [f"- note: {note}" for note in report["notes"]]
-    lines += [f"- note: {name}: {r['merge_note']}" for name, r in report["finetune"].items()
-              if "merge_note" in r]
+    lines += [f"- note: {name}: {note}" for name, inf in report["inference"].items()
+              for note in inf["notes"]]
     return "\n".join(lines)
 
 
 def benchmark(args: argparse.Namespace, profile: Profile, device: str, workdir: Path) -> dict:
     clock = Clock(args.budget_s or profile.total_s)
     out = Path(args.out)
-    report = {"mode": "smoke" if args.smoke else "gpu", "environment": environment(device),
+    report = {"mode": "smoke" if args.smoke else "gpu", "environment": environment(device, args.source),
               "profile": asdict(profile), "budget_s": args.budget_s or profile.total_s,
-              "matmul": None, "inference": None, "finetune": {}, "notes": []}
+              "imports_s": round(time.monotonic() - STARTED, 1),
+              "matmul": None, "inference": {}, "qlora": None, "notes": []}
     if device == "cpu":
         report["notes"].append("peak GiB on CPU is the process's peak RSS so far "
                                "(peak_memory_gib), not each part's own")
@@ -503,23 +735,23 @@ def benchmark(args: argparse.Namespace, profile: Profile, device: str, workdir: 
                                 lambda deadline: matmul_rate(profile.matmul_size, device, deadline),
                                 device)
     write_report(report, out)
+    matmul_tflops = report["matmul"] and report["matmul"]["tflops"]
 
-    def inference_part(deadline: float) -> dict:
-        name = profile.inference_model
-        folder = build_random_classifier(workdir / name, profile.shapes[name], device)
-        return inference(folder, profile, device, deadline,
-                         report["matmul"] and report["matmul"]["tflops"])
+    for name, (family, shape) in profile.shapes.items():
+        def part(deadline: float, name=name, family=family, shape=shape) -> dict:
+            folder = build_random_classifier(workdir / name, family, shape, device)
+            return inference(name, folder, profile, device, deadline, matmul_tflops)
 
-    report["inference"] = run_part(report, "inference", budget["inference"], clock, inference_part, device)
-    write_report(report, out)
-
-    for name in profile.shapes:
-        result = run_part(report, f"finetune {name}", budget[name], clock,
-                          lambda deadline: finetune_and_merge(name, profile, device, workdir, deadline),
-                          device)
+        result = run_part(report, name, budget[name], clock, part, device)
         if result:
-            report["finetune"][name] = result
+            report["inference"][name] = result
         write_report(report, out)
+
+    report["qlora"] = run_part(report, "qlora", budget["qlora"], clock,
+                               lambda deadline: finetune_and_merge(profile.finetune_model, profile,
+                                                                   device, workdir, deadline),
+                               device)
+    write_report(report, out)
     return report
 
 
@@ -532,11 +764,21 @@ def main() -> int:
     try:
         report = benchmark(args, profile, device, workdir)
     finally:
-        if not args.workdir:  # ours alone: up to ~10 GB of model folders on a GPU
+        if not args.workdir:  # ours alone: a few GB of model folders on a GPU
             shutil.rmtree(workdir, ignore_errors=True)
     print()
     print(markdown(report))
     print(f"\nwrote {args.out} ({report['wall_s']:.0f} s)")
+    # The GPU machine has no Ray: an import of it anywhere in these code paths would fail
+    # there, so the smoke run fails here first.
+    if report["ray_imported"]:
+        print("bench/gpu.py: Ray was imported", file=sys.stderr)
+        return 1
+    missing = [part for part in ("matmul", "qlora") if not report[part]]
+    missing += [name for name in profile.shapes if name not in report["inference"]]
+    if args.smoke and missing:
+        print(f"bench/gpu.py: smoke run lacks {missing}", file=sys.stderr)
+        return 1
     return 0
 
 

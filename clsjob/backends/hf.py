@@ -8,12 +8,20 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from clsjob.backends import ModelError, check_model_files, require_cuda
 from clsjob.backends.rows import attach_probabilities, rows_to_classify
 from clsjob.config import BackendSection, HFBackendConfig, StorageConfig
 from clsjob.labels import LabelSet, resolve_model_labels
+
+
+# Attention kernels for inference on a GPU: all of SDPA's but cuDNN's. torch 2.11 tries cuDNN's
+# first on an H200, and it builds an execution plan for every (rows, tokens) shape it has not
+# seen, which cost more than the forward itself (bench/RESULTS.md, GPU script); length-sorted
+# micro-batches are nearly all new shapes.
+GPU_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def check_model_folder(backend: BackendSection, configured: LabelSet | None,
@@ -83,13 +91,37 @@ def predict_probs(model, tokenizer, texts: list[str], max_length: int, micro_bat
         return probs
     if encoded is None:
         encoded, _ = encode_truncating(tokenizer, texts, max_length)
+    batches = length_sorted_batches([len(ids) for ids in encoded], micro_batch)
     with torch.inference_mode():
-        for batch in length_sorted_batches([len(ids) for ids in encoded], micro_batch):
+        if device.startswith("cuda"):
+            probs[[i for batch in batches for i in batch]] = queued_probs(model, tokenizer, encoded,
+                                                                          batches, device)
+            return probs
+        for batch in batches:
             inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]},
                                    return_tensors="pt").to(device)
             logits = model(**inputs).logits.float()
             probs[batch] = torch.softmax(logits, dim=-1).cpu().numpy()
     return probs
+
+
+@torch.inference_mode()
+def queued_probs(model, tokenizer, encoded: list[list[int]], batches: list[list[int]],
+                 device: str) -> np.ndarray:
+    """On a GPU: the probabilities of `batches`, one after another, with GPU_ATTENTION's
+    kernels, copied back once at the end. Copying each micro-batch's back would make the CPU wait for the GPU and the GPU then
+    wait while the CPU pads the next batch; queued, the padding overlaps the GPU's work.
+    (transformers still waits for the GPU once per forward, where it checks the attention
+    mask for padding.)"""
+    out = []
+    with sdpa_kernel(GPU_ATTENTION):
+        for batch in batches:
+            inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
+            # non_blocking: from pageable memory the data is staged before the call returns,
+            # and the copy does not wait for the work queued on the GPU (a blocking one does).
+            inputs = {key: value.to(device, non_blocking=True) for key, value in inputs.items()}
+            out.append(torch.softmax(model(**inputs).logits.float(), dim=-1))
+    return torch.cat(out).cpu().numpy()
 
 
 class HFClassifier:

@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification
 
 from clsjob.config import MergeConfig
 from clsjob.finetune.model import load_base_classifier, load_tokenizer
-from clsjob.finetune.train import SUMMARY
+from clsjob.finetune.summary import SUMMARY
 from clsjob.labels import LabelSet
 
 log = logging.getLogger("clsjob")

@@ -15,7 +15,6 @@ from urllib.parse import urlsplit
 import ray
 import ray.train
 import ray.train.torch
-import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 from ray.train.torch import TorchTrainer
@@ -23,12 +22,12 @@ from ray.train.torch import TorchTrainer
 from clsjob.config import FinetuneConfig, config_hash
 from clsjob.finetune.data import encode, read_labelled, settle_labels
 from clsjob.finetune.model import build_trainable, load_tokenizer
+from clsjob.finetune.summary import SUMMARY, peak_memory_gib  # noqa: F401  (re-exported)
 from clsjob.finetune.trainer import build_trainer
 from clsjob.labels import LabelSet
 from clsjob.placement import check_placement, ensure_ray, training_demand
 
 log = logging.getLogger("clsjob")
-SUMMARY = "clsjob_finetune.json"
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
@@ -192,11 +191,3 @@ def report_final(trainer, tokenizer, summary: dict, final_eval: dict, work: Path
         checkpoint = ray.train.Checkpoint.from_directory(str(out))
     ray.train.report({k: v for k, v in final_eval.items() if isinstance(v, (int, float))},
                      checkpoint=checkpoint)
-
-
-def peak_memory_gib(device: str) -> float:
-    """Peak memory of this worker: the GPU's allocator on CUDA, the process's RSS on CPU."""
-    if device.startswith("cuda"):
-        return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-    import resource
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB -> GiB

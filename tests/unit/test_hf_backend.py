@@ -11,7 +11,7 @@ import torch
 from clsjob.backends import GPUMissing, ModelError
 from clsjob.backends.hf import (HFClassifier, check_model_folder, encode_truncating,
                                 inference_dtype, length_sorted_batches, load_classifier,
-                                predict_probs)
+                                predict_probs, queued_probs)
 from clsjob.config import HFBackendConfig, InputConfig
 from clsjob.labels import LabelError, LabelSet
 from clsjob.prepare import prepare_chunk
@@ -52,6 +52,19 @@ def test_batched_probabilities_equal_one_row_at_a_time(model_fixture, request):
     np.testing.assert_allclose(batched, single, atol=1e-5)
     np.testing.assert_allclose(batched.sum(axis=1), 1.0, atol=1e-5)
     assert batched.std(axis=0).max() > 1e-4  # rows really differ: the check above has teeth
+
+
+def test_gpu_queue_keeps_each_rows_probabilities(qwen_model):
+    """The GPU path (queued_probs, one copy back at the end) run on CPU: the rows come back
+    in the sorted batches' order, and predict_probs must put each one back in its place."""
+    model, tok = load_classifier(HFBackendConfig(model=str(qwen_model), max_length=64), "cpu")
+    texts = sample_texts(24, seed=2)
+    encoded, _ = encode_truncating(tok, texts, 64)
+    batches = length_sorted_batches([len(ids) for ids in encoded], 8)
+    queued = queued_probs(model, tok, encoded, batches, "cpu")
+    expected = predict_probs(model, tok, texts, 64, micro_batch=8, device="cpu")
+    order = [i for batch in batches for i in batch]
+    np.testing.assert_allclose(queued, expected[order], atol=1e-6)
 
 
 def test_missing_pad_token_falls_back_and_truncation_applies(tmp_path):
