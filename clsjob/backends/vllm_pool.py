@@ -9,7 +9,7 @@ import pyarrow as pa
 from clsjob.backends.hf import encode_truncating
 from clsjob.backends.rows import attach_probabilities, rows_to_classify
 from clsjob.backends import vllm_engine
-from clsjob.backends.vllm_engine import engine_args, prepare_env
+from clsjob.backends.vllm_engine import engine_args, engine_died, exit_with_engine, prepare_env
 from clsjob.config import VLLMPoolBackendConfig
 from clsjob.labels import LabelSet, resolve_model_labels
 
@@ -20,7 +20,7 @@ class VLLMPoolClassifier:
     def __init__(self, backend: VLLMPoolBackendConfig, labels: LabelSet, text_column: str, use_gpu: bool):
         prepare_env(use_gpu)
         self.backend, self.text_column = backend, text_column
-        self.llm = vllm_engine.start_engine(engine_args(backend, use_gpu, "pooling"))
+        self.llm = vllm_engine.start_watched_engine(engine_args(backend, use_gpu, "pooling"))
         self.tokenizer = self.llm.get_tokenizer()
         model_labels = LabelSet.from_id2label(self.llm.llm_engine.model_config.hf_config.id2label)
         self.labels, self.columns = resolve_model_labels(labels, model_labels)
@@ -33,8 +33,13 @@ class VLLMPoolClassifier:
         # The same tokens as the hf back end: the tokenizer's own truncation, flagged.
         encoded, truncated = encode_truncating(self.tokenizer, [texts[i] for i in todo],
                                                self.backend.max_length)
-        outputs = self.llm.classify([TokensPrompt(prompt_token_ids=ids) for ids in encoded],
-                                    use_tqdm=False) if encoded else []
+        try:
+            outputs = self.llm.classify([TokensPrompt(prompt_token_ids=ids) for ids in encoded],
+                                        use_tqdm=False) if encoded else []
+        except Exception as exc:
+            if engine_died(exc):
+                exit_with_engine(exc)
+            raise
         probs = np.array([o.outputs.probs for o in outputs], dtype=np.float32).reshape(
             len(encoded), -1)
         return attach_probabilities(table, todo, probs[:, self.columns], self.labels, truncated)

@@ -25,7 +25,7 @@ from clsjob import store
 from clsjob.backends import ModelError, check_model_files
 from clsjob.backends.rows import attach_results, rows_to_classify
 from clsjob.backends import vllm_engine
-from clsjob.backends.vllm_engine import engine_args, prepare_env
+from clsjob.backends.vllm_engine import engine_args, engine_died, exit_with_engine, prepare_env
 from clsjob.config import Example, PromptConfig, StorageConfig, VLLMPromptBackendConfig
 from clsjob.labels import LabelError, LabelSet
 from clsjob.prompts import encode_rows, pick_examples, render_template, tokenize_template
@@ -239,7 +239,8 @@ class VLLMPromptClassifier:
                  use_gpu: bool, examples: list[Example]):
         prepare_env(use_gpu)
         self.labels, self.text_column, prompt = labels, text_column, backend.prompt
-        self.llm = vllm_engine.start_engine(engine_args(backend, use_gpu, "generate", seed=prompt.seed))
+        self.llm = vllm_engine.start_watched_engine(
+            engine_args(backend, use_gpu, "generate", seed=prompt.seed))
         tok = self.tokenizer = self.llm.get_tokenizer()
         chat = prompt.chat_template == "on" or (
             prompt.chat_template == "auto" and getattr(tok, "chat_template", None))
@@ -272,12 +273,16 @@ class VLLMPromptClassifier:
         requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
         try:
             return self.llm.generate(requests, params, use_tqdm=False)
-        except Exception:  # vLLM refuses a batch for one bad prompt: find which, keep the rest
+        except Exception as exc:  # vLLM refuses a batch for one bad prompt: find which, keep the rest
+            if engine_died(exc):
+                exit_with_engine(exc)
             results = []
             for i, request in enumerate(requests):
                 one = params[i] if isinstance(params, list) else params
                 try:
                     results.extend(self.llm.generate([request], one, use_tqdm=False))
                 except Exception as exc:
+                    if engine_died(exc):
+                        exit_with_engine(exc)
                     results.append(exc)
             return results

@@ -183,7 +183,7 @@ def test_end_to_end_through_ray_data(kind, mode, lm_model, qwen_model, ray_clust
                {"kind": kind, "model": str(qwen_model), "max_length": 64, "engine": {"max_model_len": 128}})
     cfg = validate({"input": {"path": str(tmp_path / "in"), "label_column": "label"},
                     "labels": LABELS, "backend": backend,
-                    "resources": {"batch_size": 16}, "output": {"path": str(tmp_path / "out")}},
+                    "output": {"path": str(tmp_path / "out"), "rows_per_part": 16}},
                    model=ClassifyConfig)
     summary = run_classify(cfg)
 
@@ -233,3 +233,97 @@ def test_shipped_vllm_config(name, qwen_model, ray_cluster, tmp_path_factory, tm
         assert all(abs(sum(r["probs"]) - 1) < 1e-4 for r in rows if r["error"] is None)
     if cfg.input.label_column:
         assert (tmp_path / "out" / "_metrics.json").exists()
+
+
+ENGINE_KILLER = r"""
+import json, os, signal, sys, threading, time
+from pathlib import Path
+
+import psutil
+import ray
+from clsjob.config import ClassifyConfig, validate
+from clsjob.pipeline import run_classify
+
+model, inp, out = sys.argv[1:4]
+seen, killed = set(), []
+
+
+def engines():
+    found = []
+    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+        text = (proc.info["name"] or "") + " " + " ".join(proc.info["cmdline"] or [])
+        if "EngineCore" in text:
+            found.append(proc.info["pid"])
+    return found
+
+
+def kill_the_first_engine():
+    # Once the first part is written (the engine is busy labelling), SIGKILL its process.
+    while True:
+        pids = engines()
+        seen.update(pids)
+        if not killed and pids and list(Path(out).glob("*.parquet")):
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append({"pid": pids[0], "parts_before": len(list(Path(out).glob("*.parquet")))})
+        time.sleep(0.1)
+
+
+ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+threading.Thread(target=kill_the_first_engine, daemon=True).start()
+cfg = validate({"input": {"path": inp}, "labels": ["negative", "neutral", "positive"],
+                # json: answers of many tokens keep the engine busy long enough to be killed
+                "backend": {"kind": "vllm_prompt", "model": model, "max_length": 64,
+                            "prompt": {"mode": "json", "reasoning_max_chars": 40},
+                            "engine": {"max_model_len": 512}},
+                "output": {"path": out, "rows_per_part": 5}}, model=ClassifyConfig)
+try:
+    summary = run_classify(cfg)
+    result = {"rows_in": summary.rows_in, "rows_out": summary.rows_out,
+              "errored": summary.rows_errored}
+except Exception as exc:
+    result = {"failed": f"{type(exc).__name__}: {exc}"[-3000:]}
+print("RESULT " + json.dumps({**result, "killed": killed, "engines_seen": sorted(seen)}))
+"""
+
+
+def test_a_dead_engine_fails_its_actor_and_the_chunk_is_redone(lm_model, tmp_path):
+    """The engine in a process of its own (vLLM's default, and the GPU case) SIGKILLed while a
+    job runs: the actor exits, Ray restarts it with a fresh engine and redoes the chunk, and
+    no row carries an error for a failure that was not its own. A child process with a Ray
+    of its own, whose workers inherit VLLM_ENABLE_V1_MULTIPROCESSING=1."""
+    import os
+    import subprocess
+    import sys
+
+    write_shards(tmp_path / "in", [{"text": sample_texts(100, seed=s)} for s in range(3)])
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "RAY_ADDRESS": ""}
+    run = subprocess.run([sys.executable, "-c", ENGINE_KILLER, str(lm_model), str(tmp_path / "in"),
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=900,
+                         env=env)
+    line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert line, run.stdout[-3000:] + run.stderr[-5000:]
+    result = json.loads(line.removeprefix("RESULT "))
+    assert "failed" not in result, result["failed"]
+    assert result["killed"], "the job ended before its engine could be killed"
+    assert result["killed"][0]["parts_before"] < 60  # killed mid-run: 300 rows, 5 per part
+    # A fresh engine took over: another EngineCore process than the one killed.
+    assert set(result["engines_seen"]) - {result["killed"][0]["pid"]}
+    assert result["rows_in"] == result["rows_out"] == 300 and result["errored"] == 0
+    rows = pa.concat_tables(pa.parquet.read_table(p) for p in (tmp_path / "out").glob("*.parquet"))
+    assert rows.num_rows == 300 and rows.column("error").null_count == 300
+    assert set(rows.column("label").to_pylist()) <= set(LABELS)
+
+
+def test_a_refused_prompt_is_not_a_dead_engine():
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    from clsjob.backends.vllm_engine import engine_died
+
+    try:
+        try:
+            raise EngineDeadError("engine core died")
+        except EngineDeadError as dead:
+            raise RuntimeError("generate failed") from dead
+    except RuntimeError as wrapped:
+        assert engine_died(wrapped)  # found through the cause chain
+    assert not engine_died(ValueError("prompt is longer than max_model_len"))
