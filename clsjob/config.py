@@ -208,7 +208,26 @@ class ClusterConfig(Section):
 
 
 class ResourcesConfig(Section):
-    actors: int = Field(1, gt=0, description="Classifier actors (one model copy each).")
+    actors: int | tuple[int, int] = Field(
+        1, description="Classifier actors (one model copy each): N, or [min, max] for a pool "
+                       "Ray Data grows while chunks queue and shrinks when idle; the job starts "
+                       "once min fit.")
+
+    @field_validator("actors", mode="before")
+    @classmethod
+    def _count_or_range(cls, value):
+        def count(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+        if isinstance(value, (list, tuple)) and len(value) == 2 and all(map(count, value)) \
+                and value[0] <= value[1]:
+            return tuple(value)
+        if count(value):
+            return value
+        raise ValueError(f"expected N or [min, max] with 0 < min <= max, got {value!r}")
+
+    def actor_range(self) -> tuple[int, int]:
+        return self.actors if isinstance(self.actors, tuple) else (self.actors, self.actors)
     gpus_per_actor: float = Field(0, ge=0, description="GPUs per actor; 0 runs on CPU in fp32.")
     cpus_per_actor: float = Field(1, gt=0, description="CPUs per actor (torch threads follow).")
 

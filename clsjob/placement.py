@@ -49,7 +49,9 @@ class Demand:
 
 
 def classify_demand(resources) -> Demand:
-    return Demand("classifier actor", resources.actors, resources.cpus_per_actor,
+    # An autoscaling pool must fit its min at start; Ray Data adds actors up to its max only
+    # where they fit.
+    return Demand("classifier actor", resources.actor_range()[0], resources.cpus_per_actor,
                   resources.gpus_per_actor,
                   "resources.actors / resources.cpus_per_actor / resources.gpus_per_actor",
                   io_cpus=IO_CPUS)

@@ -41,12 +41,19 @@ def stream_labelled_parts(cfg: ClassifyConfig, labels: LabelSet,
         ds = ds.map_batches(
             backends.actor_class(cfg.backend), batch_size=None, batch_format="pyarrow",
             fn_constructor_kwargs=backends.actor_kwargs(cfg, labels),
-            compute=ray.data.ActorPoolStrategy(size=cfg.resources.actors),
+            compute=actor_pool(cfg.resources),
             **actor_placement(cfg))
     ds = ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow",
                         fn_kwargs={"cfg": cfg, "labels": labels})
     for row in ds.iter_rows():
         yield PartRecord.from_row(row)
+
+
+def actor_pool(resources) -> ray.data.ActorPoolStrategy:
+    least, most = resources.actor_range()
+    if least == most:
+        return ray.data.ActorPoolStrategy(size=least)
+    return ray.data.ActorPoolStrategy(min_size=least, max_size=most)
 
 
 def read_chunks(batch: pa.Table, input_cfg: InputConfig, chunk_rows: int,

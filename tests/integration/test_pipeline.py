@@ -118,6 +118,14 @@ def test_rerun_gives_the_same_rows_and_ids(qwen_model, ray_cluster, tmp_path):
     assert a.sort_by("id").to_pylist() == b.sort_by("id").to_pylist()
 
 
+def test_an_autoscaling_actor_pool_labels_every_row(qwen_model, ray_cluster, tmp_path):
+    inp, rows_in = corpus(tmp_path, shards=2, rows=40)
+    summary = run_classify(config(qwen_model, inp, tmp_path / "out", resources={"actors": [1, 2]},
+                                  output={"rows_per_part": 16}))
+    assert summary.rows_in == summary.rows_out == rows_in
+    assert len(read_output_of(summary).column("id").unique()) == rows_in
+
+
 def test_finished_run_is_not_redone_unless_overwritten(qwen_model, ray_cluster, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="clsjob")
     inp, rows_in = corpus(tmp_path, shards=2, rows=40)

@@ -250,9 +250,11 @@ seen, killed = set(), []
 
 def engines():
     found = []
+    # vLLM titles its engine process "VLLM::EngineCore" (this script's own command line
+    # holds the words too, so only the title counts).
     for proc in psutil.process_iter(["pid", "name", "cmdline"]):
-        text = (proc.info["name"] or "") + " " + " ".join(proc.info["cmdline"] or [])
-        if "EngineCore" in text:
+        title = (proc.info["cmdline"] or [""])[0]
+        if title.startswith("VLLM::EngineCore") and proc.info["pid"] != os.getpid():
             found.append(proc.info["pid"])
     return found
 

@@ -53,8 +53,8 @@ def test_unknown_key_is_named(tmp_path):
 
 
 def test_bad_value_is_named(tmp_path):
-    with pytest.raises(ConfigError, match=r"resources\.actors: .*greater than 0"):
-        load_config(minimal(tmp_path), ["resources.actors=0"], model=ClassifyConfig)
+    with pytest.raises(ConfigError, match=r"resources\.cpus_per_actor: .*greater than 0"):
+        load_config(minimal(tmp_path), ["resources.cpus_per_actor=0"], model=ClassifyConfig)
     with pytest.raises(ConfigError, match=r"backend\.kind"):
         load_config(minimal(tmp_path), ["backend.kind=bananas"], model=ClassifyConfig)
 
@@ -96,6 +96,23 @@ def test_gpus_per_actor_must_match_what_the_back_end_can_use(tmp_path):
     assert load("backend.kind=vllm_pool", "backend.engine.tensor_parallel_size=2",
                 "resources.gpus_per_actor=2").resources.gpus_per_actor == 2
     assert load("resources.gpus_per_actor=0.5").resources.gpus_per_actor == 0.5  # two per GPU
+
+
+def test_actors_is_a_count_or_a_range(tmp_path):
+    from clsjob.placement import classify_demand
+    from clsjob.stages import actor_pool
+
+    cfg = load_config(minimal(tmp_path), ["resources.actors=[1, 4]"], model=ClassifyConfig)
+    assert cfg.resources.actor_range() == (1, 4)
+    pool = actor_pool(cfg.resources)
+    assert (pool.min_size, pool.max_size) == (1, 4)
+    assert classify_demand(cfg.resources).count == 1  # the job starts once min fit
+    fixed = load_config(minimal(tmp_path), ["resources.actors=3"], model=ClassifyConfig)
+    assert (actor_pool(fixed.resources).min_size, actor_pool(fixed.resources).max_size) == (3, 3)
+    for bad in ("[3, 2]", "[0, 2]", "0", "[1, 2, 3]"):
+        with pytest.raises(ConfigError, match=r"resources.actors: .*expected N or \[min, max\] "
+                                              r"with 0 < min <= max"):
+            load_config(minimal(tmp_path), [f"resources.actors={bad}"], model=ClassifyConfig)
 
 
 def test_the_registry_has_every_back_end_the_config_accepts():
