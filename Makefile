@@ -28,9 +28,10 @@ test: venv
 	$(VENV)/bin/python -m pytest -q tests/integration/test_vllm.py
 
 # The GPU tier: bf16 inference, QLoRA and a merged model served, on CUDA. Skipped (not failed)
-# where there is no CUDA device, so `make test` stays green on CPU machines.
-test-gpu: venv
-	$(VENV)/bin/python -m pytest -q -m gpu tests/gpu
+# where there is no CUDA device, so `make test` stays green on CPU machines. It runs with the
+# GPU node's own Python (`pip install -e ".[gpu,dev]"`), not the CPU venv `make venv` builds.
+test-gpu:
+	$(PY) -m pytest -q -m gpu tests/gpu
 
 unit: venv
 	$(VENV)/bin/python -m pytest -q tests/unit
