@@ -39,10 +39,11 @@ def require_cuda(use_gpu: bool) -> None:
     import ray
 
     node = f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+    build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
     raise GPUMissing(
         f"node {node}: this actor was given resources.gpus_per_actor GPU(s) but finds no CUDA "
         f"device (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}; torch "
-        f"{torch.__version__}, {'built with CUDA ' + torch.version.cuda if torch.version.cuda else 'a CPU-only build'}). "
+        f"{torch.__version__}, {build}). "
         f"The node's GPUs are missing, hidden or held by another process, or torch lacks CUDA; "
         f"it will not run on the CPU instead. Set resources.gpus_per_actor: 0 to run on CPUs.")
 

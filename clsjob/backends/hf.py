@@ -109,10 +109,10 @@ def predict_probs(model, tokenizer, texts: list[str], max_length: int, micro_bat
 def queued_probs(model, tokenizer, encoded: list[list[int]], batches: list[list[int]],
                  device: str) -> np.ndarray:
     """On a GPU: the probabilities of `batches`, one after another, with GPU_ATTENTION's
-    kernels, copied back once at the end. Copying each micro-batch's back would make the CPU wait for the GPU and the GPU then
-    wait while the CPU pads the next batch; queued, the padding overlaps the GPU's work.
-    (transformers still waits for the GPU once per forward, where it checks the attention
-    mask for padding.)"""
+    kernels, copied back once at the end. Copying each micro-batch's back would make the CPU
+    wait for the GPU and the GPU then wait while the CPU pads the next batch; queued, the
+    padding overlaps the GPU's work. (transformers still waits for the GPU once per forward,
+    where it checks the attention mask for padding.)"""
     out = []
     with sdpa_kernel(GPU_ATTENTION):
         for batch in batches:
