@@ -32,9 +32,9 @@ def write_input(folder: Path, rows: int) -> None:
 
     rng = random.Random(0)
     folder.mkdir(parents=True)
-    for shard in range(rows // ROWS_PER_SHARD):
+    for shard, start in enumerate(range(0, rows, ROWS_PER_SHARD)):
         texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 30)))
-                 for _ in range(ROWS_PER_SHARD)]
+                 for _ in range(min(ROWS_PER_SHARD, rows - start))]
         pq.write_table(pa.table({"text": texts}), folder / f"shard-{shard:04d}.parquet")
 
 

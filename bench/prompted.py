@@ -454,7 +454,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "prompted.json")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="model, shards and outputs (default: a temporary folder)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.rows <= STARTUP_ROWS:
+        # The steady-state figures are the full run less a run of STARTUP_ROWS rows.
+        parser.error(f"--rows must be above {STARTUP_ROWS}, the rows of the start-up run")
+    return args
 
 
 def main() -> None:
