@@ -6,6 +6,7 @@ Nothing here imports Ray, torch or vLLM at module level: bench/gpu.py runs where
 installed."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -91,8 +92,6 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 def write_report(report: dict, out: Path, markdown: str) -> None:
     """The JSON beside the run, and the table on stdout."""
-    import json
-
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
     print(markdown, flush=True)
