@@ -5,6 +5,9 @@ merge, classify through the Ray Data pipeline — against a TF-IDF + linear-mode
 trained and scored on the same splits in the same run.
 
     .venv/bin/python bench/finetune_accuracy.py [--only sst2|banking77] [--out FILE.json]
+                                                [--keep DIR]
+
+--keep DIR keeps each merged model as DIR/<corpus> (bench/cpu_dtype.py reads them there).
 
 Targets: SST-2 dev >= 0.87, Banking77 test >= 0.90, both above the baseline. CPU: ~40 min.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -99,6 +103,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(TASKS))
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "finetune_accuracy.json"))
+    parser.add_argument("--keep", type=Path, help="keep each merged model as KEEP/<corpus>")
     args = parser.parse_args()
     env = environment()
     if not DATA.exists():
@@ -119,6 +124,8 @@ def main() -> int:
             test = write_split(corpus, task["eval"], work / "eval")
             base = baseline(task["baseline"], train, test)
             ours = finetune_and_classify(corpus, task, work)
+            if args.keep:
+                shutil.copytree(work / "model", args.keep / corpus, dirs_exist_ok=True)
         results.append({"corpus": corpus, "train_split": task["train"], "eval_split": task["eval"],
                         "train_rows": len(train[0]), "eval_rows": len(test[0]),
                         "target": task["target"], "clsjob": ours, "baseline": base,

@@ -75,11 +75,12 @@ from transformers import (BertConfig, BertForSequenceClassification,  # noqa: E4
                           Trainer, TrainerCallback, pipeline)
 
 from clsjob.backends.hf import (GPU_ATTENTION, HFClassifier, encode_truncating,  # noqa: E402
-                                inference_dtype, length_sorted_batches, predict_probs)
+                                length_sorted_batches, predict_probs)
 from clsjob.config import FinetuneConfig, HFBackendConfig, MergeConfig, OutputConfig, validate  # noqa: E402
 from clsjob.finetune.merge import merge  # noqa: E402
 from clsjob.finetune.model import build_trainable, load_tokenizer  # noqa: E402
 from clsjob.finetune.summary import SUMMARY, peak_memory_gib  # noqa: E402
+from clsjob.precision import resolve_dtype  # noqa: E402
 from clsjob.finetune.trainer import training_arguments  # noqa: E402
 from clsjob.labels import LabelSet  # noqa: E402
 from tiny_models import build_tokenizer  # noqa: E402
@@ -271,10 +272,15 @@ def random_training_rows(tokenizer, vocab_size: int, rows: int, seq_len: int) ->
 
 # --- part: matmul rate --------------------------------------------------------------------------
 
+def model_dtype(device: str) -> torch.dtype:
+    """What the hf back end runs in on `device` by default (backend.dtype: auto)."""
+    return getattr(torch, resolve_dtype("auto", device))
+
+
 def matmul_rate(size: int, device: str, deadline: float) -> dict:
     """FLOP/s of square matmuls in the dtype the hf back end computes in (bf16 on a GPU), on
     random data (zeros run faster than real data)."""
-    dtype = inference_dtype(device)
+    dtype = model_dtype(device)
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     out = torch.empty_like(a)
 
@@ -429,7 +435,7 @@ def naive_pipeline(folder: Path, texts: list[str], lengths: list[int], batch_siz
 def naive_loop(folder: Path, texts: list[str], lengths: list[int], batch_size: int, device: str,
                seconds_for: float, flops: FlopModel, matmul_tflops: float | None) -> dict:
     classify = pipeline("text-classification", model=str(folder),
-                        device=0 if device.startswith("cuda") else -1, dtype=inference_dtype(device))
+                        device=0 if device.startswith("cuda") else -1, dtype=model_dtype(device))
     classify(texts[:batch_size], batch_size=batch_size, truncation=True)  # warm-up
     done, start = 0, time.perf_counter()
     while done < len(texts) and (done == 0 or time.perf_counter() - start < seconds_for):

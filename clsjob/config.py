@@ -37,6 +37,9 @@ class StorageConfig(Section):
     max_attempts: int = Field(
         10, ge=1, description="Tries per S3 request on throttling (SlowDown), 5xx answers and "
                               "dropped connections, with exponential backoff and jitter.")
+    model_cache: str = Field(
+        "~/.cache/clsjob/models", description="Local folder on every node where models given "
+                                              "as s3:// are fetched, once per node and model.")
     # No credential fields on purpose: keys come only from the environment or the AWS chain,
     # so they can never end up in a config file, a manifest or a log line.
 
@@ -143,7 +146,8 @@ class EngineConfig(Section):
 class BackendSection(Section):
     """Settings every back end has. Each back end is one subclass holding only its own
     settings, told apart by `kind`."""
-    model: str = Field(description="Model folder (safetensors + tokenizer).")
+    model: str = Field(description="Model folder (safetensors + tokenizer); local, or s3:// "
+                                    "fetched once per node into storage.model_cache.")
     max_length: int = Field(512, gt=0, description="Tokens of a row's text; longer rows are "
                                                    "truncated and flagged.")
     trust_remote_code: bool = Field(
@@ -157,6 +161,11 @@ class HFBackendConfig(BackendSection):
                           "= a generative LLM, prompted, under constrained decoding.")
     micro_batch_size: int = Field(
         32, gt=0, description="Rows per forward pass, length-sorted within each batch.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="What the model runs in. auto = bfloat16 where the hardware "
+                            "multiplies it natively (GPUs from Ampere on; CPUs with AVX-512 "
+                            "BF16 or AMX), float16 on older GPUs, float32 on other CPUs. Each "
+                            "part's choice is in the manifest.")
 
 
 class VLLMPoolBackendConfig(BackendSection):
@@ -378,13 +387,14 @@ class TrainingConfig(Section):
 
 
 class FinetuneOutputConfig(Section):
-    path: str = Field(description="Folder for the trained adapter (or full model) and summary.")
+    path: str = Field(description="Folder for the trained adapter (or full model) and summary "
+                                  "(local or s3://).")
     storage_path: str | None = Field(
         None, description="Ray Train checkpoint storage (local or s3://). None = <path>/ray.")
 
 
 class FinetuneConfig(Section):
-    base_model: str = Field(description="Base model folder (transformers format).")
+    base_model: str = Field(description="Base model folder (transformers format; local or s3://).")
     train: InputConfig
     eval: InputConfig | None = Field(None, description="Held-out rows scored after training.")
     labels: Labels = Field(
@@ -403,11 +413,12 @@ class FinetuneConfig(Section):
 
 
 class MergeConfig(Section):
-    adapter: str = Field(description="Output folder of `clsjob finetune`.")
-    output: str = Field(description="Where the merged model folder is written.")
+    adapter: str = Field(description="Output folder of `clsjob finetune` (local or s3://).")
+    output: str = Field(description="Where the merged model folder is written (local or s3://).")
     dtype: Literal["bfloat16", "float32"] = Field(
         "bfloat16", description="Precision of the merged weights.")
     max_shard_size: str = Field("2GB", description="Largest safetensors file.")
+    storage: StorageConfig = StorageConfig()
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -493,7 +504,7 @@ def explain(err: dict) -> tuple[str, str]:
     return key, err["msg"]
 
 
-def config_hash(cfg: Section, exclude: set[str] | None = None) -> str:
+def config_hash(cfg: Section, exclude: set[str] | dict | None = None) -> str:
     """Stable short hash of the validated config (less the `exclude` sections), recorded in
     every manifest."""
     return hashlib.sha256(cfg.model_dump_json(exclude=exclude).encode()).hexdigest()[:16]

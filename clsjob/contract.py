@@ -32,8 +32,9 @@ RESULT_FIELDS: dict[str, pa.DataType] = {
 }
 RESULT_COLUMNS = tuple(RESULT_FIELDS)
 # Internal columns, dropped before writing: the input shard of a row, the output part it
-# belongs to, how many rows that part must hold, and whether the row's text had to be cleaned.
-SHARD, PART, PART_ROWS, CLEANED = "_shard", "_part", "_part_rows", "_cleaned"
+# belongs to, how many rows that part must hold, whether the row's text had to be cleaned,
+# and the dtype the back end's model ran in.
+SHARD, PART, PART_ROWS, CLEANED, DTYPE = "_shard", "_part", "_part_rows", "_cleaned", "_dtype"
 
 # What a run writes beside its parts.
 PART_SUFFIX = ".parquet"
@@ -86,6 +87,7 @@ class PartRecord:
     errored: int
     truncated: int
     cleaned: int
+    dtype: str | None  # what the model ran in (None where a back end does not say)
     counts: Tally
 
     @classmethod
@@ -99,12 +101,14 @@ class PartRecord:
         return cls(shard=chunk.column(SHARD)[0].as_py(), part=chunk.column(PART)[0].as_py(),
                    rows=written.num_rows, errored=sum(e is not None for e in errors),
                    truncated=sum(bool(t) for t in written.column("truncated").to_pylist()),
-                   cleaned=pc.sum(chunk.column(CLEANED)).as_py() or 0, counts=counts)
+                   cleaned=pc.sum(chunk.column(CLEANED)).as_py() or 0,
+                   dtype=chunk.column(DTYPE)[0].as_py() if DTYPE in chunk.column_names else None,
+                   counts=counts)
 
     def entry(self) -> dict:
         """The part as markers and the manifest list it."""
         return {"part": self.part, "rows": self.rows, "errored": self.errored,
-                "truncated": self.truncated, "cleaned": self.cleaned}
+                "truncated": self.truncated, "cleaned": self.cleaned, "dtype": self.dtype}
 
     # Between the write stage and the driver a record travels as one JSON string: as an Arrow
     # struct, the counts of many parts would be unified into one schema and grow null keys.

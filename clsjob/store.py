@@ -1,4 +1,5 @@
-"""The only module that touches storage: list and read shards, write parts and JSON files.
+"""The only module that touches storage: list and read shards, write parts and JSON files,
+list, fetch and upload the files of a model folder (model_cache.py decides where they go).
 
 Local paths, file:// and s3:// all go through fsspec (s3fs for S3), so one code path serves
 both. S3 credentials come only from the environment or the AWS chain (s3fs/botocore find
@@ -232,3 +233,58 @@ def remove(url: str, storage: StorageConfig) -> None:
     fs, p = filesystem(url, storage)
     if fs.exists(p):
         fs.rm(p, recursive=True)
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a folder in storage: its path inside the folder, size and version tag."""
+    name: str
+    size: int
+    tag: str  # S3's ETag (changes with the content); locally the modification time
+
+
+def list_folder(url: str, storage: StorageConfig) -> list[RemoteFile]:
+    """The files directly in the folder `url` (not in its subfolders, and not the empty
+    "folder/" markers some S3 writers leave), sorted by name; empty if there are none."""
+    fs, p = filesystem(url, storage)
+    try:
+        # refresh: s3fs would answer from its listing cache, blind to a model replaced since.
+        found = fs.ls(p, detail=True, refresh=True)
+    except FileNotFoundError:
+        return []
+    files = [RemoteFile(name=posixpath.basename(info["name"].rstrip("/")),
+                        size=int(info.get("size") or 0),
+                        tag=str(info.get("ETag") or info.get("mtime") or ""))
+             for info in found if info.get("type") == "file" and not info["name"].endswith("/")]
+    return sorted((f for f in files if f.name), key=lambda f: f.name)
+
+
+def fetch_files(url: str, files: list[RemoteFile], target: str, storage: StorageConfig,
+                threads: int = 8) -> None:
+    """Copy `files` of the folder at `url` into the local folder `target`, and check each
+    arrived whole (its size as listed): a short read is an error, never a model."""
+    fs, p = filesystem(url, storage)
+
+    def fetch(file: RemoteFile) -> None:
+        local = os.path.join(target, file.name)
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        fs.get_file(posixpath.join(p, file.name), local)
+        got = os.path.getsize(local)
+        if got != file.size:
+            raise OSError(f"{_url(fs, posixpath.join(p, file.name))}: fetched {got} bytes "
+                          f"of {file.size}")
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(fetch, files))
+
+
+def put_folder(local: str, url: str, storage: StorageConfig) -> None:
+    """Upload (or copy) every file under the local folder `local` to `url`."""
+    fs, p = filesystem(url, storage)
+    for root, _, names in os.walk(local):
+        for name in names:
+            source = os.path.join(root, name)
+            dest = posixpath.join(p, os.path.relpath(source, local).replace(os.sep, "/"))
+            if "s3" not in fs.protocol:
+                fs.makedirs(posixpath.dirname(dest), exist_ok=True)
+            fs.put_file(source, dest)

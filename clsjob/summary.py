@@ -58,6 +58,9 @@ def build_manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, shards: lis
         "work_hash": work,
         "backend": cfg.backend.kind,
         "model": cfg.backend.model,
+        # What the model ran in (backend.dtype: auto chooses per node); more than one only on
+        # a cluster whose nodes differ. Each part's own is in `parts`.
+        "dtypes": sorted({p["dtype"] for p in parts if p.get("dtype")}),
         "labels": list(labels.names),
         "id_column": id_column(cfg.input),
         "text_column": cfg.input.text_column,

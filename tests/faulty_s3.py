@@ -3,7 +3,8 @@
 Every `every`-th request of each HTTP method fails instead of reaching S3, in turns: a 503
 SlowDown, a 500 InternalError, and a connection closed without an answer — what S3 and the
 networks in front of it do under load. All other requests pass through unchanged, so the
-job talks to a real S3 implementation and only the failures are made up.
+job talks to a real S3 implementation and only the failures are made up. With `every=None`
+nothing fails, and the proxy only counts what is asked of S3 (`requests`).
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "proxy-connectio
 
 
 class FaultyS3:
-    def __init__(self, upstream: str, every: int = 3):
+    def __init__(self, upstream: str, every: int | None = 3):
         self.upstream = urlsplit(upstream)
         self.every = every
         self.seen: Counter[str] = Counter()  # requests per method, failed or not
+        self.requests: Counter[tuple[str, str]] = Counter()  # (method, path without query)
         self.injected: Counter[tuple[str, str]] = Counter()  # (method, fault) -> count
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -47,11 +49,12 @@ class FaultyS3:
     def injected_for(self, method: str) -> int:
         return sum(n for (m, _), n in self.injected.items() if m == method)
 
-    def next_fault(self, method: str) -> str | None:
+    def next_fault(self, method: str, path: str = "") -> str | None:
         with self._lock:
             self.seen[method] += 1
+            self.requests[(method, urlsplit(path).path)] += 1
             n = self.seen[method]
-            if n % self.every:
+            if self.every is None or n % self.every:
                 return None
             fault = FAULTS[(n // self.every) % len(FAULTS)]
             self.injected[(method, fault)] += 1
@@ -69,7 +72,7 @@ class FaultyS3:
             def _relay(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                fault = proxy.next_fault(self.command)
+                fault = proxy.next_fault(self.command, self.path)
                 if fault == "disconnect":
                     self.close_connection = True
                     return

@@ -6,13 +6,12 @@ row is read, and its actor; a new back end is one entry here and one config mode
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
-from clsjob.config import (BackendSection, HFBackendConfig, VLLMPoolBackendConfig,
+from clsjob import model_cache
+from clsjob.config import (BackendSection, HFBackendConfig, StorageConfig, VLLMPoolBackendConfig,
                            VLLMPromptBackendConfig)
 from clsjob.labels import LabelSet
 
@@ -54,7 +53,7 @@ class BackEnd:
     dependencies (torch, vLLM) load only when it is used."""
     config: type[BackendSection]
     check: str  # "module:function"(backend, configured labels, storage) -> output LabelSet
-    actor: str  # "module:Class"(backend, labels, text_column, use_gpu, **driver_kwargs)
+    actor: str  # "module:Class"(backend, labels, text_column, use_gpu, storage, **driver_kwargs)
     # "module:function"(backend, labels, storage) -> extra actor kwargs, read once on the driver
     driver_kwargs: str | None = None
 
@@ -86,7 +85,7 @@ def actor_class(backend: BackendSection) -> type:
 def actor_kwargs(cfg, labels: LabelSet) -> dict:
     """Constructor arguments of the back end's actor (cfg: a ClassifyConfig)."""
     kwargs = {"backend": cfg.backend, "labels": labels, "text_column": cfg.input.text_column,
-              "use_gpu": cfg.resources.gpus_per_actor > 0}
+              "use_gpu": cfg.resources.gpus_per_actor > 0, "storage": cfg.storage}
     extra = REGISTRY[cfg.backend.kind].driver_kwargs
     if extra:
         kwargs.update(resolve(extra)(cfg.backend, labels, cfg.storage))
@@ -99,16 +98,28 @@ def check_model_and_labels(backend: BackendSection, configured: LabelSet | None,
     return resolve(REGISTRY[backend.kind].check)(backend, configured, storage)
 
 
-def check_model_files(backend: BackendSection) -> dict:
-    """The model folder is complete, with safetensors weights; returns its config.json."""
-    folder = Path(backend.model)
-    if not folder.is_dir():
-        raise ModelError(f"backend.model: no model folder at {folder}")
-    missing = [f for f in ("config.json",) if not (folder / f).exists()]
-    if not any(folder.glob("*.safetensors")):
+def check_model_files(backend: BackendSection, storage: StorageConfig) -> dict:
+    """The model folder (local or s3://) is complete, with safetensors weights; returns its
+    config.json. Reads no weights: the driver may be on a node that never loads the model."""
+    try:
+        config, names = model_cache.model_config(backend.model, storage)
+    except FileNotFoundError as exc:
+        raise ModelError(str(exc)) from None
+    top = set(names)
+    missing = [f for f in ("config.json",) if f not in top]
+    if not any(name.endswith(".safetensors") for name in top):
         missing.append("*.safetensors (only safetensors weights are loaded)")
-    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+    if not top & {"tokenizer.json", "tokenizer_config.json"}:
         missing.append("tokenizer.json")
     if missing:
-        raise ModelError(f"backend.model: {folder} is incomplete, missing {missing}")
-    return json.loads((folder / "config.json").read_text())
+        raise ModelError(f"backend.model: {backend.model} is incomplete, missing {missing}")
+    return config
+
+
+def local_backend(backend: BackendSection, storage: StorageConfig | None) -> BackendSection:
+    """The back end's settings with `model` a folder on this node: an actor's first step.
+    An s3:// model is fetched once per node into storage.model_cache (model_cache.py)."""
+    if not model_cache.is_remote(backend.model):
+        return backend
+    local = model_cache.local_model(backend.model, storage or StorageConfig())
+    return backend.model_copy(update={"model": local})

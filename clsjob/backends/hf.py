@@ -3,18 +3,18 @@ transformers. Decoder classifiers pool on the last non-pad token, so the pad tok
 known and padding must be on the right."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
-from clsjob.backends import ModelError, check_model_files, require_cuda
-from clsjob.backends.rows import attach_probabilities, rows_to_classify
+from clsjob.backends import ModelError, check_model_files, local_backend, require_cuda
+from clsjob.backends.rows import attach_probabilities, rows_to_classify, stamp_dtype
 from clsjob.config import BackendSection, HFBackendConfig, StorageConfig
 from clsjob.labels import LabelSet, resolve_model_labels
+from clsjob.precision import resolve_dtype
 
 
 # Attention kernels for inference on a GPU: all of SDPA's but cuDNN's. torch 2.11 tries cuDNN's
@@ -29,28 +29,22 @@ def check_model_folder(backend: BackendSection, configured: LabelSet | None,
     """Cheap checks on the driver (config.json only): the folder is complete and its labels
     match the config. Returns the output label order. Also vllm_pool's check: it serves the
     same folder."""
-    folder = Path(backend.model)
-    architectures = check_model_files(backend).get("architectures") or []
+    config = check_model_files(backend, storage or StorageConfig())
+    architectures = config.get("architectures") or []
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise ModelError(f"backend.model: {folder} is {architectures}, not a merged "
+        raise ModelError(f"backend.model: {backend.model} is {architectures}, not a merged "
                          f"*ForSequenceClassification model (run `clsjob merge` first?)")
-    model_config = AutoConfig.from_pretrained(folder, trust_remote_code=backend.trust_remote_code)
-    labels, _ = resolve_model_labels(configured, LabelSet.from_id2label(model_config.id2label))
+    # PretrainedConfig reads id2label (or num_labels) as every model class does.
+    model_labels = LabelSet.from_id2label(PretrainedConfig.from_dict(config).id2label)
+    labels, _ = resolve_model_labels(configured, model_labels)
     return labels
 
 
-def inference_dtype(device: str) -> torch.dtype:
-    # bf16 halves memory and doubles tensor-core throughput on GPUs; CPUs lack fast bf16
-    # kernels for these ops, so they stay in fp32.
-    return torch.bfloat16 if device.startswith("cuda") else torch.float32
-
-
-def load_classifier(backend: BackendSection, device: str):
-    """Model and tokenizer ready for batched inference on `device`."""
-    dtype = inference_dtype(device)
+def load_classifier(backend: BackendSection, device: str, dtype: str = "float32"):
+    """Model and tokenizer ready for batched inference on `device`, in `dtype`."""
     tokenizer = AutoTokenizer.from_pretrained(backend.model, trust_remote_code=backend.trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(
-        backend.model, dtype=dtype, use_safetensors=True,
+        backend.model, dtype=getattr(torch, dtype), use_safetensors=True,
         trust_remote_code=backend.trust_remote_code)
     vocab = model.get_input_embeddings().num_embeddings
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id >= vocab:
@@ -127,11 +121,14 @@ def queued_probs(model, tokenizer, encoded: list[list[int]], batches: list[list[
 class HFClassifier:
     """Ray Data actor: loads the model once, labels one prepared chunk per call."""
 
-    def __init__(self, backend: HFBackendConfig, labels: LabelSet, text_column: str, use_gpu: bool):
-        self.backend, self.text_column = backend, text_column
+    def __init__(self, backend: HFBackendConfig, labels: LabelSet, text_column: str, use_gpu: bool,
+                 storage: StorageConfig | None = None):
         require_cuda(use_gpu)
+        self.backend = backend = local_backend(backend, storage)
+        self.text_column = text_column
         self.device = "cuda" if use_gpu else "cpu"
-        self.model, self.tokenizer = load_classifier(backend, self.device)
+        self.dtype = resolve_dtype(backend.dtype, self.device)
+        self.model, self.tokenizer = load_classifier(backend, self.device, self.dtype)
         model_labels = LabelSet.from_id2label(self.model.config.id2label)
         self.labels, self.columns = resolve_model_labels(labels, model_labels)
 
@@ -143,4 +140,5 @@ class HFClassifier:
         probs = predict_probs(self.model, self.tokenizer, todo_texts, self.backend.max_length,
                               self.backend.micro_batch_size, self.device, encoded)
         # Reorder the model's label columns into the config's label order.
-        return attach_probabilities(table, todo, probs[:, self.columns], self.labels, truncated)
+        out = attach_probabilities(table, todo, probs[:, self.columns], self.labels, truncated)
+        return stamp_dtype(out, self.dtype)

@@ -6,7 +6,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-from clsjob.contract import RESULT_FIELDS
+from clsjob.contract import DTYPE, RESULT_FIELDS
 from clsjob.labels import LabelSet
 
 
@@ -57,3 +57,9 @@ def attach_results(table: pa.Table, todo: Sequence[int], labels: LabelSet,
     for name, values in results.items():
         out = out.append_column(name, pa.array(values, RESULT_FIELDS[name]))
     return out
+
+
+def stamp_dtype(table: pa.Table, dtype: str) -> pa.Table:
+    """Record what the model ran in beside the chunk's rows; the writer moves it to the part's
+    entry in the manifest (on a cluster of mixed CPUs, parts may differ)."""
+    return table.append_column(DTYPE, pa.array([dtype] * table.num_rows, pa.string()))

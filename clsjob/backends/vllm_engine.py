@@ -72,6 +72,11 @@ def engine_args(backend: VLLMPoolBackendConfig | VLLMPromptBackendConfig, use_gp
     return args
 
 
+def engine_dtype(llm) -> str:
+    """What the engine's model runs in, as the manifest records it ("bfloat16")."""
+    return str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
+
+
 def engine_died(exc: BaseException) -> bool:
     """Whether `exc` (or what caused it) says the engine itself is gone, not that a prompt was
     refused."""

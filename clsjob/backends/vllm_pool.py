@@ -6,22 +6,26 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from clsjob.backends import local_backend
 from clsjob.backends.hf import encode_truncating
-from clsjob.backends.rows import attach_probabilities, rows_to_classify
+from clsjob.backends.rows import attach_probabilities, rows_to_classify, stamp_dtype
 from clsjob.backends import vllm_engine
-from clsjob.backends.vllm_engine import engine_args, engine_died, exit_with_engine, prepare_env
-from clsjob.config import VLLMPoolBackendConfig
+from clsjob.backends.vllm_engine import (engine_args, engine_died, engine_dtype, exit_with_engine,
+                                         prepare_env)
+from clsjob.config import StorageConfig, VLLMPoolBackendConfig
 from clsjob.labels import LabelSet, resolve_model_labels
 
 
 class VLLMPoolClassifier:
     """Ray Data actor: one pooling engine; labels one prepared chunk per call."""
 
-    def __init__(self, backend: VLLMPoolBackendConfig, labels: LabelSet, text_column: str, use_gpu: bool):
+    def __init__(self, backend: VLLMPoolBackendConfig, labels: LabelSet, text_column: str, use_gpu: bool,
+                 storage: StorageConfig | None = None):
         prepare_env(use_gpu)
-        self.backend, self.text_column = backend, text_column
+        self.backend = backend = local_backend(backend, storage)
+        self.text_column = text_column
         self.llm = vllm_engine.start_watched_engine(engine_args(backend, use_gpu, "pooling"))
-        self.tokenizer = self.llm.get_tokenizer()
+        self.tokenizer, self.dtype = self.llm.get_tokenizer(), engine_dtype(self.llm)
         model_labels = LabelSet.from_id2label(self.llm.llm_engine.model_config.hf_config.id2label)
         self.labels, self.columns = resolve_model_labels(labels, model_labels)
 
@@ -42,4 +46,5 @@ class VLLMPoolClassifier:
             raise
         probs = np.array([o.outputs.probs for o in outputs], dtype=np.float32).reshape(
             len(encoded), -1)
-        return attach_probabilities(table, todo, probs[:, self.columns], self.labels, truncated)
+        out = attach_probabilities(table, todo, probs[:, self.columns], self.labels, truncated)
+        return stamp_dtype(out, self.dtype)

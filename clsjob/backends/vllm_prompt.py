@@ -22,10 +22,11 @@ import pyarrow as pa
 from pydantic import ConfigDict, Field, create_model
 
 from clsjob import store
-from clsjob.backends import ModelError, check_model_files
-from clsjob.backends.rows import attach_results, rows_to_classify
+from clsjob.backends import ModelError, check_model_files, local_backend
+from clsjob.backends.rows import attach_results, rows_to_classify, stamp_dtype
 from clsjob.backends import vllm_engine
-from clsjob.backends.vllm_engine import engine_args, engine_died, exit_with_engine, prepare_env
+from clsjob.backends.vllm_engine import (engine_args, engine_died, engine_dtype, exit_with_engine,
+                                         prepare_env)
 from clsjob.config import Example, PromptConfig, StorageConfig, VLLMPromptBackendConfig
 from clsjob.labels import LabelError, LabelSet
 from clsjob.prompts import encode_rows, pick_examples, render_template, tokenize_template
@@ -33,7 +34,7 @@ from clsjob.prompts import encode_rows, pick_examples, render_template, tokenize
 
 def check_prompted_model(backend: VLLMPromptBackendConfig, labels: LabelSet,
                          storage: StorageConfig) -> LabelSet:
-    architectures = check_model_files(backend).get("architectures") or []
+    architectures = check_model_files(backend, storage).get("architectures") or []
     if not any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in architectures):
         raise ModelError(f"backend.model: {backend.model} is {architectures}, not a generative "
                          f"(*ForCausalLM) model; a merged classifier runs under hf or vllm_pool")
@@ -236,12 +237,14 @@ class VLLMPromptClassifier:
     """Ray Data actor: one vLLM engine; labels one prepared chunk per call."""
 
     def __init__(self, backend: VLLMPromptBackendConfig, labels: LabelSet, text_column: str,
-                 use_gpu: bool, examples: list[Example]):
+                 use_gpu: bool, examples: list[Example], storage: StorageConfig | None = None):
         prepare_env(use_gpu)
+        backend = local_backend(backend, storage)
         self.labels, self.text_column, prompt = labels, text_column, backend.prompt
         self.llm = vllm_engine.start_watched_engine(
             engine_args(backend, use_gpu, "generate", seed=prompt.seed))
         tok = self.tokenizer = self.llm.get_tokenizer()
+        self.dtype = engine_dtype(self.llm)
         chat = prompt.chat_template == "on" or (
             prompt.chat_template == "auto" and getattr(tok, "chat_template", None))
         apply_chat = (lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
@@ -262,8 +265,9 @@ class VLLMPromptClassifier:
         ids, truncated = encode_rows(self.tokenizer, [texts[i] for i in todo], self.budget)
         requests, params = self.mode.requests([self.template.build(row) for row in ids])
         answers = self.mode.read(self._run(requests, params), len(ids))
-        return attach_results(table, todo, self.labels, answers.labels, truncated,
-                              probs=answers.probs, errors=answers.errors, reasoning=answers.reasoning)
+        out = attach_results(table, todo, self.labels, answers.labels, truncated,
+                             probs=answers.probs, errors=answers.errors, reasoning=answers.reasoning)
+        return stamp_dtype(out, self.dtype)
 
     def _run(self, prompts: list[list[int]], params) -> list:
         """vLLM outputs in order; a prompt vLLM refuses becomes an Exception in its place

@@ -10,6 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
+from clsjob import model_cache, store
 from clsjob.config import MergeConfig
 from clsjob.finetune.model import load_base_classifier, load_tokenizer
 from clsjob.finetune.summary import SUMMARY
@@ -18,10 +19,13 @@ from clsjob.labels import LabelSet
 log = logging.getLogger("clsjob")
 
 
-def merge(cfg: MergeConfig) -> Path:
-    adapter = Path(cfg.adapter)
-    if not (adapter / SUMMARY).exists():
-        raise FileNotFoundError(f"adapter: {adapter} has no {SUMMARY}; is it a `clsjob finetune` output?")
+def merge(cfg: MergeConfig) -> str:
+    """Merge and write the model folder to `cfg.output` (local or s3://); returns its path.
+    An s3:// adapter or base model is fetched into this node's model cache first."""
+    summary_url = store.join(cfg.adapter, SUMMARY)
+    if not store.exists(summary_url, cfg.storage):
+        raise FileNotFoundError(f"adapter: {cfg.adapter} has no {SUMMARY}; is it a `clsjob finetune` output?")
+    adapter = Path(model_cache.local_model(cfg.adapter, cfg.storage, key="adapter"))
     info = json.loads((adapter / SUMMARY).read_text())
     labels = LabelSet(tuple(info["labels"]))
     # The base loads in full precision of `dtype`, never 4-bit: merging into quantised
@@ -29,16 +33,20 @@ def merge(cfg: MergeConfig) -> Path:
     dtype = getattr(torch, cfg.dtype)
     tokenizer = load_tokenizer(str(adapter))
     if info["method"] == "lora":
-        base = load_base_classifier(info["base_model"], labels, tokenizer, dtype=dtype)
+        base_folder = model_cache.local_model(info["base_model"], cfg.storage,
+                                              key=f"base_model (in {summary_url})")
+        base = load_base_classifier(base_folder, labels, tokenizer, dtype=dtype)
         model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     else:
         model = AutoModelForSequenceClassification.from_pretrained(adapter, dtype=dtype,
                                                                    use_safetensors=True)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.id2label, model.config.label2id = labels.id2label(), labels.label2id()
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, max_shard_size=cfg.max_shard_size)
-    tokenizer.save_pretrained(out)
-    log.info("merge: %s (+ %s) -> %s", info["base_model"], adapter, out)
-    return out
+
+    def write(out: Path) -> None:
+        model.save_pretrained(out, max_shard_size=cfg.max_shard_size)
+        tokenizer.save_pretrained(out)
+
+    model_cache.publish_folder(write, cfg.output, cfg.storage)
+    log.info("merge: %s (+ %s) -> %s", info["base_model"], cfg.adapter, cfg.output)
+    return cfg.output

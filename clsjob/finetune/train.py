@@ -19,6 +19,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 from ray.train.torch import TorchTrainer
 
+from clsjob import model_cache, store
 from clsjob.config import FinetuneConfig, config_hash
 from clsjob.finetune.data import encode, read_labelled, settle_labels
 from clsjob.finetune.model import build_trainable, load_tokenizer
@@ -28,6 +29,8 @@ from clsjob.labels import LabelSet
 from clsjob.placement import check_placement, ensure_ray, training_demand
 
 log = logging.getLogger("clsjob")
+# Settings that do not change what is trained: the run name (and so its checkpoints) ignores them.
+NOT_TRAINING = {"cluster": True, "storage": {"model_cache"}}
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
@@ -36,10 +39,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     Checkpoints go to `output.storage_path` under a run name fixed by the config: a worker
     that dies restarts from the last one (up to `training.max_failures` times), and running
     the same job again after the driver or cluster was lost resumes from it too."""
-    summary_path = Path(cfg.output.path) / SUMMARY
-    if summary_path.exists():
+    summary_url = store.join(cfg.output.path, SUMMARY)
+    if store.exists(summary_url, cfg.storage):
         log.info("finetune: %s already holds the finished model; nothing to do", cfg.output.path)
-        return json.loads(summary_path.read_text())
+        return store.read_json(summary_url, cfg.storage)
     demand = training_demand(cfg.training)
     ensure_ray(demand)
     # Ray Train copies every print of a worker to both its stdout and its log, and the driver
@@ -53,7 +56,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         scaling_config=ScalingConfig(num_workers=cfg.training.workers, use_gpu=cfg.training.use_gpu,
                                      resources_per_worker={"CPU": cfg.training.cpus_per_worker}),
         # Named by what is trained, not by how the cluster behaves: a rerun finds its checkpoints.
-        run_config=RunConfig(name=f"finetune-{config_hash(cfg, exclude={'cluster'})}",
+        run_config=RunConfig(name=f"finetune-{config_hash(cfg, exclude=NOT_TRAINING)}",
                              storage_path=storage_path,
                              storage_filesystem=storage_fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -64,13 +67,22 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         final = Path(folder) / "final"
         if not final.is_dir():
             raise RuntimeError(f"training ended without a final model in {result.checkpoint.path}")
-        shutil.copytree(final, cfg.output.path, dirs_exist_ok=True)
-    return json.loads((Path(cfg.output.path) / SUMMARY).read_text())
+        # The summary goes last: its presence is what says the folder is finished.
+        model_cache.publish_folder(lambda out: copy_model(final, out, but=SUMMARY),
+                                   cfg.output.path, cfg.storage)
+        store.write_text((final / SUMMARY).read_text(), summary_url, cfg.storage)
+    return store.read_json(summary_url, cfg.storage)
+
+
+def copy_model(source: Path, target: Path, but: str) -> None:
+    shutil.copytree(source, target, dirs_exist_ok=True, ignore=lambda _, names: [but] if but in names else [])
 
 
 def checkpoint_storage(cfg: FinetuneConfig):
     """Ray Train's storage path and filesystem: local, or S3 through the job's endpoint."""
-    path = cfg.output.storage_path or str(Path(cfg.output.path).absolute() / "ray")
+    path = cfg.output.storage_path or (store.join(cfg.output.path, "ray")
+                                       if model_cache.is_remote(cfg.output.path)
+                                       else str(Path(cfg.output.path).absolute() / "ray"))
     if not path.startswith("s3://"):
         return path, None
     import pyarrow.fs
@@ -117,9 +129,10 @@ def train_in(cfg: FinetuneConfig, work: Path) -> None:
         ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(resume_from)
                          if ray.train.get_context().get_world_rank() == 0 else None)
         return
-    data = load_examples(cfg)
+    base = model_cache.local_model(cfg.base_model, cfg.storage, key="base_model")
+    data = load_examples(cfg, base)
     device = str(ray.train.torch.get_device())
-    model = build_trainable(cfg.base_model, data.labels, cfg.training, data.tokenizer, device)
+    model = build_trainable(base, data.labels, cfg.training, data.tokenizer, device)
     trainer, weights = build_trainer(cfg, model, data.tokenizer, data.labels, data.train_rows,
                                      data.eval_rows, str(work / "hf"), [RayTrainReportCallback()])
     trainer = prepare_trainer(trainer)
@@ -142,9 +155,10 @@ class Examples:
     eval_rows: list[dict]
 
 
-def load_examples(cfg: FinetuneConfig) -> Examples:
-    """Tokenised training and eval rows and the label set they settle."""
-    tokenizer = load_tokenizer(cfg.base_model)
+def load_examples(cfg: FinetuneConfig, base: str) -> Examples:
+    """Tokenised training and eval rows and the label set they settle (`base`: the base
+    model's local folder)."""
+    tokenizer = load_tokenizer(base)
     texts, golds = read_labelled(cfg.train, cfg.storage)
     labels = settle_labels(cfg.labels, golds)
     train_rows = encode(tokenizer, texts, golds, labels, cfg.training.max_length)

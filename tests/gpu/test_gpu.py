@@ -8,6 +8,7 @@ Skipped without CUDA; nothing here imports Ray, so it runs on a bare GPU machine
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -85,8 +86,8 @@ def test_qlora_step_on_cuda_then_merged_and_served(tmp_path):
     tokenizer.save_pretrained(adapter)
     (adapter / SUMMARY).write_text(json.dumps({"base_model": str(base), "method": "lora",
                                                "quantization": "nf4", "labels": list(LABELS)}))
-    merged = merge(validate({"adapter": str(adapter), "output": str(tmp_path / "merged")},
-                            model=MergeConfig))
+    merged = Path(merge(validate({"adapter": str(adapter), "output": str(tmp_path / "merged")},
+                                 model=MergeConfig)))
     served = HFClassifier(HFBackendConfig(model=str(merged), max_length=32), None, "text", use_gpu=True)
     rows = chunk(16)
     out = served(rows)

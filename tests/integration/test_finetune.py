@@ -1,5 +1,6 @@
 """Fine-tune a tiny Qwen2 with LoRA through Ray Train, merge it, and serve it with `hf`."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -60,8 +61,8 @@ def test_finetune_writes_adapter_head_and_summary(trained):
 
 def test_merged_folder_reproduces_the_adapter_model(trained, tmp_path):
     root, base, _ = trained
-    out = merge(validate({"adapter": str(root / "adapter"), "output": str(tmp_path / "merged"),
-                          "dtype": "float32"}, model=MergeConfig))
+    out = Path(merge(validate({"adapter": str(root / "adapter"), "output": str(tmp_path / "merged"),
+                               "dtype": "float32"}, model=MergeConfig)))
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForSequenceClassification"]
     assert config["id2label"] == {"0": "access", "1": "billing", "2": "delivery"}

@@ -2,7 +2,9 @@
 rows, manifest, metrics and report as a run of the code before the restructuring (commit
 2b296a9), kept in tests/golden/classify-hf.json. Timestamps, run ids, rates and anything that
 names a temporary path are left out; floats compare within 1e-5 (CPUs' kernels differ in the
-last bits). To write the golden file with some other version of clsjob on the path:
+last bits), so the model runs in float32 on every CPU. Since then the manifest has gained the
+dtype each part ran in (`dtypes`, and `dtype` per part), added to the file by hand. To write
+the golden file with some other version of clsjob on the path:
 
     PYTHONPATH=<that checkout>:tests python tests/integration/test_golden_output.py OUT.json
 """
@@ -46,7 +48,7 @@ def golden_corpus(folder: Path) -> Path:
 
 def golden_config(model, inp: Path, out: Path) -> ClassifyConfig:
     return validate({"input": {"path": str(inp), "label_column": "label", "carry_columns": ["lang"]},
-                     "backend": {"model": str(model), "max_length": 128},
+                     "backend": {"model": str(model), "max_length": 128, "dtype": "float32"},
                      "output": {"path": str(out), "rows_per_part": 16}},
                     model=ClassifyConfig)
 

@@ -5,6 +5,7 @@ tiny BERT (bare body, like all-MiniLM), RoBERTa (masked-LM checkpoint), Qwen2 an
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,8 +59,8 @@ def test_qlora_defaults_train_merge_and_serve(family, data, ray_cluster, tmp_pat
     losses = [e["eval_loss"] for e in summary["epochs"]]
     assert len(losses) == 3 and losses[-1] < losses[0], losses
 
-    merged = merge(load_config(REPO / "configs" / "merge.yaml", [
-        f"adapter={tmp_path / 'adapter'}", f"output={tmp_path / 'merged'}"], model=MergeConfig))
+    merged = Path(merge(load_config(REPO / "configs" / "merge.yaml", [
+        f"adapter={tmp_path / 'adapter'}", f"output={tmp_path / 'merged'}"], model=MergeConfig)))
     config = json.loads((merged / "config.json").read_text())
     assert config["architectures"][0].endswith("ForSequenceClassification")
     assert config["id2label"] == {"0": "access", "1": "billing", "2": "delivery"}
@@ -74,9 +75,9 @@ def test_qlora_defaults_train_merge_and_serve(family, data, ray_cluster, tmp_pat
     # The served model is the trained one: the adapter on its full-precision base gives the
     # same probabilities as the folder merged in fp32 (bf16 above rounds the weights). Not
     # accuracy: a few steps at the shipped rate leave a tiny model near ties.
-    exact = merge(load_config(REPO / "configs" / "merge.yaml", [
+    exact = Path(merge(load_config(REPO / "configs" / "merge.yaml", [
         f"adapter={tmp_path / 'adapter'}", f"output={tmp_path / 'merged32'}", "dtype=float32"],
-        model=MergeConfig))
+        model=MergeConfig)))
     labels = LabelSet(("access", "billing", "delivery"))
     adapter = PeftModel.from_pretrained(load_base_classifier(str(base), labels, tokenizer),
                                         tmp_path / "adapter").eval()

@@ -11,6 +11,7 @@ from clsjob.config import ClassifyConfig, StorageConfig, validate
 from clsjob.store import InputError
 from clsjob.labels import LabelError
 from clsjob.pipeline import run_classify
+from clsjob.precision import resolve_dtype
 from clsjob.report import evaluate_output
 from helpers import LABELS, sample_texts, write_shards
 
@@ -88,6 +89,9 @@ def test_every_row_comes_out_once_with_the_output_contract(model_fixture, reques
     assert manifest["rows_truncated"] == 3 and manifest["rows_cleaned"] == 6
     assert manifest["labels"] == LABELS and len(manifest["shards"]) == 3
     assert sum(p["rows"] for p in manifest["parts"]) == rows_in
+    # backend.dtype is auto: what this CPU multiplies natively, recorded for every part.
+    assert manifest["dtypes"] == [resolve_dtype("auto", "cpu")]
+    assert {p["dtype"] for p in manifest["parts"]} == {resolve_dtype("auto", "cpu")}
 
     metrics = json.loads((out / "_metrics.json").read_text())
     assert metrics["rows"] == rows_in and metrics["rows_errored"] == 9

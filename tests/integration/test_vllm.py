@@ -159,7 +159,8 @@ def test_vllm_pool_matches_hf(model_fixture, request):
     model = request.getfixturevalue(model_fixture)
     texts = sample_texts(25, seed=9) + ["the parcel never arrived " * 60]
     common = {"input": {"path": "unused"}, "output": {"path": "unused"}}
-    hf = actor_for(validate({**common, "backend": {"model": str(model), "max_length": 64}},
+    hf = actor_for(validate({**common, "backend": {"model": str(model), "max_length": 64,
+                                                   "dtype": "float32"}},  # as vLLM on CPU
                             model=ClassifyConfig))
     pool = actor_for(validate({**common, "backend": {"kind": "vllm_pool", "model": str(model),
                                                      "max_length": 64,

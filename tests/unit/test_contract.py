@@ -6,11 +6,11 @@ import numpy as np
 import pyarrow as pa
 
 from clsjob.config import ClassifyConfig, validate
-from clsjob.contract import (CLEANED, GOLD, PART, PART_ROWS, RESULT_FIELDS, SHARD, PartRecord,
+from clsjob.contract import (CLEANED, DTYPE, GOLD, PART, PART_ROWS, RESULT_FIELDS, SHARD, PartRecord,
                              output_columns, output_table)
 from clsjob.labels import LabelSet
 from clsjob.prepare import prepare_chunk
-from clsjob.backends.rows import attach_probabilities, attach_results
+from clsjob.backends.rows import attach_probabilities, attach_results, stamp_dtype
 
 LABELS = LabelSet(("neg", "pos"))
 
@@ -49,10 +49,12 @@ def test_part_record_counts_the_part_and_survives_the_trip_to_the_driver():
     prepared = chunk(["good", "bad", None, "fine"])
     probs = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]], dtype=np.float32)
     labelled = attach_probabilities(prepared, [0, 1, 3], probs, LABELS, [False, True, False])
+    labelled = stamp_dtype(labelled, "bfloat16")
     written = output_table(labelled, config())
+    assert DTYPE not in written.column_names
     record = PartRecord.of(written, labelled, LABELS)
     assert record.entry() == {"part": "s-0000000000.parquet", "rows": 4, "errored": 1,
-                              "truncated": 1, "cleaned": 0}
+                              "truncated": 1, "cleaned": 0, "dtype": "bfloat16"}
     assert (record.shard, record.counts.rows, record.counts.errored) == ("s.parquet", 4, 1)
     # gold is "pos" everywhere: rows 0 and 3 right, row 1 wrong
     assert record.counts.confusion.tolist() == [[0, 0], [1, 2]]

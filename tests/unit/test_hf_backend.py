@@ -10,18 +10,42 @@ import torch
 
 from clsjob.backends import GPUMissing, ModelError
 from clsjob.backends.hf import (HFClassifier, check_model_folder, encode_truncating,
-                                inference_dtype, length_sorted_batches, load_classifier,
-                                predict_probs, queued_probs)
+                                length_sorted_batches, load_classifier, predict_probs, queued_probs)
 from clsjob.config import HFBackendConfig, InputConfig
+from clsjob.contract import DTYPE
 from clsjob.labels import LabelError, LabelSet
+from clsjob.precision import cpu_flags, resolve_dtype
 from clsjob.prepare import prepare_chunk
 from helpers import LABELS, sample_texts
 from tiny_models import build_qwen2_classifier
 
 
-def test_bf16_on_cuda_fp32_on_cpu():
-    assert inference_dtype("cuda") == inference_dtype("cuda:1") == torch.bfloat16
-    assert inference_dtype("cpu") == torch.float32
+def test_auto_dtype_on_cpu_is_bf16_only_where_the_cpu_multiplies_it_natively(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "sse2", "avx2", "avx512f", "avx512_vnni"}
+    assert cpu_flags(tmp_path / "absent") == set()
+    assert resolve_dtype("auto", "cpu", cpu_flags(cpuinfo)) == "float32"
+    assert resolve_dtype("auto", "cpu", {"avx512f", "avx512_bf16"}) == "bfloat16"
+    assert resolve_dtype("auto", "cpu", {"amx_tile", "amx_bf16"}) == "bfloat16"
+    # An explicit backend.dtype is taken as given, whatever the hardware.
+    assert resolve_dtype("float32", "cpu", {"amx_bf16"}) == "float32"
+    assert resolve_dtype("bfloat16", "cpu", set()) == "bfloat16"
+
+
+def test_actor_runs_in_the_dtype_it_resolves_and_stamps_it_on_the_chunk(qwen_model):
+    chunk = prepare_chunk(pa.table({"text": sample_texts(6, seed=2)}), "s.parquet", 0,
+                          InputConfig(path="unused"))
+    probs = {}
+    for dtype in ("float32", "bfloat16"):
+        backend = HFBackendConfig(model=str(qwen_model), max_length=64, dtype=dtype)
+        actor = HFClassifier(backend, None, "text", use_gpu=False)
+        assert actor.model.dtype == getattr(torch, dtype)
+        out = actor(chunk)
+        assert out.column(DTYPE).to_pylist() == [dtype] * 6
+        probs[dtype] = np.array(out.column("probs").to_pylist())
+    # bf16 keeps 8 bits of mantissa: probabilities move in the second or third decimal.
+    assert 0 < np.abs(probs["bfloat16"] - probs["float32"]).max() < 0.02
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -30,7 +54,8 @@ def test_actor_given_a_gpu_it_cannot_find_fails_naming_the_node(qwen_model):
     with pytest.raises(GPUMissing, match=rf"node {socket.gethostname()} .*finds no CUDA device"):
         HFClassifier(HFBackendConfig(model=str(qwen_model)), None, "text", use_gpu=True)
     actor = HFClassifier(HFBackendConfig(model=str(qwen_model)), None, "text", use_gpu=False)
-    assert actor.device == "cpu" and next(actor.model.parameters()).dtype == torch.float32
+    assert actor.device == "cpu"
+    assert next(actor.model.parameters()).dtype == getattr(torch, resolve_dtype("auto", "cpu"))
 
 
 def test_length_sorted_batches_cover_all_rows_once():
