@@ -1,4 +1,5 @@
-"""Benchmark: clsjob's merged-classifier back ends against plain transformers, on CPU.
+"""Benchmark: clsjob's merged-classifier back ends against plain transformers and against
+Ray Data LLM's classify processor, on CPU.
 
 Run from the repository root (not part of the test suite):
 
@@ -11,8 +12,15 @@ Every variant labels the same rows; each is timed `--repeats` times and the medi
 
   naive     transformers.pipeline("text-classification") over the list, batch 32: what users write
   floor     pre-tokenised, pre-padded, length-sorted batches of 32 through the model; nothing else
-  clsjob-hf         run_classify end to end (Parquet in, Parquet out), backend hf, 1 actor
+  clsjob-hf         run_classify end to end (Parquet in, Parquet out), backend hf in float32, 1 actor
+  clsjob-hf-auto    the same with backend.dtype auto (bf16 on CPUs with AVX-512 BF16 or AMX)
   clsjob-vllm_pool  the same with backend vllm_pool (skipped, with the error, if vLLM refuses it)
+  peer              ray.data.llm's classify processor on the same shards (bench/classify_peer.py)
+
+All but clsjob-hf-auto compute in float32 on the same number of threads (shown in the report),
+so their labels are the same. The pipeline variants also label the first `--small-fraction` of
+each row set, in the same rounds: the difference between the two runs is the steady-state rate,
+free of what both pay once (processes, imports, model load, engine start).
 """
 from __future__ import annotations
 
@@ -37,6 +45,9 @@ MAX_LENGTH = 512
 BATCH = 32          # naive's batch_size, floor's and clsjob's micro-batch
 CPUS_PER_ACTOR = 2  # all cores of the reference machine; in-process variants get as many threads
 SHARDS = 8
+VARIANTS = ("naive", "floor", "clsjob-hf", "clsjob-hf-auto", "clsjob-vllm_pool", "peer")
+PIPELINES = ("clsjob-hf", "clsjob-hf-auto", "clsjob-vllm_pool", "peer")  # also timed on the small set
+SMALL = "@small"
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,8 +59,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--long-rows", type=int, default=2_000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0, help="draws the long rows' target lengths")
-    p.add_argument("--variants", default="naive,floor,clsjob-hf,clsjob-vllm_pool",
-                   help="comma-separated subset to run")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset to run")
+    p.add_argument("--small-fraction", type=float, default=0.2,
+                   help="share of each row set the steady-state estimate's second run labels")
     p.add_argument("--workdir", default=None, help="model, shards and outputs (default: a temp dir)")
     p.add_argument("--out", default=str(REPO / "bench/results/classify.json"))
     return p.parse_args()
@@ -151,10 +163,10 @@ def floor_variant(folder: Path, texts: list[str]):
     return run
 
 
-def bench_config(kind: str, folder: Path, shards: Path, out: Path):
+def bench_config(kind: str, folder: Path, shards: Path, out: Path, dtype: str = "float32"):
     backend = {"kind": kind, "model": str(folder), "max_length": MAX_LENGTH}
     if kind == "hf":
-        backend["micro_batch_size"] = BATCH
+        backend.update(micro_batch_size=BATCH, dtype=dtype)
     if kind == "vllm_pool":
         # An encoder keeps no KV cache, so there is no prefix to reuse; with clsjob's default
         # (prefix caching on) vLLM 0.32 refuses the BERT folder at start-up: "AssertionError:
@@ -164,14 +176,19 @@ def bench_config(kind: str, folder: Path, shards: Path, out: Path):
                            cpus_per_actor=CPUS_PER_ACTOR, source=f"bench {kind}")
 
 
-def clsjob_variant(kind: str, folder: Path, shards: Path, outputs: Path, n_rows: int):
+def clsjob_variant(kind: str, folder: Path, shards: Path, outputs: Path, n_rows: int,
+                   dtype: str = "float32", keep_probs: dict | None = None):
     from clsjob.pipeline import run_classify
 
     def run():
         # A fresh folder per repeat: nothing to resume, every row labelled again.
         out = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=outputs))
-        summary = run_classify(bench_config(kind, folder, shards, out))
+        summary = run_classify(bench_config(kind, folder, shards, out, dtype))
         assert summary.rows_out == n_rows and summary.rows_errored == 0, summary
+        if keep_probs is not None and not keep_probs:  # the first run's, for the label check
+            table = pa.concat_tables(pq.read_table(p, columns=["id", "probs"])
+                                     for p in sorted(out.glob("*.parquet")))
+            keep_probs.update(zip(table.column("id").to_pylist(), table.column("probs").to_pylist()))
         shutil.rmtree(out, ignore_errors=True)
         return {}
     return run
@@ -243,33 +260,50 @@ def time_round_robin(runs: dict, repeats: int) -> list[dict]:
     return results
 
 
-def summarise(results: list[dict], rows: dict, tokens: dict) -> list[dict]:
-    """Throughputs and ratios per (row set, variant); ratios are throughput over throughput."""
+def summarise(results: list[dict], sizes: dict) -> list[dict]:
+    """Throughputs and ratios per (row set, variant), end to end and, for the pipelines, in
+    steady state; ratios are throughput over throughput. `sizes`: (set, variant) -> (rows, tokens)."""
     median = {(r["set"], r["variant"]): r["median_s"] for r in results}
     table = []
     for r in results:
+        if r["variant"].endswith(SMALL):
+            continue
         key, s = (r["set"], r["variant"]), r["median_s"]
-        line = {**r, "rows": rows[r["set"]], "tokens": tokens[r["set"]],
-                "rows_per_s": rows[r["set"]] / s, "tokens_per_s": tokens[r["set"]] / s}
-        for ref in ("naive", "floor"):
+        rows, tokens = sizes[key]
+        line = {**r, "rows": rows, "tokens": tokens, "rows_per_s": rows / s, "tokens_per_s": tokens / s}
+        for ref in ("naive", "floor", "peer"):
             ref_s = median.get((r["set"], ref))
             line[f"vs_{ref}"] = ref_s / s if ref_s else None
-        checks = [(ref, t) for (rs, v, ref), t in TARGETS["classify"].items() if (rs, v) == key]
-        line["targets"] = {f"vs_{ref}>={t}": (line[f"vs_{ref}"] >= t if line[f"vs_{ref}"] else None)
-                           for ref, t in checks}
+        small_key = (r["set"], r["variant"] + SMALL)
+        if small_key in median:
+            line.update(steady(rows, s, sizes[small_key][0], median[small_key]))
         table.append(line)
+    by_key = {(t["set"], t["variant"]): t for t in table}
+    for t in table:
+        peer = by_key.get((t["set"], "peer"), {})
+        t["steady_vs_peer"] = (t["steady_rows_per_s"] / peer["steady_rows_per_s"]
+                               if t.get("steady_rows_per_s") and peer.get("steady_rows_per_s") else None)
+        checks = [(ref, goal) for (rs, v, ref), goal in TARGETS["classify"].items() if (rs, v) == (t["set"], t["variant"])]
+        t["targets"] = {f"{ref}>={goal}": (t[ref] >= goal if t.get(ref) else None) for ref, goal in checks}
     return table
 
 
+def steady(rows: int, seconds: float, small_rows: int, small_seconds: float) -> dict:
+    """Rows/s of the rows the full run has beyond the small one, and the start-up both pay."""
+    rate = (rows - small_rows) / (seconds - small_seconds) if seconds > small_seconds else None
+    return {"steady_rows_per_s": rate, "small_rows": small_rows, "small_median_s": small_seconds,
+            "startup_s": small_seconds - small_rows / rate if rate else None}
+
+
 def markdown(table: list[dict]) -> str:
-    head = ["row set", "variant", "rows", "median s", "rows/s", "tokens/s", "vs naive",
-            "vs floor", "target", "met?"]
-    fmt = lambda x: None if x is None else f"{x:.2f}"
-    rows = [[r["set"], r["variant"], r["rows"], f"{r['median_s']:.2f}", f"{r['rows_per_s']:.1f}",
-             f"{r['tokens_per_s']:.0f}", fmt(r["vs_naive"]), fmt(r["vs_floor"]),
-             ", ".join(r["targets"]) or None,
-             ", ".join(("yes" if ok else "NO") if ok is not None else "?"
-                       for ok in r["targets"].values()) or None] for r in table]
+    head = ["row set", "variant", "rows", "median s (runs)", "rows/s", "vs naive", "vs floor",
+            "vs peer", "steady rows/s", "start-up s", "steady vs peer", "targets"]
+    fmt = lambda x, spec=".2f": "—" if x is None else format(x, spec)  # noqa: E731
+    rows = [[r["set"], r["variant"], r["rows"], f"{r['median_s']:.1f} ({', '.join(f'{x:.1f}' for x in r['seconds'])})",
+             f"{r['rows_per_s']:.1f}", fmt(r["vs_naive"]), fmt(r["vs_floor"]), fmt(r["vs_peer"]),
+             fmt(r.get("steady_rows_per_s"), ".1f"), fmt(r.get("startup_s"), ".1f"), fmt(r["steady_vs_peer"]),
+             ", ".join(f"{k}: {'yes' if ok else ('NO' if ok is not None else '?')}"
+                       for k, ok in r["targets"].items()) or None] for r in table]
     return markdown_table(head, rows)
 
 
@@ -294,26 +328,56 @@ def run_probes(folder: Path, texts: list[str], wanted: list[str]) -> dict:
     return probes
 
 
-def build_runs(folder: Path, row_sets: dict, workdir: Path, wanted: list[str], probes: dict) -> dict:
-    """(row set, variant) -> a callable labelling that row set once, set up ahead of the clock."""
+def build_runs(folder: Path, row_sets: dict, workdir: Path, wanted: list[str], probes: dict,
+               small_fraction: float, kept: dict) -> dict:
+    """(row set, variant) -> a callable labelling that row set once, set up ahead of the clock.
+    Pipeline variants also get (row set, variant@small) on the set's first rows. `kept`
+    receives the first run's probabilities of clsjob-hf and the peer, by row id."""
+    from classify_peer import peer_variant
+
     outputs = workdir / "out"
     outputs.mkdir(exist_ok=True)
     runs = {}
     for name, texts in row_sets.items():
-        shards = write_shards(pa.table({"text": pa.array(texts, pa.string())}), workdir / "rows" / name, SHARDS)
-        makers = {"naive": lambda: naive_variant(folder, texts),
-                  "floor": lambda: floor_variant(folder, texts),
-                  "clsjob-hf": lambda: clsjob_variant("hf", folder, shards, outputs, len(texts)),
-                  "clsjob-vllm_pool": lambda: clsjob_variant("vllm_pool", folder, shards,
-                                                             outputs, len(texts))}
-        for variant, make in makers.items():
-            if variant not in wanted:
-                continue
-            if variant == "clsjob-vllm_pool" and not probes["vllm_pool"]["ok"]:
-                print(f"skipping {name} {variant}: {probes['vllm_pool']['error']}")
-                continue
-            runs[(name, variant)] = make()
+        small = texts[:max(1, int(len(texts) * small_fraction))]
+        for label, rows in (("", texts), (SMALL, small)):
+            shards = write_shards(pa.table({"text": pa.array(rows, pa.string())}),
+                                  workdir / "rows" / f"{name}{label}", SHARDS)
+            keep = lambda v: kept.setdefault((name, v), {}) if not label else None  # noqa: E731
+            makers = {"naive": lambda: naive_variant(folder, rows),
+                      "floor": lambda: floor_variant(folder, rows),
+                      "clsjob-hf": lambda: clsjob_variant("hf", folder, shards, outputs, len(rows),
+                                                          keep_probs=keep("clsjob-hf")),
+                      "clsjob-hf-auto": lambda: clsjob_variant("hf", folder, shards, outputs,
+                                                               len(rows), dtype="auto"),
+                      "clsjob-vllm_pool": lambda: clsjob_variant("vllm_pool", folder, shards,
+                                                                 outputs, len(rows)),
+                      "peer": lambda: peer_variant(folder, shards, len(rows), CPUS_PER_ACTOR,
+                                                   MAX_LENGTH, 1024, keep("peer"))}
+            for variant, make in makers.items():
+                if variant not in wanted or (label and variant not in PIPELINES):
+                    continue
+                if variant == "clsjob-vllm_pool" and not probes["vllm_pool"]["ok"]:
+                    print(f"skipping {name} {variant}: {probes['vllm_pool']['error']}")
+                    continue
+                runs[(name, variant + label)] = make()
     return runs
+
+
+def label_check(kept: dict) -> dict:
+    """clsjob-hf against the peer, row by row on every row of each set: same label, and the
+    largest probability difference."""
+    out = {}
+    for name in {n for n, _ in kept}:
+        ours, peer = kept.get((name, "clsjob-hf")), kept.get((name, "peer"))
+        if not ours or not peer:
+            continue
+        assert ours.keys() == peer.keys(), "clsjob-hf and the peer labelled different rows"
+        pick = lambda p: max(range(len(p)), key=p.__getitem__)  # noqa: E731
+        same = sum(pick(ours[i]) == pick(peer[i]) for i in ours)
+        out[name] = {"rows": len(ours), "same_label": same / len(ours),
+                     "max_prob_diff": max(abs(a - b) for i in ours for a, b in zip(ours[i], peer[i]))}
+    return out
 
 
 def main() -> None:
@@ -354,18 +418,25 @@ def benchmark(args, env: dict, wanted: list[str], sst2: Path, workdir: Path) -> 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     probes = run_probes(folder, row_sets["long"][:4] + row_sets["short"][:4], wanted)
-    results = time_round_robin(build_runs(folder, row_sets, workdir, wanted, probes), args.repeats)
+    kept: dict = {}
+    runs = build_runs(folder, row_sets, workdir, wanted, probes, args.small_fraction, kept)
+    results = time_round_robin(runs, args.repeats)
     ray.shutdown()
     env["load_avg_at_end"] = os.getloadavg()
 
-    table = summarise(results, {n: len(t) for n, t in row_sets.items()},
-                      {n: sum(ls) for n, ls in lengths.items()})
+    sizes = {}
+    for name, ls in lengths.items():
+        n_small = max(1, int(len(ls) * args.small_fraction))
+        for variant in wanted:
+            sizes[(name, variant)] = (len(ls), sum(ls))
+            sizes[(name, variant + SMALL)] = (n_small, sum(ls[:n_small]))
+    table = summarise(results, sizes)
     report = {"environment": env, "args": vars(args),
               "model": "all-MiniLM-L6-v2 + random 2-label head", "max_length": MAX_LENGTH,
               "batch": BATCH, "cpus_per_actor": CPUS_PER_ACTOR,
               "row_sets": {n: {"rows": len(ls), "tokens": sum(ls), "tokens_min": min(ls),
                                "tokens_max": max(ls)} for n, ls in lengths.items()},
-              "actor_probes": probes, "results": table}
+              "actor_probes": probes, "labels_hf_vs_peer": label_check(kept), "results": table}
     write_report(report, Path(args.out), report_text(report))
     print(f"wrote {args.out}")
 
@@ -379,7 +450,13 @@ def report_text(report: dict) -> str:
                if "torch_threads" in r}
     actors = {k: v.get("torch_threads") for k, v in report["actor_probes"].items()
               if isinstance(v, dict)}
-    lines.append(f"- torch threads: in-process {threads}; in the clsjob actor {actors}")
+    peer = {r["set"]: r["engine_omp_threads"] for r in report["results"] if "engine_omp_threads" in r}
+    lines.append(f"- torch threads: in-process {threads}; in the clsjob actor {actors}; "
+                 f"OMP_NUM_THREADS of the peer's engine process {peer}")
+    for name, check in report["labels_hf_vs_peer"].items():
+        lines.append(f"- {name}: clsjob-hf and the peer gave the same label on "
+                     f"{100 * check['same_label']:.2f}% of {check['rows']} rows; probabilities "
+                     f"differ by at most {check['max_prob_diff']:.2e}")
     lines += [f"- {key}: {value}" for key, value in report["environment"].items()]
     return "\n".join(lines)
 
