@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="recompute _metrics.json and report.md of an output")
     ev.add_argument("--output", required=True, help="output folder of a classify run")
     ev.add_argument("--endpoint-url", help="S3-compatible endpoint, if the output is on one")
+    ev.add_argument("--target-accuracy", type=float,
+                    help="name the lowest confidence threshold whose rows reach this accuracy")
     ref = sub.add_parser("config", help="every setting of a command's config, its default and meaning")
     ref.add_argument("kind", choices=sorted(CONFIGS))
     demo = sub.add_parser("demo", help="corpus -> fine-tune MiniLM -> merge -> classify, locally")
@@ -70,7 +72,8 @@ def run(args: argparse.Namespace) -> dict:
         return {"model": str(merge(cfg))}
     if args.command == "evaluate":
         from clsjob.report import evaluate_output
-        metrics = evaluate_output(args.output, StorageConfig(endpoint_url=args.endpoint_url))
+        metrics = evaluate_output(args.output, StorageConfig(endpoint_url=args.endpoint_url),
+                                  args.target_accuracy)
         return {k: metrics[k] for k in ("rows", "rows_scored", "accuracy", "f1_macro", "f1_weighted")}
     if args.command == "demo":
         from clsjob.demo import run_demo

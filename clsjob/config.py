@@ -204,6 +204,13 @@ BackendConfig = Annotated[Union[BACKEND_CONFIGS], Field(discriminator="kind"),
                           BeforeValidator(_kind_defaults_to_hf)]
 
 
+class EvaluateConfig(Section):
+    target_accuracy: float | None = Field(
+        None, gt=0, le=1, description="With gold labels: the accuracy the rows kept should reach; "
+                                      "the metrics then name the lowest confidence threshold "
+                                      "whose rows reach it, and the share of rows it keeps.")
+
+
 class ClusterConfig(Section):
     autoscaling: bool = Field(
         False, description="The cluster adds nodes on demand (the shipped cluster.yaml, KubeRay "
@@ -267,6 +274,7 @@ class ClassifyConfig(Section):
     output: OutputConfig
     storage: StorageConfig = StorageConfig()
     cluster: ClusterConfig = ClusterConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @model_validator(mode="before")
     @classmethod

@@ -14,6 +14,10 @@ import numpy as np
 from clsjob.labels import LabelSet
 
 CALIBRATION_BINS = 15
+# Accuracy against coverage: scored rows counted by confidence in bins 0.001 wide, so that
+# the rows at or above any threshold k/1000 are exactly the bins from k on.
+COVERAGE_BINS = 1000
+COVERAGE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 
 
 @dataclass
@@ -30,6 +34,8 @@ class Tally:
     bin_rows: np.ndarray = None  # calibration: rows, summed confidence, correct rows per bin
     bin_confidence: np.ndarray = None
     bin_correct: np.ndarray = None
+    coverage_rows: np.ndarray = None  # scored rows with a confidence, per COVERAGE_BINS bin
+    coverage_correct: np.ndarray = None
 
     def __post_init__(self) -> None:
         k = self.n_labels
@@ -38,6 +44,9 @@ class Tally:
         for name in ("bin_rows", "bin_confidence", "bin_correct"):
             if getattr(self, name) is None:
                 setattr(self, name, np.zeros(CALIBRATION_BINS, dtype=np.float64))
+        for name in ("coverage_rows", "coverage_correct"):
+            if getattr(self, name) is None:
+                setattr(self, name, np.zeros(COVERAGE_BINS, dtype=np.int64))
 
     def add(self, other: "Tally") -> "Tally":
         self.rows += other.rows
@@ -49,6 +58,8 @@ class Tally:
         self.bin_rows += other.bin_rows
         self.bin_confidence += other.bin_confidence
         self.bin_correct += other.bin_correct
+        self.coverage_rows += other.coverage_rows
+        self.coverage_correct += other.coverage_correct
         return self
 
     def to_json(self) -> dict:
@@ -58,6 +69,8 @@ class Tally:
             "no_confidence": self.no_confidence, "confusion": self.confusion.tolist(),
             "bin_rows": self.bin_rows.tolist(), "bin_confidence": self.bin_confidence.tolist(),
             "bin_correct": self.bin_correct.tolist(),
+            # Sparse: a part's confidences fill few of the 1,000 bins.
+            "coverage": sparse(self.coverage_rows, self.coverage_correct),
         }
 
     @classmethod
@@ -69,7 +82,21 @@ class Tally:
             confusion=np.array(data["confusion"], dtype=np.int64).reshape(
                 data["n_labels"], data["n_labels"]),
             bin_rows=np.array(data["bin_rows"]), bin_confidence=np.array(data["bin_confidence"]),
-            bin_correct=np.array(data["bin_correct"]))
+            bin_correct=np.array(data["bin_correct"]),
+            # Markers written before coverage was counted have none: zeros, as for no rows.
+            **dense(data.get("coverage", [])))
+
+
+def sparse(rows: np.ndarray, correct: np.ndarray) -> list[list[int]]:
+    """[bin, rows, correct] for each bin that holds rows."""
+    return [[int(i), int(rows[i]), int(correct[i])] for i in np.flatnonzero(rows)]
+
+
+def dense(entries: list[list[int]]) -> dict[str, np.ndarray]:
+    rows, correct = np.zeros(COVERAGE_BINS, np.int64), np.zeros(COVERAGE_BINS, np.int64)
+    for i, n, c in entries:
+        rows[i], correct[i] = n, c
+    return {"coverage_rows": rows, "coverage_correct": correct}
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -113,7 +140,41 @@ def count_rows(labels: LabelSet, gold: Sequence[str | None], predicted: Sequence
     np.add.at(t.bin_rows, bins, 1.0)
     np.add.at(t.bin_confidence, bins, scored_conf)
     np.add.at(t.bin_correct, bins, correct)
+    fine = coverage_bin(scored_conf)
+    np.add.at(t.coverage_rows, fine, 1)
+    np.add.at(t.coverage_correct, fine, correct.astype(np.int64))
     return t
+
+
+def coverage_bin(confidence: np.ndarray) -> np.ndarray:
+    """Bin k holds confidences in [k/1000, (k+1)/1000); 1.0 goes into the last."""
+    return np.clip(np.floor(confidence * COVERAGE_BINS).astype(np.int64), 0, COVERAGE_BINS - 1)
+
+
+def coverage_table(t: Tally, target_accuracy: float | None) -> dict | None:
+    """For each threshold, the share of scored rows whose confidence is at or above it and
+    their accuracy; and the lowest threshold (in steps of 0.001) whose rows reach
+    `target_accuracy`, with its coverage. None without confidences (generating modes)."""
+    total = int(t.coverage_rows.sum())
+    if not total or t.no_confidence:
+        return None
+    # Rows and correct rows at or above bin k, for every k.
+    rows_from = np.cumsum(t.coverage_rows[::-1])[::-1]
+    correct_from = np.cumsum(t.coverage_correct[::-1])[::-1]
+
+    def at(k: int) -> dict:
+        n = int(rows_from[k]) if k < COVERAGE_BINS else 0
+        return {"coverage": n / total, "rows": n,
+                "accuracy": float(correct_from[k] / n) if n else None}
+
+    table = {"rows_scored": total,
+             "thresholds": [{"threshold": th, **at(round(th * COVERAGE_BINS))}
+                            for th in COVERAGE_THRESHOLDS]}
+    if target_accuracy is not None:
+        reach = [k for k in range(COVERAGE_BINS) if rows_from[k] and correct_from[k] >= target_accuracy * rows_from[k]]
+        table["target_accuracy"] = target_accuracy
+        table["target"] = ({"threshold": reach[0] / COVERAGE_BINS, **at(reach[0])} if reach else None)
+    return table
 
 
 def per_class_scores(matrix: np.ndarray) -> dict[str, np.ndarray]:
@@ -143,8 +204,9 @@ def averaged(scores: dict[str, np.ndarray]) -> dict[str, float]:
     return out
 
 
-def summarize(labels: LabelSet, t: Tally) -> dict:
-    """The metrics written to _metrics.json."""
+def summarize(labels: LabelSet, t: Tally, target_accuracy: float | None = None) -> dict:
+    """The metrics written to _metrics.json. A metric over no scored row is None (null),
+    never a number: 0.0 accuracy would read as a model that is always wrong."""
     scored = int(t.confusion.sum())
     scores = per_class_scores(t.confusion)
     binned = t.bin_rows.sum()
@@ -159,8 +221,8 @@ def summarize(labels: LabelSet, t: Tally) -> dict:
         "gold_missing": t.gold_missing,
         "gold_outside_labels": int(sum(t.gold_unknown.values())),
         "gold_outside_labels_values": dict(t.gold_unknown.most_common(20)),
-        "accuracy": float(np.trace(t.confusion) / scored) if scored else 0.0,
-        **averaged(scores),
+        "accuracy": float(np.trace(t.confusion) / scored) if scored else None,
+        **{k: (v if scored else None) for k, v in averaged(scores).items()},
         "expected_calibration_error": ece,
         "labels": list(labels.names),
         "per_class": {
@@ -169,6 +231,8 @@ def summarize(labels: LabelSet, t: Tally) -> dict:
             for i, name in enumerate(labels.names)
         },
         "confusion_matrix": t.confusion.tolist(),
+        # Which confidence threshold keeps how many rows at what accuracy (review thresholds).
+        "coverage": coverage_table(t, target_accuracy),
         "calibration": {
             "bins": CALIBRATION_BINS,
             "rows": t.bin_rows.astype(int).tolist(),

@@ -90,7 +90,8 @@ def run_locked(cfg: ClassifyConfig, labels: LabelSet, shards: list[store.ShardIn
         raise RuntimeError(f"rows out ({rows_out}) != rows in ({rows_in}) or shards unfinished; "
                            f"see {MANIFEST}; a rerun resumes")
     if cfg.input.label_column:
-        metrics = write_evaluation(cfg.output.path, cfg.storage, labels, total, summary.rows_per_s)
+        metrics = write_evaluation(cfg.output.path, cfg.storage, labels, total, summary.rows_per_s,
+                                   cfg.evaluate.target_accuracy)
         summary = replace(summary, metrics=metrics)
     log.info("classify: done\n%s", summary_table(summary, len(shards), len(bad_files)))
     return summary

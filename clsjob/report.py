@@ -10,14 +10,14 @@ from clsjob.store import InputError
 
 
 def write_evaluation(output: str, storage: StorageConfig, labels: LabelSet, counts: Tally,
-                     rows_per_s: float | None) -> dict:
-    metrics = {**summarize(labels, counts), "rows_per_s": rows_per_s}
+                     rows_per_s: float | None, target_accuracy: float | None = None) -> dict:
+    metrics = {**summarize(labels, counts, target_accuracy), "rows_per_s": rows_per_s}
     store.write_json(metrics, store.join(output, METRICS), storage)
     store.write_text(render_report(metrics), store.join(output, REPORT), storage)
     return metrics
 
 
-def evaluate_output(output: str, storage: StorageConfig) -> dict:
+def evaluate_output(output: str, storage: StorageConfig, target_accuracy: float | None = None) -> dict:
     """Recompute the metrics of an existing output, one part at a time. Only the parts the
     manifest lists are read, so stray files in the folder cannot skew the numbers."""
     manifest = store.read_json(store.join(output, MANIFEST), storage)
@@ -31,7 +31,7 @@ def evaluate_output(output: str, storage: StorageConfig) -> dict:
                              [gold_column, "label", "confidence", "error"])
         counts.add(count_rows(labels, t.column(gold_column).to_pylist(), t.column("label").to_pylist(),
                          t.column("confidence").to_pylist(), t.column("error").to_pylist()))
-    return write_evaluation(output, storage, labels, counts, manifest.get("rows_per_s"))
+    return write_evaluation(output, storage, labels, counts, manifest.get("rows_per_s"), target_accuracy)
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -47,10 +47,18 @@ def render_report(m: dict) -> str:
         f"- rows: {m['rows']} (scored {m['rows_scored']}, errored {m['rows_errored']}, "
         f"no gold label {m['gold_missing']}, gold label outside the label set "
         f"{m['gold_outside_labels']})",
-        f"- accuracy: **{m['accuracy']:.4f}**",
-        f"- F1 weighted {m['f1_weighted']:.4f} · macro {m['f1_macro']:.4f}",
-        f"- precision weighted {m['precision_weighted']:.4f} · macro {m['precision_macro']:.4f}",
-        f"- recall weighted {m['recall_weighted']:.4f} · macro {m['recall_macro']:.4f}",
+    ]
+    if not m["rows_scored"]:
+        lines += ["- accuracy, F1, precision, recall: none — no row had both a label and a gold "
+                  "label in the label set, so there is nothing to score"]
+    else:
+        lines += [
+            f"- accuracy: **{m['accuracy']:.4f}**",
+            f"- F1 weighted {m['f1_weighted']:.4f} · macro {m['f1_macro']:.4f}",
+            f"- precision weighted {m['precision_weighted']:.4f} · macro {m['precision_macro']:.4f}",
+            f"- recall weighted {m['recall_weighted']:.4f} · macro {m['recall_macro']:.4f}",
+        ]
+    lines += [
         f"- expected calibration error: {'n/a' if ece is None else f'{ece:.4f}'}",
         f"- rows/s: {m.get('rows_per_s') or 'n/a'}", "",
         "## Per class", "",
@@ -61,7 +69,28 @@ def render_report(m: dict) -> str:
     lines += ["", "## Confusion matrix (rows: gold, columns: predicted)", ""]
     lines += _table(["gold \\ predicted", *m["labels"]],
                     [[name, *row] for name, row in zip(m["labels"], m["confusion_matrix"])])
+    lines += coverage_lines(m.get("coverage"))
     if m["gold_outside_labels_values"]:
         lines += ["", "## Gold labels outside the label set", ""]
         lines += _table(["gold label", "rows"], [[k, v] for k, v in m["gold_outside_labels_values"].items()])
     return "\n".join(lines) + "\n"
+
+
+def coverage_lines(coverage: dict | None) -> list[str]:
+    """Accuracy against coverage: what a review threshold keeps, and at what accuracy."""
+    if not coverage:
+        return []
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    lines = ["", "## Accuracy against coverage", "",
+             f"Keeping only the rows whose confidence is at or above a threshold "
+             f"(of {coverage['rows_scored']} scored rows):", ""]
+    lines += _table(["confidence ≥", "rows kept", "share kept", "accuracy of kept rows"],
+                    [[t["threshold"], t["rows"], pct(t["coverage"]), pct(t["accuracy"])]
+                     for t in coverage["thresholds"]])
+    if "target_accuracy" in coverage:
+        target, reached = coverage["target_accuracy"], coverage["target"]
+        lines += ["", f"Target accuracy {pct(target)}: " + (
+            f"reached at confidence ≥ {reached['threshold']:.3f}, keeping {pct(reached['coverage'])} "
+            f"of the rows ({reached['rows']}) at {pct(reached['accuracy'])}" if reached
+            else "no threshold reaches it")]
+    return lines

@@ -90,7 +90,9 @@ def summary_table(summary: RunSummary, shards: int, skipped: int) -> str:
             ("errored", summary.rows_errored), ("shards", shards), ("files skipped", skipped),
             ("rows/s (this attempt)", summary.rows_per_s), ("output", summary.output)]
     if summary.metrics:
-        rows.insert(4, ("accuracy", round(summary.metrics["accuracy"], 4)))
+        accuracy = summary.metrics["accuracy"]
+        rows.insert(4, ("accuracy", "none (no row could be scored)" if accuracy is None
+                        else round(accuracy, 4)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 

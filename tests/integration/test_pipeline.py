@@ -53,7 +53,8 @@ def read_output(out) -> pa.Table:
 def test_every_row_comes_out_once_with_the_output_contract(model_fixture, request, ray_cluster, tmp_path):
     inp, rows_in = corpus(tmp_path)
     out = tmp_path / "out"
-    summary = run_classify(config(request.getfixturevalue(model_fixture), inp, out))
+    summary = run_classify(config(request.getfixturevalue(model_fixture), inp, out,
+                                  evaluate={"target_accuracy": 0.01}))
 
     table = read_output(out)
     assert summary.rows_in == summary.rows_out == table.num_rows == rows_in
@@ -100,6 +101,17 @@ def test_every_row_comes_out_once_with_the_output_contract(model_fixture, reques
     assert metrics["rows_scored"] == len(scored)
     assert metrics["accuracy"] == pytest.approx(
         sum(r["gold"] == r["label"] for r in scored) / len(scored))
+    # Accuracy against coverage, added up from the parts' counts, as a count over the output.
+    coverage = metrics["coverage"]
+    assert coverage["rows_scored"] == len(scored)
+    for entry in coverage["thresholds"]:
+        kept = [r for r in scored if r["confidence"] >= entry["threshold"]]
+        assert entry["rows"] == len(kept)
+        assert entry["accuracy"] == (pytest.approx(sum(r["gold"] == r["label"] for r in kept) / len(kept))
+                                     if kept else None)
+    # A target every row already reaches (the tiny model is right on some rows): no threshold.
+    assert coverage["target"] == {"threshold": 0.0, "coverage": 1.0, "rows": len(scored),
+                                  "accuracy": pytest.approx(metrics["accuracy"])}
     assert "Confusion matrix" in (out / "report.md").read_text()
 
 
@@ -110,6 +122,7 @@ def test_evaluate_recomputes_the_same_metrics(qwen_model, ray_cluster, tmp_path)
     (out / "_metrics.json").unlink()
     again = evaluate_output(str(out), StorageConfig())
     assert again["confusion_matrix"] == first["confusion_matrix"]
+    assert again["coverage"] == first["coverage"]  # the same counts, from the parts themselves
     assert again["expected_calibration_error"] == pytest.approx(first["expected_calibration_error"])
     assert json.loads((out / "_metrics.json").read_text())["accuracy"] == pytest.approx(first["accuracy"])
 

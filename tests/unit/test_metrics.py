@@ -3,7 +3,8 @@ import pytest
 from sklearn import metrics as sk
 
 from clsjob.labels import LabelSet
-from clsjob.metrics import Tally, count_rows, summarize
+from clsjob.metrics import COVERAGE_THRESHOLDS, Tally, count_rows, summarize
+from clsjob.report import render_report
 
 LABELS = LabelSet(("a", "b", "c", "d"))
 
@@ -82,7 +83,55 @@ def test_tallies_add_up_and_survive_json():
     parts = Tally(n_labels=4)
     for s in (slice(0, 100), slice(100, 250), slice(250, None)):
         parts.add(Tally.from_json(count_rows(LABELS, *args(s)).to_json()))
-    merged = summarize(LABELS, parts)
+    merged = summarize(LABELS, parts, target_accuracy=0.9)
+    assert merged["coverage"] == summarize(LABELS, count_rows(LABELS, *args(slice(None))), 0.9)["coverage"]
     assert merged["confusion_matrix"] == whole["confusion_matrix"]
     assert merged["expected_calibration_error"] == pytest.approx(whole["expected_calibration_error"])
     assert merged["f1_macro"] == pytest.approx(whole["f1_macro"])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_coverage_table_against_a_brute_force_count(seed):
+    gold, pred, conf = random_run(seed, n=2000)
+    # Confidence that means something: right answers are more confident.
+    conf = np.where(gold == pred, np.sqrt(conf), conf ** 2)
+    names = np.array(LABELS.names)
+    m = summarize(LABELS, count_rows(LABELS, names[gold].tolist(), names[pred].tolist(),
+                                     conf.tolist(), [None] * len(gold)), target_accuracy=0.95)
+    table = m["coverage"]
+    assert table["rows_scored"] == len(gold)
+    assert [t["threshold"] for t in table["thresholds"]] == list(COVERAGE_THRESHOLDS)
+    for t in table["thresholds"]:
+        kept = conf >= t["threshold"]
+        assert t["rows"] == kept.sum() and t["coverage"] == pytest.approx(kept.mean())
+        assert t["accuracy"] == (pytest.approx((gold == pred)[kept].mean()) if kept.any() else None)
+    # The lowest threshold in steps of 0.001 whose kept rows reach 95%, found by trying each.
+    steps = [k / 1000 for k in range(1000)]
+    reach = [th for th in steps if (conf >= th).any() and (gold == pred)[conf >= th].mean() >= 0.95]
+    assert table["target"]["threshold"] == pytest.approx(reach[0])
+    assert table["target"]["accuracy"] >= 0.95
+    assert table["target"]["coverage"] == pytest.approx((conf >= reach[0]).mean())
+    report = render_report({**m, "rows_per_s": None})
+    assert "## Accuracy against coverage" in report and f"confidence ≥ {reach[0]:.3f}" in report
+
+
+def test_unreachable_target_and_no_confidence():
+    # The most confident row is the wrong one: no threshold keeps only right rows.
+    m = summarize(LABELS, count_rows(LABELS, ["a", "b"], ["a", "a"], [0.8, 0.9], [None, None]),
+                  target_accuracy=0.99)
+    assert m["coverage"]["target"] is None
+    assert "no threshold reaches it" in render_report({**m, "rows_per_s": None})
+    # The generating modes give no confidence: no table, rather than one over nothing.
+    m = summarize(LABELS, count_rows(LABELS, ["a"], ["a"], [None], [None]), target_accuracy=0.9)
+    assert m["coverage"] is None
+
+
+def test_nothing_to_score_gives_null_metrics_and_says_why():
+    # A hostile shard: every gold label outside the label set.
+    m = summarize(LABELS, count_rows(LABELS, ["x"] * 13, ["a"] * 13, [0.9] * 13, [None] * 13))
+    assert m["rows_scored"] == 0 and m["gold_outside_labels"] == 13
+    for key in ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_weighted",
+                "expected_calibration_error", "coverage"):
+        assert m[key] is None, key
+    report = render_report({**m, "rows_per_s": None})
+    assert "nothing to score" in report and "accuracy: **" not in report
