@@ -171,9 +171,10 @@ def coverage_table(t: Tally, target_accuracy: float | None) -> dict | None:
              "thresholds": [{"threshold": th, **at(round(th * COVERAGE_BINS))}
                             for th in COVERAGE_THRESHOLDS]}
     if target_accuracy is not None:
-        reach = [k for k in range(COVERAGE_BINS) if rows_from[k] and correct_from[k] >= target_accuracy * rows_from[k]]
+        reach = np.flatnonzero((rows_from > 0) & (correct_from >= target_accuracy * rows_from))
         table["target_accuracy"] = target_accuracy
-        table["target"] = ({"threshold": reach[0] / COVERAGE_BINS, **at(reach[0])} if reach else None)
+        table["target"] = ({"threshold": reach[0] / COVERAGE_BINS, **at(int(reach[0]))}
+                           if reach.size else None)
     return table
 
 
