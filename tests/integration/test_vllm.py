@@ -246,18 +246,37 @@ from clsjob.config import ClassifyConfig, validate
 from clsjob.pipeline import run_classify
 
 model, inp, out = sys.argv[1:4]
-seen, killed, errors = set(), [], []
+seen, killed, errors, tree = set(), [], [], {}
 
 
 def engines():
-    found = []
-    # vLLM titles its engine process "VLLM::EngineCore" (this script's own command line
-    # holds the words too, so only the title counts).
-    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
-        title = (proc.info["cmdline"] or [""])[0]
-        if title.startswith("VLLM::EngineCore") and proc.info["pid"] != os.getpid():
+    found, workers = [], ray_workers()
+    # vLLM titles its engine process "VLLM::EngineCore". A process started by a Ray worker
+    # that is neither a Ray worker nor multiprocessing's resource tracker is the engine too,
+    # so the watch does not hang on a title (this script's own command line holds the words
+    # too, so it is skipped by pid).
+    for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        if proc.info["pid"] == os.getpid() or title.startswith("ray::") or "resource_tracker" in title:
+            continue
+        if title.startswith("VLLM::EngineCore") or proc.info["ppid"] in workers:
             found.append(proc.info["pid"])
     return found
+
+
+def ray_workers():
+    workers = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        if title.startswith("ray::") and "MapWorker" in title:
+            workers.add(proc.info["pid"])
+            try:  # kept for the assertion message: the actors, their engine setting, children
+                tree[proc.info["pid"]] = {
+                    "title": title[:60], "multiprocessing": proc.environ().get("VLLM_ENABLE_V1_MULTIPROCESSING"),
+                    "children": [" ".join(c.cmdline())[:80] for c in proc.children()]}
+            except psutil.Error:
+                pass
+    return workers
 
 
 def kill_the_first_engine():
@@ -291,7 +310,7 @@ try:
 except Exception as exc:
     result = {"failed": f"{type(exc).__name__}: {exc}"[-3000:]}
 print("RESULT " + json.dumps({**result, "killed": killed, "engines_seen": sorted(seen),
-                              "watch_errors": errors[:5]}))
+                              "watch_errors": errors[:5], "ray_workers": dict(list(tree.items())[:6])}))
 """
 
 
