@@ -1,4 +1,4 @@
-"""`clsjob classify | finetune | merge | evaluate | demo` — each parses a config and calls one
+"""`clsjob classify | finetune | merge | evaluate | calibrate | demo` — each parses a config and calls one
 straight-line run function; errors a user can fix print one clear message and exit 2."""
 from __future__ import annotations
 
@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--endpoint-url", help="S3-compatible endpoint, if the output is on one")
     ev.add_argument("--target-accuracy", type=float,
                     help="name the lowest confidence threshold whose rows reach this accuracy")
+    cal = sub.add_parser("calibrate", help="fit a confidence temperature on a labelled output "
+                                           "(for backend.prompt.temperature_scale)")
+    cal.add_argument("--output", required=True, help="output folder of a labelled classify run")
+    cal.add_argument("--endpoint-url", help="S3-compatible endpoint, if the output is on one")
     ref = sub.add_parser("config", help="every setting of a command's config, its default and meaning")
     ref.add_argument("kind", choices=sorted(CONFIGS))
     demo = sub.add_parser("demo", help="corpus -> fine-tune MiniLM -> merge -> classify, locally")
@@ -64,8 +68,8 @@ def run(args: argparse.Namespace) -> dict:
         from clsjob.finetune.train import run_finetune
         summary = run_finetune(load_config(args.config, args.overrides, model=FinetuneConfig,
                                            day=args.date))
-        return {k: summary[k] for k in ("train_rows", "eval_rows", "final_eval", "wall_time_s",
-                                        "train_tokens_per_s")}
+        return {k: summary.get(k) for k in ("train_rows", "eval_rows", "final_eval", "calibration",
+                                            "wall_time_s", "train_tokens_per_s")}
     if args.command == "merge":
         from clsjob.finetune.merge import merge
         cfg = load_config(args.config, args.overrides, model=MergeConfig, day=args.date)
@@ -75,6 +79,9 @@ def run(args: argparse.Namespace) -> dict:
         metrics = evaluate_output(args.output, StorageConfig(endpoint_url=args.endpoint_url),
                                   args.target_accuracy)
         return {k: metrics[k] for k in ("rows", "rows_scored", "accuracy", "f1_macro", "f1_weighted")}
+    if args.command == "calibrate":
+        from clsjob.report import calibrate_output
+        return calibrate_output(args.output, StorageConfig(endpoint_url=args.endpoint_url))
     if args.command == "demo":
         from clsjob.demo import run_demo
         return run_demo(args.workdir)

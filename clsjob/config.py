@@ -108,6 +108,17 @@ class PromptConfig(Section):
         300, gt=0, description="json mode: longest `reasoning` the schema allows.")
     temperature: float = Field(0.0, ge=0, description="0 = greedy, the same answer every run.")
     seed: int = Field(0, description="Sampling seed: with temperature > 0, runs still repeat.")
+    temperature_scale: float = Field(
+        1.0, gt=0, description="score mode: label log-probabilities are divided by it before "
+                               "they are renormalised (calibration; `clsjob calibrate` fits it "
+                               "on a labelled run). 1 = as the model gives them.")
+
+    @model_validator(mode="after")
+    def _scale_needs_scores(self) -> "PromptConfig":
+        if self.temperature_scale != 1.0 and self.mode != "score":
+            raise ValueError("backend.prompt.temperature_scale applies to mode: score only "
+                             "(the other modes give no probabilities)")
+        return self
 
 
 class EngineConfig(Section):
@@ -154,6 +165,12 @@ class BackendSection(Section):
         False, description="Run model code shipped in the model folder. Off unless you trust it.")
 
 
+# hf and vllm_pool: whether the temperature the model folder carries is applied.
+CALIBRATED = Field(True, description="Apply the temperature `clsjob finetune` fitted on its eval "
+                                     "rows (config.json's clsjob_temperature, written by merge): "
+                                     "probs = softmax(logits / T). false = the raw softmax.")
+
+
 class HFBackendConfig(BackendSection):
     kind: Literal["hf"] = Field(
         "hf", description="hf = merged *ForSequenceClassification folder via transformers; "
@@ -166,10 +183,12 @@ class HFBackendConfig(BackendSection):
                             "multiplies it natively (GPUs from Ampere on; CPUs with AVX-512 "
                             "BF16 or AMX), float16 on older GPUs, float32 on other CPUs. Each "
                             "part's choice is in the manifest.")
+    calibrated: bool = CALIBRATED
 
 
 class VLLMPoolBackendConfig(BackendSection):
     kind: Literal["vllm_pool"] = "vllm_pool"
+    calibrated: bool = CALIBRATED
     engine: EngineConfig = Field(default_factory=EngineConfig,
                                  description="vLLM engine settings.")
 

@@ -41,6 +41,7 @@ PART_SUFFIX = ".parquet"
 MANIFEST = "_manifest.json"
 METRICS = "_metrics.json"
 REPORT = "report.md"
+CALIBRATION = "_calibration.json"  # `clsjob calibrate`: the temperature fitted on this run
 PROGRESS = "_progress"  # one marker per finished shard
 LOCK = "_lock.json"
 
@@ -97,7 +98,8 @@ class PartRecord:
         gold = (written.column(GOLD).to_pylist() if GOLD in written.column_names
                 else [None] * written.num_rows)
         counts = count_rows(labels, gold, written.column("label").to_pylist(),
-                            written.column("confidence").to_pylist(), errors)
+                            written.column("confidence").to_pylist(), errors,
+                            written.column("probs").to_pylist())
         return cls(shard=chunk.column(SHARD)[0].as_py(), part=chunk.column(PART)[0].as_py(),
                    rows=written.num_rows, errored=sum(e is not None for e in errors),
                    truncated=sum(bool(t) for t in written.column("truncated").to_pylist()),

@@ -5,6 +5,7 @@ billions of rows evaluates part by part without ever holding the predictions in 
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -36,6 +37,8 @@ class Tally:
     bin_correct: np.ndarray = None
     coverage_rows: np.ndarray = None  # scored rows with a confidence, per COVERAGE_BINS bin
     coverage_correct: np.ndarray = None
+    nll_sum: float = 0.0  # -log P(gold) summed over the scored rows that have probabilities
+    nll_rows: int = 0
 
     def __post_init__(self) -> None:
         k = self.n_labels
@@ -60,6 +63,8 @@ class Tally:
         self.bin_correct += other.bin_correct
         self.coverage_rows += other.coverage_rows
         self.coverage_correct += other.coverage_correct
+        self.nll_sum += other.nll_sum
+        self.nll_rows += other.nll_rows
         return self
 
     def to_json(self) -> dict:
@@ -71,6 +76,7 @@ class Tally:
             "bin_correct": self.bin_correct.tolist(),
             # Sparse: a part's confidences fill few of the 1,000 bins.
             "coverage": sparse(self.coverage_rows, self.coverage_correct),
+            "nll_sum": self.nll_sum, "nll_rows": self.nll_rows,
         }
 
     @classmethod
@@ -84,6 +90,8 @@ class Tally:
             bin_rows=np.array(data["bin_rows"]), bin_confidence=np.array(data["bin_confidence"]),
             bin_correct=np.array(data["bin_correct"]),
             # Markers written before coverage was counted have none: zeros, as for no rows.
+            # Markers written before NLL was counted have none, as for no probabilities.
+            nll_sum=data.get("nll_sum", 0.0), nll_rows=data.get("nll_rows", 0),
             **dense(data.get("coverage", [])))
 
 
@@ -113,12 +121,14 @@ def calibration_bin(confidence: np.ndarray) -> np.ndarray:
 
 
 def count_rows(labels: LabelSet, gold: Sequence[str | None], predicted: Sequence[str | None],
-               confidence: Sequence[float | None], errors: Sequence[str | None]) -> Tally:
+               confidence: Sequence[float | None], errors: Sequence[str | None],
+               probs: Sequence[Sequence[float] | None] | None = None) -> Tally:
     """Count one batch of output rows. Rows that errored, have no gold label, or whose gold
-    label is outside the label set are counted and left out of the scores, never a crash."""
+    label is outside the label set are counted and left out of the scores, never a crash.
+    `probs` (in label order) adds the negative log-likelihood of the gold labels."""
     t = Tally(n_labels=len(labels), rows=len(gold))
     y_true, y_pred, conf = [], [], []
-    for g, p, c, e in zip(gold, predicted, confidence, errors):
+    for i, (g, p, c, e) in enumerate(zip(gold, predicted, confidence, errors)):
         if e is not None:
             t.errored += 1
         elif g is None:
@@ -129,6 +139,9 @@ def count_rows(labels: LabelSet, gold: Sequence[str | None], predicted: Sequence
             y_true.append(labels.id_of(g))
             y_pred.append(labels.id_of(p))
             conf.append(c)
+            if probs is not None and probs[i] is not None:
+                t.nll_sum -= math.log(max(probs[i][y_true[-1]], 1e-12))  # as calibration.nll
+                t.nll_rows += 1
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(y_pred, dtype=np.int64)
     t.confusion += confusion_matrix(y_true, y_pred, len(labels))
@@ -225,6 +238,9 @@ def summarize(labels: LabelSet, t: Tally, target_accuracy: float | None = None) 
         "accuracy": float(np.trace(t.confusion) / scored) if scored else None,
         **{k: (v if scored else None) for k, v in averaged(scores).items()},
         "expected_calibration_error": ece,
+        # Mean -log P(gold label); like ECE, only when every scored row has probabilities.
+        "negative_log_likelihood": (t.nll_sum / t.nll_rows if scored and t.nll_rows == scored
+                                    else None),
         "labels": list(labels.names),
         "per_class": {
             name: {k: (int(v[i]) if k in ("support", "predicted") else float(v[i]))

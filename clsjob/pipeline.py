@@ -35,14 +35,16 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
     # schedules anything and before a row is read.
     configured = LabelSet.from_specs(cfg.labels) if cfg.labels else None
     labels = backends.check_model_and_labels(cfg.backend, configured, cfg.storage)
+    temperature = backends.confidence_temperature(cfg.backend, cfg.storage)
     shards, bad_files = usable_shards(cfg)
     # Everything below writes to the output folder: one run at a time.
     with RunLock(cfg.output.path, cfg.storage, cfg.output.stale_lock_after_s) as lock:
-        return run_locked(cfg, labels, shards, bad_files, started, lock)
+        return run_locked(cfg, labels, temperature, shards, bad_files, started, lock)
 
 
-def run_locked(cfg: ClassifyConfig, labels: LabelSet, shards: list[store.ShardInfo],
-               bad_files: list[str], started: datetime, lock: RunLock) -> RunSummary:
+def run_locked(cfg: ClassifyConfig, labels: LabelSet, temperature: float | None,
+               shards: list[store.ShardInfo], bad_files: list[str], started: datetime,
+               lock: RunLock) -> RunSummary:
     rows_in = sum(s.rows for s in shards)
     work = resume.work_hash(cfg)
     if cfg.output.overwrite:
@@ -83,8 +85,8 @@ def run_locked(cfg: ClassifyConfig, labels: LabelSet, shards: list[store.ShardIn
         raise RunLocked(f"another run took {cfg.output.path} over during this one; "
                         f"its manifest is left to that run")
     complete = rows_out == rows_in and len(markers) == len(shards)
-    store.write_json(build_manifest(cfg, work, labels, shards, bad_files, duplicates, set(markers),
-                                    parts, summary, started, complete),
+    store.write_json(build_manifest(cfg, work, labels, temperature, shards, bad_files, duplicates,
+                                    set(markers), parts, summary, started, complete),
                      store.join(cfg.output.path, MANIFEST), cfg.storage)
     if not complete:
         raise RuntimeError(f"rows out ({rows_out}) != rows in ({rows_in}) or shards unfinished; "

@@ -1,9 +1,13 @@
-"""Evaluation outputs: _metrics.json and a readable report.md, from a Tally of the run."""
+"""Evaluation outputs: _metrics.json and a readable report.md, from a Tally of the run; and
+`clsjob calibrate`'s temperature, fitted on a labelled run's probabilities."""
 from __future__ import annotations
 
+import numpy as np
+
 from clsjob import store
+from clsjob.calibration import calibrate
 from clsjob.config import StorageConfig
-from clsjob.contract import MANIFEST, METRICS, REPORT
+from clsjob.contract import CALIBRATION, MANIFEST, METRICS, REPORT
 from clsjob.labels import LabelSet
 from clsjob.metrics import Tally, count_rows, summarize
 from clsjob.store import InputError
@@ -28,10 +32,45 @@ def evaluate_output(output: str, storage: StorageConfig, target_accuracy: float 
     counts = Tally(n_labels=len(labels))
     for part in manifest["parts"]:
         t = store.read_table(store.join(output, part["part"]), storage,
-                             [gold_column, "label", "confidence", "error"])
-        counts.add(count_rows(labels, t.column(gold_column).to_pylist(), t.column("label").to_pylist(),
-                         t.column("confidence").to_pylist(), t.column("error").to_pylist()))
+                             [gold_column, "label", "confidence", "error", "probs"])
+        counts.add(count_rows(labels, *(t.column(c).to_pylist() for c in
+                                        (gold_column, "label", "confidence", "error", "probs"))))
     return write_evaluation(output, storage, labels, counts, manifest.get("rows_per_s"), target_accuracy)
+
+
+def calibrate_output(output: str, storage: StorageConfig) -> dict:
+    """Fit the temperature on a labelled run's probabilities (the rows with a gold label in
+    the label set and probabilities) and write it to the run's _calibration.json.
+
+    The log-probabilities stand in for the logits (they differ by a per-row constant, which
+    the softmax removes). The run's own probabilities were already divided by the manifest's
+    temperature T0, so the fit finds T' on top of it, and the temperature to configure is
+    T0 x T'. The rows' probabilities are held in memory: rows x labels x 8 bytes."""
+    manifest = store.read_json(store.join(output, MANIFEST), storage)
+    gold_column, applied = manifest.get("gold_column"), manifest.get("temperature")
+    if not gold_column:
+        raise InputError(f"{output}: the run had no input.label_column, nothing to calibrate on")
+    if applied is None:
+        raise InputError(f"{output}: the run's back end gives no probabilities "
+                         f"({manifest.get('backend')}); calibration needs them "
+                         f"(vllm_prompt: prompt.mode score)")
+    labels = LabelSet(tuple(manifest["labels"]))
+    logp, gold = [], []
+    for part in manifest["parts"]:
+        t = store.read_table(store.join(output, part["part"]), storage, [gold_column, "probs"])
+        has_probs = t.column("probs").is_valid().to_pylist()
+        rows = [i for i, g in enumerate(t.column(gold_column).to_pylist()) if g in labels and has_probs[i]]
+        gold += [labels.id_of(t.column(gold_column)[i].as_py()) for i in rows]
+        probs = np.asarray(t.column("probs").take(rows).combine_chunks().flatten(), dtype=np.float64)
+        # Floored at float32's smallest: a probability that underflowed to 0 stays finite.
+        logp.append(np.log(np.maximum(probs, 1e-45)).reshape(len(rows), len(labels)))
+    if not gold:
+        raise InputError(f"{output}: no row has both probabilities and a gold label in the label set")
+    fitted = calibrate(np.concatenate(logp), np.array(gold))
+    result = {**fitted, "applied_temperature": applied, "relative_temperature": fitted["temperature"],
+              "temperature": round(applied * fitted["temperature"], 6), "backend": manifest["backend"]}
+    store.write_json(result, store.join(output, CALIBRATION), storage)
+    return result
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -41,7 +80,7 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def render_report(m: dict) -> str:
-    ece = m["expected_calibration_error"]
+    ece, nll = m["expected_calibration_error"], m.get("negative_log_likelihood")
     lines = [
         "# Classification report", "",
         f"- rows: {m['rows']} (scored {m['rows_scored']}, errored {m['rows_errored']}, "
@@ -59,7 +98,8 @@ def render_report(m: dict) -> str:
             f"- recall weighted {m['recall_weighted']:.4f} · macro {m['recall_macro']:.4f}",
         ]
     lines += [
-        f"- expected calibration error: {'n/a' if ece is None else f'{ece:.4f}'}",
+        f"- expected calibration error: {'n/a' if ece is None else f'{ece:.4f}'} · "
+        f"negative log-likelihood: {'n/a' if nll is None else f'{nll:.4f}'}",
         f"- rows/s: {m.get('rows_per_s') or 'n/a'}", "",
         "## Per class", "",
     ]

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from clsjob import store
 from clsjob.config import ClassifyConfig
-from clsjob.contract import MANIFEST, METRICS, PROGRESS, REPORT, PartRecord
+from clsjob.contract import CALIBRATION, MANIFEST, METRICS, PROGRESS, REPORT, PartRecord
 from clsjob.metrics import Tally
 
 log = logging.getLogger("clsjob")
@@ -44,7 +44,7 @@ def clear(output: str, storage) -> None:
     """--overwrite: forget a previous run, parts included."""
     for part in store.list_parts(output, storage):
         store.remove(part, storage)
-    for name in (PROGRESS, MANIFEST, METRICS, REPORT):
+    for name in (PROGRESS, MANIFEST, METRICS, REPORT, CALIBRATION):
         store.remove(store.join(output, name), storage)
 
 

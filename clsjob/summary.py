@@ -47,10 +47,10 @@ class Progress:
                  done, self.total, 100 * done / max(self.total, 1), rate, left)
 
 
-def build_manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, shards: list[store.ShardInfo],
-                   bad_files: list[str], duplicates: DuplicateIds | None, done: set[str],
-                   parts: list[dict], summary: RunSummary, started: datetime,
-                   complete: bool) -> dict:
+def build_manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, temperature: float | None,
+                   shards: list[store.ShardInfo], bad_files: list[str],
+                   duplicates: DuplicateIds | None, done: set[str], parts: list[dict],
+                   summary: RunSummary, started: datetime, complete: bool) -> dict:
     return {
         "status": "complete" if complete else "incomplete",
         "run_id": uuid.uuid4().hex,
@@ -61,6 +61,9 @@ def build_manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, shards: lis
         # What the model ran in (backend.dtype: auto chooses per node); more than one only on
         # a cluster whose nodes differ. Each part's own is in `parts`.
         "dtypes": sorted({p["dtype"] for p in parts if p.get("dtype")}),
+        # What the probabilities were scaled by: softmax(logits / T) (calibration.py); 1 =
+        # uncalibrated, null = the back end gives no probabilities.
+        "temperature": temperature,
         "labels": list(labels.names),
         "id_column": id_column(cfg.input),
         "text_column": cfg.input.text_column,

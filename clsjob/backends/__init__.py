@@ -54,6 +54,8 @@ class BackEnd:
     config: type[BackendSection]
     check: str  # "module:function"(backend, configured labels, storage) -> output LabelSet
     actor: str  # "module:Class"(backend, labels, text_column, use_gpu, storage, **driver_kwargs)
+    # "module:function"(backend, storage) -> what logits are divided by (None: no probs)
+    temperature: str
     # "module:function"(backend, labels, storage) -> extra actor kwargs, read once on the driver
     driver_kwargs: str | None = None
 
@@ -64,11 +66,13 @@ class BackEnd:
 REGISTRY: dict[str, BackEnd] = {
     # vllm_pool serves the same merged classifier folder as hf, so both check it alike.
     "hf": BackEnd(HFBackendConfig, "clsjob.backends.hf:check_model_folder",
-                  "clsjob.backends.hf:HFClassifier"),
+                  "clsjob.backends.hf:HFClassifier", "clsjob.backends.hf:folder_temperature"),
     "vllm_pool": BackEnd(VLLMPoolBackendConfig, "clsjob.backends.hf:check_model_folder",
-                         "clsjob.backends.vllm_pool:VLLMPoolClassifier"),
+                         "clsjob.backends.vllm_pool:VLLMPoolClassifier",
+                         "clsjob.backends.hf:folder_temperature"),
     "vllm_prompt": BackEnd(VLLMPromptBackendConfig, "clsjob.backends.vllm_prompt:check_prompted_model",
                            "clsjob.backends.vllm_prompt:VLLMPromptClassifier",
+                           "clsjob.backends.vllm_prompt:score_temperature",
                            driver_kwargs="clsjob.backends.vllm_prompt:actor_examples"),
 }
 
@@ -96,6 +100,12 @@ def check_model_and_labels(backend: BackendSection, configured: LabelSet | None,
     """Validate the model and the labels on the driver, before any row is read; return the
     label set in output order."""
     return resolve(REGISTRY[backend.kind].check)(backend, configured, storage)
+
+
+def confidence_temperature(backend: BackendSection, storage: StorageConfig) -> float | None:
+    """The temperature the run's probabilities are scaled by (calibration.py), for the
+    manifest; None where the back end gives no probabilities."""
+    return resolve(REGISTRY[backend.kind].temperature)(backend, storage)
 
 
 def check_model_files(backend: BackendSection, storage: StorageConfig) -> dict:

@@ -12,6 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Pret
 
 from clsjob.backends import ModelError, check_model_files, local_backend, require_cuda
 from clsjob.backends.rows import attach_probabilities, rows_to_classify, stamp_dtype
+from clsjob.calibration import model_temperature
 from clsjob.config import BackendSection, HFBackendConfig, StorageConfig
 from clsjob.labels import LabelSet, resolve_model_labels
 from clsjob.precision import resolve_dtype
@@ -37,7 +38,20 @@ def check_model_folder(backend: BackendSection, configured: LabelSet | None,
     # PretrainedConfig reads id2label (or num_labels) as every model class does.
     model_labels = LabelSet.from_id2label(PretrainedConfig.from_dict(config).id2label)
     labels, _ = resolve_model_labels(configured, model_labels)
+    try:
+        model_temperature(config, f"backend.model: {backend.model}")
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None
     return labels
+
+
+def folder_temperature(backend: BackendSection, storage: StorageConfig) -> float:
+    """What the run's logits are divided by: the model folder's fitted temperature, or 1
+    with `backend.calibrated: false` (the manifest records it)."""
+    if not backend.calibrated:
+        return 1.0
+    config = check_model_files(backend, storage)
+    return model_temperature(config, f"backend.model: {backend.model}")
 
 
 def load_classifier(backend: BackendSection, device: str, dtype: str = "float32"):
@@ -78,8 +92,9 @@ def encode_truncating(tokenizer, texts: list[str], max_length: int) -> tuple[lis
 
 
 def predict_probs(model, tokenizer, texts: list[str], max_length: int, micro_batch: int,
-                  device: str, encoded: list[list[int]] | None = None) -> np.ndarray:
-    """Softmax probabilities (rows x model labels) for `texts`, in the order given."""
+                  device: str, encoded: list[list[int]] | None = None,
+                  temperature: float = 1.0) -> np.ndarray:
+    """softmax(logits / temperature) (rows x model labels) for `texts`, in the order given."""
     probs = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
     if not texts:
         return probs
@@ -88,20 +103,20 @@ def predict_probs(model, tokenizer, texts: list[str], max_length: int, micro_bat
     batches = length_sorted_batches([len(ids) for ids in encoded], micro_batch)
     with torch.inference_mode():
         if device.startswith("cuda"):
-            probs[[i for batch in batches for i in batch]] = queued_probs(model, tokenizer, encoded,
-                                                                          batches, device)
+            probs[[i for batch in batches for i in batch]] = queued_probs(
+                model, tokenizer, encoded, batches, device, temperature)
             return probs
         for batch in batches:
             inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]},
                                    return_tensors="pt").to(device)
             logits = model(**inputs).logits.float()
-            probs[batch] = torch.softmax(logits, dim=-1).cpu().numpy()
+            probs[batch] = torch.softmax(logits / temperature, dim=-1).cpu().numpy()
     return probs
 
 
 @torch.inference_mode()
 def queued_probs(model, tokenizer, encoded: list[list[int]], batches: list[list[int]],
-                 device: str) -> np.ndarray:
+                 device: str, temperature: float = 1.0) -> np.ndarray:
     """On a GPU: the probabilities of `batches`, one after another, with GPU_ATTENTION's
     kernels, copied back once at the end. Copying each micro-batch's back would make the CPU
     wait for the GPU and the GPU then wait while the CPU pads the next batch; queued, the
@@ -114,7 +129,7 @@ def queued_probs(model, tokenizer, encoded: list[list[int]], batches: list[list[
             # non_blocking: from pageable memory the data is staged before the call returns,
             # and the copy does not wait for the work queued on the GPU (a blocking one does).
             inputs = {key: value.to(device, non_blocking=True) for key, value in inputs.items()}
-            out.append(torch.softmax(model(**inputs).logits.float(), dim=-1))
+            out.append(torch.softmax(model(**inputs).logits.float() / temperature, dim=-1))
     return torch.cat(out).cpu().numpy()
 
 
@@ -129,6 +144,8 @@ class HFClassifier:
         self.device = "cuda" if use_gpu else "cpu"
         self.dtype = resolve_dtype(backend.dtype, self.device)
         self.model, self.tokenizer = load_classifier(backend, self.device, self.dtype)
+        self.temperature = (model_temperature(self.model.config.to_dict(), backend.model)
+                            if backend.calibrated else 1.0)
         model_labels = LabelSet.from_id2label(self.model.config.id2label)
         self.labels, self.columns = resolve_model_labels(labels, model_labels)
 
@@ -138,7 +155,7 @@ class HFClassifier:
         todo_texts = [texts[i] for i in todo]
         encoded, truncated = encode_truncating(self.tokenizer, todo_texts, self.backend.max_length)
         probs = predict_probs(self.model, self.tokenizer, todo_texts, self.backend.max_length,
-                              self.backend.micro_batch_size, self.device, encoded)
+                              self.backend.micro_batch_size, self.device, encoded, self.temperature)
         # Reorder the model's label columns into the config's label order.
         out = attach_probabilities(table, todo, probs[:, self.columns], self.labels, truncated)
         return stamp_dtype(out, self.dtype)

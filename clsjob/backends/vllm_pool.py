@@ -10,6 +10,7 @@ from clsjob.backends import local_backend
 from clsjob.backends.hf import encode_truncating
 from clsjob.backends.rows import attach_probabilities, rows_to_classify, stamp_dtype
 from clsjob.backends import vllm_engine
+from clsjob.calibration import model_temperature, rescale_probs
 from clsjob.backends.vllm_engine import (engine_args, engine_died, engine_dtype, exit_with_engine,
                                          prepare_env)
 from clsjob.config import StorageConfig, VLLMPoolBackendConfig
@@ -26,7 +27,11 @@ class VLLMPoolClassifier:
         self.text_column = text_column
         self.llm = vllm_engine.start_watched_engine(engine_args(backend, use_gpu, "pooling"))
         self.tokenizer, self.dtype = self.llm.get_tokenizer(), engine_dtype(self.llm)
-        model_labels = LabelSet.from_id2label(self.llm.llm_engine.model_config.hf_config.id2label)
+        hf_config = self.llm.llm_engine.model_config.hf_config
+        # vLLM returns softmax(logits); the temperature is applied to those (rescale_probs).
+        self.temperature = (model_temperature(hf_config.to_dict(), backend.model)
+                            if backend.calibrated else 1.0)
+        model_labels = LabelSet.from_id2label(hf_config.id2label)
         self.labels, self.columns = resolve_model_labels(labels, model_labels)
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -46,5 +51,6 @@ class VLLMPoolClassifier:
             raise
         probs = np.array([o.outputs.probs for o in outputs], dtype=np.float32).reshape(
             len(encoded), -1)
+        probs = rescale_probs(probs, self.temperature)
         out = attach_probabilities(table, todo, probs[:, self.columns], self.labels, truncated)
         return stamp_dtype(out, self.dtype)

@@ -42,6 +42,11 @@ def check_prompted_model(backend: VLLMPromptBackendConfig, labels: LabelSet,
     return labels
 
 
+def score_temperature(backend: VLLMPromptBackendConfig, storage: StorageConfig) -> float | None:
+    """What label log-probabilities are divided by (score mode); None: no probabilities."""
+    return backend.prompt.temperature_scale if backend.prompt.mode == "score" else None
+
+
 def actor_examples(backend: VLLMPromptBackendConfig, labels: LabelSet,
                    storage: StorageConfig) -> dict:
     """The few-shot examples, read once on the driver and handed to every actor."""
@@ -180,9 +185,10 @@ class LabelScores:
     is read from the prefix cache and each node costs only its own few tokens. When the
     labels' first tokens differ the trie is one node: one request per row."""
 
-    def __init__(self, labels: LabelSet, tokenizer):
+    def __init__(self, labels: LabelSet, tokenizer, temperature_scale: float = 1.0):
         from vllm import SamplingParams
 
+        self.temperature_scale = temperature_scale
         label_ids = [tokenizer.encode(name, add_special_tokens=False) for name in labels.names]
         first = [ids[0] for ids in label_ids]
         self.first_token_scoring = len(set(first)) == len(first)
@@ -218,7 +224,7 @@ class LabelScores:
         for i in (i for i in range(n) if failed[i] is None):
             logprobs[i] = [sum(next_logprob[i][(tuple(seq[:t]), token)] for t, token in enumerate(seq))
                            for seq in self.sequences]
-        probs = renormalise(logprobs)
+        probs = renormalise(logprobs / self.temperature_scale)
         answers = [int(np.argmax(probs[i])) if failed[i] is None else None for i in range(n)]
         return Answers(labels=answers, errors=failed, probs=probs)
 
@@ -230,7 +236,7 @@ def answer_mode(labels: LabelSet, prompt: PromptConfig, tokenizer):
         return ChoiceAnswer(labels, prompt, base)
     if prompt.mode == "json":
         return JsonAnswer(labels, prompt, base)
-    return LabelScores(labels, tokenizer)
+    return LabelScores(labels, tokenizer, prompt.temperature_scale)
 
 
 class VLLMPromptClassifier:

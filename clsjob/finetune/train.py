@@ -20,6 +20,7 @@ from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_t
 from ray.train.torch import TorchTrainer
 
 from clsjob import model_cache, store
+from clsjob.calibration import calibrate
 from clsjob.config import FinetuneConfig, config_hash
 from clsjob.finetune.data import encode, read_labelled, settle_labels
 from clsjob.finetune.model import build_trainable, load_tokenizer
@@ -141,10 +142,30 @@ def train_in(cfg: FinetuneConfig, work: Path) -> None:
     train_out = trainer.train(resume_from_checkpoint=resume_from)
     # Each epoch's evaluation, read before the final one adds its own entry.
     per_epoch = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
-    final_eval = trainer.evaluate() if data.eval_rows else {}
-    summary = training_summary(cfg, data, train_out, per_epoch, final_eval, weights,
+    final_eval, calibration = final_evaluation(trainer, data.eval_rows)
+    summary = training_summary(cfg, data, train_out, per_epoch, final_eval, calibration, weights,
                                resume_from is not None, time.monotonic() - started, device)
     report_final(trainer, data.tokenizer, summary, final_eval, work)
+
+
+def final_evaluation(trainer, eval_rows: list[dict]) -> tuple[dict, dict | None]:
+    """The final model's eval metrics, and the temperature fitted on its eval logits
+    (calibration.py; `merge` writes it into the model folder): one pass over the eval rows.
+    Every worker takes part (the logits are gathered from all of them)."""
+    if not eval_rows:
+        log.info("finetune: no eval rows, so no temperature is fitted (confidences stay raw)")
+        return {}, None
+    out = trainer.predict(eval_rows, metric_key_prefix="eval")
+    calibration = calibrate(out.predictions, out.label_ids)
+    if calibration["at_bound"]:
+        log.warning("finetune: the temperature fit stopped at the edge of its range (%.2f): the "
+                    "eval rows are all right, or the model's answers say little of their labels; "
+                    "more (or harder) eval rows give a temperature to trust",
+                    calibration["temperature"])
+    log.info("finetune: temperature %.3f fitted on %d eval rows: ECE %.4f -> %.4f, NLL %.4f -> %.4f",
+             calibration["temperature"], calibration["rows"], calibration["ece_before"],
+             calibration["ece_after"], calibration["nll_before"], calibration["nll_after"])
+    return out.metrics, calibration
 
 
 @dataclass(frozen=True)
@@ -170,7 +191,8 @@ def load_examples(cfg: FinetuneConfig, base: str) -> Examples:
 
 
 def training_summary(cfg: FinetuneConfig, data: Examples, train_out, per_epoch: list[dict],
-                     final_eval: dict, weights, resumed: bool, wall_s: float, device: str) -> dict:
+                     final_eval: dict, calibration: dict | None, weights, resumed: bool,
+                     wall_s: float, device: str) -> dict:
     """What `clsjob_finetune.json` records (merge reads base_model, method and labels)."""
     tokens = sum(len(r["input_ids"]) for r in data.train_rows) * cfg.training.epochs
     return {
@@ -183,6 +205,8 @@ def training_summary(cfg: FinetuneConfig, data: Examples, train_out, per_epoch: 
         "eval_rows": len(data.eval_rows),
         "epochs": per_epoch,
         "final_eval": final_eval,
+        # The temperature fitted on the eval rows, with ECE and NLL before and after.
+        "calibration": calibration,
         "train_loss": train_out.training_loss,
         "resumed_from_checkpoint": resumed,
         "wall_time_s": round(wall_s, 2),

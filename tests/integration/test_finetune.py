@@ -57,6 +57,15 @@ def test_finetune_writes_adapter_head_and_summary(trained):
     # It learned the task (chance is 1/3).
     assert summary["final_eval"]["eval_accuracy"] >= 0.9
     assert summary["train_tokens_per_s"] > 0
+    # A temperature fitted on the 48 eval rows: accuracy as before, NLL no worse (T = 1 is
+    # among the temperatures searched), recorded with the numbers a user judges it by.
+    cal = summary["calibration"]
+    assert cal["rows"] == 48 and cal["accuracy"] == pytest.approx(summary["final_eval"]["eval_accuracy"])
+    assert 0.05 <= cal["temperature"] <= 100 and cal["temperature"] != 1.0
+    assert cal["nll_after"] <= cal["nll_before"] + 1e-9
+    # Every eval row right (the task is easy): sharper is always better, so the fit stops at
+    # the smallest temperature searched and says so.
+    assert cal["at_bound"] == (cal["accuracy"] == 1.0 and cal["temperature"] == pytest.approx(0.05))
 
 
 def test_merged_folder_reproduces_the_adapter_model(trained, tmp_path):
@@ -64,6 +73,8 @@ def test_merged_folder_reproduces_the_adapter_model(trained, tmp_path):
     out = Path(merge(validate({"adapter": str(root / "adapter"), "output": str(tmp_path / "merged"),
                                "dtype": "float32"}, model=MergeConfig)))
     config = json.loads((out / "config.json").read_text())
+    temperature = json.loads((root / "adapter" / SUMMARY).read_text())["calibration"]["temperature"]
+    assert config["clsjob_temperature"] == temperature  # carried from the summary by merge
     assert config["architectures"] == ["Qwen2ForSequenceClassification"]
     assert config["id2label"] == {"0": "access", "1": "billing", "2": "delivery"}
     assert config["pad_token_id"] is not None and list(out.glob("*.safetensors"))
@@ -76,16 +87,21 @@ def test_merged_folder_reproduces_the_adapter_model(trained, tmp_path):
     texts = task_rows(20, 9)["text"][:20]
     with torch.inference_mode():
         enc = tok(texts, padding=True, return_tensors="pt")
-        want = torch.softmax(adapter_model(**enc).logits, -1).numpy()
+        logits = adapter_model(**enc).logits
+        want = torch.softmax(logits, -1).numpy()
+        calibrated = torch.softmax(logits / temperature, -1).numpy()
     got = predict_probs(merged, merged_tok, texts, 512, 8, "cpu")  # no truncation, as above
     np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(predict_probs(merged, merged_tok, texts, 512, 8, "cpu",
+                                             temperature=temperature), calibrated, atol=1e-5)
     assert (got.argmax(1) == np.array([labels.id_of(WORDS[t.split()[0]]) for t in texts])).mean() >= 0.9
 
     # The same folder served by vLLM's pooling runner, in a Ray worker: this test process has
     # loaded Flask (moto's server), which vLLM's CPU start-up trips over (see the Makefile).
     pytest.importorskip("vllm")
+    # vLLM gives softmax(logits); the back end applies the folder's temperature to them.
     served = ray.get(serve_with_vllm_pool.remote(str(out), labels, texts))
-    np.testing.assert_allclose(np.array(served), want, atol=1e-4)
+    np.testing.assert_allclose(np.array(served), calibrated, atol=1e-4)
 
 
 @ray.remote(num_cpus=1)

@@ -141,6 +141,23 @@ def test_score_probabilities_match_transformers(lm_model, labels):
         np.testing.assert_allclose(probs, expected / expected.sum(), atol=TOLERANCE)
 
 
+def test_score_temperature_scale_divides_the_label_logprobs(lm_model):
+    """backend.prompt.temperature_scale (what `clsjob calibrate` fits): probabilities are
+    softmax(log P(label) / T) over the labels, the label unchanged."""
+    from clsjob.calibration import rescale_probs
+
+    texts = ["the film was a delight", "my card payment was declined", "dull"]
+    raw = actor_for(prompted(lm_model, "score", labels=DISTINCT))(chunk(texts)).to_pylist()
+    scaled = actor_for(prompted(lm_model, "score", labels=DISTINCT, temperature_scale=0.25))(
+        chunk(texts)).to_pylist()
+    want = rescale_probs(np.array([r["probs"] for r in raw]), 0.25)
+    np.testing.assert_allclose([r["probs"] for r in scaled], want, atol=1e-5)
+    assert [r["label"] for r in scaled] == [r["label"] for r in raw]
+    assert all(s["confidence"] > r["confidence"] for s, r in zip(scaled, raw))  # T < 1 sharpens
+    with pytest.raises(ValueError, match="temperature_scale applies to mode: score only"):
+        prompted(lm_model, "choice", temperature_scale=2.0)
+
+
 def test_plain_prompt_without_chat_template(lm_model):
     actor = actor_for(prompted(lm_model, "choice", chat_template="off", system_prompt="Be brief."))
     assert actor.tokenizer.decode(actor.template.tail) == "\nLabel: "

@@ -90,6 +90,24 @@ def test_tallies_add_up_and_survive_json():
     assert merged["f1_macro"] == pytest.approx(whole["f1_macro"])
 
 
+def test_negative_log_likelihood_matches_scikit_learn_across_parts():
+    rng = np.random.default_rng(7)
+    gold = rng.choice(4, size=400)
+    probs = rng.dirichlet(np.ones(4), size=400)
+    names = np.array(LABELS.names)
+    args = lambda s: (names[gold[s]].tolist(), names[probs[s].argmax(1)].tolist(),
+                      probs[s].max(1).tolist(), [None] * len(gold[s]), probs[s].tolist())
+    parts = Tally(n_labels=4)
+    for s in (slice(0, 150), slice(150, None)):
+        parts.add(Tally.from_json(count_rows(LABELS, *args(s)).to_json()))
+    assert summarize(LABELS, parts)["negative_log_likelihood"] == pytest.approx(
+        sk.log_loss(gold, probs, labels=range(4)), rel=1e-9)
+    # A scored row without probabilities (a generating back end) leaves no number to report.
+    mixed = count_rows(LABELS, ["a", "b"], ["a", "b"], [0.9, None], [None, None], [[.9, .1, 0, 0], None])
+    assert summarize(LABELS, mixed)["negative_log_likelihood"] is None
+    assert summarize(LABELS, count_rows(LABELS, *args(slice(0, 10))[:4]))["negative_log_likelihood"] is None
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_coverage_table_against_a_brute_force_count(seed):
     gold, pred, conf = random_run(seed, n=2000)
