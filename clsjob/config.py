@@ -283,6 +283,18 @@ class OutputConfig(Section):
                                "for this long belongs to a run that is gone and is taken over.")
 
 
+class AbstainConfig(Section):
+    """Rows the model is not sure of get a fallback label (or none) instead of a guess."""
+    label: str | None = Field(
+        None, description="The fallback label for rows under the threshold (not one of the "
+                          "model's labels; the metrics score it as one more class). None = "
+                          "no label, and the error `below confidence threshold <below>`.")
+    below: float | None = Field(
+        None, gt=0, le=1, description="Confidence threshold (calibrated, when the model is). "
+                                      "None = the one `clsjob finetune` picked on its eval rows "
+                                      "(config.json's clsjob_abstain_below; hf and vllm_pool).")
+
+
 class ClassifyConfig(Section):
     input: InputConfig
     labels: Labels = Field(
@@ -294,11 +306,30 @@ class ClassifyConfig(Section):
     storage: StorageConfig = StorageConfig()
     cluster: ClusterConfig = ClusterConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    abstain: AbstainConfig | None = Field(
+        None, description="Abstention for rows that fit no label: off unless set.")
 
     @model_validator(mode="before")
     @classmethod
     def _renamed_keys(cls, data: Any) -> Any:
         return rename_keys(data, RENAMED_CLASSIFY_KEYS)
+
+    @model_validator(mode="after")
+    def _abstention_needs_confidence(self) -> "ClassifyConfig":
+        if self.abstain is None:
+            return self
+        b = self.backend
+        if b.kind == "vllm_prompt" and b.prompt.mode != "score":
+            raise ValueError(f"abstain: backend.prompt.mode {b.prompt.mode} gives no confidence "
+                             f"to abstain on; use mode: score")
+        if b.kind == "vllm_prompt" and self.abstain.below is None:
+            raise ValueError("abstain.below: vllm_prompt needs a threshold (only a fine-tuned "
+                             "model folder carries one)")
+        if self.abstain.label is not None and self.labels and \
+                self.abstain.label in [spec.name for spec in self.labels]:
+            raise ValueError(f"abstain.label {self.abstain.label!r} is one of the labels; the "
+                             f"fallback must be a label the model does not give")
+        return self
 
     @model_validator(mode="after")
     def _prompted_needs_labels(self) -> "ClassifyConfig":
@@ -411,6 +442,11 @@ class TrainingConfig(Section):
     keep_best: bool = Field(
         True, description="With eval rows: the final model is the epoch with the best eval "
                           "accuracy, not merely the last one.")
+    abstain_accuracy_loss: float = Field(
+        0.02, ge=0, lt=1, description="With eval rows: the abstention threshold picked (and "
+                                      "written by merge, for classify's abstain.below) is the "
+                                      "highest whose rows under it cost at most this share of "
+                                      "eval accuracy, on calibrated confidence.")
 
 
 class FinetuneOutputConfig(Section):

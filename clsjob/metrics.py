@@ -139,7 +139,8 @@ def count_rows(labels: LabelSet, gold: Sequence[str | None], predicted: Sequence
             y_true.append(labels.id_of(g))
             y_pred.append(labels.id_of(p))
             conf.append(c)
-            if probs is not None and probs[i] is not None:
+            # A gold fallback label (abstention) has no probability of its own: no NLL term.
+            if probs is not None and probs[i] is not None and y_true[-1] < len(probs[i]):
                 t.nll_sum -= math.log(max(probs[i][y_true[-1]], 1e-12))  # as calibration.nll
                 t.nll_rows += 1
     y_true = np.asarray(y_true, dtype=np.int64)

@@ -13,6 +13,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 
 from clsjob import backends, resume, store
+from clsjob.abstain import scored_labels, settle_rule
 from clsjob.config import ClassifyConfig
 from clsjob.contract import MANIFEST
 from clsjob.duplicates import check_duplicate_ids
@@ -36,6 +37,11 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
     configured = LabelSet.from_specs(cfg.labels) if cfg.labels else None
     labels = backends.check_model_and_labels(cfg.backend, configured, cfg.storage)
     temperature = backends.confidence_temperature(cfg.backend, cfg.storage)
+    if cfg.abstain is not None:  # a threshold left out is the model folder's: read it now
+        folder = (backends.check_model_files(cfg.backend, cfg.storage)
+                  if cfg.abstain.below is None else None)
+        cfg = cfg.model_copy(update={"abstain": settle_rule(cfg.abstain, labels, folder,
+                                                            cfg.backend.model)})
     shards, bad_files = usable_shards(cfg)
     # Everything below writes to the output folder: one run at a time.
     with RunLock(cfg.output.path, cfg.storage, cfg.output.stale_lock_after_s) as lock:
@@ -64,7 +70,9 @@ def run_locked(cfg: ClassifyConfig, labels: LabelSet, temperature: float | None,
              rows_in, len(shards), cfg.output.path, len(done))
 
     progress = Progress(sum(s.rows for s in todo))
-    shard_progress = resume.ShardProgress(cfg, work, todo, len(labels))
+    # The classes scored: the model's labels, and abstain.label when rows may get it.
+    scored = scored_labels(labels, cfg.abstain)
+    shard_progress = resume.ShardProgress(cfg, work, todo, len(scored))
     with StallReporter(demand, "classify", cfg.cluster.stall_report_s) as stall:
         for record in stream_labelled_parts(cfg, labels, todo):  # one per part, as it lands
             stall.beat()
@@ -75,7 +83,7 @@ def run_locked(cfg: ClassifyConfig, labels: LabelSet, temperature: float | None,
     # Every shard, done now or by an earlier attempt, is accounted for by its marker.
     markers = {**done, **shard_progress.markers}
     parts = [p for m in markers.values() for p in m["parts"]]
-    total = Tally(n_labels=len(labels))
+    total = Tally(n_labels=len(scored))
     for marker in markers.values():
         total.add(Tally.from_json(marker["tally"]))
     rows_out = sum(p["rows"] for p in parts)
@@ -92,7 +100,7 @@ def run_locked(cfg: ClassifyConfig, labels: LabelSet, temperature: float | None,
         raise RuntimeError(f"rows out ({rows_out}) != rows in ({rows_in}) or shards unfinished; "
                            f"see {MANIFEST}; a rerun resumes")
     if cfg.input.label_column:
-        metrics = write_evaluation(cfg.output.path, cfg.storage, labels, total, summary.rows_per_s,
+        metrics = write_evaluation(cfg.output.path, cfg.storage, scored, total, summary.rows_per_s,
                                    cfg.evaluate.target_accuracy)
         summary = replace(summary, metrics=metrics)
     log.info("classify: done\n%s", summary_table(summary, len(shards), len(bad_files)))

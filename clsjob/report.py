@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from clsjob import store
+from clsjob.abstain import scored_labels
 from clsjob.calibration import calibrate
-from clsjob.config import StorageConfig
+from clsjob.config import AbstainConfig, StorageConfig
 from clsjob.contract import CALIBRATION, MANIFEST, METRICS, REPORT
 from clsjob.labels import LabelSet
 from clsjob.metrics import Tally, count_rows, summarize
@@ -28,7 +29,8 @@ def evaluate_output(output: str, storage: StorageConfig, target_accuracy: float 
     gold_column = manifest.get("gold_column")
     if not gold_column:
         raise InputError(f"{output}: the run had no input.label_column, nothing to evaluate")
-    labels = LabelSet(tuple(manifest["labels"]))
+    rule = manifest.get("abstain")
+    labels = scored_labels(LabelSet(tuple(manifest["labels"])), AbstainConfig(**rule) if rule else None)
     counts = Tally(n_labels=len(labels))
     for part in manifest["parts"]:
         t = store.read_table(store.join(output, part["part"]), storage,

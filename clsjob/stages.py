@@ -12,6 +12,7 @@ import pyarrow as pa
 import ray
 
 from clsjob import backends, store
+from clsjob.abstain import apply_abstention, scored_labels
 from clsjob.config import ClassifyConfig, InputConfig, StorageConfig
 from clsjob.contract import PART, PART_ROWS, PartRecord, output_table
 from clsjob.labels import LabelSet
@@ -44,7 +45,7 @@ def stream_labelled_parts(cfg: ClassifyConfig, labels: LabelSet,
             compute=actor_pool(cfg.resources),
             **actor_placement(cfg))
     ds = ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow",
-                        fn_kwargs={"cfg": cfg, "labels": labels})
+                        fn_kwargs={"cfg": cfg, "labels": scored_labels(labels, cfg.abstain)})
     for row in ds.iter_rows():
         yield PartRecord.from_row(row)
 
@@ -65,8 +66,9 @@ def read_chunks(batch: pa.Table, input_cfg: InputConfig, chunk_rows: int,
 
 
 def write_parts(table: pa.Table, cfg: ClassifyConfig, labels: LabelSet) -> pa.Table:
-    """Write stage (Ray task): each labelled chunk becomes one part; returns one PartRecord
-    row per part, so the driver never re-reads the output to evaluate it."""
+    """Write stage (Ray task): each labelled chunk becomes one part, rows under the
+    abstention threshold relabelled; returns one PartRecord row per part (counted over
+    `labels`, the classes scored), so the driver never re-reads the output to evaluate it."""
     records = []
     for name in sorted(set(table.column(PART).to_pylist())):
         chunk = table.filter(pa.compute.equal(table.column(PART), name))
@@ -74,7 +76,7 @@ def write_parts(table: pa.Table, cfg: ClassifyConfig, labels: LabelSet) -> pa.Ta
         if chunk.num_rows != expected:
             # Guard for the invariant above: a split chunk would write a short part and lose rows.
             raise RuntimeError(f"part {name}: got {chunk.num_rows} of {expected} rows in one batch")
-        written = output_table(chunk, cfg)
+        written = apply_abstention(output_table(chunk, cfg), cfg.abstain)
         store.write_part(written, store.join(cfg.output.path, name), cfg.storage)
         records.append(PartRecord.of(written, chunk, labels).to_row())
     return pa.Table.from_pylist(records)

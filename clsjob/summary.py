@@ -64,6 +64,9 @@ def build_manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, temperature
         # What the probabilities were scaled by: softmax(logits / T) (calibration.py); 1 =
         # uncalibrated, null = the back end gives no probabilities.
         "temperature": temperature,
+        # Rows under abstain.below got abstain.label (or an error); the metrics score that
+        # label as one more class after `labels`.
+        "abstain": cfg.abstain.model_dump() if cfg.abstain else None,
         "labels": list(labels.names),
         "id_column": id_column(cfg.input),
         "text_column": cfg.input.text_column,

@@ -11,6 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
 from clsjob import model_cache, store
+from clsjob.abstain import THRESHOLD_KEY
 from clsjob.calibration import TEMPERATURE_KEY
 from clsjob.config import MergeConfig
 from clsjob.finetune.model import load_base_classifier, load_tokenizer
@@ -43,8 +44,11 @@ def merge(cfg: MergeConfig) -> str:
                                                                    use_safetensors=True)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.id2label, model.config.label2id = labels.id2label(), labels.label2id()
-    if info.get("calibration"):  # fitted on the eval rows; hf and vllm_pool apply it
-        setattr(model.config, TEMPERATURE_KEY, info["calibration"]["temperature"])
+    calibration = info.get("calibration")
+    if calibration:  # fitted on the eval rows; hf and vllm_pool apply it
+        setattr(model.config, TEMPERATURE_KEY, calibration["temperature"])
+        if calibration.get("abstain"):  # classify's abstain.below when it is left out
+            setattr(model.config, THRESHOLD_KEY, calibration["abstain"]["below"])
 
     def write(out: Path) -> None:
         model.save_pretrained(out, max_shard_size=cfg.max_shard_size)

@@ -20,7 +20,8 @@ from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_t
 from ray.train.torch import TorchTrainer
 
 from clsjob import model_cache, store
-from clsjob.calibration import calibrate
+from clsjob.abstain import pick_threshold
+from clsjob.calibration import calibrate, scaled_softmax
 from clsjob.config import FinetuneConfig, config_hash
 from clsjob.finetune.data import encode, read_labelled, settle_labels
 from clsjob.finetune.model import build_trainable, load_tokenizer
@@ -31,7 +32,7 @@ from clsjob.placement import check_placement, ensure_ray, training_demand
 
 log = logging.getLogger("clsjob")
 # Settings that do not change what is trained: the run name (and so its checkpoints) ignores them.
-NOT_TRAINING = {"cluster": True, "storage": {"model_cache"}}
+NOT_TRAINING = {"cluster": True, "storage": {"model_cache"}, "training": {"abstain_accuracy_loss"}}
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
@@ -142,16 +143,18 @@ def train_in(cfg: FinetuneConfig, work: Path) -> None:
     train_out = trainer.train(resume_from_checkpoint=resume_from)
     # Each epoch's evaluation, read before the final one adds its own entry.
     per_epoch = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
-    final_eval, calibration = final_evaluation(trainer, data.eval_rows)
+    final_eval, calibration = final_evaluation(trainer, data.eval_rows,
+                                               cfg.training.abstain_accuracy_loss)
     summary = training_summary(cfg, data, train_out, per_epoch, final_eval, calibration, weights,
                                resume_from is not None, time.monotonic() - started, device)
     report_final(trainer, data.tokenizer, summary, final_eval, work)
 
 
-def final_evaluation(trainer, eval_rows: list[dict]) -> tuple[dict, dict | None]:
-    """The final model's eval metrics, and the temperature fitted on its eval logits
-    (calibration.py; `merge` writes it into the model folder): one pass over the eval rows.
-    Every worker takes part (the logits are gathered from all of them)."""
+def final_evaluation(trainer, eval_rows: list[dict], max_accuracy_loss: float) -> tuple[dict, dict | None]:
+    """The final model's eval metrics, the temperature fitted on its eval logits
+    (calibration.py) and the abstention threshold picked on the calibrated confidences
+    (abstain.py), both of which `merge` writes into the model folder: one pass over the eval
+    rows. Every worker takes part (the logits are gathered from all of them)."""
     if not eval_rows:
         log.info("finetune: no eval rows, so no temperature is fitted (confidences stay raw)")
         return {}, None
@@ -165,6 +168,10 @@ def final_evaluation(trainer, eval_rows: list[dict]) -> tuple[dict, dict | None]
     log.info("finetune: temperature %.3f fitted on %d eval rows: ECE %.4f -> %.4f, NLL %.4f -> %.4f",
              calibration["temperature"], calibration["rows"], calibration["ece_before"],
              calibration["ece_after"], calibration["nll_before"], calibration["nll_after"])
+    calibrated = scaled_softmax(out.predictions, calibration["temperature"])
+    below = pick_threshold(calibrated, out.label_ids, max_accuracy_loss)
+    calibration["abstain"] = {"below": round(below, 6), "max_accuracy_loss": max_accuracy_loss,
+                              "eval_rows_under": int((calibrated.max(axis=1) < below).sum())}
     return out.metrics, calibration
 
 
@@ -205,7 +212,8 @@ def training_summary(cfg: FinetuneConfig, data: Examples, train_out, per_epoch: 
         "eval_rows": len(data.eval_rows),
         "epochs": per_epoch,
         "final_eval": final_eval,
-        # The temperature fitted on the eval rows, with ECE and NLL before and after.
+        # The temperature fitted on the eval rows, with ECE and NLL before and after, and
+        # the abstention threshold picked on them (`abstain`).
         "calibration": calibration,
         "train_loss": train_out.training_loss,
         "resumed_from_checkpoint": resumed,

@@ -107,3 +107,44 @@ def test_a_bad_temperature_fails_before_any_row_is_read(qwen_model, labelled, tm
     with pytest.raises(ModelError, match=r"bad: config.json's clsjob_temperature must be a positive number, not -1"):
         classify(bad, labelled, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_abstention_relabels_unsure_rows_and_scores_the_fallback(qwen_model, labelled, ray_cluster, tmp_path):
+    """abstain.below left out: the threshold the model folder carries. Rows under it get the
+    fallback label; gold rows carrying that label are scored as a class of their own."""
+    folder = with_temperature(qwen_model, tmp_path / "m", 1.0)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "clsjob_abstain_below": 0.36}))
+    oos = tmp_path / "oos"
+    write_shards(oos, [{"text": sample_texts(60, seed=7), "label": ["out_of_scope"] * 30 + [LABELS[0]] * 30}])
+    plain = classify(folder, oos, tmp_path / "plain")
+    summary = run_classify(validate({
+        "input": {"path": str(oos), "label_column": "label"},
+        "backend": {"model": str(folder), "max_length": 64, "dtype": "float32"},
+        "abstain": {"label": "out_of_scope"},
+        "output": {"path": str(tmp_path / "abstained"), "rows_per_part": 50}}, model=ClassifyConfig))
+    a, b = rows_by_id(tmp_path / "plain"), rows_by_id(tmp_path / "abstained")
+    under = {i for i in a if a[i]["confidence"] < 0.36}
+    assert 0 < len(under) < 60  # the tiny model's confidences straddle the threshold
+    assert all(b[i]["label"] == ("out_of_scope" if i in under else a[i]["label"]) for i in a)
+    assert all(b[i]["confidence"] == a[i]["confidence"] and b[i]["error"] is None for i in a)
+    manifest = json.loads((tmp_path / "abstained" / "_manifest.json").read_text())
+    assert manifest["abstain"] == {"label": "out_of_scope", "below": 0.36}
+    assert manifest["labels"] == list(LABELS)  # probs stay in the model's label order
+    m = summary.metrics
+    assert m["labels"] == [*LABELS, "out_of_scope"] and m["rows_scored"] == 60
+    assert plain.metrics["rows_scored"] == 30  # without abstention, out_of_scope is outside the set
+    gold_oos = [i for i in b if b[i]["gold"] == "out_of_scope"]
+    recall = sum(b[i]["label"] == "out_of_scope" for i in gold_oos) / len(gold_oos)
+    assert m["per_class"]["out_of_scope"]["recall"] == pytest.approx(recall)
+    assert m["negative_log_likelihood"] is None  # the fallback has no probability of its own
+    (tmp_path / "abstained" / "_metrics.json").unlink()
+    from clsjob.report import evaluate_output
+    assert evaluate_output(str(tmp_path / "abstained"), StorageConfig())["confusion_matrix"] == m["confusion_matrix"]
+
+
+def test_abstention_without_a_threshold_anywhere_is_refused(qwen_model, labelled, tmp_path):
+    with pytest.raises(Exception, match="carries no usable clsjob_abstain_below"):
+        run_classify(validate({
+            "input": {"path": str(labelled)}, "backend": {"model": str(qwen_model)},
+            "abstain": {"label": "oos"}, "output": {"path": str(tmp_path / "o")}}, model=ClassifyConfig))

@@ -66,6 +66,9 @@ def test_finetune_writes_adapter_head_and_summary(trained):
     # Every eval row right (the task is easy): sharper is always better, so the fit stops at
     # the smallest temperature searched and says so.
     assert cal["at_bound"] == (cal["accuracy"] == 1.0 and cal["temperature"] == pytest.approx(0.05))
+    # The abstention threshold picked on the calibrated eval confidences (2 points at most).
+    assert 0 < cal["abstain"]["below"] <= 1 and cal["abstain"]["max_accuracy_loss"] == 0.02
+    assert cal["abstain"]["eval_rows_under"] <= 0.02 * 48 + (48 - 48 * cal["accuracy"])
 
 
 def test_merged_folder_reproduces_the_adapter_model(trained, tmp_path):
@@ -75,6 +78,8 @@ def test_merged_folder_reproduces_the_adapter_model(trained, tmp_path):
     config = json.loads((out / "config.json").read_text())
     temperature = json.loads((root / "adapter" / SUMMARY).read_text())["calibration"]["temperature"]
     assert config["clsjob_temperature"] == temperature  # carried from the summary by merge
+    assert config["clsjob_abstain_below"] == json.loads((root / "adapter" / SUMMARY).read_text())[
+        "calibration"]["abstain"]["below"]
     assert config["architectures"] == ["Qwen2ForSequenceClassification"]
     assert config["id2label"] == {"0": "access", "1": "billing", "2": "delivery"}
     assert config["pad_token_id"] is not None and list(out.glob("*.safetensors"))

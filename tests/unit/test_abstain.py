@@ -1,0 +1,90 @@
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from clsjob.abstain import apply_abstention, pick_threshold, scored_labels, settle_rule
+from clsjob.config import AbstainConfig, ClassifyConfig, validate
+from clsjob.contract import RESULT_FIELDS
+from clsjob.labels import LabelError, LabelSet
+
+LABELS = LabelSet(("billing", "delivery"))
+
+
+def part(confidence, error=None):
+    n = len(confidence)
+    error = error or [None] * n
+    return pa.table({
+        "id": [str(i) for i in range(n)],
+        "label": pa.array([None if e else "billing" for e in error], RESULT_FIELDS["label"]),
+        "confidence": pa.array(confidence, RESULT_FIELDS["confidence"]),
+        "error": pa.array(error, RESULT_FIELDS["error"])})
+
+
+def test_rows_under_the_threshold_get_the_fallback_label():
+    out = apply_abstention(part([0.9, 0.4, 0.5, None], [None, None, None, "text is empty"]),
+                           AbstainConfig(label="out_of_scope", below=0.5))
+    assert out.column("label").to_pylist() == ["billing", "out_of_scope", "billing", None]
+    assert out.column("confidence").to_pylist()[1] == pytest.approx(0.4)  # the model's, kept
+    assert out.column("error").to_pylist() == [None, None, None, "text is empty"]
+    assert out.schema == part([0.1]).schema
+
+
+def test_without_a_fallback_label_the_row_says_why_it_has_none():
+    out = apply_abstention(part([0.9, 0.3]), AbstainConfig(label=None, below=0.75))
+    assert out.column("label").to_pylist() == ["billing", None]
+    assert out.column("error").to_pylist() == [None, "below confidence threshold 0.75"]
+
+
+def test_no_rule_or_no_row_under_it_leaves_the_part_as_it_is():
+    table = part([0.9, 0.8])
+    assert apply_abstention(table, None) is table
+    assert apply_abstention(table, AbstainConfig(label="x", below=0.5)) is table
+
+
+def test_the_fallback_is_scored_as_one_more_class():
+    assert scored_labels(LABELS, AbstainConfig(label="oos", below=0.5)).names == ("billing", "delivery", "oos")
+    assert scored_labels(LABELS, AbstainConfig(label=None, below=0.5)) is LABELS
+    assert scored_labels(LABELS, None) is LABELS
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_picked_threshold_is_the_highest_within_the_budget(seed):
+    rng = np.random.default_rng(seed)
+    n = 400
+    probs = rng.dirichlet(np.ones(3) * 0.6, size=n)
+    probs[: n // 4, :] = probs[0]  # ties, which a threshold cannot split
+    gold = np.where(rng.random(n) < 0.75, probs.argmax(axis=1), rng.integers(0, 3, size=n))
+    loss = [0.0, 0.02, 0.1][seed % 3]
+    below = pick_threshold(probs, gold, loss)
+    conf, right = probs.max(axis=1), probs.argmax(axis=1) == gold
+
+    def cost(t):  # right rows given up, as a share of all rows
+        return (right & (conf < t)).sum() / n
+
+    assert cost(below) <= loss + 1e-12
+    # Brute force over every candidate threshold: none higher keeps within the budget.
+    higher = [t for t in np.unique(np.append(conf, np.nextafter(conf.max(), 2))) if t > below]
+    assert all(cost(t) > loss for t in higher)
+
+
+def test_settling_the_rule_on_the_driver():
+    rule = AbstainConfig(label="oos", below=None)
+    assert settle_rule(rule, LABELS, {"clsjob_abstain_below": 0.61}, "m").below == 0.61
+    assert settle_rule(None, LABELS, None, "m") is None
+    with pytest.raises(LabelError, match="carries no usable clsjob_abstain_below"):
+        settle_rule(rule, LABELS, {}, "m")
+    with pytest.raises(LabelError, match="'billing' is one of the model's labels"):
+        settle_rule(AbstainConfig(label="billing", below=0.5), LABELS, None, "m")
+
+
+def test_the_config_refuses_abstention_without_confidence():
+    base = {"input": {"path": "x"}, "output": {"path": "y"}, "labels": ["a", "b"]}
+    prompted = {"kind": "vllm_prompt", "model": "m", "prompt": {"mode": "choice"}}
+    with pytest.raises(Exception, match="gives no confidence to abstain on"):
+        validate({**base, "backend": prompted, "abstain": {"below": 0.5}}, model=ClassifyConfig)
+    with pytest.raises(Exception, match="vllm_prompt needs a threshold"):
+        validate({**base, "backend": {**prompted, "prompt": {"mode": "score"}}, "abstain": {}},
+                 model=ClassifyConfig)
+    with pytest.raises(Exception, match="'a' is one of the labels"):
+        validate({**base, "backend": {"model": "m"}, "abstain": {"label": "a", "below": 0.5}},
+                 model=ClassifyConfig)
