@@ -267,6 +267,25 @@ class ResourcesConfig(Section):
     cpus_per_actor: float = Field(1, gt=0, description="CPUs per actor (torch threads follow).")
 
 
+class ReviewConfig(Section):
+    """Rows a person should label first, written to `_review/review.parquet`."""
+    rows: int | None = Field(None, gt=0, le=100_000, description="How many rows (per label with "
+                                                                 "per_label).")
+    fraction: float | None = Field(None, gt=0, le=1, description="Or this share of the run's "
+                                                                 "rows (at most 100,000).")
+    strategy: Literal["least_confident", "margin", "entropy"] = Field(
+        "least_confident", description="least_confident = lowest top probability first; "
+                                       "margin = smallest gap between the top two; entropy = "
+                                       "most spread-out probabilities. Ties: by id.")
+    per_label: bool = Field(False, description="Pick `rows` for each predicted label.")
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "ReviewConfig":
+        if (self.rows is None) == (self.fraction is None):
+            raise ValueError("output.review: set exactly one of rows and fraction")
+        return self
+
+
 class OutputConfig(Section):
     path: str = Field(description="Output folder (local or s3://) for parts and reports.")
     rows_per_part: int = Field(
@@ -274,6 +293,8 @@ class OutputConfig(Section):
                                 "written whole. Part of what decides the rows written: a rerun "
                                 "with another value is another run.")
     keep_text: bool = Field(True, description="Copy the text column into the output.")
+    review: ReviewConfig | None = Field(
+        None, description="Rows for review (active learning): off unless set.")
     overwrite: bool = Field(
         False, description="Redo the run from scratch. Off: a rerun resumes unfinished work "
                            "and a finished run is left as it is.")
@@ -313,6 +334,14 @@ class ClassifyConfig(Section):
     @classmethod
     def _renamed_keys(cls, data: Any) -> Any:
         return rename_keys(data, RENAMED_CLASSIFY_KEYS)
+
+    @model_validator(mode="after")
+    def _review_needs_probabilities(self) -> "ClassifyConfig":
+        b = self.backend
+        if self.output.review and b.kind == "vllm_prompt" and b.prompt.mode != "score":
+            raise ValueError(f"output.review: backend.prompt.mode {b.prompt.mode} gives no "
+                             f"probabilities to rank rows by; use mode: score")
+        return self
 
     @model_validator(mode="after")
     def _abstention_needs_confidence(self) -> "ClassifyConfig":

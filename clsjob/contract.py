@@ -6,7 +6,7 @@ A new output column is one entry in RESULT_FIELDS (and the back end that fills i
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -90,10 +90,13 @@ class PartRecord:
     cleaned: int
     dtype: str | None  # what the model ran in (None where a back end does not say)
     counts: Tally
+    review: list = field(default_factory=list)  # the part's best rows to review (review.py)
 
     @classmethod
-    def of(cls, written: pa.Table, chunk: pa.Table, labels: LabelSet) -> "PartRecord":
-        """The record of `written` (output_table of `chunk`, one whole part)."""
+    def of(cls, written: pa.Table, chunk: pa.Table, labels: LabelSet,
+           review: list | None = None) -> "PartRecord":
+        """The record of `written` (output_table of `chunk`, one whole part); `review`: its
+        candidate rows for review."""
         errors = written.column("error").to_pylist()
         gold = (written.column(GOLD).to_pylist() if GOLD in written.column_names
                 else [None] * written.num_rows)
@@ -105,7 +108,7 @@ class PartRecord:
                    truncated=sum(bool(t) for t in written.column("truncated").to_pylist()),
                    cleaned=pc.sum(chunk.column(CLEANED)).as_py() or 0,
                    dtype=chunk.column(DTYPE)[0].as_py() if DTYPE in chunk.column_names else None,
-                   counts=counts)
+                   counts=counts, review=review or [])
 
     def entry(self) -> dict:
         """The part as markers and the manifest list it."""
@@ -115,7 +118,7 @@ class PartRecord:
     # Between the write stage and the driver a record travels as one JSON string: as an Arrow
     # struct, the counts of many parts would be unified into one schema and grow null keys.
     def to_row(self) -> dict:
-        return {"shard": self.shard, "record": json.dumps({**self.entry(),
+        return {"shard": self.shard, "record": json.dumps({**self.entry(), "review": self.review,
                                                            "counts": self.counts.to_json()})}
 
     @classmethod

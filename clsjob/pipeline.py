@@ -23,6 +23,7 @@ from clsjob.metrics import Tally
 from clsjob.placement import StallReporter, check_placement, classify_demand, ensure_ray
 from clsjob.prepare import check_schema
 from clsjob.report import write_evaluation
+from clsjob.review import REVIEW, best, review_size, write_review
 from clsjob.stages import stream_labelled_parts
 from clsjob.store import InputError
 from clsjob.summary import Progress, RunSummary, build_manifest, summary_of, summary_table
@@ -72,9 +73,10 @@ def run_locked(cfg: ClassifyConfig, labels: LabelSet, temperature: float | None,
     progress = Progress(sum(s.rows for s in todo))
     # The classes scored: the model's labels, and abstain.label when rows may get it.
     scored = scored_labels(labels, cfg.abstain)
-    shard_progress = resume.ShardProgress(cfg, work, todo, len(scored))
+    review_rows = review_size(cfg.output.review, rows_in) if cfg.output.review else 0
+    shard_progress = resume.ShardProgress(cfg, work, todo, len(scored), review_rows)
     with StallReporter(demand, "classify", cfg.cluster.stall_report_s) as stall:
-        for record in stream_labelled_parts(cfg, labels, todo):  # one per part, as it lands
+        for record in stream_labelled_parts(cfg, labels, todo, review_rows):  # one per part, as it lands
             stall.beat()
             shard_progress.add(record)
             progress.update(record.rows)
@@ -93,8 +95,15 @@ def run_locked(cfg: ClassifyConfig, labels: LabelSet, temperature: float | None,
         raise RunLocked(f"another run took {cfg.output.path} over during this one; "
                         f"its manifest is left to that run")
     complete = rows_out == rows_in and len(markers) == len(shards)
-    store.write_json(build_manifest(cfg, work, labels, temperature, shards, bad_files, duplicates,
-                                    set(markers), parts, summary, started, complete),
+    review = None
+    if cfg.output.review and complete:  # every shard's best rows, from its marker: no re-read
+        rule = cfg.output.review
+        picked = best((c for m in markers.values() for c in m.get("review", [])), review_rows,
+                      rule.per_label)
+        write_review(picked, cfg.output.path, cfg.storage)
+        review = {"path": REVIEW, "rows": len(picked), **rule.model_dump()}
+    store.write_json(build_manifest(cfg, work, labels, temperature, review, shards, bad_files,
+                                    duplicates, set(markers), parts, summary, started, complete),
                      store.join(cfg.output.path, MANIFEST), cfg.storage)
     if not complete:
         raise RuntimeError(f"rows out ({rows_out}) != rows in ({rows_in}) or shards unfinished; "

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from clsjob import store
 from clsjob.config import ClassifyConfig
 from clsjob.contract import CALIBRATION, MANIFEST, METRICS, PROGRESS, REPORT, PartRecord
+from clsjob.review import REVIEW, best
 from clsjob.metrics import Tally
 
 log = logging.getLogger("clsjob")
@@ -44,7 +45,7 @@ def clear(output: str, storage) -> None:
     """--overwrite: forget a previous run, parts included."""
     for part in store.list_parts(output, storage):
         store.remove(part, storage)
-    for name in (PROGRESS, MANIFEST, METRICS, REPORT, CALIBRATION):
+    for name in (PROGRESS, MANIFEST, METRICS, REPORT, CALIBRATION, REVIEW):
         store.remove(store.join(output, name), storage)
 
 
@@ -81,8 +82,10 @@ class ShardProgress:
     """Collects the written parts' records per shard; marks a shard done when all its rows
     are written."""
 
-    def __init__(self, cfg: ClassifyConfig, work: str, shards: list[store.ShardInfo], n_labels: int):
-        self.cfg, self.work, self.n_labels = cfg, work, n_labels
+    def __init__(self, cfg: ClassifyConfig, work: str, shards: list[store.ShardInfo], n_labels: int,
+                 review_rows: int = 0):
+        self.cfg, self.work, self.n_labels, self.review_rows = cfg, work, n_labels, review_rows
+        self.review: dict[str, list[dict]] = {s.key: [] for s in shards}
         self.rows = {s.key: s.rows for s in shards}
         self.parts: dict[str, list[dict]] = {s.key: [] for s in shards}
         self.tallies = {s.key: Tally(n_labels=n_labels) for s in shards}
@@ -95,12 +98,15 @@ class ShardProgress:
         key = record.shard
         self.parts[key].append(record.entry())
         self.tallies[key].add(record.counts)
+        if record.review:  # the shard's best rows so far: bounded, whatever the shard's size
+            self.review[key] = best([*self.review[key], *record.review], self.review_rows,
+                                    self.cfg.output.review.per_label)
         if sum(p["rows"] for p in self.parts[key]) == self.rows[key]:
             self._mark(key)
 
     def _mark(self, key: str) -> None:
         marker = {"shard": key, "rows": self.rows[key], "work_hash": self.work,
                   "parts": sorted(self.parts[key], key=lambda p: p["part"]),
-                  "tally": self.tallies[key].to_json()}
+                  "tally": self.tallies[key].to_json(), "review": self.review[key]}
         store.write_json(marker, marker_url(self.cfg.output.path, key), self.cfg.storage)
         self.markers[key] = marker

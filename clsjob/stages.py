@@ -14,16 +14,17 @@ import ray
 from clsjob import backends, store
 from clsjob.abstain import apply_abstention, scored_labels
 from clsjob.config import ClassifyConfig, InputConfig, StorageConfig
-from clsjob.contract import PART, PART_ROWS, PartRecord, output_table
+from clsjob.contract import GOLD, PART, PART_ROWS, PartRecord, id_column, output_table
 from clsjob.labels import LabelSet
 from clsjob.placement import actor_placement
+from clsjob.review import part_candidates
 from clsjob.prepare import needed_columns, prepare_chunk
 
 
-def stream_labelled_parts(cfg: ClassifyConfig, labels: LabelSet,
-                          shards: list[store.ShardInfo]) -> Iterator[PartRecord]:
+def stream_labelled_parts(cfg: ClassifyConfig, labels: LabelSet, shards: list[store.ShardInfo],
+                          review_rows: int = 0) -> Iterator[PartRecord]:
     """The Ray Data pipeline: read + prepare (tasks) -> classify (actor pool) -> write (tasks).
-    Yields a PartRecord as each part lands."""
+    Yields a PartRecord as each part lands (with its best `review_rows` rows for review)."""
     if not any(s.rows for s in shards):
         return
     ds = ray.data.from_items([{"path": s.path, "key": s.key} for s in shards],
@@ -45,7 +46,8 @@ def stream_labelled_parts(cfg: ClassifyConfig, labels: LabelSet,
             compute=actor_pool(cfg.resources),
             **actor_placement(cfg))
     ds = ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow",
-                        fn_kwargs={"cfg": cfg, "labels": scored_labels(labels, cfg.abstain)})
+                        fn_kwargs={"cfg": cfg, "labels": scored_labels(labels, cfg.abstain),
+                                   "review_rows": review_rows})
     for row in ds.iter_rows():
         yield PartRecord.from_row(row)
 
@@ -65,7 +67,7 @@ def read_chunks(batch: pa.Table, input_cfg: InputConfig, chunk_rows: int,
             yield prepare_chunk(table, key, start, input_cfg)
 
 
-def write_parts(table: pa.Table, cfg: ClassifyConfig, labels: LabelSet) -> pa.Table:
+def write_parts(table: pa.Table, cfg: ClassifyConfig, labels: LabelSet, review_rows: int = 0) -> pa.Table:
     """Write stage (Ray task): each labelled chunk becomes one part, rows under the
     abstention threshold relabelled; returns one PartRecord row per part (counted over
     `labels`, the classes scored), so the driver never re-reads the output to evaluate it."""
@@ -78,5 +80,8 @@ def write_parts(table: pa.Table, cfg: ClassifyConfig, labels: LabelSet) -> pa.Ta
             raise RuntimeError(f"part {name}: got {chunk.num_rows} of {expected} rows in one batch")
         written = apply_abstention(output_table(chunk, cfg), cfg.abstain)
         store.write_part(written, store.join(cfg.output.path, name), cfg.storage)
-        records.append(PartRecord.of(written, chunk, labels).to_row())
+        review = (part_candidates(written, chunk.column(cfg.input.text_column).to_pylist(),
+                                  id_column(cfg.input), GOLD if cfg.input.label_column else None,
+                                  cfg.output.review, review_rows) if cfg.output.review else [])
+        records.append(PartRecord.of(written, chunk, labels, review).to_row())
     return pa.Table.from_pylist(records)

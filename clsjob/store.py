@@ -192,8 +192,10 @@ def list_parts(output: str, storage: StorageConfig) -> list[str]:
     fs, p = filesystem(output, storage)
     if not fs.exists(p):
         return []
+    # Files and folders named "_..." or "..." are the run's own (_review/, _progress/), as
+    # Spark and pyarrow's dataset discovery also take them to be.
     return sorted(_url(fs, m) for m in fs.find(p) if m.endswith(".parquet")
-                  and not posixpath.basename(m).startswith(("_", ".")))
+                  and not any(c.startswith(("_", ".")) for c in posixpath.relpath(m, p).split("/")))
 
 
 def read_table(url: str, storage: StorageConfig, columns: list[str] | None = None) -> pa.Table:

@@ -48,7 +48,7 @@ class Progress:
 
 
 def build_manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, temperature: float | None,
-                   shards: list[store.ShardInfo], bad_files: list[str],
+                   review: dict | None, shards: list[store.ShardInfo], bad_files: list[str],
                    duplicates: DuplicateIds | None, done: set[str], parts: list[dict],
                    summary: RunSummary, started: datetime, complete: bool) -> dict:
     return {
@@ -67,6 +67,8 @@ def build_manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, temperature
         # Rows under abstain.below got abstain.label (or an error); the metrics score that
         # label as one more class after `labels`.
         "abstain": cfg.abstain.model_dump() if cfg.abstain else None,
+        # output.review: where the rows for review are, how many, and how they were picked.
+        "review": review,
         "labels": list(labels.names),
         "id_column": id_column(cfg.input),
         "text_column": cfg.input.text_column,

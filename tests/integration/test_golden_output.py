@@ -5,9 +5,10 @@ names a temporary path are left out; floats compare within 1e-5 (CPUs' kernels d
 last bits), so the model runs in float32 on every CPU. Since then the manifest has gained the
 dtype each part ran in (`dtypes`, and `dtype` per part), added to the file by hand, and the
 metrics and report their accuracy-against-coverage table, then the manifest its `temperature`
-(1.0: the tiny model carries none) and the metrics and report the negative log-likelihood,
-each taken from a run of the code that added it (nothing else in the file changed). To write the golden file with some other version
-of clsjob on the path:
+(1.0: the tiny model carries none), `abstain` and `review` (null: not asked for), and the
+metrics and report the negative log-likelihood, each taken from a run of the code that added
+it (nothing else in the file changed). To write the golden file with some other version of
+clsjob on the path:
 
     PYTHONPATH=<that checkout>:tests python tests/integration/test_golden_output.py OUT.json
 """
