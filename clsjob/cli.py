@@ -14,10 +14,12 @@ from clsjob.backends import ModelError
 from clsjob.store import InputError
 from clsjob.labels import LabelError
 from clsjob.lock import RunLocked
+from clsjob.monitor import DriftAlert
 from clsjob.placement import PlacementError
 from clsjob.resume import OutputConflict
 
 log = logging.getLogger("clsjob")
+DRIFT_EXIT = 3  # jobs/nightly.sh does not retry it
 CONFIGS = {"classify": ClassifyConfig, "finetune": FinetuneConfig, "merge": MergeConfig}
 # Errors whose message tells the user what to fix; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ConfigError, InputError, LabelError, ModelError, OutputConflict, RunLocked,
@@ -105,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"clsjob {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except DriftAlert as exc:  # its own code: the run is complete, a scheduler should alert
+        print(f"clsjob {args.command}: drift: {exc}", file=sys.stderr)
+        return DRIFT_EXIT
     print(json.dumps(result, indent=2, default=str))
     if args.command == "demo" and not result["passed"]:
         print(f"clsjob demo: error: accuracy {result['accuracy']:.3f} is below the demo's floor "

@@ -9,7 +9,7 @@ import copy
 import hashlib
 import logging
 import re
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -304,6 +304,28 @@ class OutputConfig(Section):
                                "for this long belongs to a run that is gone and is taken over.")
 
 
+class DriftLimits(Section):
+    psi: float | None = Field(None, gt=0, description="Population stability index of the label "
+                                                      "distribution (0.2 is the usual alarm).")
+    js: float | None = Field(None, gt=0, le=1, description="Jensen-Shannon divergence (base 2) of "
+                                                           "the label distribution.")
+    mean_confidence_shift: float | None = Field(
+        None, gt=0, description="Largest change of the mean confidence, either way.")
+
+
+class MonitorConfig(Section):
+    """Label drift against an earlier run. Not part of the work hash: it changes no row."""
+    baseline: str | None = Field(
+        None, description="An earlier run's output folder (local or s3://), or a {date} "
+                          "template with an offset, e.g. .../date={date-1:%Y%m%d}/ for the day "
+                          "before. None = no comparison (the distribution is still recorded).")
+    below: float = Field(0.5, gt=0, le=1, description="The review threshold: the share of rows "
+                                                      "under it is compared too.")
+    fail_above: DriftLimits = Field(
+        default_factory=DriftLimits, description="Limits past which the run exits with code 3, "
+                                                 "after writing every output, so a scheduler alerts.")
+
+
 class AbstainConfig(Section):
     """Rows the model is not sure of get a fallback label (or none) instead of a guess."""
     label: str | None = Field(
@@ -329,6 +351,7 @@ class ClassifyConfig(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     abstain: AbstainConfig | None = Field(
         None, description="Abstention for rows that fit no label: off unless set.")
+    monitor: MonitorConfig = MonitorConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -530,12 +553,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-DATE_TEMPLATE = re.compile(r"\{date(?::([^}]*))?\}")
+DATE_TEMPLATE = re.compile(r"\{date([+-]\d+)?(?::([^}]*))?\}")
 
 
 def fill_dates(data: Any, day: date | None, key: str = "") -> Any:
     """Replace `{date}` (ISO, 2026-11-29) and `{date:<strftime>}` (e.g. `{date:%Y/%m/%d}`) in
-    every string of the config: one config file serves every day of a nightly schedule."""
+    every string of the config: one config file serves every day of a nightly schedule. An
+    offset in days names another day: `{date-1}` is the day before (monitor.baseline)."""
     if isinstance(data, dict):
         return {k: fill_dates(v, day, f"{key}.{k}" if key else k) for k, v in data.items()}
     if isinstance(data, list):
@@ -543,7 +567,10 @@ def fill_dates(data: Any, day: date | None, key: str = "") -> Any:
     if isinstance(data, str) and DATE_TEMPLATE.search(data):
         if day is None:
             raise ConfigError(f"{key}: {data!r} holds a date template; pass --date YYYY-MM-DD")
-        return DATE_TEMPLATE.sub(lambda m: day.strftime(m[1]) if m[1] else day.isoformat(), data)
+        def fill(m: re.Match) -> str:
+            when = day + timedelta(days=int(m[1] or 0))
+            return when.strftime(m[2]) if m[2] else when.isoformat()
+        return DATE_TEMPLATE.sub(fill, data)
     return data
 
 

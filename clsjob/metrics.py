@@ -39,6 +39,11 @@ class Tally:
     coverage_correct: np.ndarray = None
     nll_sum: float = 0.0  # -log P(gold) summed over the scored rows that have probabilities
     nll_rows: int = 0
+    # Every labelled row, gold or not (monitor.py: the run's distribution, drift): rows per
+    # predicted label, and rows with a confidence per COVERAGE_BINS bin, with their sum.
+    label_counts: np.ndarray = None
+    confidence_counts: np.ndarray = None
+    confidence_sum: float = 0.0
 
     def __post_init__(self) -> None:
         k = self.n_labels
@@ -47,9 +52,11 @@ class Tally:
         for name in ("bin_rows", "bin_confidence", "bin_correct"):
             if getattr(self, name) is None:
                 setattr(self, name, np.zeros(CALIBRATION_BINS, dtype=np.float64))
-        for name in ("coverage_rows", "coverage_correct"):
+        for name in ("coverage_rows", "coverage_correct", "confidence_counts"):
             if getattr(self, name) is None:
                 setattr(self, name, np.zeros(COVERAGE_BINS, dtype=np.int64))
+        if self.label_counts is None:
+            self.label_counts = np.zeros(k, dtype=np.int64)
 
     def add(self, other: "Tally") -> "Tally":
         self.rows += other.rows
@@ -65,6 +72,9 @@ class Tally:
         self.coverage_correct += other.coverage_correct
         self.nll_sum += other.nll_sum
         self.nll_rows += other.nll_rows
+        self.label_counts += other.label_counts
+        self.confidence_counts += other.confidence_counts
+        self.confidence_sum += other.confidence_sum
         return self
 
     def to_json(self) -> dict:
@@ -77,6 +87,10 @@ class Tally:
             # Sparse: a part's confidences fill few of the 1,000 bins.
             "coverage": sparse(self.coverage_rows, self.coverage_correct),
             "nll_sum": self.nll_sum, "nll_rows": self.nll_rows,
+            "label_counts": self.label_counts.tolist(),
+            "confidence_counts": [[int(i), int(self.confidence_counts[i])]
+                                  for i in np.flatnonzero(self.confidence_counts)],
+            "confidence_sum": self.confidence_sum,
         }
 
     @classmethod
@@ -92,12 +106,24 @@ class Tally:
             # Markers written before coverage was counted have none: zeros, as for no rows.
             # Markers written before NLL was counted have none, as for no probabilities.
             nll_sum=data.get("nll_sum", 0.0), nll_rows=data.get("nll_rows", 0),
+            label_counts=(np.array(data["label_counts"], dtype=np.int64)
+                          if "label_counts" in data else None),
+            confidence_counts=binned(data.get("confidence_counts", [])),
+            confidence_sum=data.get("confidence_sum", 0.0),
             **dense(data.get("coverage", [])))
 
 
 def sparse(rows: np.ndarray, correct: np.ndarray) -> list[list[int]]:
     """[bin, rows, correct] for each bin that holds rows."""
     return [[int(i), int(rows[i]), int(correct[i])] for i in np.flatnonzero(rows)]
+
+
+def binned(entries: list[list[int]]) -> np.ndarray:
+    """[bin, rows] pairs back into COVERAGE_BINS counts."""
+    counts = np.zeros(COVERAGE_BINS, np.int64)
+    for i, n in entries:
+        counts[i] = n
+    return counts
 
 
 def dense(entries: list[list[int]]) -> dict[str, np.ndarray]:
@@ -128,7 +154,12 @@ def count_rows(labels: LabelSet, gold: Sequence[str | None], predicted: Sequence
     `probs` (in label order) adds the negative log-likelihood of the gold labels."""
     t = Tally(n_labels=len(labels), rows=len(gold))
     y_true, y_pred, conf = [], [], []
+    every_conf = []
     for i, (g, p, c, e) in enumerate(zip(gold, predicted, confidence, errors)):
+        if e is None and p in labels:  # the run's distribution: every labelled row
+            t.label_counts[labels.id_of(p)] += 1
+            if c is not None:
+                every_conf.append(c)
         if e is not None:
             t.errored += 1
         elif g is None:
@@ -154,6 +185,9 @@ def count_rows(labels: LabelSet, gold: Sequence[str | None], predicted: Sequence
     np.add.at(t.bin_rows, bins, 1.0)
     np.add.at(t.bin_confidence, bins, scored_conf)
     np.add.at(t.bin_correct, bins, correct)
+    every_conf = np.array(every_conf, dtype=np.float64)
+    np.add.at(t.confidence_counts, coverage_bin(every_conf), 1)
+    t.confidence_sum = float(every_conf.sum())
     fine = coverage_bin(scored_conf)
     np.add.at(t.coverage_rows, fine, 1)
     np.add.at(t.coverage_correct, fine, correct.astype(np.int64))

@@ -20,6 +20,7 @@ from clsjob.duplicates import check_duplicate_ids
 from clsjob.labels import LabelSet
 from clsjob.lock import RunLock, RunLocked
 from clsjob.metrics import Tally
+from clsjob.monitor import distribution, drift_against_baseline, raise_on_alerts
 from clsjob.placement import StallReporter, check_placement, classify_demand, ensure_ray
 from clsjob.prepare import check_schema
 from clsjob.report import write_evaluation
@@ -60,6 +61,7 @@ def run_locked(cfg: ClassifyConfig, labels: LabelSet, temperature: float | None,
     if finished:
         log.info("classify: %s already holds this finished run (%d rows); nothing to do "
                  "(--overwrite redoes it)", cfg.output.path, finished["rows_out"])
+        raise_on_alerts(finished.get("drift"), cfg.output.path)  # a retry must not hide it
         return summary_of(finished, cfg)
     done = resume.load_done(cfg, work, shards)
     todo = [s for s in shards if s.key not in done]
@@ -102,17 +104,22 @@ def run_locked(cfg: ClassifyConfig, labels: LabelSet, temperature: float | None,
                       rule.per_label)
         write_review(picked, cfg.output.path, cfg.storage)
         review = {"path": REVIEW, "rows": len(picked), **rule.model_dump()}
-    store.write_json(build_manifest(cfg, work, labels, temperature, review, shards, bad_files,
-                                    duplicates, set(markers), parts, summary, started, complete),
+    # The run's label distribution (every labelled row), and its drift against the baseline.
+    dist = distribution(scored, total)
+    drift = drift_against_baseline(dist, cfg.monitor, cfg.storage) if complete else None
+    manifest = build_manifest(cfg, work, labels, temperature, review, shards, bad_files,
+                              duplicates, set(markers), parts, summary, started, complete)
+    store.write_json({**manifest, "distribution": dist, "drift": drift},
                      store.join(cfg.output.path, MANIFEST), cfg.storage)
     if not complete:
         raise RuntimeError(f"rows out ({rows_out}) != rows in ({rows_in}) or shards unfinished; "
                            f"see {MANIFEST}; a rerun resumes")
     if cfg.input.label_column:
         metrics = write_evaluation(cfg.output.path, cfg.storage, scored, total, summary.rows_per_s,
-                                   cfg.evaluate.target_accuracy)
+                                   cfg.evaluate.target_accuracy, drift)
         summary = replace(summary, metrics=metrics)
     log.info("classify: done\n%s", summary_table(summary, len(shards), len(bad_files)))
+    raise_on_alerts(drift, cfg.output.path)  # last: a scheduler alerts, nothing is lost
     return summary
 
 

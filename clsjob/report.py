@@ -15,8 +15,11 @@ from clsjob.store import InputError
 
 
 def write_evaluation(output: str, storage: StorageConfig, labels: LabelSet, counts: Tally,
-                     rows_per_s: float | None, target_accuracy: float | None = None) -> dict:
+                     rows_per_s: float | None, target_accuracy: float | None = None,
+                     drift: dict | None = None) -> dict:
     metrics = {**summarize(labels, counts, target_accuracy), "rows_per_s": rows_per_s}
+    if drift is not None:  # monitor.baseline: as in the manifest
+        metrics["drift"] = drift
     store.write_json(metrics, store.join(output, METRICS), storage)
     store.write_text(render_report(metrics), store.join(output, REPORT), storage)
     return metrics
@@ -37,7 +40,8 @@ def evaluate_output(output: str, storage: StorageConfig, target_accuracy: float 
                              [gold_column, "label", "confidence", "error", "probs"])
         counts.add(count_rows(labels, *(t.column(c).to_pylist() for c in
                                         (gold_column, "label", "confidence", "error", "probs"))))
-    return write_evaluation(output, storage, labels, counts, manifest.get("rows_per_s"), target_accuracy)
+    return write_evaluation(output, storage, labels, counts, manifest.get("rows_per_s"), target_accuracy,
+                            manifest.get("drift"))
 
 
 def calibrate_output(output: str, storage: StorageConfig) -> dict:
@@ -112,10 +116,32 @@ def render_report(m: dict) -> str:
     lines += _table(["gold \\ predicted", *m["labels"]],
                     [[name, *row] for name, row in zip(m["labels"], m["confusion_matrix"])])
     lines += coverage_lines(m.get("coverage"))
+    lines += drift_lines(m.get("drift"))
     if m["gold_outside_labels_values"]:
         lines += ["", "## Gold labels outside the label set", ""]
         lines += _table(["gold label", "rows"], [[k, v] for k, v in m["gold_outside_labels_values"].items()])
     return "\n".join(lines) + "\n"
+
+
+def drift_lines(drift: dict | None) -> list[str]:
+    """Drift against monitor.baseline: the label shares of both runs and the measures."""
+    if not drift:
+        return []
+    lines = ["", "## Drift against the baseline", "", f"Baseline: {drift['baseline']}", ""]
+    if not drift["compared"]:
+        return lines + [f"Not compared: {drift['why']}."]
+    conf, under = drift["mean_confidence"], drift["share_under"]
+    fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
+    lines += [f"- population stability index {drift['psi']:.4f} · Jensen–Shannon divergence "
+              f"{drift['js']:.4f}",
+              f"- mean confidence {fmt(conf['now'])} (baseline {fmt(conf['baseline'])})",
+              f"- rows under confidence {under['below']}: {fmt(under['now'])} "
+              f"(baseline {fmt(under['baseline'])})",
+              f"- alerts: {', '.join(drift['alerts']) or 'none'}", ""]
+    lines += _table(["label", "share now", "share in the baseline"],
+                    [[name, f"{100 * s['now']:.1f}%", f"{100 * s['baseline']:.1f}%"]
+                     for name, s in drift["label_shares"].items()])
+    return lines
 
 
 def coverage_lines(coverage: dict | None) -> list[str]:

@@ -7,7 +7,11 @@
 #   jobs/nightly.sh CONFIG [YYYY-MM-DD]       the date defaults to yesterday (UTC)
 #
 # CONFIG is a path inside this repo (the repo is uploaded as the job's working dir), whose
-# paths use {date} templates: see configs/classify-nightly.yaml.
+# paths use {date} templates: see configs/classify-nightly.yaml, whose monitor.baseline
+# ({date-1}) compares each day's labels with the day before's.
+#
+# Exit codes: 0 done; 1 every try failed; 3 the day is done but its labels drifted past
+# monitor.fail_above (not retried: a rerun would find the same drift).
 # Environment:
 #   RAY_ADDRESS          the cluster's dashboard, e.g. http://head:8265 (as for `ray job submit`)
 #   CLSJOB_TRIES         submissions before giving up (default 3)
@@ -35,12 +39,21 @@ for attempt in $(seq 1 "$tries"); do
     # Submission ids are unique per cluster: one per attempt, readable in the dashboard.
     id="clsjob-$name-$day-try$attempt-$(date -u +%H%M%S)"
     echo "nightly: $day attempt $attempt/$tries as $id" >&2
-    # `ray job submit` waits for the job and exits non-zero when it fails.
+    # `ray job submit` waits for the job and exits non-zero when it fails; it prints the
+    # entry point's exit code, which tells a drift alert (3) from a failure.
+    log=$(mktemp)
     if "$ray" job submit --submission-id "$id" --working-dir "$repo" -- \
-        python jobs/classify.py --config "$config" --date "$day"; then
+        python jobs/classify.py --config "$config" --date "$day" | tee "$log"; then
+        rm -f "$log"
         echo "nightly: $day done" >&2
         exit 0
     fi
+    if grep -q "failed with exit code 3" "$log"; then
+        rm -f "$log"
+        echo "nightly: $day done, but its labels drifted past monitor.fail_above (see its manifest)" >&2
+        exit 3
+    fi
+    rm -f "$log"
     if [[ $attempt -lt $tries ]]; then
         echo "nightly: $day attempt $attempt failed; retrying in ${wait_s}s" >&2
         sleep "$wait_s"

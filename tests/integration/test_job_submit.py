@@ -152,3 +152,48 @@ def test_nightly_never_overlaps_a_running_day_and_gives_up_after_its_tries(ray_h
     assert result.stdout.count("Job entrypoint command failed with exit code 2") == 2, log
     assert not list(out.glob("*.parquet")) and not (out / "_manifest.json").exists()
     assert json.loads((out / LOCK).read_text()) == running  # the running day's lock untouched
+
+
+def test_nightly_reports_drift_against_the_day_before_and_fails_after_writing(ray_head, tmp_path):
+    """Day 1, then day 2 whose texts the model mostly calls `negative`: day 2's manifest and
+    report hold the drift against day 1, and past fail_above.psi nightly.sh exits 3 (not
+    retried) with day 2's outputs complete; day 1, with no day before it, is not compared."""
+    from clsjob.backends.hf import load_classifier, predict_probs
+    from clsjob.config import HFBackendConfig
+
+    model = build_qwen2_classifier(tmp_path / "model", LABELS)
+    pool = sample_texts(300, seed=5)
+    net, tok = load_classifier(HFBackendConfig(model=str(model)), "cpu")
+    said = predict_probs(net, tok, pool, 64, 32, "cpu").argmax(axis=1)
+    by_label = [[t for t, k in zip(pool, said) if k == label] for label in range(3)]
+    days = {"2026-11-28": by_label[0][:2] + by_label[1][:14] + by_label[2][:14],
+            "2026-11-29": by_label[0][:20] + by_label[1][14:19] + by_label[2][14:19]}
+    for day, texts in days.items():
+        write_shards(tmp_path / "in" / day, [{"text": texts, "label": [LABELS[i % 3] for i in range(30)]}])
+    config = tmp_path / "nightly.yaml"
+    config.write_text(yaml.safe_dump({
+        "input": {"path": str(tmp_path / "in" / "{date}"), "label_column": "label"},
+        "backend": {"model": str(model), "max_length": 64, "dtype": "float32"},
+        "output": {"path": str(tmp_path / "out" / "day={date:%Y%m%d}"), "rows_per_part": 16},
+        "monitor": {"baseline": str(tmp_path / "out" / "day={date-1:%Y%m%d}"),
+                    "fail_above": {"psi": 0.2}}}))
+
+    first = run_nightly(ray_head, config, "2026-11-28", tries=2)
+    assert first.returncode == 0, first.stdout[-3000:]
+    day1 = json.loads((tmp_path / "out" / "day=20261128" / "_manifest.json").read_text())
+    assert day1["drift"] == {"baseline": str(tmp_path / "out" / "day=20261127"), "compared": False,
+                             "why": "no manifest", "alerts": []}
+    assert day1["distribution"]["labels"] == {"negative": 2, "neutral": 14, "positive": 14}
+
+    second = run_nightly(ray_head, config, "2026-11-29", tries=3)
+    log = f"stdout:\n{second.stdout[-4000:]}\nstderr:\n{second.stderr[-2000:]}"
+    assert second.returncode == 3, log
+    assert "attempt 2/3" not in second.stderr and "drifted past monitor.fail_above" in second.stderr, log
+    out = tmp_path / "out" / "day=20261129"
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["rows_out"] == 30  # written before failing
+    drift = manifest["drift"]
+    assert drift["compared"] and drift["psi"] > 0.2 and drift["alerts"][0].startswith("psi ")
+    assert drift["label_shares"]["negative"] == {"now": pytest.approx(20 / 30), "baseline": pytest.approx(2 / 30)}
+    assert json.loads((out / "_metrics.json").read_text())["drift"] == drift
+    assert "## Drift against the baseline" in (out / "report.md").read_text()
