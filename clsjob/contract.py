@@ -41,6 +41,7 @@ PART_SUFFIX = ".parquet"
 MANIFEST = "_manifest.json"
 METRICS = "_metrics.json"
 REPORT = "report.md"
+REPORT_HTML = "report.html"  # the same with plots (report_html.py)
 CALIBRATION = "_calibration.json"  # `clsjob calibrate`: the temperature fitted on this run
 PROGRESS = "_progress"  # one marker per finished shard
 LOCK = "_lock.json"

@@ -211,11 +211,12 @@ def run_demo(workdir: str) -> dict:
         "wall_time_s": round(time.monotonic() - started, 1),
         "output": classify_cfg.output.path,
         "report": str(Path(classify_cfg.output.path) / "report.md"),
+        "report_html": str(Path(classify_cfg.output.path) / "report.html"),  # with plots
         "configs": str(work / "configs"),
     }
     log.info("demo: accuracy %.3f (macro F1 %.3f) on %d test rows, %d of them kept with an "
              "error; %.0f s in all", result["accuracy"], result["f1_macro"], result["rows_in"],
              result["rows_errored"], result["wall_time_s"])
-    log.info("demo: labelled Parquet in %s, report in %s, configs in %s",
-             result["output"], result["report"], result["configs"])
+    log.info("demo: labelled Parquet in %s, report in %s (with plots: %s), configs in %s",
+             result["output"], result["report"], result["report_html"], result["configs"])
     return result

@@ -1,5 +1,5 @@
-"""Evaluation outputs: _metrics.json and a readable report.md, from a Tally of the run; and
-`clsjob calibrate`'s temperature, fitted on a labelled run's probabilities."""
+"""Evaluation outputs: _metrics.json, a readable report.md and report.html, from a Tally of
+the run; and `clsjob calibrate`'s temperature, fitted on a labelled run's probabilities."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,9 +8,10 @@ from clsjob import store
 from clsjob.abstain import scored_labels
 from clsjob.calibration import calibrate
 from clsjob.config import AbstainConfig, StorageConfig
-from clsjob.contract import CALIBRATION, MANIFEST, METRICS, REPORT
+from clsjob.contract import CALIBRATION, MANIFEST, METRICS, REPORT, REPORT_HTML
 from clsjob.labels import LabelSet
 from clsjob.metrics import Tally, count_rows, summarize
+from clsjob.report_html import render_html
 from clsjob.store import InputError
 
 
@@ -21,7 +22,9 @@ def write_evaluation(output: str, storage: StorageConfig, labels: LabelSet, coun
     if drift is not None:  # monitor.baseline: as in the manifest
         metrics["drift"] = drift
     store.write_json(metrics, store.join(output, METRICS), storage)
-    store.write_text(render_report(metrics), store.join(output, REPORT), storage)
+    markdown = render_report(metrics)
+    store.write_text(markdown, store.join(output, REPORT), storage)
+    store.write_text(render_html(metrics, counts, markdown), store.join(output, REPORT_HTML), storage)
     return metrics
 
 

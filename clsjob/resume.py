@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from clsjob import store
 from clsjob.config import ClassifyConfig
-from clsjob.contract import CALIBRATION, MANIFEST, METRICS, PROGRESS, REPORT, PartRecord
+from clsjob.contract import (CALIBRATION, MANIFEST, METRICS, PROGRESS, REPORT, REPORT_HTML,
+                             PartRecord)
 from clsjob.review import REVIEW, best
 from clsjob.metrics import Tally
 
@@ -45,7 +46,7 @@ def clear(output: str, storage) -> None:
     """--overwrite: forget a previous run, parts included."""
     for part in store.list_parts(output, storage):
         store.remove(part, storage)
-    for name in (PROGRESS, MANIFEST, METRICS, REPORT, CALIBRATION, REVIEW):
+    for name in (PROGRESS, MANIFEST, METRICS, REPORT, REPORT_HTML, CALIBRATION, REVIEW):
         store.remove(store.join(output, name), storage)
 
 
