@@ -95,15 +95,15 @@ class PartRecord:
 
     @classmethod
     def of(cls, written: pa.Table, chunk: pa.Table, labels: LabelSet,
-           review: list | None = None) -> "PartRecord":
+           review: list | None = None, temperature: float | None = None) -> "PartRecord":
         """The record of `written` (output_table of `chunk`, one whole part); `review`: its
-        candidate rows for review."""
+        candidate rows for review; `temperature`: what its probabilities were scaled by."""
         errors = written.column("error").to_pylist()
         gold = (written.column(GOLD).to_pylist() if GOLD in written.column_names
                 else [None] * written.num_rows)
         counts = count_rows(labels, gold, written.column("label").to_pylist(),
                             written.column("confidence").to_pylist(), errors,
-                            written.column("probs").to_pylist())
+                            written.column("probs").to_pylist(), temperature)
         return cls(shard=chunk.column(SHARD)[0].as_py(), part=chunk.column(PART)[0].as_py(),
                    rows=written.num_rows, errored=sum(e is not None for e in errors),
                    truncated=sum(bool(t) for t in written.column("truncated").to_pylist()),

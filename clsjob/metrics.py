@@ -44,12 +44,20 @@ class Tally:
     label_counts: np.ndarray = None
     confidence_counts: np.ndarray = None
     confidence_sum: float = 0.0
+    # The same calibration bins and NLL for the probabilities before the run's temperature
+    # (softmax(logits) where the run reported softmax(logits / T)): before and after.
+    raw_bin_rows: np.ndarray = None
+    raw_bin_confidence: np.ndarray = None
+    raw_bin_correct: np.ndarray = None
+    raw_nll_sum: float = 0.0
+    raw_nll_rows: int = 0
 
     def __post_init__(self) -> None:
         k = self.n_labels
         if self.confusion is None:
             self.confusion = np.zeros((k, k), dtype=np.int64)
-        for name in ("bin_rows", "bin_confidence", "bin_correct"):
+        for name in ("bin_rows", "bin_confidence", "bin_correct", "raw_bin_rows",
+                     "raw_bin_confidence", "raw_bin_correct"):
             if getattr(self, name) is None:
                 setattr(self, name, np.zeros(CALIBRATION_BINS, dtype=np.float64))
         for name in ("coverage_rows", "coverage_correct", "confidence_counts"):
@@ -75,6 +83,10 @@ class Tally:
         self.label_counts += other.label_counts
         self.confidence_counts += other.confidence_counts
         self.confidence_sum += other.confidence_sum
+        for name in ("raw_bin_rows", "raw_bin_confidence", "raw_bin_correct"):
+            getattr(self, name).__iadd__(getattr(other, name))
+        self.raw_nll_sum += other.raw_nll_sum
+        self.raw_nll_rows += other.raw_nll_rows
         return self
 
     def to_json(self) -> dict:
@@ -91,6 +103,11 @@ class Tally:
             "confidence_counts": [[int(i), int(self.confidence_counts[i])]
                                   for i in np.flatnonzero(self.confidence_counts)],
             "confidence_sum": self.confidence_sum,
+            **({"raw_bin_rows": self.raw_bin_rows.tolist(),
+                "raw_bin_confidence": self.raw_bin_confidence.tolist(),
+                "raw_bin_correct": self.raw_bin_correct.tolist(),
+                "raw_nll_sum": self.raw_nll_sum, "raw_nll_rows": self.raw_nll_rows}
+               if self.raw_bin_rows.any() else {}),  # only where a temperature was applied
         }
 
     @classmethod
@@ -110,6 +127,9 @@ class Tally:
                           if "label_counts" in data else None),
             confidence_counts=binned(data.get("confidence_counts", [])),
             confidence_sum=data.get("confidence_sum", 0.0),
+            **{name: np.array(data[name]) for name in ("raw_bin_rows", "raw_bin_confidence",
+                                                       "raw_bin_correct") if name in data},
+            raw_nll_sum=data.get("raw_nll_sum", 0.0), raw_nll_rows=data.get("raw_nll_rows", 0),
             **dense(data.get("coverage", [])))
 
 
@@ -148,13 +168,15 @@ def calibration_bin(confidence: np.ndarray) -> np.ndarray:
 
 def count_rows(labels: LabelSet, gold: Sequence[str | None], predicted: Sequence[str | None],
                confidence: Sequence[float | None], errors: Sequence[str | None],
-               probs: Sequence[Sequence[float] | None] | None = None) -> Tally:
+               probs: Sequence[Sequence[float] | None] | None = None,
+               temperature: float | None = None) -> Tally:
     """Count one batch of output rows. Rows that errored, have no gold label, or whose gold
     label is outside the label set are counted and left out of the scores, never a crash.
-    `probs` (in label order) adds the negative log-likelihood of the gold labels."""
+    `probs` (in label order) adds the negative log-likelihood of the gold labels, and with
+    the `temperature` they were scaled by (not 1) the same counts before it."""
     t = Tally(n_labels=len(labels), rows=len(gold))
     y_true, y_pred, conf = [], [], []
-    every_conf = []
+    every_conf, raw = [], []  # raw: (scored row, its probabilities) to unscale
     for i, (g, p, c, e) in enumerate(zip(gold, predicted, confidence, errors)):
         if e is None and p in labels:  # the run's distribution: every labelled row
             t.label_counts[labels.id_of(p)] += 1
@@ -174,6 +196,8 @@ def count_rows(labels: LabelSet, gold: Sequence[str | None], predicted: Sequence
             if probs is not None and probs[i] is not None and y_true[-1] < len(probs[i]):
                 t.nll_sum -= math.log(max(probs[i][y_true[-1]], 1e-12))  # as calibration.nll
                 t.nll_rows += 1
+            if probs is not None and probs[i] is not None and temperature not in (None, 1.0):
+                raw.append((len(y_true) - 1, probs[i]))
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(y_pred, dtype=np.int64)
     t.confusion += confusion_matrix(y_true, y_pred, len(labels))
@@ -191,7 +215,29 @@ def count_rows(labels: LabelSet, gold: Sequence[str | None], predicted: Sequence
     fine = coverage_bin(scored_conf)
     np.add.at(t.coverage_rows, fine, 1)
     np.add.at(t.coverage_correct, fine, correct.astype(np.int64))
+    if raw:
+        count_unscaled(t, raw, y_true, y_pred, temperature)
     return t
+
+
+def count_unscaled(t: Tally, raw: list[tuple[int, Sequence[float]]], y_true: np.ndarray,
+                   y_pred: np.ndarray, temperature: float) -> None:
+    """Calibration bins and NLL of softmax(logits) for scored rows reported as
+    softmax(logits / T). The label is the same either way (a temperature never changes the
+    top label), so a row is right or wrong alike before and after."""
+    from clsjob.calibration import rescale_probs  # calibration imports this module
+
+    rows = np.array([r for r, _ in raw])
+    unscaled = rescale_probs(np.array([p for _, p in raw], dtype=np.float64), 1 / temperature)
+    confidence = unscaled.max(axis=1)
+    bins = calibration_bin(confidence)
+    np.add.at(t.raw_bin_rows, bins, 1.0)
+    np.add.at(t.raw_bin_confidence, bins, confidence)
+    np.add.at(t.raw_bin_correct, bins, (y_true[rows] == y_pred[rows]).astype(np.float64))
+    gold = y_true[rows]
+    inside = gold < unscaled.shape[1]  # a gold fallback label has no probability
+    t.raw_nll_sum -= float(np.log(np.maximum(unscaled[inside, gold[inside]], 1e-12)).sum())
+    t.raw_nll_rows += int(inside.sum())
 
 
 def coverage_bin(confidence: np.ndarray) -> np.ndarray:
@@ -253,6 +299,24 @@ def averaged(scores: dict[str, np.ndarray]) -> dict[str, float]:
     return out
 
 
+def bins_of(rows: np.ndarray, confidence: np.ndarray, correct: np.ndarray) -> dict:
+    return {"bins": CALIBRATION_BINS, "rows": rows.astype(int).tolist(),
+            "accuracy": np.divide(correct, rows, out=np.zeros_like(rows), where=rows > 0).round(4).tolist(),
+            "confidence": np.divide(confidence, rows, out=np.zeros_like(rows), where=rows > 0).round(4).tolist()}
+
+
+def uncalibrated(t: Tally, scored: int) -> dict | None:
+    """ECE, NLL and the calibration bins of the probabilities before the run's temperature."""
+    binned_rows = t.raw_bin_rows.sum()
+    if not binned_rows or binned_rows != scored - t.no_confidence:
+        return None
+    return {"expected_calibration_error": float(np.abs(t.raw_bin_correct - t.raw_bin_confidence).sum()
+                                                / binned_rows),
+            "negative_log_likelihood": (t.raw_nll_sum / t.raw_nll_rows if t.raw_nll_rows == scored
+                                        else None),
+            "calibration": bins_of(t.raw_bin_rows, t.raw_bin_confidence, t.raw_bin_correct)}
+
+
 def summarize(labels: LabelSet, t: Tally, target_accuracy: float | None = None) -> dict:
     """The metrics written to _metrics.json. A metric over no scored row is None (null),
     never a number: 0.0 accuracy would read as a model that is always wrong."""
@@ -283,14 +347,9 @@ def summarize(labels: LabelSet, t: Tally, target_accuracy: float | None = None) 
             for i, name in enumerate(labels.names)
         },
         "confusion_matrix": t.confusion.tolist(),
+        # Before the temperature (backend.calibrated): only where one other than 1 was applied.
+        "uncalibrated": uncalibrated(t, scored),
         # Which confidence threshold keeps how many rows at what accuracy (review thresholds).
         "coverage": coverage_table(t, target_accuracy),
-        "calibration": {
-            "bins": CALIBRATION_BINS,
-            "rows": t.bin_rows.astype(int).tolist(),
-            "accuracy": np.divide(t.bin_correct, t.bin_rows, out=np.zeros_like(t.bin_rows),
-                                  where=t.bin_rows > 0).round(4).tolist(),
-            "confidence": np.divide(t.bin_confidence, t.bin_rows, out=np.zeros_like(t.bin_rows),
-                                    where=t.bin_rows > 0).round(4).tolist(),
-        },
+        "calibration": bins_of(t.bin_rows, t.bin_confidence, t.bin_correct),
     }

@@ -78,7 +78,7 @@ def run_locked(cfg: ClassifyConfig, labels: LabelSet, temperature: float | None,
     review_rows = review_size(cfg.output.review, rows_in) if cfg.output.review else 0
     shard_progress = resume.ShardProgress(cfg, work, todo, len(scored), review_rows)
     with StallReporter(demand, "classify", cfg.cluster.stall_report_s) as stall:
-        for record in stream_labelled_parts(cfg, labels, todo, review_rows):  # one per part, as it lands
+        for record in stream_labelled_parts(cfg, labels, todo, review_rows, temperature):  # as parts land
             stall.beat()
             shard_progress.add(record)
             progress.update(record.rows)

@@ -42,7 +42,8 @@ def evaluate_output(output: str, storage: StorageConfig, target_accuracy: float 
         t = store.read_table(store.join(output, part["part"]), storage,
                              [gold_column, "label", "confidence", "error", "probs"])
         counts.add(count_rows(labels, *(t.column(c).to_pylist() for c in
-                                        (gold_column, "label", "confidence", "error", "probs"))))
+                                        (gold_column, "label", "confidence", "error", "probs")),
+                              temperature=manifest.get("temperature")))
     return write_evaluation(output, storage, labels, counts, manifest.get("rows_per_s"), target_accuracy,
                             manifest.get("drift"))
 
@@ -90,6 +91,9 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 def render_report(m: dict) -> str:
     ece, nll = m["expected_calibration_error"], m.get("negative_log_likelihood")
+    raw = m.get("uncalibrated")
+    raw_nll = raw and raw["negative_log_likelihood"]
+    fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
     lines = [
         "# Classification report", "",
         f"- rows: {m['rows']} (scored {m['rows_scored']}, errored {m['rows_errored']}, "
@@ -108,7 +112,9 @@ def render_report(m: dict) -> str:
         ]
     lines += [
         f"- expected calibration error: {'n/a' if ece is None else f'{ece:.4f}'} · "
-        f"negative log-likelihood: {'n/a' if nll is None else f'{nll:.4f}'}",
+        f"negative log-likelihood: {'n/a' if nll is None else f'{nll:.4f}'}"
+        + (f" (before calibration: {raw['expected_calibration_error']:.4f} · {fmt(raw_nll)})"
+           if raw else ""),
         f"- rows/s: {m.get('rows_per_s') or 'n/a'}", "",
         "## Per class", "",
     ]

@@ -81,22 +81,21 @@ def figures(m: dict, t: Tally) -> list[tuple[str, str, str]]:
         out.append(("f1", "F1 per class" + (f" (the {len(keep)} most frequent)"
                                              if len(keep) < len(m["labels"]) else ""), _png(fig)))
 
-    cal = m["calibration"]
+    cal, raw = m["calibration"], m.get("uncalibrated")
     if sum(cal["rows"]) and m["expected_calibration_error"] is not None:
-        edges = np.linspace(0, 1, cal["bins"] + 1)
-        centres = (edges[:-1] + edges[1:]) / 2
-        filled = np.array(cal["rows"]) > 0
         fig, ax = plt.subplots(figsize=(5, 5))
         ax.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
-        ax.bar(centres[filled], np.array(cal["accuracy"])[filled], width=1 / cal["bins"],
-               edgecolor="black", color="#66ccee", label="accuracy of the bin's rows")
-        ax.plot(np.array(cal["confidence"])[filled], np.array(cal["accuracy"])[filled], "o",
-                color="#ee6677", label="mean confidence of the bin")
-        ax.set_xlabel("confidence")
-        ax.set_ylabel("accuracy")
+        caption = f"Reliability diagram (ECE {m['expected_calibration_error']:.4f}"
+        if raw:  # before the temperature, beside after it
+            reliability_line(ax, raw["calibration"], "#bbbbbb", "before calibration")
+            caption += f"; before calibration {raw['expected_calibration_error']:.4f}"
+        reliability_line(ax, cal, "#4477aa", "this run" if not raw else "after calibration")
+        ax.set_xlabel("mean confidence of the bin")
+        ax.set_ylabel("accuracy of the bin's rows")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
         ax.legend(loc="upper left", fontsize=8)
-        out.append(("reliability", f"Reliability diagram (ECE {m['expected_calibration_error']:.4f})",
-                    _png(fig)))
+        out.append(("reliability", caption + ")", _png(fig)))
 
     if t.confidence_counts.sum():
         hist = t.confidence_counts.reshape(20, -1).sum(axis=1)
@@ -131,6 +130,16 @@ def figures(m: dict, t: Tally) -> list[tuple[str, str, str]]:
         ax.legend()
         out.append(("drift", f"Label shares against the baseline (PSI {drift['psi']:.4f})", _png(fig)))
     return out
+
+
+def reliability_line(ax, cal: dict, colour: str, label: str) -> None:
+    """Accuracy against mean confidence per calibration bin, each point sized by its rows."""
+    rows = np.array(cal["rows"])
+    filled = rows > 0
+    ax.plot(np.array(cal["confidence"])[filled], np.array(cal["accuracy"])[filled], "-",
+            color=colour, label=label)
+    ax.scatter(np.array(cal["confidence"])[filled], np.array(cal["accuracy"])[filled],
+               s=20 + 200 * rows[filled] / rows.sum(), color=colour, zorder=3)
 
 
 def render_html(m: dict, t: Tally, markdown: str) -> str:

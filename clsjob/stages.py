@@ -22,7 +22,7 @@ from clsjob.prepare import needed_columns, prepare_chunk
 
 
 def stream_labelled_parts(cfg: ClassifyConfig, labels: LabelSet, shards: list[store.ShardInfo],
-                          review_rows: int = 0) -> Iterator[PartRecord]:
+                          review_rows: int = 0, temperature: float | None = None) -> Iterator[PartRecord]:
     """The Ray Data pipeline: read + prepare (tasks) -> classify (actor pool) -> write (tasks).
     Yields a PartRecord as each part lands (with its best `review_rows` rows for review)."""
     if not any(s.rows for s in shards):
@@ -47,7 +47,7 @@ def stream_labelled_parts(cfg: ClassifyConfig, labels: LabelSet, shards: list[st
             **actor_placement(cfg))
     ds = ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow",
                         fn_kwargs={"cfg": cfg, "labels": scored_labels(labels, cfg.abstain),
-                                   "review_rows": review_rows})
+                                   "review_rows": review_rows, "temperature": temperature})
     for row in ds.iter_rows():
         yield PartRecord.from_row(row)
 
@@ -67,7 +67,8 @@ def read_chunks(batch: pa.Table, input_cfg: InputConfig, chunk_rows: int,
             yield prepare_chunk(table, key, start, input_cfg)
 
 
-def write_parts(table: pa.Table, cfg: ClassifyConfig, labels: LabelSet, review_rows: int = 0) -> pa.Table:
+def write_parts(table: pa.Table, cfg: ClassifyConfig, labels: LabelSet, review_rows: int = 0,
+                temperature: float | None = None) -> pa.Table:
     """Write stage (Ray task): each labelled chunk becomes one part, rows under the
     abstention threshold relabelled; returns one PartRecord row per part (counted over
     `labels`, the classes scored), so the driver never re-reads the output to evaluate it."""
@@ -83,5 +84,5 @@ def write_parts(table: pa.Table, cfg: ClassifyConfig, labels: LabelSet, review_r
         review = (part_candidates(written, chunk.column(cfg.input.text_column).to_pylist(),
                                   id_column(cfg.input), GOLD if cfg.input.label_column else None,
                                   cfg.output.review, review_rows) if cfg.output.review else [])
-        records.append(PartRecord.of(written, chunk, labels, review).to_row())
+        records.append(PartRecord.of(written, chunk, labels, review, temperature).to_row())
     return pa.Table.from_pylist(records)

@@ -72,6 +72,14 @@ def test_the_model_folders_temperature_scales_every_probability(qwen_model, labe
     assert max(b[i]["confidence"] for i in a) < max(a[i]["confidence"] for i in a)
     assert cal.metrics["accuracy"] == raw.metrics["accuracy"]
     assert cal.metrics["negative_log_likelihood"] != pytest.approx(raw.metrics["negative_log_likelihood"])
+    # The calibrated run also counts its rows as they were before T: the raw run's numbers.
+    before = cal.metrics["uncalibrated"]
+    assert raw.metrics["uncalibrated"] is None
+    assert before["expected_calibration_error"] == pytest.approx(raw.metrics["expected_calibration_error"], abs=1e-5)
+    assert before["negative_log_likelihood"] == pytest.approx(raw.metrics["negative_log_likelihood"], abs=1e-5)
+    assert before["calibration"]["rows"] == raw.metrics["calibration"]["rows"]
+    report = (tmp_path / "cal" / "report.md").read_text()
+    assert f"(before calibration: {raw.metrics['expected_calibration_error']:.4f}" in report
 
 
 def test_calibrate_fits_the_same_temperature_whatever_the_run_applied(qwen_model, labelled, ray_cluster,

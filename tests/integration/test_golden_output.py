@@ -7,7 +7,7 @@ dtype each part ran in (`dtypes`, and `dtype` per part), added to the file by ha
 metrics and report their accuracy-against-coverage table, then the manifest its `temperature`
 (1.0: the tiny model carries none), `abstain` and `review` (null: not asked for), and the
 metrics and report the negative log-likelihood, then the manifest its `distribution` and
-`drift` (null: no baseline), each taken from a run of the code that added it (nothing else in
+`drift` (null: no baseline) and the metrics `uncalibrated` (null: T is 1), each taken from a run of the code that added it (nothing else in
 the file changed). To write the golden file with some other version of
 clsjob on the path:
 
