@@ -23,8 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from common import DATA, REPO, TARGETS, environment, environment_line, markdown_table, write_report
-from finetune_accuracy import TASKS
+from common import (DATA, REPO, TARGETS, environment, environment_line, markdown_table,
+                    start_real_data_ray, write_report)
+from finetune_accuracy import TASKS, finetune_minilm
 
 HELD_OUT = 0.1  # share of train kept out of training: the eval rows the temperature is fitted on
 
@@ -60,24 +61,9 @@ def classify(work: Path, out: str, calibrated: bool):
 
 
 def run_corpus(corpus: str, task: dict, work: Path) -> dict:
-    from clsjob.config import FinetuneConfig, MergeConfig, validate
-    from clsjob.demo import extract_minilm
-    from clsjob.finetune.merge import merge
-    from clsjob.finetune.train import run_finetune
-
     rows = write_splits(corpus, task["eval"], work)
     started = time.monotonic()
-    trained = run_finetune(validate({
-        "base_model": str(extract_minilm(work / "minilm")),
-        "train": {"path": str(work / "train"), "label_column": "label"},
-        "eval": {"path": str(work / "eval"), "label_column": "label"},
-        "training": {"method": "full", "epochs": task["epochs"], "learning_rate": task["learning_rate"],
-                     "batch_size": 32, "max_length": 64, "gradient_checkpointing": False,
-                     "cpus_per_worker": 2},
-        "output": {"path": str(work / "ft")},
-    }, model=FinetuneConfig))
-    merge(validate({"adapter": str(work / "ft"), "output": str(work / "model"), "dtype": "float32"},
-                   model=MergeConfig))
+    trained = finetune_minilm(task, work)
     raw, raw_labels = classify(work, "raw", calibrated=False)
     cal, cal_labels = classify(work, "calibrated", calibrated=True)
     target = TARGETS["calibration"]
@@ -101,11 +87,8 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "calibration.json"))
     args = parser.parse_args()
     env = environment()
-    if not DATA.exists():
-        print(f"no data at {DATA}: this benchmark reads ../shared/data", file=sys.stderr)
+    if not start_real_data_ray():
         return 2
-    import ray
-    ray.init(address="local", num_cpus=4, include_dashboard=False)  # as finetune_accuracy.py
 
     results = []
     for corpus, task in TASKS.items():

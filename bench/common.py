@@ -102,6 +102,18 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def start_real_data_ray() -> bool:
+    """For the benchmarks on ../shared/data: False (and why, on stderr) without the data; else
+    a Ray cluster of their own ("local"), with logical CPUs beyond the cores for the reader
+    and writer tasks beside the actor (README: resources on a small machine)."""
+    if not DATA.exists():
+        print(f"no data at {DATA}: this benchmark reads ../shared/data", file=sys.stderr)
+        return False
+    import ray
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    return True
+
+
 def write_report(report: dict, out: Path, markdown: str) -> None:
     """The JSON beside the run, and the table on stdout."""
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,8 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from common import DATA, REPO, TARGETS, environment, environment_line, markdown_table, write_report
+from common import (DATA, REPO, TARGETS, environment, environment_line, markdown_table,
+                    start_real_data_ray, write_report)
 
 # SST-2 with the settings measured for this model before (0.853 dev accuracy after 1 epoch). Banking77's new 77-way head starts from
 # random weights: at lr 1e-4 under the cosine schedule over 3 epochs it was still rising when
@@ -63,26 +64,34 @@ def baseline(kind: str, train: tuple[list, list], test: tuple[list, list]) -> di
             "wall_time_s": round(time.monotonic() - started, 1)}
 
 
-def finetune_and_classify(corpus: str, task: dict, work: Path) -> dict:
-    from clsjob.config import ClassifyConfig, FinetuneConfig, MergeConfig, validate
+def finetune_minilm(task: dict, work: Path, **training) -> dict:
+    """all-MiniLM-L6-v2 fine-tuned in full through clsjob on work/train (eval rows: work/eval)
+    and merged into work/model, as every real-data benchmark trains it; the finetune summary."""
+    from clsjob.config import FinetuneConfig, MergeConfig, validate
     from clsjob.demo import extract_minilm
     from clsjob.finetune.merge import merge
     from clsjob.finetune.train import run_finetune
-    from clsjob.pipeline import run_classify
 
-    base = extract_minilm(work / "minilm")
-    started = time.monotonic()
     trained = run_finetune(validate({
-        "base_model": str(base),
+        "base_model": str(extract_minilm(work / "minilm")),
         "train": {"path": str(work / "train"), "label_column": "label"},
         "eval": {"path": str(work / "eval"), "label_column": "label"},
         "training": {"method": "full", "epochs": task["epochs"], "learning_rate": task["learning_rate"],
                      "batch_size": 32, "max_length": 64, "gradient_checkpointing": False,
-                     "cpus_per_worker": 2},
+                     "cpus_per_worker": 2, **training},
         "output": {"path": str(work / "ft")},
     }, model=FinetuneConfig))
     merge(validate({"adapter": str(work / "ft"), "output": str(work / "model"), "dtype": "float32"},
                    model=MergeConfig))
+    return trained
+
+
+def finetune_and_classify(corpus: str, task: dict, work: Path) -> dict:
+    from clsjob.config import ClassifyConfig, validate
+    from clsjob.pipeline import run_classify
+
+    started = time.monotonic()
+    trained = finetune_minilm(task, work)
     summary = run_classify(validate({
         "input": {"path": str(work / "eval"), "label_column": "label"},
         "backend": {"model": str(work / "model"), "max_length": 64},
@@ -106,13 +115,8 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, help="keep each merged model as KEEP/<corpus>")
     args = parser.parse_args()
     env = environment()
-    if not DATA.exists():
-        print(f"no data at {DATA}: this benchmark reads ../shared/data", file=sys.stderr)
+    if not start_real_data_ray():
         return 2
-    import ray
-    # A cluster of its own ("local"), with logical CPUs beyond the cores for the reader and
-    # writer tasks beside the actor (README: resources on a small machine).
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
 
     results = []
     for corpus, task in TASKS.items():
