@@ -24,7 +24,7 @@ from clsjob.monitor import distribution, drift_against_baseline, raise_on_alerts
 from clsjob.placement import StallReporter, check_placement, classify_demand, ensure_ray
 from clsjob.prepare import check_schema
 from clsjob.report import write_evaluation
-from clsjob.review import REVIEW, best, review_size, write_review
+from clsjob.review import review_size, write_run_review
 from clsjob.stages import stream_labelled_parts
 from clsjob.store import InputError
 from clsjob.summary import Progress, RunSummary, build_manifest, summary_of, summary_table
@@ -97,13 +97,10 @@ def run_locked(cfg: ClassifyConfig, labels: LabelSet, temperature: float | None,
         raise RunLocked(f"another run took {cfg.output.path} over during this one; "
                         f"its manifest is left to that run")
     complete = rows_out == rows_in and len(markers) == len(shards)
-    review = None
-    if cfg.output.review and complete:  # every shard's best rows, from its marker: no re-read
-        rule = cfg.output.review
-        picked = best((c for m in markers.values() for c in m.get("review", [])), review_rows,
-                      rule.per_label)
-        write_review(picked, cfg.output.path, cfg.storage)
-        review = {"path": REVIEW, "rows": len(picked), **rule.model_dump()}
+    # Rows for review: every shard's best rows are in its marker, so nothing is re-read.
+    review = (write_run_review(cfg.output.review, list(markers.values()), review_rows,
+                               cfg.output.path, cfg.storage)
+              if cfg.output.review and complete else None)
     # The run's label distribution (every labelled row), and its drift against the baseline.
     dist = distribution(scored, total)
     drift = drift_against_baseline(dist, cfg.monitor, cfg.storage) if complete else None

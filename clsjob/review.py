@@ -79,6 +79,14 @@ def part_candidates(written: pa.Table, texts: list, id_column: str, gold_column:
     return best(candidates, n, rule.per_label)
 
 
+def write_run_review(rule: ReviewConfig, markers: list[dict], n: int, output: str,
+                     storage: StorageConfig) -> dict:
+    """The run's best rows to review, from its shard markers, written; the manifest's entry."""
+    picked = best((c for m in markers for c in m.get("review", [])), n, rule.per_label)
+    write_review(picked, output, storage)
+    return {"path": REVIEW, "rows": len(picked), **rule.model_dump()}
+
+
 def write_review(candidates: list[dict], output: str, storage: StorageConfig) -> None:
     """The picked rows, most uncertain first, with their rank, as `_review/review.parquet`."""
     table = pa.Table.from_pylist([{"rank": r, **c} for r, c in enumerate(candidates, 1)])
