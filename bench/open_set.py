@@ -97,6 +97,23 @@ def scores(m: dict) -> dict:
     return out
 
 
+def tradeoff(out: Path) -> dict:
+    """Out-of-scope recall against in-scope points lost over every threshold (0.001 steps),
+    from a run without abstention: what any threshold on this confidence could reach."""
+    rows = pa.concat_tables(pq.read_table(p, columns=["gold", "label", "confidence"])
+                            for p in out.glob("*.parquet"))
+    gold = np.array(rows.column("gold").to_pylist())
+    conf = np.array(rows.column("confidence").to_pylist(), dtype=np.float64)
+    right = (np.array(rows.column("label").to_pylist()) == gold) & (gold != OOS)
+    inscope, oos = (gold != OOS).sum(), (gold == OOS).sum()
+    thresholds = np.arange(0, 1.001, 0.001)
+    lost = np.array([100 * (right & (conf < t)).sum() / inscope for t in thresholds])
+    recall = np.array([((gold == OOS) & (conf < t)).sum() / oos for t in thresholds])
+    return {f"recall_at_{budget}_points": float(recall[lost <= budget].max())
+            for budget in (1, 2, 5, 10, 20)} | {
+        "points_lost_for_recall_0.7": float(lost[recall >= 0.7].min()) if (recall >= 0.7).any() else None}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "open_set.json"))
@@ -118,6 +135,7 @@ def main() -> int:
             abstained = scores(classify(work, "test", f"{conf}-abstain", conf == "calibrated",
                                         thresholds[conf]))
             runs[conf] = {"threshold": thresholds[conf], "without": plain, "with": abstained,
+                          "any_threshold": tradeoff(work / f"{conf}-plain"),
                           "in_scope_points_lost": round(100 * (plain["in_scope_accuracy"]
                                                                - abstained["in_scope_accuracy"]), 2)}
     target = TARGETS["open_set"]
@@ -127,6 +145,11 @@ def main() -> int:
     result = {"split": split, "fit": fit, "runs": runs, "target": target,
               "wall_time_s": round(time.monotonic() - started, 1)}
     print(json.dumps(result, indent=2), flush=True)
+    curve = markdown_table(
+        ["confidence", *[f"OOS recall at ≤ {b} points" for b in (1, 2, 5, 10, 20)],
+         "points lost for recall 0.7"],
+        [[conf, *[f"{r['any_threshold'][f'recall_at_{b}_points']:.3f}" for b in (1, 2, 5, 10, 20)],
+          r["any_threshold"]["points_lost_for_recall_0.7"]] for conf, r in runs.items()])
     f = lambda x: f"{x:.4f}"  # noqa: E731
     table = markdown_table(
         ["confidence", "threshold", "in-scope acc. without → with", "points lost",
@@ -136,7 +159,8 @@ def main() -> int:
           r["in_scope_points_lost"], f"{f(r['without']['oos_recall'])} → {f(r['with']['oos_recall'])}",
           f(r["with"]["oos_precision"]), f(r["without"]["ece"]), "yes" if r["met"] else "no"]
          for conf, r in runs.items()])
-    write_report(result | {"environment": env}, Path(args.out), f"\n{table}\n\n{environment_line(env)}")
+    write_report(result | {"environment": env}, Path(args.out),
+                 f"\n{table}\n\nAny threshold on the same confidences:\n\n{curve}\n\n{environment_line(env)}")
     return 0
 
 
