@@ -101,9 +101,13 @@ def drift_against_baseline(now: dict, monitor: MonitorConfig, storage: StorageCo
     if not monitor.baseline:
         return None
     url = store.join(monitor.baseline, MANIFEST)
-    before = store.read_json(url, storage) if store.exists(url, storage) else None
+    try:
+        before = store.read_json(url, storage) if store.exists(url, storage) else None
+    except Exception as exc:  # monitoring never costs the night's labels
+        before = {"unreadable": f"{type(exc).__name__}: {exc}"[:300]}
     if not before or before.get("status") != "complete" or "distribution" not in before:
-        why = ("no manifest" if before is None else "the run is unfinished"
+        why = ("no manifest" if before is None else f"unreadable ({before['unreadable']})"
+               if "unreadable" in before else "the run is unfinished"
                if before.get("status") != "complete" else "no distribution (an older release)")
         log.warning("monitor: baseline %s not compared: %s", monitor.baseline, why)
         return {"baseline": monitor.baseline, "compared": False, "why": why, "alerts": []}

@@ -37,12 +37,10 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
     # Everything that can be wrong with the model, labels or schema fails here, before Ray
     # schedules anything and before a row is read.
     configured = LabelSet.from_specs(cfg.labels) if cfg.labels else None
-    labels = backends.check_model_and_labels(cfg.backend, configured, cfg.storage)
-    temperature = backends.confidence_temperature(cfg.backend, cfg.storage)
-    if cfg.abstain is not None:  # a threshold left out is the model folder's: read it now
-        folder = (backends.check_model_files(cfg.backend, cfg.storage)
-                  if cfg.abstain.below is None else None)
-        cfg = cfg.model_copy(update={"abstain": settle_rule(cfg.abstain, labels, folder,
+    model = backends.check_model(cfg.backend, configured, cfg.storage)
+    labels, temperature = model.labels, model.temperature
+    if cfg.abstain is not None:  # a threshold left out is the model folder's
+        cfg = cfg.model_copy(update={"abstain": settle_rule(cfg.abstain, labels, model.config,
                                                             cfg.backend.model)})
     shards, bad_files = usable_shards(cfg)
     # Everything below writes to the output folder: one run at a time.

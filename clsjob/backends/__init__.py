@@ -48,14 +48,22 @@ def require_cuda(use_gpu: bool) -> None:
 
 
 @dataclass(frozen=True)
+class CheckedModel:
+    """What the driver learns of the model before a run: the labels in output order, what
+    its probabilities are scaled by (calibration.py; None: the back end gives none), and the
+    folder's config.json (abstain.py reads its threshold there)."""
+    labels: LabelSet
+    temperature: float | None
+    config: dict
+
+
+@dataclass(frozen=True)
 class BackEnd:
     """One back end. The check and the actor are named, not imported: a back end's heavy
     dependencies (torch, vLLM) load only when it is used."""
     config: type[BackendSection]
-    check: str  # "module:function"(backend, configured labels, storage) -> output LabelSet
+    check: str  # "module:function"(backend, configured labels, storage) -> CheckedModel
     actor: str  # "module:Class"(backend, labels, text_column, use_gpu, storage, **driver_kwargs)
-    # "module:function"(backend, storage) -> what logits are divided by (None: no probs)
-    temperature: str
     # "module:function"(backend, labels, storage) -> extra actor kwargs, read once on the driver
     driver_kwargs: str | None = None
 
@@ -66,13 +74,11 @@ class BackEnd:
 REGISTRY: dict[str, BackEnd] = {
     # vllm_pool serves the same merged classifier folder as hf, so both check it alike.
     "hf": BackEnd(HFBackendConfig, "clsjob.backends.hf:check_model_folder",
-                  "clsjob.backends.hf:HFClassifier", "clsjob.backends.hf:folder_temperature"),
+                  "clsjob.backends.hf:HFClassifier"),
     "vllm_pool": BackEnd(VLLMPoolBackendConfig, "clsjob.backends.hf:check_model_folder",
-                         "clsjob.backends.vllm_pool:VLLMPoolClassifier",
-                         "clsjob.backends.hf:folder_temperature"),
+                         "clsjob.backends.vllm_pool:VLLMPoolClassifier"),
     "vllm_prompt": BackEnd(VLLMPromptBackendConfig, "clsjob.backends.vllm_prompt:check_prompted_model",
                            "clsjob.backends.vllm_prompt:VLLMPromptClassifier",
-                           "clsjob.backends.vllm_prompt:score_temperature",
                            driver_kwargs="clsjob.backends.vllm_prompt:actor_examples"),
 }
 
@@ -96,16 +102,15 @@ def actor_kwargs(cfg, labels: LabelSet) -> dict:
     return kwargs
 
 
-def check_model_and_labels(backend: BackendSection, configured: LabelSet | None, storage) -> LabelSet:
-    """Validate the model and the labels on the driver, before any row is read; return the
-    label set in output order."""
+def check_model(backend: BackendSection, configured: LabelSet | None, storage) -> CheckedModel:
+    """Validate the model and the labels on the driver, before any row is read, reading the
+    model folder's config.json once."""
     return resolve(REGISTRY[backend.kind].check)(backend, configured, storage)
 
 
-def confidence_temperature(backend: BackendSection, storage: StorageConfig) -> float | None:
-    """The temperature the run's probabilities are scaled by (calibration.py), for the
-    manifest; None where the back end gives no probabilities."""
-    return resolve(REGISTRY[backend.kind].temperature)(backend, storage)
+def check_model_and_labels(backend: BackendSection, configured: LabelSet | None, storage) -> LabelSet:
+    """`check_model`'s label set in output order."""
+    return check_model(backend, configured, storage).labels
 
 
 def check_model_files(backend: BackendSection, storage: StorageConfig) -> dict:

@@ -10,7 +10,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
-from clsjob.backends import ModelError, check_model_files, local_backend, require_cuda
+from clsjob.backends import (CheckedModel, ModelError, check_model_files, local_backend,
+                             require_cuda)
 from clsjob.backends.rows import attach_probabilities, rows_to_classify, stamp_dtype
 from clsjob.calibration import model_temperature
 from clsjob.config import BackendSection, HFBackendConfig, StorageConfig
@@ -26,10 +27,11 @@ GPU_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDP
 
 
 def check_model_folder(backend: BackendSection, configured: LabelSet | None,
-                       storage: StorageConfig | None = None) -> LabelSet:
-    """Cheap checks on the driver (config.json only): the folder is complete and its labels
-    match the config. Returns the output label order. Also vllm_pool's check: it serves the
-    same folder."""
+                       storage: StorageConfig | None = None) -> CheckedModel:
+    """Cheap checks on the driver (config.json only): the folder is complete, its labels
+    match the config and its temperature is usable. Returns the output label order and the
+    temperature the run applies (1 with `backend.calibrated: false`). Also vllm_pool's
+    check: it serves the same folder."""
     config = check_model_files(backend, storage or StorageConfig())
     architectures = config.get("architectures") or []
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
@@ -39,19 +41,10 @@ def check_model_folder(backend: BackendSection, configured: LabelSet | None,
     model_labels = LabelSet.from_id2label(PretrainedConfig.from_dict(config).id2label)
     labels, _ = resolve_model_labels(configured, model_labels)
     try:
-        model_temperature(config, f"backend.model: {backend.model}")
+        temperature = model_temperature(config, f"backend.model: {backend.model}")
     except ValueError as exc:
         raise ModelError(str(exc)) from None
-    return labels
-
-
-def folder_temperature(backend: BackendSection, storage: StorageConfig) -> float:
-    """What the run's logits are divided by: the model folder's fitted temperature, or 1
-    with `backend.calibrated: false` (the manifest records it)."""
-    if not backend.calibrated:
-        return 1.0
-    config = check_model_files(backend, storage)
-    return model_temperature(config, f"backend.model: {backend.model}")
+    return CheckedModel(labels, temperature if backend.calibrated else 1.0, config)
 
 
 def load_classifier(backend: BackendSection, device: str, dtype: str = "float32"):

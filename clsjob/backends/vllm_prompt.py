@@ -22,7 +22,7 @@ import pyarrow as pa
 from pydantic import ConfigDict, Field, create_model
 
 from clsjob import store
-from clsjob.backends import ModelError, check_model_files, local_backend
+from clsjob.backends import CheckedModel, ModelError, check_model_files, local_backend
 from clsjob.backends.rows import attach_results, rows_to_classify, stamp_dtype
 from clsjob.backends import vllm_engine
 from clsjob.backends.vllm_engine import (engine_args, engine_died, engine_dtype, exit_with_engine,
@@ -33,18 +33,17 @@ from clsjob.prompts import encode_rows, pick_examples, render_template, tokenize
 
 
 def check_prompted_model(backend: VLLMPromptBackendConfig, labels: LabelSet,
-                         storage: StorageConfig) -> LabelSet:
-    architectures = check_model_files(backend, storage).get("architectures") or []
+                         storage: StorageConfig) -> CheckedModel:
+    config = check_model_files(backend, storage)
+    architectures = config.get("architectures") or []
     if not any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in architectures):
         raise ModelError(f"backend.model: {backend.model} is {architectures}, not a generative "
                          f"(*ForCausalLM) model; a merged classifier runs under hf or vllm_pool")
     load_examples(backend.prompt, labels, storage)  # labels of the examples, before any row
-    return labels
-
-
-def score_temperature(backend: VLLMPromptBackendConfig, storage: StorageConfig) -> float | None:
-    """What label log-probabilities are divided by (score mode); None: no probabilities."""
-    return backend.prompt.temperature_scale if backend.prompt.mode == "score" else None
+    # score mode's label log-probabilities are divided by temperature_scale; the others give
+    # no probabilities.
+    scale = backend.prompt.temperature_scale if backend.prompt.mode == "score" else None
+    return CheckedModel(labels, scale, config)
 
 
 def actor_examples(backend: VLLMPromptBackendConfig, labels: LabelSet,

@@ -24,9 +24,14 @@ def test_classify_nightly_yaml_for_one_day(qwen_model, ray_cluster, tmp_path):
     write_shards(tmp_path / "events" / "2026-11-29", [{"text": sample_texts(20)}])
     cfg = shipped_classify("classify-nightly.yaml", qwen_model, tmp_path,
                            f"input.path={tmp_path}/events/{{date}}/",
-                           f"output.path={tmp_path}/labelled/date={{date:%Y%m%d}}/", day=day)
+                           f"output.path={tmp_path}/labelled/date={{date:%Y%m%d}}/",
+                           f"monitor.baseline={tmp_path}/labelled/date={{date-1:%Y%m%d}}/", day=day)
+    assert cfg.monitor.baseline == f"{tmp_path}/labelled/date=20261128/"  # the day before
     summary = run_classify(cfg)
-    check_output_contract(summary, tmp_path / "labelled" / "date=20261129", 20, errored=0)
+    out = tmp_path / "labelled" / "date=20261129"
+    check_output_contract(summary, out, 20, errored=0)
+    # The first night has no day before it: recorded as not compared, never fatal.
+    assert json.loads((out / "_manifest.json").read_text())["drift"]["why"] == "no manifest"
 
 
 def test_classify_local_eval_yaml(ray_cluster, tmp_path):

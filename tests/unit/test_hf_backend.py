@@ -144,7 +144,7 @@ def test_model_folder_checks_fail_before_any_row(tmp_path, qwen_model):
         check_model_folder(HFBackendConfig(model=str(lm)), None)
     with pytest.raises(LabelError, match=r"not in the model \['spam'\]"):
         check_model_folder(HFBackendConfig(model=str(qwen_model)), LabelSet(("negative", "spam")))
-    assert check_model_folder(HFBackendConfig(model=str(qwen_model)), None).names == tuple(LABELS)
+    assert check_model_folder(HFBackendConfig(model=str(qwen_model)), None).labels.names == tuple(LABELS)
 
 
 @pytest.mark.parametrize("model_fixture", ["qwen_model", "bert_model"])
