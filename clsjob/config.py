@@ -453,6 +453,18 @@ def rename_keys(data: Any, renamed: dict[str, str]) -> Any:
     return data
 
 
+class TrackingConfig(Section):
+    experiment: str = Field("clsjob", min_length=1,
+                            description="MLflow experiment and W&B project the run is logged under.")
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI (a server, sqlite:///..., or a file store). None = "
+                          "$MLFLOW_TRACKING_URI where the job's runtime env sets it, else a file "
+                          "store in <output.path>/tracking/mlruns.")
+    wandb_mode: Literal["online", "offline"] | None = Field(
+        None, description="offline: the W&B run is written to <output.path>/tracking/wandb, for "
+                          "`wandb sync` later. None = $WANDB_MODE, else online.")
+
+
 class TrainingConfig(Section):
     method: Literal["lora", "full"] = Field(
         "lora", description="lora = adapter + head; full = every weight (small encoders).")
@@ -499,6 +511,17 @@ class TrainingConfig(Section):
                                       "written by merge, for classify's abstain.below) is the "
                                       "highest whose rows under it cost at most this share of "
                                       "eval accuracy, on calibrated confidence.")
+    report_to: list[Literal["mlflow", "tensorboard", "wandb"]] = Field(
+        [], description="Experiment trackers to log to (none by default): the run's config, "
+                        "each epoch's metrics and the final calibration, from rank 0.")
+    tracking: TrackingConfig = Field(TrackingConfig(), description="Where report_to logs.")
+
+    @field_validator("report_to")
+    @classmethod
+    def _each_tracker_once(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"names a tracker twice: {value}")
+        return value
 
 
 class FinetuneOutputConfig(Section):

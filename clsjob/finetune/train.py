@@ -27,12 +27,14 @@ from clsjob.finetune.data import encode, read_labelled, settle_labels
 from clsjob.finetune.model import build_trainable, load_tokenizer
 from clsjob.finetune.summary import SUMMARY, peak_memory_gib  # noqa: F401  (re-exported)
 from clsjob.finetune.trainer import build_trainer
+from clsjob.finetune.tracking import TRACKING, Tracker, check_installed, final_metrics
 from clsjob.labels import LabelSet
 from clsjob.placement import check_placement, ensure_ray, training_demand
 
 log = logging.getLogger("clsjob")
 # Settings that do not change what is trained: the run name (and so its checkpoints) ignores them.
-NOT_TRAINING = {"cluster": True, "storage": {"model_cache"}, "training": {"abstain_accuracy_loss"}}
+NOT_TRAINING = {"cluster": True, "storage": {"model_cache"},
+                "training": {"abstain_accuracy_loss", "report_to", "tracking"}}
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
@@ -45,6 +47,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if store.exists(summary_url, cfg.storage):
         log.info("finetune: %s already holds the finished model; nothing to do", cfg.output.path)
         return store.read_json(summary_url, cfg.storage)
+    check_installed(cfg.training.report_to)
     demand = training_demand(cfg.training)
     ensure_ray(demand)
     # Ray Train copies every print of a worker to both its stdout and its log, and the driver
@@ -135,19 +138,28 @@ def train_in(cfg: FinetuneConfig, work: Path) -> None:
     data = load_examples(cfg, base)
     device = str(ray.train.torch.get_device())
     model = build_trainable(base, data.labels, cfg.training, data.tokenizer, device)
-    trainer, weights = build_trainer(cfg, model, data.tokenizer, data.labels, data.train_rows,
-                                     data.eval_rows, str(work / "hf"), [RayTrainReportCallback()])
-    trainer = prepare_trainer(trainer)
-    if resume_from:
-        log.info("finetune: resuming from %s", resume_from)
-    train_out = trainer.train(resume_from_checkpoint=resume_from)
-    # Each epoch's evaluation, read before the final one adds its own entry.
-    per_epoch = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
-    final_eval, calibration = final_evaluation(trainer, data.eval_rows,
-                                               cfg.training.abstain_accuracy_loss)
-    summary = training_summary(cfg, data, train_out, per_epoch, final_eval, calibration, weights,
-                               resume_from is not None, time.monotonic() - started, device)
-    report_final(trainer, data.tokenizer, summary, final_eval, work)
+    context = ray.train.get_context()
+    tracker = Tracker(cfg.training.report_to, cfg.training.tracking, work / TRACKING,
+                      context.get_experiment_name(), context.get_world_rank())
+    try:
+        trainer, weights = build_trainer(
+            cfg, model, data.tokenizer, data.labels, data.train_rows, data.eval_rows,
+            str(work / "hf"), [RayTrainReportCallback(), *tracker.callbacks(cfg.model_dump(mode="json"))])
+        trainer = prepare_trainer(trainer)
+        if resume_from:
+            log.info("finetune: resuming from %s", resume_from)
+        train_out = trainer.train(resume_from_checkpoint=resume_from)
+        # Each epoch's evaluation, read before the final one adds its own entry.
+        per_epoch = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+        final_eval, calibration = final_evaluation(trainer, data.eval_rows,
+                                                   cfg.training.abstain_accuracy_loss)
+        tracker.finish(final_metrics(final_eval, calibration), trainer.state.global_step)
+        summary = training_summary(cfg, data, train_out, per_epoch, final_eval, calibration,
+                                   weights, resume_from is not None, time.monotonic() - started,
+                                   device)
+        report_final(trainer, data.tokenizer, summary, final_eval, work, tracker)
+    finally:
+        tracker.close()
 
 
 def final_evaluation(trainer, eval_rows: list[dict], max_accuracy_loss: float) -> tuple[dict, dict | None]:
@@ -225,8 +237,10 @@ def training_summary(cfg: FinetuneConfig, data: Examples, train_out, per_epoch: 
     }
 
 
-def report_final(trainer, tokenizer, summary: dict, final_eval: dict, work: Path) -> None:
-    """Every worker must report; only rank 0 attaches the final model."""
+def report_final(trainer, tokenizer, summary: dict, final_eval: dict, work: Path,
+                 tracker: Tracker) -> None:
+    """Every worker must report; only rank 0 attaches the final model (and the trackers'
+    files)."""
     checkpoint = None
     if ray.train.get_context().get_world_rank() == 0:
         out = work / "out"
@@ -234,6 +248,7 @@ def report_final(trainer, tokenizer, summary: dict, final_eval: dict, work: Path
         trainer.save_model(str(final))
         tokenizer.save_pretrained(final)
         (final / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
+        tracker.copy_into(final)
         checkpoint = ray.train.Checkpoint.from_directory(str(out))
     ray.train.report({k: v for k, v in final_eval.items() if isinstance(v, (int, float))},
                      checkpoint=checkpoint)

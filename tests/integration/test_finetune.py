@@ -17,6 +17,7 @@ from clsjob.finetune.train import SUMMARY, run_finetune
 from clsjob.labels import LabelSet
 from helpers import sample_texts, write_shards
 from tiny_models import build_qwen2_classifier
+from tracking_files import tensorboard_events, wandb_offline_run
 
 # A task the tiny model can learn in a few steps: the label is the first word.
 WORDS = {"card": "billing", "parcel": "delivery", "account": "access"}
@@ -40,7 +41,10 @@ def trained(ray_cluster, tmp_path_factory):
         "train": {"path": str(root / "train"), "label_column": "label"},
         "eval": {"path": str(root / "eval"), "label_column": "label"},
         "training": {"epochs": 3, "learning_rate": 3e-3, "batch_size": 16, "max_length": 48,
-                     "lora_r": 8, "lora_alpha": 16},
+                     "lora_r": 8, "lora_alpha": 16,
+                     # Every tracker, into files: the MLflow file store and W&B offline.
+                     "report_to": ["mlflow", "tensorboard", "wandb"],
+                     "tracking": {"experiment": "tiny-qwen", "wandb_mode": "offline"}},
         "output": {"path": str(root / "adapter")},
     }, model=FinetuneConfig)
     summary = run_finetune(cfg)
@@ -128,3 +132,43 @@ def test_rerun_of_a_finished_finetune_does_nothing(trained):
                     "output": {"path": str(root / "adapter")}}, model=FinetuneConfig)
     assert run_finetune(cfg) == json.loads((root / "adapter" / SUMMARY).read_text())
     assert adapter.stat().st_mtime_ns == before
+
+
+def points(pairs) -> list[tuple[int, float]]:
+    """(step, value) pairs as every tracker stores them: float32 values, compared rounded."""
+    return [(int(step), round(float(value), 5)) for step, value in pairs]
+
+
+def test_each_tracker_holds_the_config_every_epoch_and_the_calibration(trained, monkeypatch):
+    root, _, summary = trained
+    tracking = root / "adapter" / "tracking"
+    epochs = points((e["step"], e["eval_accuracy"]) for e in summary["epochs"])
+    temperature = summary["calibration"]["temperature"]
+    assert len(epochs) == 3 and epochs[0][0] < epochs[1][0] < epochs[2][0]
+
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # reading it, as the job wrote it
+    client = mlflow.MlflowClient((tracking / "mlruns").as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny-qwen").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name.startswith("finetune-")
+    assert run.data.params["clsjob.training.learning_rate"] == "0.003"
+    assert run.data.params["clsjob.train.path"] == str(root / "train")
+    history = client.get_metric_history(run.info.run_id, "eval_accuracy")
+    assert sorted(points((m.step, m.value) for m in history)) == epochs
+    assert run.data.metrics["calibration/temperature"] == pytest.approx(temperature)
+    assert run.data.metrics["final/eval_accuracy"] == pytest.approx(summary["final_eval"]["eval_accuracy"])
+
+    scalars, texts = tensorboard_events(tracking / "tensorboard")
+    assert points(scalars["eval/accuracy"]) == epochs  # the HF integration's name for it
+    assert points(scalars["calibration/temperature"]) == points([(epochs[-1][0], temperature)])
+    assert json.loads(texts["clsjob_config/text_summary"].strip("`\n"))["training"]["report_to"] == [
+        "mlflow", "tensorboard", "wandb"]
+
+    wandb_run = wandb_offline_run(tracking / "wandb")
+    # The HF integration logs each epoch, and the final evaluation (a predict) once more.
+    final = points([(epochs[-1][0], summary["final_eval"]["eval_accuracy"])])
+    assert points((row["train/global_step"], row["eval/accuracy"]) for row in wandb_run["history"]
+                  if "eval/accuracy" in row) == epochs + final
+    assert wandb_run["summary"]["calibration/temperature"] == pytest.approx(temperature)
+    assert wandb_run["config"]["clsjob"]["training"]["lora_r"] == 8

@@ -152,3 +152,45 @@ def test_progress_line_between_epochs(caplog):
     assert "tokens/s per worker" in lines[0] and "s left" in lines[0]
     assert lines[1] == "finetune: epoch 0.25: loss 0.5123"
     assert running.take() == (0.0, 0)
+
+
+def test_tracked_parameters_are_flat_strings_and_final_metrics_carry_the_calibration():
+    from clsjob.finetune.tracking import final_metrics, flatten
+
+    assert flatten({"training": {"lr": 0.001, "report_to": ["mlflow"], "tracking": {}},
+                    "labels": None, "path": "s3://b/x"}, prefix="clsjob.") == {
+        "clsjob.training.lr": "0.001", "clsjob.training.report_to": '["mlflow"]',
+        "clsjob.training.tracking": "{}", "clsjob.labels": "null", "clsjob.path": "s3://b/x"}
+    calibration = {"temperature": 1.5, "ece_before": 0.1, "ece_after": 0.02, "nll_before": 0.5,
+                   "nll_after": 0.4, "rows": 48, "abstain": {"below": 0.6, "max_accuracy_loss": 0.02}}
+    assert final_metrics({"eval_accuracy": 0.9, "eval_runtime": 1, "epoch": 3.0}, calibration) == {
+        "final/eval_accuracy": 0.9, "final/eval_runtime": 1.0, "final/epoch": 3.0,
+        "calibration/temperature": 1.5, "calibration/ece_before": 0.1, "calibration/ece_after": 0.02,
+        "calibration/nll_before": 0.5, "calibration/nll_after": 0.4, "calibration/abstain_below": 0.6}
+    assert final_metrics({}, None) == {}  # no eval rows: nothing to add
+
+
+def test_a_tracker_that_is_not_installed_is_named_before_training(monkeypatch):
+    import importlib.util
+
+    from clsjob.finetune import tracking
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
+    tracking.check_installed(["mlflow", "tensorboard"])
+    with pytest.raises(ModuleNotFoundError, match=r"report_to names \['wandb'\].*clsjob\[tracking\]"):
+        tracking.check_installed(["tensorboard", "wandb"])
+    with pytest.raises(ValueError, match="names a tracker twice"):
+        validate({"base_model": "m", "train": {"path": "t", "label_column": "y"}, "output": {"path": "o"},
+                  "training": {"report_to": ["wandb", "wandb"]}}, model=FinetuneConfig)
+
+
+def test_only_rank_zero_tracks(tmp_path):
+    from clsjob.config import TrackingConfig
+    from clsjob.finetune.tracking import Tracker
+
+    other = Tracker(["mlflow", "tensorboard", "wandb"], TrackingConfig(), tmp_path / "t", "run", rank=1)
+    assert other.callbacks({"a": 1}) == []
+    other.finish({"final/x": 1.0}, step=3)
+    other.copy_into(tmp_path / "model")
+    assert not (tmp_path / "t").exists() and not (tmp_path / "model").exists()
