@@ -267,10 +267,14 @@ class ResourcesConfig(Section):
     cpus_per_actor: float = Field(1, gt=0, description="CPUs per actor (torch threads follow).")
 
 
+# Review candidates travel as JSON with each part's record and live in the shard markers.
+MAX_REVIEW_ROWS = 100_000
+
+
 class ReviewConfig(Section):
     """Rows a person should label first, written to `_review/review.parquet`."""
-    rows: int | None = Field(None, gt=0, le=100_000, description="How many rows (per label with "
-                                                                 "per_label).")
+    rows: int | None = Field(None, gt=0, le=MAX_REVIEW_ROWS, description="How many rows (per "
+                                                                         "label with per_label).")
     fraction: float | None = Field(None, gt=0, le=1, description="Or this share of the run's "
                                                                  "rows (at most 100,000).")
     strategy: Literal["least_confident", "margin", "entropy"] = Field(

@@ -68,9 +68,9 @@ def calibrate_output(output: str, storage: StorageConfig) -> dict:
     logp, gold = [], []
     for part in manifest["parts"]:
         t = store.read_table(store.join(output, part["part"]), storage, [gold_column, "probs"])
-        has_probs = t.column("probs").is_valid().to_pylist()
-        rows = [i for i, g in enumerate(t.column(gold_column).to_pylist()) if g in labels and has_probs[i]]
-        gold += [labels.id_of(t.column(gold_column)[i].as_py()) for i in rows]
+        has_probs, golds = t.column("probs").is_valid().to_pylist(), t.column(gold_column).to_pylist()
+        rows = [i for i, g in enumerate(golds) if g in labels and has_probs[i]]
+        gold += [labels.id_of(golds[i]) for i in rows]
         probs = np.asarray(t.column("probs").take(rows).combine_chunks().flatten(), dtype=np.float64)
         # Floored at float32's smallest: a probability that underflowed to 0 stays finite.
         logp.append(np.log(np.maximum(probs, 1e-45)).reshape(len(rows), len(labels)))

@@ -16,11 +16,9 @@ import numpy as np
 import pyarrow as pa
 
 from clsjob import store
-from clsjob.config import ReviewConfig, StorageConfig
+from clsjob.config import MAX_REVIEW_ROWS, ReviewConfig, StorageConfig
 
 REVIEW = "_review/review.parquet"
-# Candidates travel as JSON with each part's record and live in the shard markers.
-MAX_REVIEW_ROWS = 100_000
 
 
 def review_size(rule: ReviewConfig, rows_in: int) -> int:
@@ -75,8 +73,26 @@ def part_candidates(written: pa.Table, texts: list, id_column: str, gold_column:
     candidates = [{"id": ids[i], "text": texts[i], "label": labels[i], "confidence": conf[i],
                    "probs": probs[j].tolist(), "score": float(scores[j]),
                    **({"gold": gold[i]} if gold is not None else {})}
-                  for j, i in enumerate(rows.tolist())]
+                  for j, i in ((j, int(rows[j])) for j in short_list(
+                      scores, [labels[i] for i in rows.tolist()], n, rule.per_label))]
     return best(candidates, n, rule.per_label)
+
+
+def short_list(scores: np.ndarray, labels: list, n: int, per_label: bool) -> np.ndarray:
+    """Positions that can be among the best `n` (of each label, with per_label): those
+    scoring at least the n-th highest, ties at the cut kept for `best` to break by id. Only
+    these become candidates, not every row of the part."""
+    groups = [np.arange(len(scores))]
+    if per_label:
+        by_label = np.asarray(labels, dtype=object)
+        groups = [np.flatnonzero(by_label == label) for label in dict.fromkeys(labels)]
+    kept = []
+    for group in groups:
+        if len(group) > n:
+            cut = np.partition(scores[group], len(group) - n)[len(group) - n]
+            group = group[scores[group] >= cut]
+        kept.append(group)
+    return np.sort(np.concatenate(kept))
 
 
 def write_run_review(rule: ReviewConfig, markers: list[dict], n: int, output: str,

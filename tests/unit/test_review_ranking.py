@@ -68,3 +68,13 @@ def test_exactly_one_size():
         ReviewConfig()
     with pytest.raises(ValueError, match="exactly one of rows and fraction"):
         ReviewConfig(rows=3, fraction=0.1)
+
+
+def test_a_part_hands_over_only_rows_that_can_be_picked():
+    from clsjob.review import short_list
+
+    scores = np.array([0.1, 0.9, 0.5, 0.9, 0.2, 0.7, 0.9])
+    # The 2 best are among the three tied at 0.9: all three kept, for the id to decide.
+    assert short_list(scores, list("abababa"), 2, per_label=False).tolist() == [1, 3, 6]
+    # Per label: a -> 0.1, 0.5, 0.2, 0.9 (positions 0, 2, 4, 6); b -> 0.9, 0.9, 0.7.
+    assert short_list(scores, list("abababa"), 2, per_label=True).tolist() == [1, 2, 3, 6]
