@@ -267,6 +267,68 @@ class ResourcesConfig(Section):
     cpus_per_actor: float = Field(1, gt=0, description="CPUs per actor (torch threads follow).")
 
 
+class CascadeStageConfig(Section):
+    """One stage of a cascade: a back end with its own actor pool, and (all but the last) the
+    rule that sends a row on to the next stage."""
+    name: str | None = Field(None, min_length=1, description="The stage's name in `labelled_by`, "
+                                                             "the manifest and the report. None "
+                                                             "= <position>-<backend kind>.")
+    backend: BackendConfig = Field(description="The stage's back end (hf, vllm_pool or "
+                                               "vllm_prompt; the same settings as backend).")
+    resources: ResourcesConfig = Field(ResourcesConfig(), description="The stage's actor pool.")
+    escalate_below: float | None = Field(
+        None, gt=0, le=1, description="Rows this stage labels with a confidence under it go on "
+                                      "to the next stage (calibrated where the model is).")
+    escalate_margin_below: float | None = Field(
+        None, gt=0, le=1, description="Or: rows whose top-1 minus top-2 probability is under it.")
+
+
+class CascadeBackendConfig(Section):
+    kind: Literal["cascade"] = Field("cascade", description="Stages in order: each labels the "
+                                                            "rows the one before escalated.")
+    stages: list[CascadeStageConfig] = Field(min_length=2, description="Two or more stages.")
+
+    @model_validator(mode="after")
+    def _each_stage_but_the_last_escalates(self) -> "CascadeBackendConfig":
+        for i, stage in enumerate(self.stages):
+            rules = [r for r in ("escalate_below", "escalate_margin_below") if getattr(stage, r) is not None]
+            key = f"backend.stages[{i}]"
+            if i == len(self.stages) - 1:
+                if rules:
+                    raise ValueError(f"{key}.{rules[0]}: the last stage has no stage to escalate to")
+                continue
+            if len(rules) != 1:
+                raise ValueError(f"{key}: set one of escalate_below, escalate_margin_below")
+            b = stage.backend
+            if b.kind == "vllm_prompt" and b.prompt.mode != "score":
+                raise ValueError(f"{key}.backend.prompt.mode {b.prompt.mode} gives no confidence "
+                                 f"to escalate on; use mode: score (or make it the last stage)")
+        names = self.stage_names()
+        if len(set(names)) != len(names):
+            raise ValueError(f"backend.stages: names must differ, got {names}")
+        return self
+
+    def stage_names(self) -> list[str]:
+        return [s.name or f"{i + 1}-{s.backend.kind}" for i, s in enumerate(self.stages)]
+
+
+# classify's back end: one of the three, or a cascade of them.
+ClassifyBackendConfig = Annotated[Union[(*BACKEND_CONFIGS, CascadeBackendConfig)],
+                                  Field(discriminator="kind"), BeforeValidator(_kind_defaults_to_hf)]
+
+
+def stage_backends(backend) -> list[tuple[str, BackendSection]]:
+    """(config key, back end) of each stage that labels rows: the back end itself, or each
+    stage of a cascade."""
+    if backend.kind == "cascade":
+        return [(f"backend.stages[{i}].backend", s.backend) for i, s in enumerate(backend.stages)]
+    return [("backend", backend)]
+
+
+def gives_confidence(backend: BackendSection) -> bool:
+    return backend.kind != "vllm_prompt" or backend.prompt.mode == "score"
+
+
 # Review candidates travel as JSON with each part's record and live in the shard markers.
 MAX_REVIEW_ROWS = 100_000
 
@@ -347,7 +409,7 @@ class ClassifyConfig(Section):
     labels: Labels = Field(
         None, description="Label names in output order. None = the model's id2label "
                           "(required for vllm_prompt, whose model has no label head).")
-    backend: BackendConfig
+    backend: ClassifyBackendConfig
     resources: ResourcesConfig = ResourcesConfig()
     output: OutputConfig
     storage: StorageConfig = StorageConfig()
@@ -364,23 +426,23 @@ class ClassifyConfig(Section):
 
     @model_validator(mode="after")
     def _review_needs_probabilities(self) -> "ClassifyConfig":
-        b = self.backend
-        if self.output.review and b.kind == "vllm_prompt" and b.prompt.mode != "score":
-            raise ValueError(f"output.review: backend.prompt.mode {b.prompt.mode} gives no "
-                             f"probabilities to rank rows by; use mode: score")
+        for key, b in stage_backends(self.backend):
+            if self.output.review and not gives_confidence(b):
+                raise ValueError(f"output.review: {key}.prompt.mode {b.prompt.mode} gives no "
+                                 f"probabilities to rank rows by; use mode: score")
         return self
 
     @model_validator(mode="after")
     def _abstention_needs_confidence(self) -> "ClassifyConfig":
         if self.abstain is None:
             return self
-        b = self.backend
-        if b.kind == "vllm_prompt" and b.prompt.mode != "score":
-            raise ValueError(f"abstain: backend.prompt.mode {b.prompt.mode} gives no confidence "
-                             f"to abstain on; use mode: score")
-        if b.kind == "vllm_prompt" and self.abstain.below is None:
-            raise ValueError("abstain.below: vllm_prompt needs a threshold (only a fine-tuned "
-                             "model folder carries one)")
+        for key, b in stage_backends(self.backend):
+            if not gives_confidence(b):
+                raise ValueError(f"abstain: {key}.prompt.mode {b.prompt.mode} gives no "
+                                 f"confidence to abstain on; use mode: score")
+        if self.backend.kind in ("vllm_prompt", "cascade") and self.abstain.below is None:
+            raise ValueError(f"abstain.below: a {self.backend.kind} back end needs a threshold "
+                             f"(only a fine-tuned model folder carries one)")
         if self.abstain.label is not None and self.labels and \
                 self.abstain.label in [spec.name for spec in self.labels]:
             raise ValueError(f"abstain.label {self.abstain.label!r} is one of the labels; the "
@@ -389,17 +451,34 @@ class ClassifyConfig(Section):
 
     @model_validator(mode="after")
     def _prompted_needs_labels(self) -> "ClassifyConfig":
-        if self.backend.kind == "vllm_prompt" and not self.labels:
-            raise ValueError("labels: vllm_prompt needs the label list (its model has no "
-                             "id2label to take them from)")
+        for key, b in stage_backends(self.backend):
+            if b.kind == "vllm_prompt" and not self.labels:
+                raise ValueError(f"labels: vllm_prompt ({key}) needs the label list (its model "
+                                 f"has no id2label to take them from)")
         return self
 
     @model_validator(mode="after")
     def _gpus_fit_the_back_end(self) -> "ClassifyConfig":
-        problem = gpu_mismatch(self.backend, self.resources)
-        if problem:
-            raise ValueError(problem)
+        if self.backend.kind != "cascade":
+            problem = gpu_mismatch(self.backend, self.resources)
+            if problem:
+                raise ValueError(problem)
+            return self
+        if "resources" in self.model_fields_set:
+            raise ValueError("resources: a cascade's actor pools are per stage "
+                             "(backend.stages[i].resources); remove the top-level resources")
+        for i, stage in enumerate(self.backend.stages):
+            problem = gpu_mismatch(stage.backend, stage.resources)
+            if problem:
+                raise ValueError(f"backend.stages[{i}]: {problem}")
         return self
+
+    def stages(self) -> list[tuple[str, BackendSection, ResourcesConfig]]:
+        """(name, back end, actor pool) of each stage; one, named by its kind, without a cascade."""
+        b = self.backend
+        if b.kind != "cascade":
+            return [(b.kind, b, self.resources)]
+        return [(name, s.backend, s.resources) for name, s in zip(b.stage_names(), b.stages)]
 
 
 def engine_gpus(backend: BackendSection) -> int | None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from clsjob.config import ClassifyConfig, InputConfig
+from clsjob.config import ClassifyConfig, InputConfig, stage_backends
 from clsjob.labels import LabelSet
 from clsjob.metrics import Tally, count_rows
 
@@ -51,11 +51,17 @@ def id_column(cfg: InputConfig) -> str:
     return cfg.id_column or DERIVED_ID
 
 
+# A cascade's output column: the name of the stage whose label the row has (cascade.py).
+LABELLED_BY = "labelled_by"
+
+
 def result_columns(cfg: ClassifyConfig) -> list[str]:
-    """The result columns this config writes: `reasoning` only where the back end gives one."""
-    backend = cfg.backend
-    has_reasoning = backend.kind == "vllm_prompt" and backend.prompt.mode == "json"
-    return [c for c in RESULT_COLUMNS if c != "reasoning" or has_reasoning]
+    """The result columns this config writes: `reasoning` only where a back end gives one,
+    `labelled_by` only from a cascade."""
+    has_reasoning = any(b.kind == "vllm_prompt" and b.prompt.mode == "json"
+                        for _, b in stage_backends(cfg.backend))
+    columns = [c for c in RESULT_COLUMNS if c != "reasoning" or has_reasoning]
+    return columns + [LABELLED_BY] if cfg.backend.kind == "cascade" else columns
 
 
 def output_columns(cfg: ClassifyConfig) -> list[str]:
@@ -92,12 +98,15 @@ class PartRecord:
     dtype: str | None  # what the model ran in (None where a back end does not say)
     counts: Tally
     review: list = field(default_factory=list)  # the part's best rows to review (review.py)
+    stages: dict | None = None  # a cascade's counts per stage (cascade.stage_counts)
 
     @classmethod
     def of(cls, written: pa.Table, chunk: pa.Table, labels: LabelSet,
-           review: list | None = None, temperature: float | None = None) -> "PartRecord":
+           review: list | None = None, temperature: float | None = None,
+           stages: dict | None = None) -> "PartRecord":
         """The record of `written` (output_table of `chunk`, one whole part); `review`: its
-        candidate rows for review; `temperature`: what its probabilities were scaled by."""
+        candidate rows for review; `temperature`: what its probabilities were scaled by;
+        `stages`: a cascade's counts per stage."""
         errors = written.column("error").to_pylist()
         gold = (written.column(GOLD).to_pylist() if GOLD in written.column_names
                 else [None] * written.num_rows)
@@ -109,7 +118,7 @@ class PartRecord:
                    truncated=sum(bool(t) for t in written.column("truncated").to_pylist()),
                    cleaned=pc.sum(chunk.column(CLEANED)).as_py() or 0,
                    dtype=chunk.column(DTYPE)[0].as_py() if DTYPE in chunk.column_names else None,
-                   counts=counts, review=review or [])
+                   counts=counts, review=review or [], stages=stages)
 
     def entry(self) -> dict:
         """The part as markers and the manifest list it."""
@@ -120,6 +129,7 @@ class PartRecord:
     # struct, the counts of many parts would be unified into one schema and grow null keys.
     def to_row(self) -> dict:
         return {"shard": self.shard, "record": json.dumps({**self.entry(), "review": self.review,
+                                                           "stages": self.stages,
                                                            "counts": self.counts.to_json()})}
 
     @classmethod

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from functools import reduce
 from datetime import datetime, timezone
 
 from clsjob import backends, resume, store
 from clsjob.abstain import scored_labels, settle_rule
+from clsjob.cascade import add_counts, cascade_summary
 from clsjob.config import ClassifyConfig
 from clsjob.contract import MANIFEST
 from clsjob.duplicates import check_duplicate_ids
@@ -39,18 +41,20 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
     configured = LabelSet.from_specs(cfg.labels) if cfg.labels else None
     model = backends.check_model(cfg.backend, configured, cfg.storage)
     labels, temperature = model.labels, model.temperature
+    stage_temperatures = model.stage_temperatures
     if cfg.abstain is not None:  # a threshold left out is the model folder's
         cfg = cfg.model_copy(update={"abstain": settle_rule(cfg.abstain, labels, model.config,
-                                                            cfg.backend.model)})
+                                                            getattr(cfg.backend, "model", None))})
     shards, bad_files = usable_shards(cfg)
     # Everything below writes to the output folder: one run at a time.
     with RunLock(cfg.output.path, cfg.storage, cfg.output.stale_lock_after_s) as lock:
-        return run_locked(cfg, labels, temperature, shards, bad_files, started, lock)
+        return run_locked(cfg, labels, temperature, shards, bad_files, started, lock,
+                          stage_temperatures)
 
 
 def run_locked(cfg: ClassifyConfig, labels: LabelSet, temperature: float | None,
                shards: list[store.ShardInfo], bad_files: list[str], started: datetime,
-               lock: RunLock) -> RunSummary:
+               lock: RunLock, stage_temperatures: tuple = ()) -> RunSummary:
     rows_in = sum(s.rows for s in shards)
     work = resume.work_hash(cfg)
     if cfg.output.overwrite:
@@ -63,9 +67,10 @@ def run_locked(cfg: ClassifyConfig, labels: LabelSet, temperature: float | None,
         return summary_of(finished, cfg)
     done = resume.load_done(cfg, work, shards)
     todo = [s for s in shards if s.key not in done]
-    demand = classify_demand(cfg.resources)
-    ensure_ray(demand)
-    check_placement(demand, cfg.cluster.autoscaling)
+    demands = [classify_demand(resources, key) for key, resources in stage_resources(cfg)]
+    ensure_ray(*demands)
+    for demand in demands:  # each stage's pool must fit; they share the nodes
+        check_placement(demand, cfg.cluster.autoscaling)
     duplicates = check_duplicate_ids(cfg, shards)
     log.info("classify: %d rows in %d shards -> %s (%d shards already done)",
              rows_in, len(shards), cfg.output.path, len(done))
@@ -75,7 +80,7 @@ def run_locked(cfg: ClassifyConfig, labels: LabelSet, temperature: float | None,
     scored = scored_labels(labels, cfg.abstain)
     review_rows = review_size(cfg.output.review, rows_in) if cfg.output.review else 0
     shard_progress = resume.ShardProgress(cfg, work, todo, len(scored), review_rows)
-    with StallReporter(demand, "classify", cfg.cluster.stall_report_s) as stall:
+    with StallReporter(demands[-1], "classify", cfg.cluster.stall_report_s) as stall:
         for record in stream_labelled_parts(cfg, labels, todo, review_rows, temperature):  # as parts land
             stall.beat()
             shard_progress.add(record)
@@ -104,18 +109,27 @@ def run_locked(cfg: ClassifyConfig, labels: LabelSet, temperature: float | None,
     drift = drift_against_baseline(dist, cfg.monitor, cfg.storage) if complete else None
     manifest = build_manifest(cfg, work, labels, temperature, review, shards, bad_files,
                               duplicates, set(markers), parts, summary, started, complete)
-    store.write_json({**manifest, "distribution": dist, "drift": drift},
+    cascade = (cascade_summary(cfg, reduce(add_counts, (m.get("stages") or {} for m in markers.values()), {}),
+                               list(stage_temperatures)) if cfg.backend.kind == "cascade" else None)
+    store.write_json({**manifest, "distribution": dist, "drift": drift, "cascade": cascade},
                      store.join(cfg.output.path, MANIFEST), cfg.storage)
     if not complete:
         raise RuntimeError(f"rows out ({rows_out}) != rows in ({rows_in}) or shards unfinished; "
                            f"see {MANIFEST}; a rerun resumes")
     if cfg.input.label_column:
         metrics = write_evaluation(cfg.output.path, cfg.storage, scored, total, summary.rows_per_s,
-                                   cfg.evaluate.target_accuracy, drift)
+                                   cfg.evaluate.target_accuracy, drift, cascade)
         summary = replace(summary, metrics=metrics)
     log.info("classify: done\n%s", summary_table(summary, len(shards), len(bad_files)))
     raise_on_alerts(drift, cfg.output.path)  # last: a scheduler alerts, nothing is lost
     return summary
+
+
+def stage_resources(cfg: ClassifyConfig) -> list[tuple[str, object]]:
+    """(config key, actor pool) of each stage."""
+    if cfg.backend.kind != "cascade":
+        return [("resources", cfg.resources)]
+    return [(f"backend.stages[{i}].resources", s.resources) for i, s in enumerate(cfg.backend.stages)]
 
 
 def usable_shards(cfg: ClassifyConfig) -> tuple[list[store.ShardInfo], list[str]]:

@@ -48,18 +48,18 @@ class Demand:
         return f"{self.cpus:g} CPU" + (f" + {self.gpus:g} GPU" if self.gpus else "")
 
 
-def classify_demand(resources) -> Demand:
+def classify_demand(resources, key: str = "resources") -> Demand:
     # An autoscaling pool must fit its min at start; Ray Data adds actors up to its max only
-    # where they fit.
+    # where they fit. `key`: where the pool is configured (a cascade's stages have their own).
     return Demand("classifier actor", resources.actor_range()[0], resources.cpus_per_actor,
                   resources.gpus_per_actor,
-                  "resources.actors / resources.cpus_per_actor / resources.gpus_per_actor",
+                  f"{key}.actors / {key}.cpus_per_actor / {key}.gpus_per_actor",
                   io_cpus=IO_CPUS)
 
 
-def actor_placement(cfg) -> dict:
-    """The Ray Data map_batches arguments that place one classifier actor (cfg: a
-    ClassifyConfig).
+def actor_placement(backend, resources) -> dict:
+    """The Ray Data map_batches arguments that place one classifier actor of `backend` with
+    `resources` (a config's own, or a cascade stage's).
 
     GPUs are asked for per actor (`ray_remote_args_fn`, called as each actor starts), never
     as map_batches' num_gpus: Ray Data refuses num_gpus unless batches have a fixed row count,
@@ -67,10 +67,10 @@ def actor_placement(cfg) -> dict:
     so a part could no longer be written whole. An engine spanning several GPUs (tensor or
     pipeline parallel) gets a placement group of one bundle per GPU, as ray.data.llm does:
     vLLM's workers each need one, and they start inside the group."""
-    r = cfg.resources
+    r = resources
     if not r.gpus_per_actor:
         return {"num_cpus": r.cpus_per_actor}
-    spans = engine_gpus(cfg.backend) or 1
+    spans = engine_gpus(backend) or 1
     ask = (partial(engine_placement_group, spans, r.cpus_per_actor) if spans > 1
            else partial(actor_gpus, r.gpus_per_actor))
     return {"num_cpus": r.cpus_per_actor, "num_gpus": 0, "ray_remote_args_fn": ask}
@@ -100,14 +100,17 @@ def training_demand(training) -> Demand:
                   "training.workers / training.cpus_per_worker / training.use_gpu")
 
 
-def ensure_ray(demand: Demand | None = None) -> None:
+def ensure_ray(*demands: Demand) -> None:
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`) or the one `ray start`
-    began on this machine; otherwise start a local Ray with enough logical CPUs for `demand`.
-    A caller that already initialised Ray keeps its own."""
+    began on this machine; otherwise start a local Ray with enough logical CPUs for all of
+    `demands` at once (a cascade's stages run side by side). A caller that already
+    initialised Ray keeps its own."""
     if ray.is_initialized():
         return
     cores = os.cpu_count() or 1
-    cpus = max(cores, math.ceil(demand.total_cpus())) if demand else cores
+    demand = demands[0] if demands else None
+    wanted = sum(d.count * d.cpus for d in demands) + max((d.io_cpus for d in demands), default=0)
+    cpus = max(cores, math.ceil(wanted))
     try:
         # Starts a local Ray unless there is one to join; Ray refuses num_cpus for a cluster
         # it joins, before connecting, and that refusal is the only sign of which it is.

@@ -17,10 +17,12 @@ from clsjob.store import InputError
 
 def write_evaluation(output: str, storage: StorageConfig, labels: LabelSet, counts: Tally,
                      rows_per_s: float | None, target_accuracy: float | None = None,
-                     drift: dict | None = None) -> dict:
+                     drift: dict | None = None, cascade: dict | None = None) -> dict:
     metrics = {**summarize(labels, counts, target_accuracy), "rows_per_s": rows_per_s}
     if drift is not None:  # monitor.baseline: as in the manifest
         metrics["drift"] = drift
+    if cascade is not None:  # per stage, as in the manifest
+        metrics["cascade"] = cascade
     store.write_json(metrics, store.join(output, METRICS), storage)
     markdown = render_report(metrics)
     store.write_text(markdown, store.join(output, REPORT), storage)
@@ -45,7 +47,7 @@ def evaluate_output(output: str, storage: StorageConfig, target_accuracy: float 
                                         (gold_column, "label", "confidence", "error", "probs")),
                               temperature=manifest.get("temperature")))
     return write_evaluation(output, storage, labels, counts, manifest.get("rows_per_s"), target_accuracy,
-                            manifest.get("drift"))
+                            manifest.get("drift"), manifest.get("cascade"))
 
 
 def calibrate_output(output: str, storage: StorageConfig) -> dict:
@@ -126,6 +128,7 @@ def render_report(m: dict) -> str:
                     [[name, *row] for name, row in zip(m["labels"], m["confusion_matrix"])])
     lines += coverage_lines(m.get("coverage"))
     lines += drift_lines(m.get("drift"))
+    lines += cascade_lines(m.get("cascade"), m["accuracy"])
     if m["gold_outside_labels_values"]:
         lines += ["", "## Gold labels outside the label set", ""]
         lines += _table(["gold label", "rows"], [[k, v] for k, v in m["gold_outside_labels_values"].items()])
@@ -150,6 +153,26 @@ def drift_lines(drift: dict | None) -> list[str]:
     lines += _table(["label", "share now", "share in the baseline"],
                     [[name, f"{100 * s['now']:.1f}%", f"{100 * s['baseline']:.1f}%"]
                      for name, s in drift["label_shares"].items()])
+    return lines
+
+
+def cascade_lines(cascade: dict | None, accuracy: float | None) -> list[str]:
+    """A cascade's stages: rows each ran on and labelled, its speed, its accuracy."""
+    if not cascade:
+        return []
+    fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
+    share = cascade["escalated_share"]
+    lines = ["", "## Cascade", "",
+             f"Accuracy of the cascade {fmt(accuracy)}; of the first stage alone, on every row "
+             f"{fmt(cascade.get('first_stage_alone_accuracy'))}. Rows escalated: "
+             f"{cascade['escalated_rows']} ({'n/a' if share is None else f'{100 * share:.1f}%'}).", ""]
+    lines += _table(["stage", "model", "escalates", "rows ran", "rows labelled", "rows/s busy",
+                     "accuracy on its rows"],
+                    [[s["name"], s["model"], (f"confidence < {s['escalate_below']}" if s["escalate_below"]
+                                              else f"margin < {s['escalate_margin_below']}"
+                                              if s["escalate_margin_below"] else "—"),
+                      s["rows_ran"], s["rows_labelled"], s["rows_per_busy_s"] or "n/a",
+                      fmt(s.get("accuracy_on_its_rows"))] for s in cascade["stages"]])
     return lines
 
 

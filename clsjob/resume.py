@@ -16,6 +16,7 @@ from clsjob import store
 from clsjob.config import ClassifyConfig
 from clsjob.contract import (CALIBRATION, MANIFEST, METRICS, PROGRESS, REPORT, REPORT_HTML,
                              PartRecord)
+from clsjob.cascade import add_counts
 from clsjob.review import REVIEW, best
 from clsjob.metrics import Tally
 
@@ -90,6 +91,7 @@ class ShardProgress:
         self.rows = {s.key: s.rows for s in shards}
         self.parts: dict[str, list[dict]] = {s.key: [] for s in shards}
         self.tallies = {s.key: Tally(n_labels=n_labels) for s in shards}
+        self.stages: dict[str, dict] = {s.key: {} for s in shards}  # a cascade's, per shard
         self.markers: dict[str, dict] = {}  # shards finished by this attempt, by key
         for shard in shards:
             if shard.rows == 0:  # nothing to read, so no stats row will ever finish it
@@ -99,6 +101,8 @@ class ShardProgress:
         key = record.shard
         self.parts[key].append(record.entry())
         self.tallies[key].add(record.counts)
+        if record.stages:
+            self.stages[key] = add_counts(self.stages[key], record.stages)
         if record.review:  # the shard's best rows so far: bounded, whatever the shard's size
             self.review[key] = best([*self.review[key], *record.review], self.review_rows,
                                     self.cfg.output.review.per_label)
@@ -108,6 +112,7 @@ class ShardProgress:
     def _mark(self, key: str) -> None:
         marker = {"shard": key, "rows": self.rows[key], "work_hash": self.work,
                   "parts": sorted(self.parts[key], key=lambda p: p["part"]),
-                  "tally": self.tallies[key].to_json(), "review": self.review[key]}
+                  "tally": self.tallies[key].to_json(), "review": self.review[key],
+                  "stages": self.stages[key]}
         store.write_json(marker, marker_url(self.cfg.output.path, key), self.cfg.storage)
         self.markers[key] = marker

@@ -13,6 +13,7 @@ import ray
 
 from clsjob import backends, store
 from clsjob.abstain import apply_abstention, scored_labels
+from clsjob.cascade import stage_actor_class, stage_actor_kwargs, stage_counts
 from clsjob.config import ClassifyConfig, InputConfig, StorageConfig
 from clsjob.contract import GOLD, PART, PART_ROWS, PartRecord, id_column, output_table
 from clsjob.labels import LabelSet
@@ -36,15 +37,19 @@ def stream_labelled_parts(cfg: ClassifyConfig, labels: LabelSet, shards: list[st
     ds = ds.map_batches(read_chunks, batch_size=1, batch_format="pyarrow",
                         fn_kwargs={"input_cfg": cfg.input, "chunk_rows": cfg.output.rows_per_part,
                                    "storage": cfg.storage})
-    with warnings.catch_warnings():
-        # Ray 2.60 calls ray_remote_args_fn deprecated (for removal in 2.64), yet it is how
-        # ray.data.llm places its own GPU actors; placement.actor_placement says why we need it.
-        warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*deprecated")
-        ds = ds.map_batches(
-            backends.actor_class(cfg.backend), batch_size=None, batch_format="pyarrow",
-            fn_constructor_kwargs=backends.actor_kwargs(cfg, labels),
-            compute=actor_pool(cfg.resources),
-            **actor_placement(cfg))
+    # One actor pool per back end: one, or each stage of a cascade (cascade.py).
+    for position, (_, backend, resources) in enumerate(cfg.stages()):
+        if cfg.backend.kind == "cascade":
+            actor, kwargs = stage_actor_class(position), stage_actor_kwargs(cfg, labels, position)
+        else:
+            actor, kwargs = backends.actor_class(backend), backends.actor_kwargs(cfg, labels)
+        with warnings.catch_warnings():
+            # Ray 2.60 calls ray_remote_args_fn deprecated (for removal in 2.64), yet it is how
+            # ray.data.llm places its own GPU actors; placement.actor_placement says why.
+            warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*deprecated")
+            ds = ds.map_batches(actor, batch_size=None, batch_format="pyarrow",
+                                fn_constructor_kwargs=kwargs, compute=actor_pool(resources),
+                                **actor_placement(backend, resources))
     ds = ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow",
                         fn_kwargs={"cfg": cfg, "labels": scored_labels(labels, cfg.abstain),
                                    "review_rows": review_rows, "temperature": temperature})
@@ -84,5 +89,8 @@ def write_parts(table: pa.Table, cfg: ClassifyConfig, labels: LabelSet, review_r
         review = (part_candidates(written, chunk.column(cfg.input.text_column).to_pylist(),
                                   id_column(cfg.input), GOLD if cfg.input.label_column else None,
                                   cfg.output.review, review_rows) if cfg.output.review else [])
-        records.append(PartRecord.of(written, chunk, labels, review, temperature).to_row())
+        stages = (stage_counts(chunk, written, cfg.backend.stage_names(),
+                               written.column(GOLD).to_pylist() if cfg.input.label_column else None,
+                               labels) if cfg.backend.kind == "cascade" else None)
+        records.append(PartRecord.of(written, chunk, labels, review, temperature, stages).to_row())
     return pa.Table.from_pylist(records)

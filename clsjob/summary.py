@@ -57,7 +57,8 @@ def build_manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, temperature
         "config_hash": config_hash(cfg),
         "work_hash": work,
         "backend": cfg.backend.kind,
-        "model": cfg.backend.model,
+        "model": (cfg.backend.model if cfg.backend.kind != "cascade"
+                  else [s.backend.model for s in cfg.backend.stages]),
         # What the model ran in (backend.dtype: auto chooses per node); more than one only on
         # a cluster whose nodes differ. Each part's own is in `parts`.
         "dtypes": sorted({p["dtype"] for p in parts if p.get("dtype")}),

@@ -55,6 +55,8 @@ class CheckedModel:
     labels: LabelSet
     temperature: float | None
     config: dict
+    # A cascade: each stage's temperature (the run's `temperature` is then None).
+    stage_temperatures: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -92,20 +94,34 @@ def actor_class(backend: BackendSection) -> type:
     return REGISTRY[backend.kind].actor_class()
 
 
-def actor_kwargs(cfg, labels: LabelSet) -> dict:
-    """Constructor arguments of the back end's actor (cfg: a ClassifyConfig)."""
-    kwargs = {"backend": cfg.backend, "labels": labels, "text_column": cfg.input.text_column,
-              "use_gpu": cfg.resources.gpus_per_actor > 0, "storage": cfg.storage}
-    extra = REGISTRY[cfg.backend.kind].driver_kwargs
+def actor_kwargs(cfg, labels: LabelSet, backend: BackendSection | None = None,
+                 resources=None) -> dict:
+    """Constructor arguments of a back end's actor (cfg: a ClassifyConfig; `backend` and
+    `resources`: a cascade stage's, else the config's own)."""
+    backend, resources = backend or cfg.backend, resources or cfg.resources
+    kwargs = {"backend": backend, "labels": labels, "text_column": cfg.input.text_column,
+              "use_gpu": resources.gpus_per_actor > 0, "storage": cfg.storage}
+    extra = REGISTRY[backend.kind].driver_kwargs
     if extra:
-        kwargs.update(resolve(extra)(cfg.backend, labels, cfg.storage))
+        kwargs.update(resolve(extra)(backend, labels, cfg.storage))
     return kwargs
 
 
-def check_model(backend: BackendSection, configured: LabelSet | None, storage) -> CheckedModel:
+def check_model(backend, configured: LabelSet | None, storage) -> CheckedModel:
     """Validate the model and the labels on the driver, before any row is read, reading the
-    model folder's config.json once."""
-    return resolve(REGISTRY[backend.kind].check)(backend, configured, storage)
+    model folder's config.json once. A cascade's stages must all give the same labels in the
+    same order."""
+    if backend.kind != "cascade":
+        return resolve(REGISTRY[backend.kind].check)(backend, configured, storage)
+    checked = [check_model(stage.backend, configured, storage) for stage in backend.stages]
+    for i, (name, model) in enumerate(zip(backend.stage_names(), checked)):
+        if model.labels.names != checked[0].labels.names:
+            raise ModelError(f"backend.stages[{i}] ({name}): labels {list(model.labels.names)} "
+                             f"differ from the first stage's {list(checked[0].labels.names)}; "
+                             f"every stage must give the same labels (set `labels` to fix "
+                             f"their order)")
+    return CheckedModel(checked[0].labels, None, {},
+                        tuple(model.temperature for model in checked))
 
 
 def check_model_and_labels(backend: BackendSection, configured: LabelSet | None, storage) -> LabelSet:

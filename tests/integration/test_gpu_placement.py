@@ -22,19 +22,23 @@ def config(model, inp, out, **backend) -> ClassifyConfig:
                      "output": {"path": str(out)}}, model=ClassifyConfig)
 
 
+def placed(cfg) -> dict:
+    return actor_placement(cfg.backend, cfg.resources)
+
+
 def test_a_tensor_parallel_engine_gets_one_bundle_per_gpu(qwen_model, ray_cluster, tmp_path):
     ray = ray_cluster
-    assert actor_placement(config(qwen_model, tmp_path, tmp_path / "o", gpus_per_actor=0)) == {
+    assert placed(config(qwen_model, tmp_path, tmp_path / "o", gpus_per_actor=0)) == {
         "num_cpus": 1}
     # One GPU (or a share of one) is the actor's own, asked for as each actor starts: Ray Data
     # refuses map_batches(num_gpus=...) with one whole chunk per call.
     for kind, gpus in (("hf", 0.5), ("vllm_pool", 1)):
-        single = actor_placement(config(qwen_model, tmp_path, tmp_path / "o", kind=kind,
+        single = placed(config(qwen_model, tmp_path, tmp_path / "o", kind=kind,
                                         gpus_per_actor=gpus))
         assert single["num_gpus"] == 0 and single["ray_remote_args_fn"]() == {"num_gpus": gpus}
     cfg = config(qwen_model, tmp_path, tmp_path / "o", kind="vllm_pool", gpus_per_actor=4,
                  engine={"tensor_parallel_size": 2, "pipeline_parallel_size": 2})
-    args = actor_placement(cfg)
+    args = actor_placement(cfg.backend, cfg.resources)
     # The GPUs are the placement group's, one per vLLM worker, not the actor's own.
     assert args["num_gpus"] == 0 and args["num_cpus"] == 1
     strategy = args["ray_remote_args_fn"]()["scheduling_strategy"]

@@ -224,6 +224,69 @@ def test_end_to_end_through_ray_data(kind, mode, lm_model, qwen_model, ray_clust
     assert json.loads((tmp_path / "out" / "_metrics.json").read_text())["rows_scored"] == 48
 
 
+def test_a_cascade_sends_only_the_unsure_rows_to_the_prompted_llm(lm_model, qwen_model, ray_cluster,
+                                                                 tmp_path):
+    """hf labels every row; the rows under its threshold go to vllm_prompt in json mode (no
+    confidence: the last stage), checked row by row against hf run alone."""
+    write_shards(tmp_path / "in", [{"text": sample_texts(30, seed=s) + HOSTILE,
+                                    "label": [LABELS[i % 3] for i in range(36)]} for s in range(2)])
+    common = {"input": {"path": str(tmp_path / "in"), "label_column": "label"}, "labels": LABELS}
+    small = {"model": str(qwen_model), "max_length": 64, "dtype": "float32"}
+    run_classify(validate({**common, "backend": small, "output": {"path": str(tmp_path / "alone")}},
+                          model=ClassifyConfig))
+    alone = {r["id"]: r for r in pa.concat_tables(
+        pa.parquet.read_table(p) for p in (tmp_path / "alone").glob("*.parquet")).to_pylist()}
+    below = float(np.median([r["confidence"] for r in alone.values() if r["error"] is None]))
+    summary = run_classify(validate({**common, "backend": {"kind": "cascade", "stages": [
+        {"backend": small, "escalate_below": below},
+        {"backend": {"kind": "vllm_prompt", "model": str(lm_model), "max_length": 64,
+                     "prompt": {"mode": "json", "reasoning_max_chars": 20},
+                     "engine": {"max_model_len": 512}}}]},
+        "output": {"path": str(tmp_path / "out"), "rows_per_part": 16}}, model=ClassifyConfig))
+    table = pa.concat_tables(pa.parquet.read_table(p) for p in sorted((tmp_path / "out").glob("*.parquet")))
+    assert table.column_names == ["id", "text", "gold", "label", "confidence", "probs", "truncated",
+                                  "reasoning", "error", "labelled_by"]
+    rows = table.to_pylist()
+    assert summary.rows_in == summary.rows_out == len(rows) == 72
+    sent = {i for i, r in alone.items() if r["error"] is None and r["confidence"] < below}
+    assert 0 < len(sent) < 68
+    for r in rows:
+        if r["id"] in sent:  # the LLM's answer: a label of the set, no probabilities
+            assert r["labelled_by"] == "2-vllm_prompt" and r["probs"] is None
+            assert r["label"] in LABELS or r["error"] is not None
+        else:
+            assert (r["label"], r["confidence"], r["error"]) == (
+                alone[r["id"]]["label"], alone[r["id"]]["confidence"], alone[r["id"]]["error"])
+            assert r["labelled_by"] == ("1-hf" if r["error"] is None else None)
+    stages = json.loads((tmp_path / "out" / "_manifest.json").read_text())["cascade"]["stages"]
+    assert [s["rows_ran"] for s in stages] == [68, len(sent)]  # 4 rows of blank text
+
+
+def test_shipped_cascade_config(ray_cluster, tmp_path):
+    """"classify-cascade.yaml" at tiny scale: each stage's model and actor pool swapped for
+    tiny ones on the CPU (a classifier with the config's labels), the rest as shipped."""
+    import yaml
+
+    from helpers import REPO
+
+    data = yaml.safe_load((REPO / "configs" / "classify-cascade.yaml").read_text())
+    names = [label["name"] for label in data["labels"]]
+    classifier = build_qwen2_classifier(tmp_path / "classifier", names)
+    # The shipped context length: rotary positions cost no weights.
+    lm_model = build_qwen2_classifier(tmp_path / "lm", names, causal_lm=True, max_positions=4096)
+    data["input"]["path"], data["output"]["path"] = str(tmp_path / "in"), str(tmp_path / "out")
+    data["output"]["rows_per_part"] = 16
+    for stage, model in zip(data["backend"]["stages"], (classifier, lm_model)):
+        stage["backend"]["model"] = str(model)
+        stage["resources"] = {"actors": 1, "cpus_per_actor": 1}
+    texts = sample_texts(20) + HOSTILE
+    write_shards(tmp_path / "in", [{"text": texts}])
+    summary = run_classify(validate(data, model=ClassifyConfig))
+    rows = check_output_contract(summary, tmp_path / "out", len(texts), errored=2)
+    assert {r["labelled_by"] for r in rows if r["error"] is None} <= {"classifier", "llm"}
+    assert {r["label"] for r in rows if r["error"] is None} <= set(names)
+
+
 @pytest.mark.parametrize("name", ["classify-prompt-choice.yaml", "classify-prompt-json.yaml",
                                   "classify-prompt-score.yaml", "classify-vllm-pool.yaml"])
 def test_shipped_vllm_config(name, qwen_model, ray_cluster, tmp_path_factory, tmp_path):

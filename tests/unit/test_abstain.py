@@ -82,7 +82,7 @@ def test_the_config_refuses_abstention_without_confidence():
     prompted = {"kind": "vllm_prompt", "model": "m", "prompt": {"mode": "choice"}}
     with pytest.raises(Exception, match="gives no confidence to abstain on"):
         validate({**base, "backend": prompted, "abstain": {"below": 0.5}}, model=ClassifyConfig)
-    with pytest.raises(Exception, match="vllm_prompt needs a threshold"):
+    with pytest.raises(Exception, match="a vllm_prompt back end needs a threshold"):
         validate({**base, "backend": {**prompted, "prompt": {"mode": "score"}}, "abstain": {}},
                  model=ClassifyConfig)
     with pytest.raises(Exception, match="'a' is one of the labels"):
