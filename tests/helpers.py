@@ -36,6 +36,68 @@ def cluster_processes(title: str) -> list:
     return found
 
 
+class KillOnceAtWork:
+    """While in the `with` block: SIGKILL the first of this cluster's processes titled `title`
+    (as the OOM killer would) once it has been at work for a moment. `killed` holds its pid."""
+
+    def __init__(self, title: str, after_s: float = 1.0):
+        import threading
+
+        self.title, self.after_s, self.killed = title, after_s, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch)
+
+    def __enter__(self) -> "KillOnceAtWork":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _watch(self) -> None:
+        import signal
+        import time
+
+        import psutil
+
+        while not self.stop.is_set():
+            for proc in cluster_processes(self.title):
+                time.sleep(self.after_s)  # let it take a chunk or two first
+                try:
+                    proc.send_signal(signal.SIGKILL)
+                except psutil.NoSuchProcess:
+                    continue
+                self.killed.append(proc.pid)
+                return
+            time.sleep(0.2)
+
+
+def kill_driver_after_first_shard(config: Path, output: Path, ray_cluster) -> dict[str, int]:
+    """Run `clsjob classify --config config` as a driver joined to the session's cluster and
+    SIGKILL it as soon as one shard is done (exactly losing the driver mid-run); the finished
+    shards' markers, name -> mtime."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from clsjob.contract import PROGRESS
+
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([sys.executable, "-m", "clsjob.cli", "classify", "--config", str(config)],
+                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress, deadline = output / PROGRESS, time.monotonic() + 240
+    while not (progress.exists() and any(progress.glob("*.json"))):
+        assert driver.poll() is None, "the driver ended before any shard was done"
+        assert time.monotonic() < deadline, "no shard finished in time"
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    return {p.name: p.stat().st_mtime_ns for p in progress.glob("*.json")}
+
+
 def sample_texts(n: int, seed: int = 0) -> list[str]:
     """Varied lengths, so padding and length sorting matter."""
     import random

@@ -11,7 +11,7 @@ import pytest
 
 from clsjob.config import ClassifyConfig, validate
 from clsjob.pipeline import run_classify
-from helpers import LABELS, sample_texts, write_shards
+from helpers import LABELS, KillOnceAtWork, kill_driver_after_first_shard, sample_texts, write_shards
 
 SHARDS, ROWS = 3, 120
 
@@ -105,41 +105,17 @@ def test_a_margin_rule_escalates_by_the_gap_between_the_top_two(alone, qwen_mode
 def test_a_killed_second_stage_actor_loses_and_doubles_no_row(alone, qwen_model, bert_model, tmp_path):
     """The second stage's actor process is killed while it works (as the OOM killer would):
     Ray restarts it, Ray Data redoes its chunk, and every row comes out once."""
-    import signal
-    import threading
-    import time
-
-    from helpers import cluster_processes
-
     root, small, _ = alone
     below = float(np.quantile([r["confidence"] for r in small.values() if r["error"] is None], 0.8))
     cfg = cascade_config(root, tmp_path / "out", qwen_model, bert_model, escalate_below=below)
-    cfg = cfg.model_copy(update={"backend": cfg.backend.model_copy(update={"stages": [
-        cfg.backend.stages[0],
-        cfg.backend.stages[1].model_copy(update={"backend": cfg.backend.stages[1].backend.model_copy(
-            update={"micro_batch_size": 1})})]})})
-    stop, killed = threading.Event(), []
-
-    def kill_second_stage():
-        while not stop.is_set() and not killed:
-            for proc in cluster_processes("CascadeStage2"):
-                time.sleep(1.0)  # let it take a chunk first
-                try:
-                    proc.send_signal(signal.SIGKILL)
-                    killed.append(proc.pid)
-                except Exception:  # gone already: look again
-                    pass
-                break
-            time.sleep(0.2)
-
-    killer = threading.Thread(target=kill_second_stage)
-    killer.start()
-    try:
+    # One row per forward pass at the second stage: slow enough to be killed at work.
+    second = cfg.backend.stages[1]
+    second = second.model_copy(update={"backend": second.backend.model_copy(update={"micro_batch_size": 1})})
+    cfg = cfg.model_copy(update={"backend": cfg.backend.model_copy(
+        update={"stages": [cfg.backend.stages[0], second]})})
+    with KillOnceAtWork("CascadeStage2") as killer:
         summary = run_classify(cfg)
-    finally:
-        stop.set()
-        killer.join()
-    assert killed, "no second-stage actor was killed: the test did not test anything"
+    assert killer.killed, "no second-stage actor was killed: the test did not test anything"
     out = rows_by_id(tmp_path / "out")
     assert summary.rows_out == summary.rows_in == len(out) == SHARDS * ROWS
     escalated = {i for i, r in small.items() if r["error"] is None and r["confidence"] < below}
@@ -147,20 +123,12 @@ def test_a_killed_second_stage_actor_loses_and_doubles_no_row(alone, qwen_model,
     assert sum(r["error"] is not None for r in out.values()) == SHARDS
 
 
-def test_a_killed_driver_resumes_the_cascade(alone, qwen_model, bert_model, ray_cluster, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
+def test_a_killed_driver_resumes_the_cascade(qwen_model, bert_model, ray_cluster, tmp_path):
     import yaml
 
     from clsjob.config import load_config
     from clsjob.contract import PROGRESS
-    from helpers import REPO
 
-    root, small, _ = alone
     write_shards(tmp_path / "in", [shard(s) for s in range(8)])
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({
@@ -170,17 +138,8 @@ def test_a_killed_driver_resumes_the_cascade(alone, qwen_model, bert_model, ray_
                                           "dtype": "float32"}, "escalate_below": 0.5},
             {"name": "large", "backend": {"model": str(bert_model), "dtype": "float32"}}]},
         "output": {"path": str(tmp_path / "out"), "rows_per_part": 40}}))
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    driver = subprocess.Popen([sys.executable, "-m", "clsjob.cli", "classify", "--config", str(config)],
-                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress, deadline = tmp_path / "out" / PROGRESS, time.monotonic() + 240
-    while not (progress.exists() and any(progress.glob("*.json"))):
-        assert driver.poll() is None, "the driver ended before any shard was done"
-        assert time.monotonic() < deadline, "no shard finished in time"
-        time.sleep(0.05)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    done_before = {p.name: p.stat().st_mtime_ns for p in progress.glob("*.json")}
+    done_before = kill_driver_after_first_shard(config, tmp_path / "out", ray_cluster)
+    progress = tmp_path / "out" / PROGRESS
     assert 0 < len(done_before) < 8
 
     summary = run_classify(load_config(config, model=ClassifyConfig))

@@ -1,7 +1,5 @@
 """Faults during a run: a classifier actor's process killed mid-run; Ray restarts the actor,
 Ray Data retries its work, and the run still completes with every row exactly once."""
-import signal
-import threading
 import time
 
 import pyarrow as pa
@@ -10,28 +8,13 @@ import psutil
 
 from clsjob.config import ClassifyConfig, validate
 from clsjob.pipeline import run_classify
-from helpers import cluster_processes, sample_texts, write_shards
+from helpers import KillOnceAtWork, cluster_processes, sample_texts, write_shards
 
 SHARDS, ROWS = 6, 200
 
 
 def classifier_processes() -> list[psutil.Process]:
     return cluster_processes("HFClassifier")
-
-
-def kill_first_classifier(stop: threading.Event, killed: list) -> None:
-    """SIGKILL the first classifier actor's process (as the OOM killer would) once it has
-    been at work for a moment."""
-    while not stop.is_set():
-        for proc in classifier_processes():
-            time.sleep(1.0)  # let it take a chunk or two first
-            try:
-                proc.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                continue
-            killed.append(proc.pid)
-            return
-        time.sleep(0.2)
 
 
 def test_killed_actor_does_not_lose_or_double_rows(qwen_model, ray_cluster, tmp_path):
@@ -46,15 +29,9 @@ def test_killed_actor_does_not_lose_or_double_rows(qwen_model, ray_cluster, tmp_
     while classifier_processes() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not classifier_processes(), "a classifier actor of an earlier test is still alive"
-    stop, killed = threading.Event(), []
-    killer = threading.Thread(target=kill_first_classifier, args=(stop, killed))
-    killer.start()
-    try:
+    with KillOnceAtWork("HFClassifier") as killer:
         summary = run_classify(cfg)
-    finally:
-        stop.set()
-        killer.join()
-    assert killed, "no classifier actor was killed: the test did not test anything"
+    assert killer.killed, "no classifier actor was killed: the test did not test anything"
     table = pa.concat_tables(pq.read_table(p) for p in (tmp_path / "out").glob("*.parquet"))
     ids = table.column("id").to_pylist()
     assert summary.rows_out == summary.rows_in == len(ids) == len(set(ids)) == SHARDS * ROWS

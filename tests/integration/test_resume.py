@@ -1,11 +1,6 @@
 """A driver killed mid-run and started again finishes the work without redoing finished
 shards and without losing or doubling a row."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,7 +9,7 @@ import yaml
 from clsjob.config import ClassifyConfig, load_config
 from clsjob.pipeline import run_classify
 from clsjob.contract import PROGRESS
-from helpers import REPO, sample_texts, write_shards
+from helpers import kill_driver_after_first_shard, sample_texts, write_shards
 
 SHARDS, ROWS = 8, 240
 
@@ -28,19 +23,8 @@ def test_killed_driver_resumes_where_it_stopped(qwen_model, ray_cluster, tmp_pat
         "backend": {"model": str(qwen_model), "micro_batch_size": 1},
         "resources": {"batch_size": 40},
         "output": {"path": str(tmp_path / "out")}}))
-    # The driver joins the session's cluster: killing it is exactly losing the driver.
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    driver = subprocess.Popen([sys.executable, "-m", "clsjob.cli", "classify", "--config", str(config)],
-                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_before = kill_driver_after_first_shard(config, tmp_path / "out", ray_cluster)
     progress = tmp_path / "out" / PROGRESS
-    deadline = time.monotonic() + 240
-    while not (progress.exists() and any(progress.glob("*.json"))):
-        assert driver.poll() is None, "the driver ended before any shard was done"
-        assert time.monotonic() < deadline, "no shard finished in time"
-        time.sleep(0.05)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    done_before = {p.name: p.stat().st_mtime_ns for p in progress.glob("*.json")}
     assert 0 < len(done_before) < SHARDS
     assert not (tmp_path / "out" / "_manifest.json").exists()
     finished_parts = {part["part"]: (tmp_path / "out" / part["part"]).stat().st_mtime_ns
