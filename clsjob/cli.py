@@ -1,4 +1,4 @@
-"""`clsjob classify | finetune | merge | evaluate | calibrate | demo` — each parses a config and calls one
+"""`clsjob classify | finetune | merge | distill | evaluate | calibrate | demo` — each parses a config and calls one
 straight-line run function; errors a user can fix print one clear message and exit 2."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from datetime import date
 import logging
 import sys
 
-from clsjob.config import (ClassifyConfig, ConfigError, FinetuneConfig, MergeConfig, StorageConfig,
-                           field_reference, load_config)
+from clsjob.config import (ClassifyConfig, ConfigError, DistillConfig, FinetuneConfig, MergeConfig,
+                           StorageConfig, field_reference, load_config)
 from clsjob.backends import ModelError
 from clsjob.store import InputError
 from clsjob.labels import LabelError
@@ -20,7 +20,8 @@ from clsjob.resume import OutputConflict
 
 log = logging.getLogger("clsjob")
 DRIFT_EXIT = 3  # jobs/nightly.sh does not retry it
-CONFIGS = {"classify": ClassifyConfig, "finetune": FinetuneConfig, "merge": MergeConfig}
+CONFIGS = {"classify": ClassifyConfig, "finetune": FinetuneConfig, "merge": MergeConfig,
+           "distill": DistillConfig}
 # Errors whose message tells the user what to fix; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ConfigError, InputError, LabelError, ModelError, OutputConflict, RunLocked,
                PlacementError, FileNotFoundError, FileExistsError)
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="redo a finished or partial run from scratch")
     _config_args(sub.add_parser("finetune", help="train a LoRA (or full) classifier with Ray Train"))
     _config_args(sub.add_parser("merge", help="merge an adapter into a model folder"), required=False)
+    _config_args(sub.add_parser("distill", help="teacher labels a sample -> student fine-tuned -> "
+                                                "gate -> corpus through a student/teacher cascade"))
     ev = sub.add_parser("evaluate", help="recompute _metrics.json and report.md of an output")
     ev.add_argument("--output", required=True, help="output folder of a classify run")
     ev.add_argument("--endpoint-url", help="S3-compatible endpoint, if the output is on one")
@@ -76,6 +79,9 @@ def run(args: argparse.Namespace) -> dict:
         from clsjob.finetune.merge import merge
         cfg = load_config(args.config, args.overrides, model=MergeConfig, day=args.date)
         return {"model": str(merge(cfg))}
+    if args.command == "distill":
+        from clsjob.distill import run_distill
+        return run_distill(load_config(args.config, args.overrides, model=DistillConfig, day=args.date))
     if args.command == "evaluate":
         from clsjob.report import evaluate_output
         metrics = evaluate_output(args.output, StorageConfig(endpoint_url=args.endpoint_url),

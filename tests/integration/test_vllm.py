@@ -287,6 +287,37 @@ def test_shipped_cascade_config(ray_cluster, tmp_path):
     assert {r["label"] for r in rows if r["error"] is None} <= set(names)
 
 
+def test_shipped_distill_config(ray_cluster, tmp_path):
+    """"distill.yaml" at tiny scale, with its vllm_prompt teacher in score mode: tiny models,
+    one CPU actor per pool, a small sample, a gate a random tiny student can meet, and a
+    teacher-confidence floor its four-label answers can reach; the rest as shipped."""
+    import yaml
+
+    from clsjob.config import DistillConfig
+    from clsjob.distill import run_distill
+    from helpers import REPO
+
+    data = yaml.safe_load((REPO / "configs" / "distill.yaml").read_text())
+    names = [label["name"] for label in data["labels"]]
+    teacher = build_qwen2_classifier(tmp_path / "lm", names, causal_lm=True, max_positions=4096)
+    base = build_qwen2_classifier(tmp_path / "base", ["unused"], causal_lm=True)
+    write_shards(tmp_path / "in", [{"text": sample_texts(40, seed=s)} for s in range(2)])
+    data["input"]["path"], data["output"]["path"] = str(tmp_path / "in"), str(tmp_path / "run")
+    data["teacher"]["backend"]["model"], data["student"]["base_model"] = str(teacher), str(base)
+    cpu = {"actors": 1, "cpus_per_actor": 1}
+    data["teacher"]["resources"] = data["student"]["resources"] = cpu
+    data["student"]["training"] |= {"epochs": 1, "learning_rate": 3e-3, "batch_size": 16, "max_length": 48,
+                                    "use_gpu": False, "cpus_per_worker": 1}
+    data["student"]["min_teacher_confidence"] = 0.2
+    data["sample"]["rows"] = 50
+    data["gate"] = {"min_agreement": 0.05, "cascade_agreement": 0.9}
+    summary = run_distill(validate(data, model=DistillConfig))
+    assert summary["gate"]["passed"] and summary["gate"]["heldout_rows"] == 10  # 20% of 50
+    labelled = pa.concat_tables(pa.parquet.read_table(p) for p in (tmp_path / "run" / "labelled").glob("*.parquet"))
+    assert labelled.num_rows == 80 and set(labelled.column("labelled_by").to_pylist()) <= {"student", "teacher"}
+    assert summary["corpus"]["teacher_rows"] == labelled.column("labelled_by").to_pylist().count("teacher")
+
+
 @pytest.mark.parametrize("name", ["classify-prompt-choice.yaml", "classify-prompt-json.yaml",
                                   "classify-prompt-score.yaml", "classify-vllm-pool.yaml"])
 def test_shipped_vllm_config(name, qwen_model, ray_cluster, tmp_path_factory, tmp_path):

@@ -85,3 +85,23 @@ def test_the_config_refuses_a_cascade_that_cannot_run(stages, extra, message):
     with pytest.raises(Exception, match=message):
         validate({"input": {"path": "x"}, "output": {"path": "o"},
                   "backend": {"kind": "cascade", "stages": stages}, **extra}, model=ClassifyConfig)
+
+
+def test_the_distill_threshold_is_the_lowest_whose_cascade_reaches_the_agreement():
+    from clsjob.distill import cascade_threshold, sample_indices
+
+    rng = np.random.default_rng(0)
+    confidence = rng.random(200).round(2)  # ties on purpose
+    agree = rng.random(200) < confidence  # the sure rows agree more often
+    for target in (0.6, 0.8, 0.95, 1.0):
+        below, share, agreement = cascade_threshold(confidence, agree, target)
+        # Brute force over every candidate threshold: the lowest that reaches the target.
+        def cascade(t):
+            return ((confidence < t) | agree).mean()
+        candidates = sorted(set(confidence.tolist()) | {1.01})
+        best = next(t for t in candidates if cascade(t) >= target - 1e-12)
+        assert cascade(below) >= target - 1e-12
+        assert below == best or (best == 1.01 and below > confidence.max())  # all escalated
+        assert agreement == pytest.approx(cascade(below)) and share == pytest.approx((confidence < below).mean())
+    assert sample_indices(1000, 10, seed=4).tolist() == sample_indices(1000, 10, seed=4).tolist()
+    assert len(set(sample_indices(1000, 10, seed=4).tolist())) == 10 and len(sample_indices(5, 10, 0)) == 5

@@ -4,11 +4,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clsjob.config import (ClassifyConfig, ConfigError, FinetuneConfig, MergeConfig, apply_overrides,
-                           config_hash, load_config)
+from clsjob.config import (ClassifyConfig, ConfigError, DistillConfig, FinetuneConfig, MergeConfig,
+                           apply_overrides, config_hash, load_config)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-KIND = {"classify": ClassifyConfig, "finetune": FinetuneConfig, "merge": MergeConfig}
+KIND = {"classify": ClassifyConfig, "finetune": FinetuneConfig, "merge": MergeConfig,
+        "distill": DistillConfig}
 
 
 def minimal(tmp_path, **extra) -> Path:

@@ -1,0 +1,274 @@
+"""run_distill(cfg): an LLM's labels on a sample become a small classifier that labels the rest.
+
+One straight line of steps, each leaving its output in the run folder and skipped when a
+rerun finds it done, so a rerun resumes at the step it stopped in:
+
+  sample/         a seeded random sample of the corpus
+  teacher/        the teacher's labels of the sample (a classify run)
+  student-data/   the labelled sample split into train/ and heldout/ (seeded)
+  student/        the student fine-tuned on the teacher's labels; student-model/ merged
+  heldout/        the student's labels of the held-out rows; gate.json: agreement (and
+                  accuracy with gold labels) against the gate — a miss stops here (exit 2)
+  labelled/       with label_corpus: the corpus through a cascade, student then teacher,
+                  the threshold picked on the held-out rows
+  distill.json    the summary: every step's wall time, the gate, the cascade's savings
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from clsjob import store
+from clsjob.config import (ClassifyConfig, DistillConfig, FinetuneConfig, MergeConfig, validate)
+from clsjob.contract import GOLD, MANIFEST
+from clsjob.store import InputError
+
+log = logging.getLogger("clsjob")
+SUMMARY = "distill.json"
+TEACHER_LABEL = "teacher_label"
+CORPUS_GOLD = "corpus_gold"  # the corpus's own gold labels, beside the teacher's, held out
+
+
+class GateMissed(InputError):
+    """The student did not reach the gate; the message says by how much."""
+
+
+def run_distill(cfg: DistillConfig) -> dict:
+    run = cfg.output.path
+    steps: dict[str, float | str] = {}
+
+    def step(name: str, done: bool, work) -> None:
+        if done:
+            steps[name] = "done before"
+            log.info("distill: %s already done", name)
+            return
+        started = time.monotonic()
+        work()
+        steps[name] = round(time.monotonic() - started, 2)
+        log.info("distill: %s done in %.1f s", name, steps[name])
+
+    step("sample", finished(run, "sample", cfg), lambda: write_sample(cfg))
+    step("teacher", finished(run, "teacher", cfg), lambda: label_sample(cfg))
+    step("split", finished(run, "student-data", cfg), lambda: split_sample(cfg))
+    step("finetune", finished(run, "student", cfg, "clsjob_finetune.json"), lambda: train_student(cfg))
+    step("merge", finished(run, "student-model", cfg, "config.json"), lambda: merge_student(cfg))
+    step("gate", finished(run, "heldout", cfg), lambda: label_heldout(cfg))
+    gate = judge_gate(cfg)
+    store.write_json(gate, store.join(run, "gate.json"), cfg.storage)
+    summary = {"steps_wall_s": steps, "gate": gate}
+    if not gate["passed"]:
+        store.write_json(summary, store.join(run, SUMMARY), cfg.storage)
+        raise GateMissed(f"the student missed the gate: {gate['why']} (see {store.join(run, 'gate.json')}); "
+                         f"a rerun with another gate resumes from here")
+    if cfg.label_corpus:
+        step("label_corpus", finished(run, "labelled", cfg), lambda: label_corpus(cfg, gate["cascade_below"]))
+        summary["corpus"] = corpus_summary(cfg)
+    store.write_json(summary, store.join(run, SUMMARY), cfg.storage)
+    return summary
+
+
+def finished(run: str, folder: str, cfg: DistillConfig, marker: str = MANIFEST) -> bool:
+    """A step's output is complete: a classify run's manifest says so, or its last file exists."""
+    url = store.join(run, folder, marker)
+    if not store.exists(url, cfg.storage):
+        return False
+    return marker != MANIFEST or store.read_json(url, cfg.storage).get("status") == "complete"
+
+
+def sample_indices(total: int, n: int, seed: int) -> np.ndarray:
+    """`n` distinct row numbers of `total`, sorted: the same for the same seed."""
+    return np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
+
+
+def write_sample(cfg: DistillConfig) -> None:
+    """The sample, drawn over every shard's rows, as one Parquet file: id, text (and gold)."""
+    shards = store.inspect_shards(store.list_shards(cfg.input.path, cfg.storage), cfg.storage)
+    bad = [s.error for s in shards if s.error]
+    if bad:
+        raise InputError(bad[0])
+    total = sum(s.rows for s in shards)
+    n = cfg.sample.rows or math.ceil(cfg.sample.fraction * total)
+    picked = sample_indices(total, n, cfg.sample.seed)
+    columns = [c for c in (cfg.input.id_column, cfg.input.text_column, cfg.input.label_column) if c]
+    tables, start = [], 0
+    for shard in shards:
+        mine = picked[(picked >= start) & (picked < start + shard.rows)] - start
+        if len(mine):
+            t = store.read_table(shard.path, cfg.storage, columns).take(pa.array(mine))
+            ids = (t.column(cfg.input.id_column).cast(pa.string()) if cfg.input.id_column
+                   else pa.array([f"{shard.key}:{i}" for i in mine.tolist()], pa.string()))
+            out = {"id": ids, "text": t.column(cfg.input.text_column)}
+            if cfg.input.label_column:
+                out[GOLD] = t.column(cfg.input.label_column).cast(pa.string())
+            tables.append(pa.table(out))
+        start += shard.rows
+    store.write_part(pa.concat_tables(tables), store.join(cfg.output.path, "sample", "sample.parquet"),
+                     cfg.storage)
+    store.write_json({"status": "complete", "rows": int(len(picked)), "of": total},
+                     store.join(cfg.output.path, "sample", MANIFEST), cfg.storage)
+
+
+def classify_config(cfg: DistillConfig, inp: str, out: str, backend: dict, resources, *,
+                    gold: bool, label_column: str | None = None) -> ClassifyConfig:
+    return validate({
+        "input": {"path": inp, "id_column": "id", "text_column": "text",
+                  "label_column": label_column or (GOLD if gold else None),
+                  "carry_columns": [CORPUS_GOLD] if gold and label_column else []},
+        "labels": [spec.model_dump() for spec in cfg.labels] if cfg.labels else None,
+        "backend": backend, **({"resources": resources.model_dump()} if resources else {}),
+        "output": {"path": out}, "storage": cfg.storage.model_dump(),
+        "cluster": cfg.cluster.model_dump()}, model=ClassifyConfig)
+
+
+def label_sample(cfg: DistillConfig) -> None:
+    from clsjob.pipeline import run_classify
+
+    run_classify(classify_config(cfg, store.join(cfg.output.path, "sample"),
+                                 store.join(cfg.output.path, "teacher"),
+                                 cfg.teacher.backend.model_dump(), cfg.teacher.resources,
+                                 gold=bool(cfg.input.label_column)))
+
+
+def read_run(url: str, cfg: DistillConfig) -> pa.Table:
+    """A classify run's rows, from the parts its manifest lists."""
+    manifest = store.read_json(store.join(url, MANIFEST), cfg.storage)
+    return pa.concat_tables(store.read_table(store.join(url, p["part"]), cfg.storage)
+                            for p in manifest["parts"])
+
+
+def split_sample(cfg: DistillConfig) -> None:
+    """The teacher's labelled rows, split (seeded) into train and heldout; train keeps only
+    rows the teacher was sure enough of, with student.min_teacher_confidence."""
+    labelled = read_run(store.join(cfg.output.path, "teacher"), cfg)
+    labelled = labelled.filter(pa.compute.is_valid(labelled.column("label")))
+    keep = ["id", "text", "label", "confidence"] + ([GOLD] if GOLD in labelled.column_names else [])
+    names = {"label": TEACHER_LABEL, GOLD: CORPUS_GOLD}
+    labelled = labelled.select(keep).rename_columns([names.get(c, c) for c in keep])
+    order = np.random.default_rng(cfg.sample.seed).permutation(labelled.num_rows)
+    cut = max(1, round(cfg.sample.heldout_fraction * labelled.num_rows))
+    heldout, train = labelled.take(pa.array(order[:cut])), labelled.take(pa.array(order[cut:]))
+    if cfg.student.min_teacher_confidence is not None:
+        train = train.filter(pa.compute.greater_equal(train.column("confidence"),
+                                                      cfg.student.min_teacher_confidence))
+    if not train.num_rows:
+        raise InputError("no sample row is left to train the student on (sample too small, or "
+                         "student.min_teacher_confidence too high)")
+    data = store.join(cfg.output.path, "student-data")
+    store.write_part(train, store.join(data, "train", "part-0.parquet"), cfg.storage)
+    store.write_part(heldout, store.join(data, "heldout", "part-0.parquet"), cfg.storage)
+    store.write_json({"status": "complete", "train_rows": train.num_rows, "heldout_rows": heldout.num_rows},
+                     store.join(data, MANIFEST), cfg.storage)
+
+
+def train_student(cfg: DistillConfig) -> None:
+    from clsjob.finetune.train import run_finetune
+
+    data = store.join(cfg.output.path, "student-data")
+    teacher = store.read_json(store.join(cfg.output.path, "teacher", MANIFEST), cfg.storage)
+    run_finetune(validate({
+        "base_model": cfg.student.base_model,
+        "train": {"path": store.join(data, "train"), "label_column": TEACHER_LABEL},
+        "eval": {"path": store.join(data, "heldout"), "label_column": TEACHER_LABEL},
+        "labels": teacher["labels"],  # the teacher's label order: the cascade needs both alike
+        "training": cfg.student.training.model_dump(),
+        "output": {"path": store.join(cfg.output.path, "student")},
+        "storage": cfg.storage.model_dump(), "cluster": cfg.cluster.model_dump()}, model=FinetuneConfig))
+
+
+def merge_student(cfg: DistillConfig) -> None:
+    from clsjob.finetune.merge import merge
+
+    merge(validate({"adapter": store.join(cfg.output.path, "student"),
+                    "output": store.join(cfg.output.path, "student-model"), "dtype": "float32",
+                    "storage": cfg.storage.model_dump()}, model=MergeConfig))
+
+
+def student_backend(cfg: DistillConfig) -> dict:
+    return {"kind": "hf", "model": store.join(cfg.output.path, "student-model"),
+            "max_length": cfg.student.training.max_length}
+
+
+def label_heldout(cfg: DistillConfig) -> None:
+    from clsjob.pipeline import run_classify
+
+    run_classify(classify_config(cfg, store.join(cfg.output.path, "student-data", "heldout"),
+                                 store.join(cfg.output.path, "heldout"), student_backend(cfg),
+                                 cfg.student.resources, gold=bool(cfg.input.label_column),
+                                 label_column=TEACHER_LABEL))
+
+
+def cascade_threshold(confidence: np.ndarray, agree: np.ndarray, target: float) -> tuple[float, float, float]:
+    """The lowest threshold t whose cascade (the student's label where its confidence is at
+    least t, the teacher's under it) agrees with the teacher on `target` of these rows: fewest
+    rows escalated. Returns (t, share escalated, agreement)."""
+    order = np.argsort(confidence, kind="stable")
+    conf, hits = confidence[order], agree[order].astype(float)
+    n = len(conf)
+    # Candidates: each distinct confidence (rows under it escalate, ties stay) and one above all.
+    candidates = np.r_[np.unique(conf), np.nextafter(conf[-1], 2.0)]
+    escalated = np.searchsorted(conf, candidates, side="left")
+    kept_agreeing = np.r_[np.cumsum(hits[::-1])[::-1], 0.0][escalated]
+    agreement = (escalated + kept_agreeing) / n  # escalated rows agree by construction
+    k = int(np.flatnonzero(agreement >= target - 1e-12)[0])
+    return float(candidates[k]), float(escalated[k] / n), float(agreement[k])
+
+
+def judge_gate(cfg: DistillConfig) -> dict:
+    """The student against the gate on the held-out rows, and the cascade threshold."""
+    rows = read_run(store.join(cfg.output.path, "heldout"), cfg)
+    label = np.array(rows.column("label").to_pylist(), dtype=object)
+    teacher = np.array(rows.column(GOLD).to_pylist(), dtype=object)  # the teacher's label, as gold
+    agree = label == teacher
+    gate = cfg.gate
+    out = {"heldout_rows": rows.num_rows, "agreement": float(agree.mean()),
+           "min_agreement": gate.min_agreement}
+    misses = []
+    if out["agreement"] < gate.min_agreement:
+        misses.append(f"agreement {out['agreement']:.4f} < {gate.min_agreement} "
+                      f"(short by {gate.min_agreement - out['agreement']:.4f})")
+    if CORPUS_GOLD in rows.column_names:  # the corpus's gold labels, carried
+        gold = np.array(rows.column(CORPUS_GOLD).to_pylist(), dtype=object)
+        known = np.array([g is not None for g in gold])
+        out["accuracy"] = float((label[known] == gold[known]).mean()) if known.any() else None
+        out["teacher_accuracy"] = float((teacher[known] == gold[known]).mean()) if known.any() else None
+        if gate.min_accuracy is not None and (out["accuracy"] or 0) < gate.min_accuracy:
+            misses.append(f"accuracy {out['accuracy']} < {gate.min_accuracy}")
+    confidence = np.nan_to_num(np.array(rows.column("confidence").to_pylist(), dtype=float), nan=0.0)
+    below, share, agreement = cascade_threshold(confidence, agree, gate.cascade_agreement)
+    out |= {"passed": not misses, "why": "; ".join(misses) or None, "cascade_below": below,
+            "cascade_escalated_share": share, "cascade_agreement": agreement}
+    return out
+
+
+def label_corpus(cfg: DistillConfig, below: float) -> None:
+    from clsjob.pipeline import run_classify
+
+    inp = cfg.input
+    stages = [{"name": "student", "backend": student_backend(cfg), "escalate_below": below,
+               "resources": cfg.student.resources.model_dump()},
+              {"name": "teacher", "backend": cfg.teacher.backend.model_dump(),
+               "resources": cfg.teacher.resources.model_dump()}]
+    run_classify(validate({
+        "input": inp.model_dump(), "labels": [s.model_dump() for s in cfg.labels] if cfg.labels else None,
+        "backend": {"kind": "cascade", "stages": stages},
+        "output": {"path": store.join(cfg.output.path, "labelled")},
+        "storage": cfg.storage.model_dump(), "cluster": cfg.cluster.model_dump()}, model=ClassifyConfig))
+
+
+def corpus_summary(cfg: DistillConfig) -> dict:
+    """Rows the teacher labelled, and the labelling time saved against the teacher alone,
+    estimated from each stage's busy seconds (the teacher alone: its seconds per row on the
+    rows it ran, times every row)."""
+    manifest = store.read_json(store.join(cfg.output.path, "labelled", MANIFEST), cfg.storage)
+    student, teacher = manifest["cascade"]["stages"]
+    rows = student["rows_ran"]
+    alone = teacher["busy_s"] / teacher["rows_ran"] * rows if teacher["rows_ran"] else None
+    spent = student["busy_s"] + teacher["busy_s"]
+    return {"rows": rows, "teacher_rows": teacher["rows_labelled"],
+            "teacher_share": teacher["rows_labelled"] / rows if rows else None,
+            "busy_s": round(spent, 2), "teacher_alone_busy_s_estimate": round(alone, 2) if alone else None,
+            "time_saved_estimate": round(1 - spent / alone, 4) if alone else None}

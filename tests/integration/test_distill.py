@@ -1,0 +1,93 @@
+"""`clsjob distill` end to end on tiny models: a teacher (a tiny classifier, standing in for
+the LLM) labels a sample, a tiny student is fine-tuned on its labels through Ray Train, a gate
+that is missed stops with exit 2, and a rerun with a gate the student meets resumes after the
+last finished step and labels the corpus through a student -> teacher cascade."""
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from clsjob.cli import main
+from helpers import LABELS, sample_texts, write_shards
+from tiny_models import build_qwen2_classifier
+
+ROWS = 150
+
+
+@pytest.fixture(scope="module")
+def distilled(qwen_model, ray_cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    base = build_qwen2_classifier(root / "base", ["unused"], causal_lm=True)
+    write_shards(root / "corpus", [{"text": sample_texts(ROWS, seed=s),
+                                    "gold": [LABELS[(i + s) % 3] for i in range(ROWS)]} for s in range(2)])
+    config = {
+        "input": {"path": str(root / "corpus"), "label_column": "gold"},
+        "teacher": {"backend": {"model": str(qwen_model), "dtype": "float32", "max_length": 48}},
+        "student": {"base_model": str(base),
+                    "training": {"method": "full", "epochs": 2, "learning_rate": 3e-3, "batch_size": 16,
+                                 "max_length": 48, "gradient_checkpointing": False}},
+        "sample": {"rows": 120, "seed": 3, "heldout_fraction": 0.25},
+        "gate": {"min_agreement": 0.999, "cascade_agreement": 0.9},
+        "output": {"path": str(root / "run")}}
+    (root / "missed.yaml").write_text(yaml.safe_dump(config))
+    code_missed = main(["distill", "--config", str(root / "missed.yaml")])
+    after_miss = {p.relative_to(root / "run").as_posix(): p.stat().st_mtime_ns
+                  for p in (root / "run").rglob("*") if p.is_file()}
+    config["gate"]["min_agreement"] = 0.05
+    config["label_corpus"] = True
+    (root / "passed.yaml").write_text(yaml.safe_dump(config))
+    code_passed = main(["distill", "--config", str(root / "passed.yaml")])
+    return root, code_missed, after_miss, code_passed
+
+
+def test_the_sample_teacher_split_and_student_are_each_a_step_in_the_run_folder(distilled):
+    root, _, _, _ = distilled
+    run = root / "run"
+    sample = pq.read_table(run / "sample" / "sample.parquet")
+    assert sample.num_rows == 120 and len(set(sample.column("id").to_pylist())) == 120
+    assert set(sample.column_names) == {"id", "text", "gold"}
+    split = json.loads((run / "student-data" / "_manifest.json").read_text())
+    assert (split["train_rows"], split["heldout_rows"]) == (90, 30)  # 25% of 120 held out
+    train = pq.read_table(run / "student-data" / "train" / "part-0.parquet")
+    heldout = pq.read_table(run / "student-data" / "heldout" / "part-0.parquet")
+    assert not set(train.column("id").to_pylist()) & set(heldout.column("id").to_pylist())
+    # The student learns the teacher's labels, not the corpus's.
+    teacher = {r["id"]: r["label"] for r in pa.concat_tables(
+        pq.read_table(p) for p in (run / "teacher").glob("*.parquet")).to_pylist()}
+    assert all(teacher[r["id"]] == r["teacher_label"] for r in train.to_pylist())
+    finetune = json.loads((run / "student" / "clsjob_finetune.json").read_text())
+    assert finetune["train_rows"] == 90 and finetune["eval_rows"] == 30
+    assert finetune["labels"] == json.loads((run / "teacher" / "_manifest.json").read_text())["labels"]
+
+
+def test_a_missed_gate_stops_with_exit_2_and_says_by_how_much(distilled, capsys):
+    root, code_missed, after_miss, _ = distilled
+    assert code_missed == 2
+    assert "gate.json" in after_miss and "labelled/_manifest.json" not in after_miss
+    gate = json.loads((root / "run" / "gate.json").read_text())
+    assert gate["passed"] and gate["min_agreement"] == 0.05  # the rerun's gate, passed
+    assert 0 <= gate["agreement"] <= 1 and gate["heldout_rows"] == 30
+
+
+def test_the_rerun_resumes_after_the_last_finished_step_and_labels_the_corpus(distilled):
+    root, _, after_miss, code_passed = distilled
+    run = root / "run"
+    assert code_passed == 0
+    summary = json.loads((run / "distill.json").read_text())
+    assert all(summary["steps_wall_s"][s] == "done before"
+               for s in ("sample", "teacher", "split", "finetune", "merge", "gate"))
+    assert isinstance(summary["steps_wall_s"]["label_corpus"], float)
+    for name in ("sample/sample.parquet", "teacher/_manifest.json", "student/clsjob_finetune.json",
+                 "student-model/config.json", "heldout/_manifest.json"):
+        assert (run / name).stat().st_mtime_ns == after_miss[name], name  # not redone
+    gate = summary["gate"]
+    labelled = pa.concat_tables(pq.read_table(p) for p in (run / "labelled").glob("*.parquet")).to_pylist()
+    assert len(labelled) == 2 * ROWS
+    # The threshold picked on the held-out rows decides who labels each corpus row.
+    student_rows = [r for r in labelled if r["labelled_by"] == "student"]
+    assert all(r["confidence"] >= gate["cascade_below"] for r in student_rows)
+    corpus = summary["corpus"]
+    assert corpus["teacher_rows"] == sum(r["labelled_by"] == "teacher" for r in labelled)
+    assert corpus["rows"] == 2 * ROWS and corpus["teacher_share"] == pytest.approx(corpus["teacher_rows"] / (2 * ROWS))
