@@ -69,8 +69,7 @@ def run_locked(cfg: ClassifyConfig, labels: LabelSet, temperature: float | None,
     todo = [s for s in shards if s.key not in done]
     demands = [classify_demand(resources, key) for key, resources in stage_resources(cfg)]
     ensure_ray(*demands)
-    for demand in demands:  # each stage's pool must fit; they share the nodes
-        check_placement(demand, cfg.cluster.autoscaling)
+    check_placement(demands, cfg.cluster.autoscaling)  # a cascade's pools share the nodes
     duplicates = check_duplicate_ids(cfg, shards)
     log.info("classify: %d rows in %d shards -> %s (%d shards already done)",
              rows_in, len(shards), cfg.output.path, len(done))

@@ -126,26 +126,32 @@ def ensure_ray(*demands: Demand) -> None:
                  demand.cpus, demand.io_cpus)
 
 
-def placement_problems(nodes: list[dict], demand: Demand) -> list[str]:
-    """Why `demand` cannot run on nodes with these resources ({"CPU": n, "GPU": m}); none
-    when it can. Placed greedily, node by node, as Ray's packing would at best."""
-    placed, free_cpus = 0, 0.0
-    for node in nodes:
-        cpus, gpus = node.get("CPU", 0.0), node.get("GPU", 0.0)
-        fits = min(cpus // demand.cpus if demand.cpus else math.inf,
-                   gpus // demand.gpus if demand.gpus else math.inf)
-        take = int(min(fits, demand.count - placed))
-        placed += take
-        free_cpus += cpus - take * demand.cpus
-    need = demand.each()
-    if placed < demand.count:
-        return [f"only {placed} of {demand.count} {demand.what}s fit, each needing {need} on "
-                f"one node ({demand.keys})"]
-    if free_cpus < demand.io_cpus:
-        return [f"the {demand.count} {demand.what}s ({need} each) take every CPU, leaving none "
-                f"of the {demand.io_cpus:g} the shard reader and part writer need "
-                f"({demand.keys})"]
-    return []
+def placement_problems(nodes: list[dict], demand: Demand, *more: Demand) -> list[str]:
+    """Why `demand` (and `more`, placed after it on what it leaves: a cascade's stages share
+    the nodes) cannot run on nodes with these resources ({"CPU": n, "GPU": m}); none when it
+    can. Placed greedily, node by node, as Ray's packing would at best."""
+    free = [[node.get("CPU", 0.0), node.get("GPU", 0.0)] for node in nodes]
+    for d in (demand, *more):
+        placed = 0
+        for node in free:
+            fits = min(node[0] // d.cpus if d.cpus else math.inf,
+                       node[1] // d.gpus if d.gpus else math.inf)
+            take = int(min(fits, d.count - placed))
+            placed += take
+            node[0] -= take * d.cpus
+            node[1] -= take * d.gpus
+        if placed < d.count:
+            beside = " beside the stages before it" if d is not demand else ""
+            return [f"only {placed} of {d.count} {d.what}s fit{beside}, each needing {d.each()} "
+                    f"on one node ({d.keys})"]
+    io_cpus = max(d.io_cpus for d in (demand, *more))
+    if sum(node[0] for node in free) >= io_cpus:
+        return []
+    if not more:
+        return [f"the {demand.count} {demand.what}s ({demand.each()} each) take every CPU, leaving "
+                f"none of the {io_cpus:g} the shard reader and part writer need ({demand.keys})"]
+    return [f"the actors of every stage together take every CPU, leaving none of the {io_cpus:g} "
+            f"the shard reader and part writer need ({'; '.join(d.keys for d in (demand, *more))})"]
 
 
 def describe(nodes: list[dict]) -> str:
@@ -160,11 +166,11 @@ def alive_nodes() -> list[dict]:
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
 
-def check_placement(demand: Demand, autoscaling: bool) -> None:
-    """Refuse a job the cluster's nodes cannot place, or on an autoscaling cluster say that
-    it waits for nodes."""
+def check_placement(demand: Demand | list[Demand], autoscaling: bool) -> None:
+    """Refuse a job the cluster's nodes cannot place (a list: a cascade's stages, all at
+    once), or on an autoscaling cluster say that it waits for nodes."""
     nodes = alive_nodes()
-    problems = placement_problems(nodes, demand)
+    problems = placement_problems(nodes, *(demand if isinstance(demand, list) else [demand]))
     if not problems:
         return
     message = f"{problems[0]}; the cluster has {describe(nodes)}"

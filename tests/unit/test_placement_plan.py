@@ -35,3 +35,18 @@ def test_fractional_shares():
     demand = classify_demand(ResourcesConfig(actors=4, cpus_per_actor=0.5, gpus_per_actor=0.25))
     assert placement_problems([{"CPU": 3.0, "GPU": 1.0}], demand) == []
     assert placement_problems([{"CPU": 2.0, "GPU": 1.0}], demand)  # nothing left to read with
+
+
+def test_a_cascades_stages_are_placed_together():
+    first = classify_demand(ResourcesConfig(actors=2, cpus_per_actor=2, gpus_per_actor=0.5),
+                            "backend.stages[0].resources")
+    second = classify_demand(ResourcesConfig(actors=1, cpus_per_actor=4, gpus_per_actor=1),
+                             "backend.stages[1].resources")
+    node = [{"CPU": 16.0, "GPU": 2.0}]
+    assert placement_problems(node, first, second) == []
+    # Each fits alone on one GPU; together they need two.
+    [problem] = placement_problems([{"CPU": 16.0, "GPU": 1.0}], first, second)
+    assert problem.startswith("only 0 of 1 classifier actors fit beside the stages before it")
+    assert "backend.stages[1].resources.gpus_per_actor" in problem
+    [problem] = placement_problems([{"CPU": 8.0, "GPU": 2.0}], first, second)
+    assert "every stage together take every CPU" in problem and "backend.stages[0]" in problem
