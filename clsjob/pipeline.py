@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from functools import reduce
 from datetime import datetime, timezone
+from functools import reduce
 
 from clsjob import backends, resume, store
 from clsjob.abstain import scored_labels, settle_rule
