@@ -86,7 +86,8 @@ def test_ray_job_submit_classify(ray_head, tmp_path):
         for name in ignored_here:  # excluded only through .gitignore
             assert not (pkg / name).exists(), name
     if shutil.which("git") and (REPO / ".git").exists():
-        check = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", ".venv"])
+        # As a folder: `.venv/` matches folders only, and a checkout without a venv has none.
+        check = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", ".venv/"])
         assert check.returncode == 0, ".gitignore does not cover .venv"
 
 
