@@ -12,8 +12,9 @@ genuinely costlier than its student:
 
 Accuracy of teacher, student and cascade on SST-2 dev + test (2,693 rows, one run each).
 Speed end to end (start-up included) on dev + test four times over (10,772 rows), each
-variant run `--runs` times, alternating, on one Ray of 6 logical CPUs (each actor 2 torch
-threads on the 2 cores).
+variant run `--runs` times, alternating: teacher or student alone as one actor of 2 CPUs (2
+torch threads on the 2 cores), the cascade as one actor of 1 CPU per stage (the same 2
+cores: two actors of 2 threads each oversubscribe them, and ran at 0.44x the teacher).
 
     .venv/bin/python bench/distill.py [--work DIR] [--runs 3] [--out FILE.json]
 
@@ -100,12 +101,12 @@ def distill(work: Path, corpus: Path) -> dict:
 def backends(work: Path, below: float) -> dict:
     teacher = {"model": str(work / "teacher" / "model"), "max_length": 64}
     student = {"model": str(work / "distill" / "student-model"), "max_length": 64}
-    pool = {"cpus_per_actor": 2}
-    return {"teacher": {"backend": teacher, "resources": pool},
-            "student": {"backend": student, "resources": pool},
+    alone, stage = {"cpus_per_actor": 2}, {"cpus_per_actor": 1}
+    return {"teacher": {"backend": teacher, "resources": alone},
+            "student": {"backend": student, "resources": alone},
             "cascade": {"backend": {"kind": "cascade", "stages": [
-                {"name": "student", "backend": student, "resources": pool, "escalate_below": below},
-                {"name": "teacher", "backend": teacher, "resources": pool}]}}}
+                {"name": "student", "backend": student, "resources": stage, "escalate_below": below},
+                {"name": "teacher", "backend": teacher, "resources": stage}]}}}
 
 
 def classify(variant: dict, corpus: Path, out: Path) -> tuple[dict, float]:
@@ -132,7 +133,7 @@ def main() -> int:
     import ray
 
     env = environment()
-    # Two actors of 2 CPUs (the cascade's stages) and the reader and writer beside them.
+    # Room for every actor and the reader and writer beside them.
     ray.init(address="local", num_cpus=6, include_dashboard=False)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
