@@ -23,12 +23,17 @@ import numpy as np
 import pyarrow as pa
 
 from clsjob import store
-from clsjob.config import (ClassifyConfig, DistillConfig, FinetuneConfig, MergeConfig, validate)
+from clsjob.config import (ClassifyConfig, DistillConfig, FinetuneConfig, MergeConfig, config_hash,
+                           validate)
 from clsjob.contract import GOLD, MANIFEST
 from clsjob.store import InputError
 
 log = logging.getLogger("clsjob")
 SUMMARY = "distill.json"
+WORK = "_distill_work.json"  # what the run folder's finished steps were made from
+# What may change between reruns of one run folder: the gate is judged again, the corpus
+# labelled or not, on any cluster. Anything else would mix outputs of two configs.
+RERUN_MAY_CHANGE = {"gate": True, "label_corpus": True, "cluster": True}
 TEACHER_LABEL = "teacher_label"
 CORPUS_GOLD = "corpus_gold"  # the corpus's own gold labels, beside the teacher's, held out
 
@@ -39,6 +44,7 @@ class GateMissed(InputError):
 
 def run_distill(cfg: DistillConfig) -> dict:
     run = cfg.output.path
+    claim_run_folder(cfg)
     steps: dict[str, float | str] = {}
 
     def step(name: str, done: bool, work) -> None:
@@ -69,6 +75,24 @@ def run_distill(cfg: DistillConfig) -> dict:
         summary["corpus"] = corpus_summary(cfg)
     store.write_json(summary, store.join(run, SUMMARY), cfg.storage)
     return summary
+
+
+def claim_run_folder(cfg: DistillConfig) -> None:
+    """Refuse to resume a run folder whose steps were made from another config (a changed
+    sample, teacher or student would be silently skipped as done)."""
+    url = store.join(cfg.output.path, WORK)
+    work = config_hash(cfg, exclude=RERUN_MAY_CHANGE)
+    if store.exists(url, cfg.storage):
+        before = store.read_json(url, cfg.storage)
+        if before["work_hash"] != work:
+            changed = sorted(k for k, v in cfg.model_dump(mode="json", exclude=RERUN_MAY_CHANGE).items()
+                             if before["config"].get(k) != v)
+            raise InputError(f"output.path {cfg.output.path} holds a distill run of another config "
+                             f"(changed: {', '.join(changed) or 'defaults'}); only gate, label_corpus "
+                             f"and cluster may change between reruns; use another output.path")
+        return
+    store.write_json({"work_hash": work, "config": cfg.model_dump(mode="json", exclude=RERUN_MAY_CHANGE)},
+                     url, cfg.storage)
 
 
 def finished(run: str, folder: str, cfg: DistillConfig, marker: str = MANIFEST) -> bool:

@@ -2,6 +2,8 @@
 the LLM) labels a sample, a tiny student is fine-tuned on its labels through Ray Train, a gate
 that is missed stops with exit 2, and a rerun with a gate the student meets resumes after the
 last finished step and labels the corpus through a student -> teacher cascade."""
+import contextlib
+import io
 import json
 
 import pyarrow as pa
@@ -39,7 +41,12 @@ def distilled(qwen_model, ray_cluster, tmp_path_factory):
     config["label_corpus"] = True
     (root / "passed.yaml").write_text(yaml.safe_dump(config))
     code_passed = main(["distill", "--config", str(root / "passed.yaml")])
-    return root, code_missed, after_miss, code_passed
+    # Another sample into the same run folder: refused, not silently skipped as done.
+    config["sample"]["rows"] = 100
+    (root / "other.yaml").write_text(yaml.safe_dump(config))
+    with contextlib.redirect_stderr(io.StringIO()) as said:
+        code_other = main(["distill", "--config", str(root / "other.yaml")])
+    return root, code_missed, after_miss, (code_passed, (code_other, said.getvalue()))
 
 
 def test_the_sample_teacher_split_and_student_are_each_a_step_in_the_run_folder(distilled):
@@ -72,7 +79,7 @@ def test_a_missed_gate_stops_with_exit_2_and_says_by_how_much(distilled, capsys)
 
 
 def test_the_rerun_resumes_after_the_last_finished_step_and_labels_the_corpus(distilled):
-    root, _, after_miss, code_passed = distilled
+    root, _, after_miss, (code_passed, _) = distilled
     run = root / "run"
     assert code_passed == 0
     summary = json.loads((run / "distill.json").read_text())
@@ -91,3 +98,10 @@ def test_the_rerun_resumes_after_the_last_finished_step_and_labels_the_corpus(di
     corpus = summary["corpus"]
     assert corpus["teacher_rows"] == sum(r["labelled_by"] == "teacher" for r in labelled)
     assert corpus["rows"] == 2 * ROWS and corpus["teacher_share"] == pytest.approx(corpus["teacher_rows"] / (2 * ROWS))
+
+
+def test_a_run_folder_of_another_config_is_refused(distilled):
+    root, _, _, (_, (code_other, said)) = distilled
+    assert code_other == 2
+    assert "holds a distill run of another config (changed: sample)" in said
+    assert json.loads((root / "run" / "_distill_work.json").read_text())["config"]["sample"]["rows"] == 120
