@@ -34,7 +34,9 @@ def distilled(qwen_model, ray_cluster, tmp_path_factory):
         "gate": {"min_agreement": 0.999, "cascade_agreement": 0.9},
         "output": {"path": str(root / "run")}}
     (root / "missed.yaml").write_text(yaml.safe_dump(config))
-    code_missed = main(["distill", "--config", str(root / "missed.yaml")])
+    with contextlib.redirect_stderr(io.StringIO()) as said_missed:
+        code_missed = main(["distill", "--config", str(root / "missed.yaml")])
+    missed_gate = json.loads((root / "run" / "gate.json").read_text())
     after_miss = {p.relative_to(root / "run").as_posix(): p.stat().st_mtime_ns
                   for p in (root / "run").rglob("*") if p.is_file()}
     config["gate"]["min_agreement"] = 0.05
@@ -46,7 +48,8 @@ def distilled(qwen_model, ray_cluster, tmp_path_factory):
     (root / "other.yaml").write_text(yaml.safe_dump(config))
     with contextlib.redirect_stderr(io.StringIO()) as said:
         code_other = main(["distill", "--config", str(root / "other.yaml")])
-    return root, code_missed, after_miss, (code_passed, (code_other, said.getvalue()))
+    return root, (code_missed, said_missed.getvalue(), missed_gate), after_miss, (
+        code_passed, (code_other, said.getvalue()))
 
 
 def test_the_sample_teacher_split_and_student_are_each_a_step_in_the_run_folder(distilled):
@@ -69,13 +72,16 @@ def test_the_sample_teacher_split_and_student_are_each_a_step_in_the_run_folder(
     assert finetune["labels"] == json.loads((run / "teacher" / "_manifest.json").read_text())["labels"]
 
 
-def test_a_missed_gate_stops_with_exit_2_and_says_by_how_much(distilled, capsys):
-    root, code_missed, after_miss, _ = distilled
+def test_a_missed_gate_stops_with_exit_2_and_says_by_how_much(distilled):
+    root, (code_missed, said, gate), after_miss, _ = distilled
     assert code_missed == 2
     assert "gate.json" in after_miss and "labelled/_manifest.json" not in after_miss
-    gate = json.loads((root / "run" / "gate.json").read_text())
-    assert gate["passed"] and gate["min_agreement"] == 0.05  # the rerun's gate, passed
-    assert 0 <= gate["agreement"] <= 1 and gate["heldout_rows"] == 30
+    assert not gate["passed"] and gate["min_agreement"] == 0.999 and gate["heldout_rows"] == 30
+    short = 0.999 - gate["agreement"]
+    assert f"agreement {gate['agreement']:.4f} < 0.999 (short by {short:.4f})" in said
+    # The rerun with a gate the student meets judged the same held-out labels again.
+    rerun = json.loads((root / "run" / "gate.json").read_text())
+    assert rerun["passed"] and rerun["agreement"] == gate["agreement"]
 
 
 def test_the_rerun_resumes_after_the_last_finished_step_and_labels_the_corpus(distilled):
