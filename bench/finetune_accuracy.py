@@ -64,7 +64,8 @@ def baseline(kind: str, train: tuple[list, list], test: tuple[list, list]) -> di
             "wall_time_s": round(time.monotonic() - started, 1)}
 
 
-def finetune_minilm(task: dict, work: Path, **training) -> dict:
+def finetune_minilm(task: dict, work: Path, label_column: str = "label",
+                    job_task: str = "single_label", **training) -> dict:
     """all-MiniLM-L6-v2 fine-tuned in full through clsjob on work/train (eval rows: work/eval)
     and merged into work/model, as every real-data benchmark trains it; the finetune summary."""
     from clsjob.config import FinetuneConfig, MergeConfig, validate
@@ -73,9 +74,10 @@ def finetune_minilm(task: dict, work: Path, **training) -> dict:
     from clsjob.finetune.train import run_finetune
 
     trained = run_finetune(validate({
+        "task": job_task,
         "base_model": str(extract_minilm(work / "minilm")),
-        "train": {"path": str(work / "train"), "label_column": "label"},
-        "eval": {"path": str(work / "eval"), "label_column": "label"},
+        "train": {"path": str(work / "train"), "label_column": label_column},
+        "eval": {"path": str(work / "eval"), "label_column": label_column},
         "training": {"method": "full", "epochs": task["epochs"], "learning_rate": task["learning_rate"],
                      "batch_size": 32, "max_length": 64, "gradient_checkpointing": False,
                      "cpus_per_worker": 2, **training},

@@ -25,6 +25,14 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the file and the key."""
 
 
+# single_label: each row gets exactly one label; multi_label: each row gets the set of labels
+# that apply (possibly none), one independent yes/no decision per label.
+Task = Literal["single_label", "multi_label"]
+TASK = Field("single_label", description="single_label = one label a row; multi_label = every "
+                                         "label that applies, possibly none (one sigmoid per "
+                                         "label, thresholds tuned on the eval rows).")
+
+
 class Section(BaseModel):
     # frozen: a run never mutates its config; extra="forbid": a typo is an error, not a default.
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -52,7 +60,11 @@ class InputConfig(Section):
     id_column: str | None = Field(
         None, description="Column with a unique row id. None = derive '<shard>:<row>'.")
     label_column: str | None = Field(
-        None, description="Column with gold labels; enables evaluation.")
+        None, description="Column with gold labels; enables evaluation. task: multi_label: a "
+                          "list<string> column, or a string column with label_separator.")
+    label_separator: str | None = Field(
+        None, min_length=1, description="task: multi_label: the gold labels are one string "
+                                        "joined by this (e.g. '|'); an empty string = none apply.")
     carry_columns: list[str] = Field(
         default_factory=list, description="Extra input columns copied to the output unchanged.")
     on_duplicate_ids: Literal["report", "fail"] = Field(
@@ -81,7 +93,8 @@ Labels = Annotated[list[LabelSpec] | None, BeforeValidator(_labels_from_strings)
 
 class Example(Section):
     text: str = Field(description="An example input.")
-    label: str = Field(description="Its label (one of the configured labels).")
+    label: str | list[str] = Field(description="Its label (one of the configured labels); under "
+                                               "task: multi_label, a list of them (maybe empty).")
 
 
 class PromptConfig(Section):
@@ -405,6 +418,7 @@ class AbstainConfig(Section):
 
 
 class ClassifyConfig(Section):
+    task: Task = TASK
     input: InputConfig
     labels: Labels = Field(
         None, description="Label names in output order. None = the model's id2label "
@@ -423,6 +437,31 @@ class ClassifyConfig(Section):
     @classmethod
     def _renamed_keys(cls, data: Any) -> Any:
         return rename_keys(data, RENAMED_CLASSIFY_KEYS)
+
+    @model_validator(mode="after")
+    def _task_fits(self) -> "ClassifyConfig":
+        check_task(self.task, self.input, "input")
+        if self.task == "single_label":
+            for key, b in stage_backends(self.backend):
+                lists = [i for i, ex in enumerate(getattr(b, "prompt", PromptConfig()).examples)
+                         if isinstance(ex.label, list)]
+                if lists:
+                    raise ValueError(f"{key}.prompt.examples[{lists[0]}].label: a list of labels "
+                                     f"is for task: multi_label; give one label")
+            return self
+        # Not built for sets of labels yet: each would need its own rule for a set.
+        unsupported = [(self.backend.kind == "cascade", "backend.kind cascade"),
+                       (self.abstain is not None, "abstain"),
+                       (self.output.review is not None, "output.review")]
+        for found, key in unsupported:
+            if found:
+                raise ValueError(f"{key} is not supported with task: multi_label")
+        b = self.backend
+        if b.kind == "vllm_prompt" and b.prompt.mode == "choice":
+            raise ValueError("backend.prompt.mode choice forces exactly one label; task: "
+                             "multi_label needs mode json (a list of labels) or score (a yes/no "
+                             "probability per label)")
+        return self
 
     @model_validator(mode="after")
     def _review_needs_probabilities(self) -> "ClassifyConfig":
@@ -479,6 +518,12 @@ class ClassifyConfig(Section):
         if b.kind != "cascade":
             return [(b.kind, b, self.resources)]
         return [(name, s.backend, s.resources) for name, s in zip(b.stage_names(), b.stages)]
+
+
+def check_task(task: str, inp: InputConfig, key: str) -> None:
+    """The gold label settings fit the task (the column's type is checked on each file)."""
+    if task == "single_label" and inp.label_separator is not None:
+        raise ValueError(f"{key}.label_separator applies to task: multi_label only")
 
 
 def engine_gpus(backend: BackendSection) -> int | None:
@@ -576,7 +621,9 @@ class TrainingConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     class_weights: Literal["none", "balanced"] | dict[str, float] = Field(
         "none", description="Loss weight per label for imbalanced data: balanced = "
-                            "rows / (labels x rows of the label), or an explicit mapping.")
+                            "rows / (labels x rows of the label), or an explicit mapping. "
+                            "task: multi_label: the weight of a label's positive rows "
+                            "(pos_weight); balanced = its negative / positive rows.")
     seed: int = Field(0, description="Seed of the head's initialisation, the data order and "
                                       "dropout.")
     workers: int = Field(1, gt=0, description="Ray Train workers (one per GPU), DDP.")
@@ -588,7 +635,10 @@ class TrainingConfig(Section):
         2, ge=0, description="Worker failures survived by restarting from the last checkpoint.")
     keep_best: bool = Field(
         True, description="With eval rows: the final model is the epoch with the best eval "
-                          "accuracy, not merely the last one.")
+                          "accuracy (multi_label: macro-F1), not merely the last one.")
+    threshold_min_support: int = Field(
+        5, ge=1, description="task: multi_label: a label with fewer eval rows than this keeps "
+                             "the threshold 0.5 instead of one tuned on too few rows.")
     abstain_accuracy_loss: float = Field(
         0.02, ge=0, lt=1, description="With eval rows: the abstention threshold picked (and "
                                       "written by merge, for classify's abstain.below) is the "
@@ -615,6 +665,7 @@ class FinetuneOutputConfig(Section):
 
 
 class FinetuneConfig(Section):
+    task: Task = TASK
     base_model: str = Field(description="Base model folder (transformers format; local or s3://).")
     train: InputConfig
     eval: InputConfig | None = Field(None, description="Held-out rows scored after training.")
@@ -631,6 +682,13 @@ class FinetuneConfig(Section):
         if not value.label_column:
             raise ValueError("train.label_column is required to fine-tune")
         return value
+
+    @model_validator(mode="after")
+    def _task_fits(self) -> "FinetuneConfig":
+        check_task(self.task, self.train, "train")
+        if self.eval is not None:
+            check_task(self.task, self.eval, "eval")
+        return self
 
 
 class MergeConfig(Section):

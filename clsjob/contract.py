@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from clsjob.config import ClassifyConfig, InputConfig, stage_backends
 from clsjob.labels import LabelSet
-from clsjob.metrics import Tally, count_rows
+from clsjob.metrics import Tally, count_multilabel_rows, count_rows
 
 # Row ids derived from shard and row number when input.id_column is not set.
 DERIVED_ID = "id"
@@ -24,6 +24,7 @@ GOLD = "gold"
 # errored still has a typed (all-null) label column, not a null-typed one.
 RESULT_FIELDS: dict[str, pa.DataType] = {
     "label": pa.string(),
+    "labels": pa.list_(pa.string()),  # task: multi_label, in place of label
     "confidence": pa.float32(),
     "probs": pa.list_(pa.float32()),
     "truncated": pa.bool_(),
@@ -60,7 +61,10 @@ def result_columns(cfg: ClassifyConfig) -> list[str]:
     `labelled_by` only from a cascade."""
     has_reasoning = any(b.kind == "vllm_prompt" and b.prompt.mode == "json"
                         for _, b in stage_backends(cfg.backend))
-    columns = [c for c in RESULT_COLUMNS if c != "reasoning" or has_reasoning]
+    # One label a row, or under task: multi_label the list of those that apply.
+    gone = {"reasoning"} - ({"reasoning"} if has_reasoning else set())
+    gone.add("label" if cfg.task == "multi_label" else "labels")
+    columns = [c for c in RESULT_COLUMNS if c not in gone]
     return columns + [LABELLED_BY] if cfg.backend.kind == "cascade" else columns
 
 
@@ -110,9 +114,13 @@ class PartRecord:
         errors = written.column("error").to_pylist()
         gold = (written.column(GOLD).to_pylist() if GOLD in written.column_names
                 else [None] * written.num_rows)
-        counts = count_rows(labels, gold, written.column("label").to_pylist(),
-                            written.column("confidence").to_pylist(), errors,
-                            written.column("probs").to_pylist(), temperature)
+        confidence = written.column("confidence").to_pylist()
+        if "labels" in written.column_names:  # task: multi_label
+            counts = count_multilabel_rows(labels, gold, written.column("labels").to_pylist(),
+                                           confidence, errors)
+        else:
+            counts = count_rows(labels, gold, written.column("label").to_pylist(), confidence,
+                                errors, written.column("probs").to_pylist(), temperature)
         return cls(shard=chunk.column(SHARD)[0].as_py(), part=chunk.column(PART)[0].as_py(),
                    rows=written.num_rows, errored=sum(e is not None for e in errors),
                    truncated=sum(bool(t) for t in written.column("truncated").to_pylist()),

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from clsjob.labels import LabelSet
+from clsjob.multilabel import MultiLabelTally, count_multilabel, summarize_multilabel
 
 CALIBRATION_BINS = 15
 # Accuracy against coverage: scored rows counted by confidence in bins 0.001 wide, so that
@@ -51,6 +52,10 @@ class Tally:
     raw_bin_correct: np.ndarray = None
     raw_nll_sum: float = 0.0
     raw_nll_rows: int = 0
+    # task: multi_label: the per-label counts of the scored rows (multilabel.py); the
+    # single-label counts above (confusion, calibration, coverage) then stay empty, and
+    # label_counts counts every label given (a row may add several, or none).
+    multilabel: MultiLabelTally | None = None
 
     def __post_init__(self) -> None:
         k = self.n_labels
@@ -87,6 +92,10 @@ class Tally:
             getattr(self, name).__iadd__(getattr(other, name))
         self.raw_nll_sum += other.raw_nll_sum
         self.raw_nll_rows += other.raw_nll_rows
+        if other.multilabel is not None:
+            if self.multilabel is None:
+                self.multilabel = MultiLabelTally(self.n_labels)
+            self.multilabel.add(other.multilabel)
         return self
 
     def to_json(self) -> dict:
@@ -108,6 +117,7 @@ class Tally:
                 "raw_bin_correct": self.raw_bin_correct.tolist(),
                 "raw_nll_sum": self.raw_nll_sum, "raw_nll_rows": self.raw_nll_rows}
                if self.raw_bin_rows.any() else {}),  # only where a temperature was applied
+            **({"multilabel": self.multilabel.to_json()} if self.multilabel is not None else {}),
         }
 
     @classmethod
@@ -130,6 +140,8 @@ class Tally:
             **{name: np.array(data[name]) for name in ("raw_bin_rows", "raw_bin_confidence",
                                                        "raw_bin_correct") if name in data},
             raw_nll_sum=data.get("raw_nll_sum", 0.0), raw_nll_rows=data.get("raw_nll_rows", 0),
+            multilabel=(MultiLabelTally.from_json(data["multilabel"]) if "multilabel" in data
+                        else None),
             **dense(data.get("coverage", [])))
 
 
@@ -217,6 +229,37 @@ def count_rows(labels: LabelSet, gold: Sequence[str | None], predicted: Sequence
     np.add.at(t.coverage_correct, fine, correct.astype(np.int64))
     if raw:
         count_unscaled(t, raw, y_true, y_pred, temperature)
+    return t
+
+
+def count_multilabel_rows(labels: LabelSet, gold: Sequence[Sequence[str] | None],
+                          predicted: Sequence[Sequence[str] | None],
+                          confidence: Sequence[float | None], errors: Sequence[str | None]) -> Tally:
+    """count_rows for task: multi_label, where a row's gold and predicted labels are lists.
+    Rows that errored, have no gold list, or name a gold label outside the set are counted
+    and left out of the scores (an empty gold list is a row no label applies to: scored)."""
+    t = Tally(n_labels=len(labels), rows=len(gold))
+    scored_gold, scored_pred, every_conf = [], [], []
+    for g, p, c, e in zip(gold, predicted, confidence, errors):
+        if e is not None:
+            t.errored += 1
+            continue
+        for name in p or ():
+            t.label_counts[labels.id_of(name)] += 1
+        if c is not None:
+            every_conf.append(c)
+        unknown = [x for x in g or () if x not in labels]
+        if g is None:
+            t.gold_missing += 1
+        elif unknown:
+            t.gold_unknown[unknown[0]] += 1
+        else:
+            scored_gold.append([labels.id_of(x) for x in g])
+            scored_pred.append([labels.id_of(x) for x in p or ()])
+    t.multilabel = count_multilabel(len(labels), scored_gold, scored_pred)
+    every_conf = np.array(every_conf, dtype=np.float64)
+    np.add.at(t.confidence_counts, coverage_bin(every_conf), 1)
+    t.confidence_sum = float(every_conf.sum())
     return t
 
 
@@ -320,6 +363,8 @@ def uncalibrated(t: Tally, scored: int) -> dict | None:
 def summarize(labels: LabelSet, t: Tally, target_accuracy: float | None = None) -> dict:
     """The metrics written to _metrics.json. A metric over no scored row is None (null),
     never a number: 0.0 accuracy would read as a model that is always wrong."""
+    if t.multilabel is not None:
+        return summarize_multilabel_run(labels, t)
     scored = int(t.confusion.sum())
     scores = per_class_scores(t.confusion)
     binned = t.bin_rows.sum()
@@ -353,3 +398,17 @@ def summarize(labels: LabelSet, t: Tally, target_accuracy: float | None = None) 
         "coverage": coverage_table(t, target_accuracy),
         "calibration": bins_of(t.bin_rows, t.bin_confidence, t.bin_correct),
     }
+
+
+def summarize_multilabel_run(labels: LabelSet, t: Tally) -> dict:
+    """task: multi_label's metrics (multilabel.summarize_multilabel) with the run's row counts."""
+    scored = t.multilabel.rows
+    metrics = summarize_multilabel(t.multilabel, labels)
+    if not scored:  # no scored row: every score is None, not a 0 that reads as a bad model
+        metrics = {k: (v if k in ("rows", "per_label", "most_confused") else None)
+                   for k, v in metrics.items()}
+    return {"task": "multi_label", **metrics, "rows": t.rows, "rows_scored": scored,
+            "rows_errored": t.errored, "gold_missing": t.gold_missing,
+            "gold_outside_labels": int(sum(t.gold_unknown.values())),
+            "gold_outside_labels_values": dict(t.gold_unknown.most_common(20)),
+            "labels": list(labels.names)}

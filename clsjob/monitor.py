@@ -27,8 +27,10 @@ class DriftAlert(RuntimeError):
 
 
 def distribution(labels: LabelSet, t: Tally) -> dict:
-    """What the manifest records of the run's labels and confidences (every labelled row)."""
-    rows = int(t.label_counts.sum())
+    """What the manifest records of the run's labels and confidences (every labelled row).
+    Under task: multi_label a row counts once for each label it was given (shares are of the
+    labels given), and rows_labelled counts rows."""
+    rows = int(t.rows - t.errored) if t.multilabel is not None else int(t.label_counts.sum())
     with_conf = int(t.confidence_counts.sum())
     return {
         "rows_labelled": rows,

@@ -1,7 +1,7 @@
 """Multi-label classification's pure parts (issue 16), in numpy: the additive counts behind
 its metrics, per-label decision thresholds tuned on eval rows, and a prompted LLM's answer
-schema and parser. Not yet wired into fine-tuning or the pipeline: each part is checked on
-its own (against scikit-learn where there is one) so the wiring only has to call them.
+schema and parser; and how a row's probabilities become its labels and confidence. Each
+part is checked on its own (against scikit-learn where there is one).
 
 A row's gold and predicted labels are sets of label ids; `n` is the number of labels."""
 from __future__ import annotations
@@ -51,25 +51,49 @@ class MultiLabelTally:
         self.fn += other.fn
         self.confused += other.confused
 
+    def to_json(self) -> dict:
+        # confused is n x n and mostly zeros: [gold, predicted, rows] of the pairs that occur.
+        return {"n": self.n, "rows": self.rows, "exact": self.exact,
+                "wrong_slots": self.wrong_slots, "gold_labels": self.gold_labels,
+                "predicted_labels": self.predicted_labels, "tp": self.tp.tolist(),
+                "fp": self.fp.tolist(), "fn": self.fn.tolist(),
+                "confused": [[int(a), int(b), int(self.confused[a, b])]
+                             for a, b in zip(*np.nonzero(self.confused))]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "MultiLabelTally":
+        t = cls(data["n"], rows=data["rows"], exact=data["exact"], wrong_slots=data["wrong_slots"],
+                gold_labels=data["gold_labels"], predicted_labels=data["predicted_labels"],
+                **{k: np.array(data[k], dtype=np.int64) for k in ("tp", "fp", "fn")})
+        for a, b, rows in data["confused"]:
+            t.confused[a, b] = rows
+        return t
+
 
 def count_multilabel(n: int, gold: Iterable[Iterable[int]], predicted: Iterable[Iterable[int]]) -> MultiLabelTally:
-    t = MultiLabelTally(n)
-    for g, p in zip(gold, predicted):
-        g, p = set(g), set(p)
-        t.rows += 1
-        t.exact += g == p
-        t.wrong_slots += len(g ^ p)
-        t.gold_labels += len(g)
-        t.predicted_labels += len(p)
-        for k in g & p:
-            t.tp[k] += 1
-        for k in p - g:
-            t.fp[k] += 1
-        for k in g - p:
-            t.fn[k] += 1
-            for b in p - g:
-                t.confused[k, b] += 1
-    return t
+    """The counts of rows given as sets of label ids."""
+    gold, predicted = list(gold), list(predicted)
+    return count_multihot(multihot(n, gold), multihot(n, predicted))
+
+
+def multihot(n: int, rows: list[Iterable[int]]) -> np.ndarray:
+    out = np.zeros((len(rows), n), dtype=bool)
+    for i, ids in enumerate(rows):
+        out[i, list(ids)] = True
+    return out
+
+
+def count_multihot(gold: np.ndarray, predicted: np.ndarray) -> MultiLabelTally:
+    """The counts of rows given as rows x labels booleans."""
+    gold, predicted = np.asarray(gold, dtype=bool), np.asarray(predicted, dtype=bool)
+    missed, extra = gold & ~predicted, predicted & ~gold
+    return MultiLabelTally(
+        gold.shape[1], rows=len(gold), exact=int((gold == predicted).all(axis=1).sum()),
+        wrong_slots=int((gold ^ predicted).sum()), gold_labels=int(gold.sum()),
+        predicted_labels=int(predicted.sum()), tp=(gold & predicted).sum(axis=0).astype(np.int64),
+        fp=extra.sum(axis=0).astype(np.int64), fn=missed.sum(axis=0).astype(np.int64),
+        # confused[a, b]: rows where gold a was missed while b, not gold, was predicted.
+        confused=missed.T.astype(np.int64) @ extra.astype(np.int64))
 
 
 def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -131,10 +155,14 @@ def tune_thresholds(probs: np.ndarray, gold: np.ndarray, min_support: int = 5,
 
 
 def answer_schema(labels: LabelSet, reasoning_max_chars: int | None = None) -> dict:
-    """The JSON schema a prompted LLM answers under: a list of distinct labels of the set
-    (empty when none applies), and optionally a short reason."""
+    """The JSON schema a prompted LLM answers under: a list of labels of the set (empty when
+    none applies), at most one of each, and optionally a short reason.
+
+    Not `uniqueItems`: guidance, the structured-outputs library clsjob runs by default,
+    refuses the whole schema over it ("Unimplemented keys"). The list is capped at the number
+    of labels instead, and a label given twice counts once (parse_answer)."""
     properties = {"labels": {"type": "array", "items": {"type": "string", "enum": list(labels.names)},
-                             "uniqueItems": True}}
+                             "maxItems": len(labels)}}
     if reasoning_max_chars:
         properties["reasoning"] = {"type": "string", "maxLength": reasoning_max_chars}
     return {"type": "object", "properties": properties, "required": list(properties),
@@ -142,8 +170,8 @@ def answer_schema(labels: LabelSet, reasoning_max_chars: int | None = None) -> d
 
 
 def parse_answer(text: str, labels: LabelSet) -> tuple[list[str] | None, str | None]:
-    """(labels in the set's order, None) from an answer, or (None, why) when it is not one:
-    not JSON, no `labels` list, a label outside the set, or one given twice."""
+    """(labels in the set's order, each once, None) from an answer, or (None, why) when it
+    is not one: not JSON, no `labels` list, or a label outside the set."""
     try:
         answer = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -154,6 +182,39 @@ def parse_answer(text: str, labels: LabelSet) -> tuple[list[str] | None, str | N
     unknown = [x for x in given if x not in labels]
     if unknown:
         return None, f"answer names labels outside the set: {unknown}"
-    if len(set(given)) != len(given):
-        return None, "answer names a label twice"
     return [name for name in labels.names if name in given], None
+
+
+def decide(probs: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(which labels apply, each row's confidence) from per-label probabilities.
+
+    A label applies where its probability is at least its threshold. The confidence is how
+    far the row's closest call is from its threshold, scaled per label so that 0 is on the
+    threshold and 1 is at 0 or 1 probability: min over labels of (p - t) / (1 - t) for a
+    label given, (t - p) / t for one not given. The minimum, not the mean: a row's set of
+    labels is only as sure as its least sure decision, and a mean over dozens of labels that
+    are plainly absent would call almost every row sure."""
+    probs = np.asarray(probs, dtype=np.float64)
+    t = np.asarray(thresholds, dtype=np.float64)[None, :]
+    applies = probs >= t
+    distance = np.where(applies, (probs - t) / np.maximum(1 - t, 1e-12), (t - probs) / np.maximum(t, 1e-12))
+    confidence = distance.min(axis=1) if probs.shape[1] else np.ones(len(probs))
+    return applies, np.clip(confidence, 0.0, 1.0)
+
+
+# config.json key of a merged multi-label model: {label: threshold}, tuned by `clsjob finetune`
+# on its eval rows and written by `merge`.
+THRESHOLDS_KEY = "clsjob_thresholds"
+PROBLEM_TYPE = "multi_label_classification"  # transformers' name: a sigmoid and BCE per label
+
+
+def model_thresholds(config: dict, labels: LabelSet, where: str) -> np.ndarray:
+    """Each label's threshold (in `labels`' order) from a model folder's config.json; 0.5
+    for a label it has none for. `where` names the folder in the error a bad value raises."""
+    given = config.get(THRESHOLDS_KEY) or {}
+    bad = {k: v for k, v in given.items()
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1}
+    if not isinstance(given, dict) or bad:
+        raise ValueError(f"{where}: config.json's {THRESHOLDS_KEY} must map labels to numbers "
+                         f"between 0 and 1, not {bad or given!r}")
+    return np.array([float(given.get(name, 0.5)) for name in labels.names])

@@ -39,7 +39,7 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
     # Everything that can be wrong with the model, labels or schema fails here, before Ray
     # schedules anything and before a row is read.
     configured = LabelSet.from_specs(cfg.labels) if cfg.labels else None
-    model = backends.check_model(cfg.backend, configured, cfg.storage)
+    model = backends.check_model(cfg.backend, configured, cfg.storage, cfg.task)
     labels, temperature = model.labels, model.temperature
     stage_temperatures = model.stage_temperatures
     if cfg.abstain is not None:  # a threshold left out is the model folder's
@@ -143,5 +143,5 @@ def usable_shards(cfg: ClassifyConfig) -> tuple[list[store.ShardInfo], list[str]
         log.warning("classify: skipping %s", error)
     shards = [s for s in shards if not s.error]
     for shard in shards:
-        check_schema(shard, cfg.input)
+        check_schema(shard, cfg.input, cfg.task == "multi_label")
     return shards, bad

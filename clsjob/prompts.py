@@ -18,68 +18,103 @@ from clsjob.labels import LabelSet
 TEXT_SLOT = "\x00ROW_TEXT\x00"  # stands in for the row while the template is rendered
 
 
-def instructions(labels: LabelSet, prompt: PromptConfig, examples: list[Example]) -> str:
+QUESTION_SLOT = "\x00QUESTION\x00"  # multi_label score mode: the label asked about
+
+
+def instructions(labels: LabelSet, prompt: PromptConfig, examples: list[Example],
+                 multi_label: bool = False) -> str:
     """The shared part of the user message."""
     lines = [prompt.instructions.strip()] if prompt.instructions else []
-    lines.append("Classify the text into exactly one of these labels:")
+    lines.append("Classify the text with every one of these labels that applies (none, one or "
+                 "several):" if multi_label else "Classify the text into exactly one of these labels:")
     for name, description in zip(labels.names, labels.descriptions):
         lines.append(f"- {name}: {description}" if description else f"- {name}")
     if prompt.mode == "json":
-        lines.append('Answer with a JSON object: {"label": one of the labels, "reasoning": '
+        lines.append('Answer with a JSON object: {"labels": the list of labels that apply, '
+                     '"reasoning": why, in one short sentence}.' if multi_label else
+                     'Answer with a JSON object: {"label": one of the labels, "reasoning": '
                      "why, in one short sentence}.")
+    elif multi_label:  # score: one yes/no question per label
+        lines.append("You are asked about one label: answer yes if it applies to the text, else no.")
     else:
         lines.append("Answer with the label only.")
     if examples:
         lines.append("")
         lines.append("Examples:")
         for ex in examples:
-            lines.append(f"Text: {ex.text}\n{answer_for(ex.label, prompt)}")
+            label = [ex.label] if multi_label and isinstance(ex.label, str) else ex.label
+            lines.append(f"Text: {ex.text}\n{answer_for(label, prompt)}")
     return "\n".join(lines)
 
 
-def answer_for(label: str, prompt: PromptConfig) -> str:
-    # Examples answer the way the model is asked to answer.
+def answer_for(label: str | list[str], prompt: PromptConfig) -> str:
+    # Examples answer the way the model is asked to answer (a list: multi_label).
+    if isinstance(label, list):
+        if prompt.mode == "json":
+            return "Labels: " + json.dumps({"labels": label, "reasoning": "..."})
+        return f"Labels: {', '.join(label) or 'none'}"
     if prompt.mode == "json":
         return "Label: " + json.dumps({"label": label, "reasoning": "..."})
     return f"Label: {label}"
 
 
 def render_template(labels: LabelSet, prompt: PromptConfig, examples: list[Example],
-                    apply_chat: Callable[[list[dict]], str] | None) -> tuple[str, str]:
+                    apply_chat: Callable[[list[dict]], str] | None,
+                    multi_label: bool = False) -> tuple[str, str]:
     """(head, tail) around the row text: through `apply_chat` (the tokenizer's chat template,
-    rendered with the generation prompt) when given, else as a plain completion prompt."""
-    user = f"{instructions(labels, prompt, examples)}\n\nText: {TEXT_SLOT}"
+    rendered with the generation prompt) when given, else as a plain completion prompt.
+    multi_label score mode: the tail holds QUESTION_SLOT, where each label's question goes."""
+    asks_each = multi_label and prompt.mode == "score"
+    user = (f"{instructions(labels, prompt, examples, multi_label)}\n\nText: {TEXT_SLOT}"
+            + (f"\n\n{QUESTION_SLOT}" if asks_each else ""))
     if apply_chat is not None:
         messages = ([{"role": "system", "content": prompt.system_prompt}]
                     if prompt.system_prompt else []) + [{"role": "user", "content": user}]
         rendered = apply_chat(messages)
     else:
         system = f"{prompt.system_prompt}\n\n" if prompt.system_prompt else ""
-        rendered = f"{system}{user}\nLabel: "
+        answer = "Answer" if asks_each else "Labels" if multi_label else "Label"
+        rendered = f"{system}{user}\n{answer}: "
     head, found, tail = rendered.partition(TEXT_SLOT)
-    if not found:
+    if not found or (asks_each and QUESTION_SLOT not in tail):
         raise ValueError("the chat template dropped the user message")
     return head, tail
+
+
+def question(label: str) -> str:
+    return f'Does the label "{label}" apply to this text? Answer yes or no.'
 
 
 @dataclass(frozen=True)
 class PromptTokens:
     head: list[int]
     tail: list[int]
+    # multi_label score mode: the tail with each label's question in it, in label order.
+    questions: tuple[list[int], ...] = ()
 
     def build(self, text_ids: list[int]) -> list[int]:
         return self.head + text_ids + self.tail
 
+    def build_each(self, text_ids: list[int]) -> list[list[int]]:
+        """One prompt per label: the row's shared prefix (read from the prefix cache after
+        the first) and that label's question."""
+        return [self.head + text_ids + q for q in self.questions]
+
     @property
     def overhead(self) -> int:
-        return len(self.head) + len(self.tail)
+        return len(self.head) + max(map(len, self.questions or [self.tail]))
 
 
-def tokenize_template(tokenizer, head: str, tail: str, chat: bool) -> PromptTokens:
+def tokenize_template(tokenizer, head: str, tail: str, chat: bool,
+                      labels: LabelSet | None = None) -> PromptTokens:
+    """Head and tail tokenised once; with `labels` (a tail holding QUESTION_SLOT), the tail
+    once per label with its question."""
     # A chat template writes its own BOS where it wants one; a plain prompt gets the
     # tokenizer's usual special tokens at the start only.
-    return PromptTokens(tokenizer.encode(head, add_special_tokens=not chat),
-                        tokenizer.encode(tail, add_special_tokens=False))
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    questions = (tuple(encode(tail.replace(QUESTION_SLOT, question(name))) for name in labels.names)
+                 if labels is not None else ())
+    return PromptTokens(tokenizer.encode(head, add_special_tokens=not chat), encode(tail), questions)
 
 
 def encode_rows(tokenizer, texts: list[str], budget: int) -> tuple[list[list[int]], list[bool]]:
@@ -94,7 +129,8 @@ def pick_examples(inline: list[Example], loaded: list[Example], labels: LabelSet
     """Inline examples first, then those from the file, up to `cap`; each must carry a
     configured label."""
     chosen = (list(inline) + list(loaded))[:cap]
-    wrong = sorted({ex.label for ex in chosen if ex.label not in labels})
+    given = [x for ex in chosen for x in ([ex.label] if isinstance(ex.label, str) else ex.label)]
+    wrong = sorted({x for x in given if x not in labels})
     if wrong:
         raise ValueError(f"backend.prompt examples use labels not in the label set: {wrong}")
     return chosen

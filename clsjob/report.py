@@ -10,7 +10,7 @@ from clsjob.calibration import calibrate
 from clsjob.config import AbstainConfig, StorageConfig
 from clsjob.contract import CALIBRATION, MANIFEST, METRICS, REPORT, REPORT_HTML
 from clsjob.labels import LabelSet
-from clsjob.metrics import Tally, count_rows, summarize
+from clsjob.metrics import Tally, count_multilabel_rows, count_rows, summarize
 from clsjob.report_html import render_html
 from clsjob.store import InputError
 
@@ -40,6 +40,14 @@ def evaluate_output(output: str, storage: StorageConfig, target_accuracy: float 
     rule = manifest.get("abstain")
     labels = scored_labels(LabelSet(tuple(manifest["labels"])), AbstainConfig(**rule) if rule else None)
     counts = Tally(n_labels=len(labels))
+    if manifest.get("task") == "multi_label":
+        for part in manifest["parts"]:
+            t = store.read_table(store.join(output, part["part"]), storage,
+                                 [gold_column, "labels", "confidence", "error"])
+            counts.add(count_multilabel_rows(labels, *(t.column(c).to_pylist() for c in
+                                                       (gold_column, "labels", "confidence", "error"))))
+        return write_evaluation(output, storage, labels, counts, manifest.get("rows_per_s"),
+                                target_accuracy, manifest.get("drift"))
     for part in manifest["parts"]:
         t = store.read_table(store.join(output, part["part"]), storage,
                              [gold_column, "label", "confidence", "error", "probs"])
@@ -62,6 +70,9 @@ def calibrate_output(output: str, storage: StorageConfig) -> dict:
     gold_column, applied = manifest.get("gold_column"), manifest.get("temperature")
     if not gold_column:
         raise InputError(f"{output}: the run had no input.label_column, nothing to calibrate on")
+    if manifest.get("task") == "multi_label":
+        raise InputError(f"{output}: a task: multi_label run has a threshold per label, not a "
+                         f"temperature; `clsjob finetune` tunes the thresholds on its eval rows")
     if applied is None:
         raise InputError(f"{output}: the run's back end gives no probabilities "
                          f"({manifest.get('backend')}); calibration needs them "
@@ -92,6 +103,8 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def render_report(m: dict) -> str:
+    if m.get("task") == "multi_label":
+        return render_multilabel_report(m)
     ece, nll = m["expected_calibration_error"], m.get("negative_log_likelihood")
     raw = m.get("uncalibrated")
     raw_nll = raw and raw["negative_log_likelihood"]
@@ -129,6 +142,48 @@ def render_report(m: dict) -> str:
     lines += coverage_lines(m.get("coverage"))
     lines += drift_lines(m.get("drift"))
     lines += cascade_lines(m.get("cascade"), m["accuracy"])
+    if m["gold_outside_labels_values"]:
+        lines += ["", "## Gold labels outside the label set", ""]
+        lines += _table(["gold label", "rows"], [[k, v] for k, v in m["gold_outside_labels_values"].items()])
+    return "\n".join(lines) + "\n"
+
+
+def render_multilabel_report(m: dict) -> str:
+    """task: multi_label: the averages, each label's scores, and the pairs most often mixed
+    up (a gold label missed on rows where another, not gold, was given)."""
+    fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
+    card = m["label_cardinality"]
+    lines = [
+        "# Classification report (multi-label)", "",
+        f"- rows: {m['rows']} (scored {m['rows_scored']}, errored {m['rows_errored']}, "
+        f"no gold labels {m['gold_missing']}, gold label outside the label set "
+        f"{m['gold_outside_labels']})",
+    ]
+    if not m["rows_scored"]:
+        lines += ["- F1, precision, recall: none — no row had both labels and gold labels in "
+                  "the label set, so there is nothing to score"]
+    else:
+        lines += [
+            f"- F1 micro **{fmt(m['f1_micro'])}** · macro **{fmt(m['f1_macro'])}** · weighted "
+            f"{fmt(m['f1_weighted'])}",
+            f"- precision micro {fmt(m['precision_micro'])} · macro {fmt(m['precision_macro'])} · "
+            f"weighted {fmt(m['precision_weighted'])}",
+            f"- recall micro {fmt(m['recall_micro'])} · macro {fmt(m['recall_macro'])} · "
+            f"weighted {fmt(m['recall_weighted'])}",
+            f"- subset accuracy (the whole set right) {fmt(m['subset_accuracy'])} · Hamming loss "
+            f"{fmt(m['hamming_loss'])}",
+            f"- labels a row: gold {fmt(card['gold'])} · predicted {fmt(card['predicted'])}",
+        ]
+    lines += [f"- rows/s: {m.get('rows_per_s') or 'n/a'}", "", "## Per label", ""]
+    lines += _table(["label", "precision", "recall", "F1", "support"],
+                    [[name, f"{s['precision']:.3f}", f"{s['recall']:.3f}", f"{s['f1']:.3f}",
+                      s["support"]] for name, s in m["per_label"].items()])
+    if m["most_confused"]:
+        lines += ["", "## Most confused pairs", "",
+                  "Rows where the gold label was missed while the other label, not gold, was given:", ""]
+        lines += _table(["gold label missed", "label given instead", "rows"],
+                        [[c["gold"], c["predicted"], c["rows"]] for c in m["most_confused"]])
+    lines += drift_lines(m.get("drift"))
     if m["gold_outside_labels_values"]:
         lines += ["", "## Gold labels outside the label set", ""]
         lines += _table(["gold label", "rows"], [[k, v] for k, v in m["gold_outside_labels_values"].items()])

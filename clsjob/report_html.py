@@ -54,6 +54,8 @@ def figures(m: dict, t: Tally) -> list[tuple[str, str, str]]:
     import matplotlib.pyplot as plt
 
     out = []
+    if m.get("task") == "multi_label":
+        return multilabel_figures(m, t, plt)
     if m["rows_scored"]:
         names, matrix = folded_confusion(m, top_classes(m))
         share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
@@ -98,12 +100,7 @@ def figures(m: dict, t: Tally) -> list[tuple[str, str, str]]:
         out.append(("reliability", caption + ")", _png(fig)))
 
     if t.confidence_counts.sum():
-        hist = t.confidence_counts.reshape(20, -1).sum(axis=1)
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.bar(np.arange(20) / 20 + 0.025, hist, width=0.05, edgecolor="black", color="#228833")
-        ax.set_xlabel("confidence")
-        ax.set_ylabel("rows")
-        out.append(("confidence", "Confidence of every labelled row", _png(fig)))
+        out.append(confidence_histogram(t, plt, "confidence"))
 
     rows, correct = t.coverage_rows, t.coverage_correct
     if rows.sum() and not t.no_confidence:
@@ -132,6 +129,33 @@ def figures(m: dict, t: Tally) -> list[tuple[str, str, str]]:
     return out
 
 
+def multilabel_figures(m: dict, t: Tally, plt) -> list[tuple[str, str, str]]:
+    """task: multi_label: each label's F1, and the confidence of every labelled row."""
+    out = []
+    if m["rows_scored"]:
+        names = list(m["per_label"])
+        f1 = [m["per_label"][n]["f1"] for n in names]
+        fig, ax = plt.subplots(figsize=(6, 1 + 0.25 * len(names)))
+        ax.barh(names, f1, color="#4477aa")
+        ax.invert_yaxis()
+        ax.set_xlabel("F1")
+        ax.set_xlim(0, 1)
+        out.append(("per_label_f1", f"F1 per label (macro {m['f1_macro']:.4f})", _png(fig)))
+    if t.confidence_counts.sum():
+        out.append(confidence_histogram(t, plt, "confidence (distance of the closest call from "
+                                                "its threshold)"))
+    return out
+
+
+def confidence_histogram(t: Tally, plt, xlabel: str) -> tuple[str, str, str]:
+    hist = t.confidence_counts.reshape(20, -1).sum(axis=1)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(np.arange(20) / 20 + 0.025, hist, width=0.05, edgecolor="black", color="#228833")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("rows")
+    return "confidence", "Confidence of every labelled row", _png(fig)
+
+
 def reliability_line(ax, cal: dict, colour: str, label: str) -> None:
     """Accuracy against mean confidence per calibration bin, each point sized by its rows."""
     rows = np.array(cal["rows"])
@@ -147,7 +171,9 @@ def render_html(m: dict, t: Tally, markdown: str) -> str:
     parts = [f'<figure id="{key}"><img alt="{html.escape(caption)}" src="data:image/png;base64,{png}">'
              f"<figcaption>{html.escape(caption)}</figcaption></figure>"
              for key, caption, png in figures(m, t)]
-    accuracy = "n/a" if m["accuracy"] is None else f"{m['accuracy']:.4f}"
+    key = "f1_macro" if m.get("task") == "multi_label" else "accuracy"
+    headline = f"{key.replace('f1_', '').replace('macro', 'macro-F1')} " + (
+        "n/a" if m[key] is None else f"{m[key]:.4f}")
     return "\n".join([
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
         "<title>Classification report</title>",
@@ -155,5 +181,5 @@ def render_html(m: dict, t: Tally, markdown: str) -> str:
         "figure{display:inline-block;vertical-align:top;margin:1em}img{max-width:100%}"
         "pre{background:#f6f6f6;padding:1em;overflow-x:auto}</style></head><body>",
         f"<h1>Classification report</h1><p>{m['rows']} rows, {m['rows_scored']} scored, "
-        f"accuracy {accuracy}</p>",
+        f"{headline}</p>",
         *parts, "<h2>The text report</h2>", f"<pre>{html.escape(markdown)}</pre>", "</body></html>"])

@@ -36,7 +36,8 @@ def stream_labelled_parts(cfg: ClassifyConfig, labels: LabelSet, shards: list[st
     ds.context.target_max_block_size = None
     ds = ds.map_batches(read_chunks, batch_size=1, batch_format="pyarrow",
                         fn_kwargs={"input_cfg": cfg.input, "chunk_rows": cfg.output.rows_per_part,
-                                   "storage": cfg.storage})
+                                   "storage": cfg.storage,
+                                   "multi_label": cfg.task == "multi_label"})
     # One actor pool per back end: one, or each stage of a cascade (cascade.py).
     for position, (_, backend, resources) in enumerate(cfg.stages()):
         if cfg.backend.kind == "cascade":
@@ -65,11 +66,11 @@ def actor_pool(resources) -> ray.data.ActorPoolStrategy:
 
 
 def read_chunks(batch: pa.Table, input_cfg: InputConfig, chunk_rows: int,
-                storage: StorageConfig) -> Iterator[pa.Table]:
+                storage: StorageConfig, multi_label: bool = False) -> Iterator[pa.Table]:
     """Read stage (Ray task): one shard -> prepared chunks of `chunk_rows` rows."""
     for path, key in zip(batch.column("path").to_pylist(), batch.column("key").to_pylist()):
         for start, table in store.iter_shard(path, needed_columns(input_cfg), chunk_rows, storage):
-            yield prepare_chunk(table, key, start, input_cfg)
+            yield prepare_chunk(table, key, start, input_cfg, multi_label)
 
 
 def write_parts(table: pa.Table, cfg: ClassifyConfig, labels: LabelSet, review_rows: int = 0,

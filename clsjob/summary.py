@@ -57,6 +57,7 @@ def build_manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, temperature
         "config_hash": config_hash(cfg),
         "work_hash": work,
         "backend": cfg.backend.kind,
+        "task": cfg.task,  # multi_label: a `labels` list column in place of `label`
         "model": (cfg.backend.model if cfg.backend.kind != "cascade"
                   else [s.backend.model for s in cfg.backend.stages]),
         # What the model ran in (backend.dtype: auto chooses per node); more than one only on
@@ -99,9 +100,13 @@ def summary_table(summary: RunSummary, shards: int, skipped: int) -> str:
             ("errored", summary.rows_errored), ("shards", shards), ("files skipped", skipped),
             ("rows/s (this attempt)", summary.rows_per_s), ("output", summary.output)]
     if summary.metrics:
-        accuracy = summary.metrics["accuracy"]
-        rows.insert(4, ("accuracy", "none (no row could be scored)" if accuracy is None
-                        else round(accuracy, 4)))
+        # The headline of each task: accuracy, or macro- and micro-F1 over the labels.
+        keys = (("f1_macro", "f1_micro") if summary.metrics.get("task") == "multi_label"
+                else ("accuracy",))
+        for key in reversed(keys):
+            value = summary.metrics[key]
+            rows.insert(4, (key.replace("_", " "), "none (no row could be scored)" if value is None
+                            else round(value, 4)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 

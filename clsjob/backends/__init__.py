@@ -14,6 +14,7 @@ from clsjob import model_cache
 from clsjob.config import (BackendSection, HFBackendConfig, StorageConfig, VLLMPoolBackendConfig,
                            VLLMPromptBackendConfig)
 from clsjob.labels import LabelSet
+from clsjob.multilabel import PROBLEM_TYPE, model_thresholds
 
 
 class ModelError(ValueError):
@@ -101,18 +102,24 @@ def actor_kwargs(cfg, labels: LabelSet, backend: BackendSection | None = None,
     backend, resources = backend or cfg.backend, resources or cfg.resources
     kwargs = {"backend": backend, "labels": labels, "text_column": cfg.input.text_column,
               "use_gpu": resources.gpus_per_actor > 0, "storage": cfg.storage}
+    if cfg.task == "multi_label":
+        kwargs["multi_label"] = True
     extra = REGISTRY[backend.kind].driver_kwargs
     if extra:
         kwargs.update(resolve(extra)(backend, labels, cfg.storage))
     return kwargs
 
 
-def check_model(backend, configured: LabelSet | None, storage) -> CheckedModel:
+def check_model(backend, configured: LabelSet | None, storage,
+                task: str = "single_label") -> CheckedModel:
     """Validate the model and the labels on the driver, before any row is read, reading the
     model folder's config.json once. A cascade's stages must all give the same labels in the
     same order."""
     if backend.kind != "cascade":
-        return resolve(REGISTRY[backend.kind].check)(backend, configured, storage)
+        checked = resolve(REGISTRY[backend.kind].check)(backend, configured, storage)
+        if backend.kind != "vllm_prompt":  # a fine-tuned head is single- or multi-label
+            check_task(backend, checked, task)
+        return checked
     checked = [check_model(stage.backend, configured, storage) for stage in backend.stages]
     for i, (name, model) in enumerate(zip(backend.stage_names(), checked)):
         if model.labels.names != checked[0].labels.names:
@@ -124,9 +131,25 @@ def check_model(backend, configured: LabelSet | None, storage) -> CheckedModel:
                         tuple(model.temperature for model in checked))
 
 
-def check_model_and_labels(backend: BackendSection, configured: LabelSet | None, storage) -> LabelSet:
+def check_task(backend: BackendSection, model: CheckedModel, task: str) -> None:
+    """A fine-tuned model folder serves the task it was trained for, with usable thresholds."""
+    trained = "multi_label" if model.config.get("problem_type") == PROBLEM_TYPE else "single_label"
+    if trained != task:
+        raise ModelError(f"task: {task}, but backend.model {backend.model} was fine-tuned "
+                         f"{trained} (config.json problem_type "
+                         f"{model.config.get('problem_type')!r}); set task: {trained} or use a "
+                         f"model fine-tuned with task: {task}")
+    if task == "multi_label":
+        try:
+            model_thresholds(model.config, model.labels, f"backend.model: {backend.model}")
+        except ValueError as exc:
+            raise ModelError(str(exc)) from None
+
+
+def check_model_and_labels(backend: BackendSection, configured: LabelSet | None, storage,
+                           task: str = "single_label") -> LabelSet:
     """`check_model`'s label set in output order."""
-    return check_model(backend, configured, storage).labels
+    return check_model(backend, configured, storage, task).labels
 
 
 def check_model_files(backend: BackendSection, storage: StorageConfig) -> dict:

@@ -12,10 +12,12 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Pret
 
 from clsjob.backends import (CheckedModel, ModelError, check_model_files, local_backend,
                              require_cuda)
-from clsjob.backends.rows import attach_probabilities, rows_to_classify, stamp_dtype
+from clsjob.backends.rows import (attach_label_sets, attach_probabilities, rows_to_classify,
+                                 stamp_dtype)
 from clsjob.calibration import model_temperature
 from clsjob.config import BackendSection, HFBackendConfig, StorageConfig
 from clsjob.labels import LabelSet, resolve_model_labels
+from clsjob.multilabel import model_thresholds
 from clsjob.precision import resolve_dtype
 
 
@@ -84,10 +86,16 @@ def encode_truncating(tokenizer, texts: list[str], max_length: int) -> tuple[lis
     return ids, truncated
 
 
+def activation(logits: torch.Tensor, temperature: float, multi_label: bool) -> torch.Tensor:
+    """Probabilities from logits: softmax(logits / temperature) over the labels, or with
+    `multi_label` an independent sigmoid per label (no temperature: thresholds do that job)."""
+    return torch.sigmoid(logits) if multi_label else torch.softmax(logits / temperature, dim=-1)
+
+
 def predict_probs(model, tokenizer, texts: list[str], max_length: int, micro_batch: int,
                   device: str, encoded: list[list[int]] | None = None,
-                  temperature: float = 1.0) -> np.ndarray:
-    """softmax(logits / temperature) (rows x model labels) for `texts`, in the order given."""
+                  temperature: float = 1.0, multi_label: bool = False) -> np.ndarray:
+    """activation(logits) (rows x model labels) for `texts`, in the order given."""
     probs = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
     if not texts:
         return probs
@@ -97,19 +105,19 @@ def predict_probs(model, tokenizer, texts: list[str], max_length: int, micro_bat
     with torch.inference_mode():
         if device.startswith("cuda"):
             probs[[i for batch in batches for i in batch]] = queued_probs(
-                model, tokenizer, encoded, batches, device, temperature)
+                model, tokenizer, encoded, batches, device, temperature, multi_label)
             return probs
         for batch in batches:
             inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]},
                                    return_tensors="pt").to(device)
             logits = model(**inputs).logits.float()
-            probs[batch] = torch.softmax(logits / temperature, dim=-1).cpu().numpy()
+            probs[batch] = activation(logits, temperature, multi_label).cpu().numpy()
     return probs
 
 
 @torch.inference_mode()
 def queued_probs(model, tokenizer, encoded: list[list[int]], batches: list[list[int]],
-                 device: str, temperature: float = 1.0) -> np.ndarray:
+                 device: str, temperature: float = 1.0, multi_label: bool = False) -> np.ndarray:
     """On a GPU: the probabilities of `batches`, one after another, with GPU_ATTENTION's
     kernels, copied back once at the end. Copying each micro-batch's back would make the CPU
     wait for the GPU and the GPU then wait while the CPU pads the next batch; queued, the
@@ -122,7 +130,7 @@ def queued_probs(model, tokenizer, encoded: list[list[int]], batches: list[list[
             # non_blocking: from pageable memory the data is staged before the call returns,
             # and the copy does not wait for the work queued on the GPU (a blocking one does).
             inputs = {key: value.to(device, non_blocking=True) for key, value in inputs.items()}
-            out.append(torch.softmax(model(**inputs).logits.float() / temperature, dim=-1))
+            out.append(activation(model(**inputs).logits.float(), temperature, multi_label))
     return torch.cat(out).cpu().numpy()
 
 
@@ -130,7 +138,7 @@ class HFClassifier:
     """Ray Data actor: loads the model once, labels one prepared chunk per call."""
 
     def __init__(self, backend: HFBackendConfig, labels: LabelSet, text_column: str, use_gpu: bool,
-                 storage: StorageConfig | None = None):
+                 storage: StorageConfig | None = None, multi_label: bool = False):
         require_cuda(use_gpu)
         self.backend = backend = local_backend(backend, storage)
         self.text_column = text_column
@@ -141,14 +149,21 @@ class HFClassifier:
                             if backend.calibrated else 1.0)
         model_labels = LabelSet.from_id2label(self.model.config.id2label)
         self.labels, self.columns = resolve_model_labels(labels, model_labels)
+        # multi_label: each label's threshold (in the config's label order).
+        self.thresholds = (model_thresholds(self.model.config.to_dict(), self.labels, backend.model)
+                           if multi_label else None)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         todo = rows_to_classify(table)
         texts = table.column(self.text_column).to_pylist()
         todo_texts = [texts[i] for i in todo]
         encoded, truncated = encode_truncating(self.tokenizer, todo_texts, self.backend.max_length)
+        multi_label = self.thresholds is not None
         probs = predict_probs(self.model, self.tokenizer, todo_texts, self.backend.max_length,
-                              self.backend.micro_batch_size, self.device, encoded, self.temperature)
+                              self.backend.micro_batch_size, self.device, encoded, self.temperature,
+                              multi_label)
         # Reorder the model's label columns into the config's label order.
-        out = attach_probabilities(table, todo, probs[:, self.columns], self.labels, truncated)
+        probs = probs[:, self.columns]
+        out = (attach_label_sets(table, todo, probs, self.labels, self.thresholds, truncated)
+               if multi_label else attach_probabilities(table, todo, probs, self.labels, truncated))
         return stamp_dtype(out, self.dtype)

@@ -8,6 +8,7 @@ import pyarrow as pa
 
 from clsjob.contract import DTYPE, RESULT_FIELDS
 from clsjob.labels import LabelSet
+from clsjob.multilabel import decide
 
 
 def rows_to_classify(table: pa.Table) -> list[int]:
@@ -23,15 +24,27 @@ def attach_probabilities(table: pa.Table, todo: Sequence[int], probs: np.ndarray
     return attach_results(table, todo, labels, [int(k) for k in best], truncated, probs=probs)
 
 
+def attach_label_sets(table: pa.Table, todo: Sequence[int], probs: np.ndarray, labels: LabelSet,
+                      thresholds: np.ndarray, truncated: Sequence[bool]) -> pa.Table:
+    """task: multi_label: labels / confidence / probs / truncated for rows `todo` from
+    per-label probabilities (in label order) and the labels' thresholds (multilabel.decide)."""
+    applies, confidence = decide(probs, thresholds) if len(todo) else ([], [])
+    return attach_results(table, todo, labels, [np.flatnonzero(a).tolist() for a in applies],
+                          truncated, probs=probs, confidence=confidence, multi_label=True)
+
+
 def attach_results(table: pa.Table, todo: Sequence[int], labels: LabelSet,
-                   answers: Sequence[int | None], truncated: Sequence[bool], *,
+                   answers: Sequence[int | list[int] | None], truncated: Sequence[bool], *,
                    probs: np.ndarray | None = None, errors: Sequence[str | None] | None = None,
-                   reasoning: Sequence[str | None] | None = None) -> pa.Table:
+                   reasoning: Sequence[str | None] | None = None,
+                   confidence: Sequence[float] | None = None, multi_label: bool = False) -> pa.Table:
     """Join one result per row of `todo` (label index, or None with an error) to the chunk.
-    `probs` fills probs and confidence; `reasoning` adds that column (json mode)."""
+    `probs` fills probs and confidence; `reasoning` adds that column (json mode). With
+    `multi_label`, an answer is a list of label indices, written to `labels`, and the
+    confidence (given with `probs`) is `confidence`'s."""
     n = table.num_rows
-    label: list[str | None] = [None] * n
-    confidence: list[float | None] = [None] * n
+    label: list = [None] * n
+    row_confidence: list[float | None] = [None] * n
     row_probs: list[list[float] | None] = [None] * n
     row_truncated: list[bool | None] = [None] * n
     row_reasoning: list[str | None] = [None] * n
@@ -42,14 +55,14 @@ def attach_results(table: pa.Table, todo: Sequence[int], labels: LabelSet,
             error[row] = errors[j]
             continue
         k = answers[j]
-        label[row] = labels.names[k]
+        label[row] = [labels.names[x] for x in k] if multi_label else labels.names[k]
         if probs is not None:
-            confidence[row] = float(probs[j][k])
+            row_confidence[row] = float(confidence[j] if multi_label else probs[j][k])
             row_probs[row] = probs[j].astype(np.float32).tolist()
         if reasoning is not None:
             row_reasoning[row] = reasoning[j]
-    results = {"label": label, "confidence": confidence, "probs": row_probs,
-               "truncated": row_truncated}
+    results = {"labels" if multi_label else "label": label, "confidence": row_confidence,
+               "probs": row_probs, "truncated": row_truncated}
     if reasoning is not None:
         results["reasoning"] = row_reasoning
     results["error"] = error

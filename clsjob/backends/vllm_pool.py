@@ -8,20 +8,22 @@ import pyarrow as pa
 
 from clsjob.backends import local_backend
 from clsjob.backends.hf import encode_truncating
-from clsjob.backends.rows import attach_probabilities, rows_to_classify, stamp_dtype
+from clsjob.backends.rows import (attach_label_sets, attach_probabilities, rows_to_classify,
+                                 stamp_dtype)
 from clsjob.backends import vllm_engine
 from clsjob.calibration import model_temperature, rescale_probs
 from clsjob.backends.vllm_engine import (engine_args, engine_died, engine_dtype, exit_with_engine,
                                          prepare_env)
 from clsjob.config import StorageConfig, VLLMPoolBackendConfig
 from clsjob.labels import LabelSet, resolve_model_labels
+from clsjob.multilabel import model_thresholds
 
 
 class VLLMPoolClassifier:
     """Ray Data actor: one pooling engine; labels one prepared chunk per call."""
 
     def __init__(self, backend: VLLMPoolBackendConfig, labels: LabelSet, text_column: str, use_gpu: bool,
-                 storage: StorageConfig | None = None):
+                 storage: StorageConfig | None = None, multi_label: bool = False):
         prepare_env(use_gpu)
         self.backend = backend = local_backend(backend, storage)
         self.text_column = text_column
@@ -33,6 +35,9 @@ class VLLMPoolClassifier:
                             if backend.calibrated else 1.0)
         model_labels = LabelSet.from_id2label(hf_config.id2label)
         self.labels, self.columns = resolve_model_labels(labels, model_labels)
+        # multi_label: vLLM gives a sigmoid per label (the config's problem_type says so).
+        self.thresholds = (model_thresholds(hf_config.to_dict(), self.labels, backend.model)
+                           if multi_label else None)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         from vllm.inputs import TokensPrompt
@@ -51,6 +56,10 @@ class VLLMPoolClassifier:
             raise
         probs = np.array([o.outputs.probs for o in outputs], dtype=np.float32).reshape(
             len(encoded), -1)
-        probs = rescale_probs(probs, self.temperature)
-        out = attach_probabilities(table, todo, probs[:, self.columns], self.labels, truncated)
+        if self.thresholds is not None:
+            out = attach_label_sets(table, todo, probs[:, self.columns], self.labels,
+                                    self.thresholds, truncated)
+        else:
+            probs = rescale_probs(probs, self.temperature)
+            out = attach_probabilities(table, todo, probs[:, self.columns], self.labels, truncated)
         return stamp_dtype(out, self.dtype)

@@ -8,6 +8,8 @@ Three modes (`backend.prompt.mode`):
           over the labels; otherwise each label's whole token sequence (+ end of turn) is
           scored, one step per node of the labels' token trie, the row's prompt read from the
           prefix cache.
+task: multi_label: json = {labels: a list of distinct labels, reasoning}; score = each label's
+own yes/no probability, one request per row and label sharing the row's cached prompt.
 Rows whose prompt would not fit `max_model_len` are cut to fit and flagged; a row vLLM still
 refuses gets `error` and the chunk goes on.
 """
@@ -21,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import ConfigDict, Field, create_model
 
-from clsjob import store
+from clsjob import multilabel, store
 from clsjob.backends import CheckedModel, ModelError, check_model_files, local_backend
 from clsjob.backends.rows import attach_results, rows_to_classify, stamp_dtype
 from clsjob.backends import vllm_engine
@@ -29,7 +31,8 @@ from clsjob.backends.vllm_engine import (engine_args, engine_died, engine_dtype,
                                          prepare_env)
 from clsjob.config import Example, PromptConfig, StorageConfig, VLLMPromptBackendConfig
 from clsjob.labels import LabelError, LabelSet
-from clsjob.prompts import encode_rows, pick_examples, render_template, tokenize_template
+from clsjob.prompts import (PromptTokens, encode_rows, pick_examples, render_template,
+                            tokenize_template)
 
 
 def check_prompted_model(backend: VLLMPromptBackendConfig, labels: LabelSet,
@@ -90,10 +93,11 @@ def renormalise(logprobs: np.ndarray) -> np.ndarray:
 class Answers:
     """One result per prompt: a label index (None where `errors` has the reason), and what
     the mode adds: `probs` (score) or `reasoning` (json)."""
-    labels: list[int | None]
+    labels: list[int | list[int] | None]  # a list of label indices: multi_label
     errors: list[str | None]
     probs: np.ndarray | None = None
     reasoning: list[str | None] | None = None
+    confidence: np.ndarray | None = None  # multi_label score: multilabel.decide's
 
 
 class GeneratedAnswer:
@@ -104,8 +108,8 @@ class GeneratedAnswer:
         self.labels, self.prompt = labels, prompt
         self.params, self.answer_tokens = params, answer_tokens
 
-    def requests(self, prompts: list[list[int]]):
-        return prompts, self.params
+    def requests(self, rows: list[list[int]], template: PromptTokens):
+        return [template.build(row) for row in rows], self.params
 
     def read(self, outputs: list, n: int) -> Answers:
         answers = Answers(labels=[], errors=[], reasoning=[] if self.gives_reasoning else None)
@@ -115,7 +119,9 @@ class GeneratedAnswer:
                 error = f"vLLM refused the prompt: {out}"
             else:
                 label, why, error = self.parse(out.outputs[0].text, out.outputs[0].finish_reason)
-            answers.labels.append(None if label is None else self.labels.id_of(label))
+            # One label, or (multi_label) a list of them.
+            answers.labels.append(None if label is None else self.labels.id_of(label)
+                                  if isinstance(label, str) else [self.labels.id_of(x) for x in label])
             answers.errors.append(error)
             if self.gives_reasoning:
                 answers.reasoning.append(why)
@@ -205,7 +211,8 @@ class LabelScores:
         self.answer_tokens = max(len(seq) for seq in self.sequences)
         self.n_labels = len(labels)
 
-    def requests(self, prompts: list[list[int]]):
+    def requests(self, rows: list[list[int]], template: PromptTokens):
+        prompts = [template.build(row) for row in rows]
         return [p + list(node) for p in prompts for node in self.nodes], self.node_params * len(prompts)
 
     def read(self, outputs: list, n: int) -> Answers:
@@ -228,9 +235,75 @@ class LabelScores:
         return Answers(labels=answers, errors=failed, probs=probs)
 
 
-def answer_mode(labels: LabelSet, prompt: PromptConfig, tokenizer):
+class JsonLabelsAnswer(GeneratedAnswer):
+    """task: multi_label: {labels: distinct labels of the set (maybe none), reasoning} under a
+    JSON schema."""
+    gives_reasoning = True
+
+    def __init__(self, labels: LabelSet, prompt: PromptConfig, base: dict):
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        # Every label once (quoted, comma), the reasoning's bytes as in JsonAnswer.
+        answer_tokens = 32 + sum(2 * len(n.encode()) + 4 for n in labels.names) \
+            + 6 * prompt.reasoning_max_chars
+        schema = multilabel.answer_schema(labels, prompt.reasoning_max_chars)
+        params = SamplingParams(**base, max_tokens=answer_tokens,
+                                structured_outputs=StructuredOutputsParams(json=schema))
+        super().__init__(labels, prompt, params, answer_tokens)
+
+    def parse(self, text, finish):
+        given, why_not = multilabel.parse_answer(text, self.labels)
+        if given is None:
+            return None, None, f"{why_not} (finish: {finish}): {text[:80]!r}"
+        return given, json.loads(text).get("reasoning"), None
+
+
+class LabelYesNoScores:
+    """task: multi_label score mode: each label's own probability, P(yes) / (P(yes) + P(no))
+    to "does this label apply?". One request per row and label, all sharing the row's prompt
+    (instructions, label list, text), which vLLM's prefix cache computes once per row; each
+    label then costs its question's few tokens and one forward step. A label applies at 0.5."""
+
+    def __init__(self, labels: LabelSet, tokenizer, temperature_scale: float = 1.0):
+        from vllm import SamplingParams
+
+        yes, no = (tokenizer.encode(word, add_special_tokens=False)[0] for word in ("yes", "no"))
+        if yes == no:
+            raise ModelError("score mode under task: multi_label needs 'yes' and 'no' to start "
+                             "with different tokens")
+        self.yes, self.no, self.n_labels = yes, no, len(labels)
+        self.temperature_scale = temperature_scale
+        self.params = SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=[yes, no])
+        self.answer_tokens = 1
+        self.thresholds = np.full(len(labels), 0.5)
+
+    def requests(self, rows: list[list[int]], template: PromptTokens):
+        return [p for row in rows for p in template.build_each(row)], self.params
+
+    def read(self, outputs: list, n: int) -> Answers:
+        failed: list[str | None] = [None] * n
+        margin = np.zeros((n, self.n_labels))  # log P(yes) - log P(no)
+        for j, out in enumerate(outputs):
+            i, k = divmod(j, self.n_labels)
+            if isinstance(out, Exception):
+                failed[i] = f"vLLM refused the prompt: {out}"
+                continue
+            lp = out.outputs[0].logprobs[0]
+            margin[i, k] = lp[self.yes].logprob - lp[self.no].logprob
+        probs = 1 / (1 + np.exp(-margin / self.temperature_scale))
+        applies, confidence = multilabel.decide(probs, self.thresholds)
+        return Answers(labels=[np.flatnonzero(a).tolist() if failed[i] is None else None
+                               for i, a in enumerate(applies)],
+                       errors=failed, probs=probs, confidence=confidence)
+
+
+def answer_mode(labels: LabelSet, prompt: PromptConfig, tokenizer, multi_label: bool = False):
     """The strategy of `backend.prompt.mode`: what is asked of vLLM and how it is read."""
     base = {"temperature": prompt.temperature, "seed": prompt.seed}
+    if multi_label:  # json or score (config.py refuses choice)
+        return (JsonLabelsAnswer(labels, prompt, base) if prompt.mode == "json"
+                else LabelYesNoScores(labels, tokenizer, prompt.temperature_scale))
     if prompt.mode == "choice":
         return ChoiceAnswer(labels, prompt, base)
     if prompt.mode == "json":
@@ -242,7 +315,8 @@ class VLLMPromptClassifier:
     """Ray Data actor: one vLLM engine; labels one prepared chunk per call."""
 
     def __init__(self, backend: VLLMPromptBackendConfig, labels: LabelSet, text_column: str,
-                 use_gpu: bool, examples: list[Example], storage: StorageConfig | None = None):
+                 use_gpu: bool, examples: list[Example], storage: StorageConfig | None = None,
+                 multi_label: bool = False):
         prepare_env(use_gpu)
         backend = local_backend(backend, storage)
         self.labels, self.text_column, prompt = labels, text_column, backend.prompt
@@ -254,9 +328,11 @@ class VLLMPromptClassifier:
             prompt.chat_template == "auto" and getattr(tok, "chat_template", None))
         apply_chat = (lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
                       ) if chat else None
-        self.template = tokenize_template(tok, *render_template(labels, prompt, examples, apply_chat),
-                                          chat=bool(chat))
-        self.mode = answer_mode(labels, prompt, tok)
+        self.multi_label = multi_label
+        self.template = tokenize_template(
+            tok, *render_template(labels, prompt, examples, apply_chat, multi_label), chat=bool(chat),
+            labels=labels if multi_label and prompt.mode == "score" else None)
+        self.mode = answer_mode(labels, prompt, tok, multi_label)
         limit = self.llm.llm_engine.model_config.max_model_len
         self.budget = min(backend.max_length, limit - self.template.overhead - self.mode.answer_tokens)
         if self.budget < 1:
@@ -268,10 +344,11 @@ class VLLMPromptClassifier:
         todo = rows_to_classify(table)
         texts = table.column(self.text_column).to_pylist()
         ids, truncated = encode_rows(self.tokenizer, [texts[i] for i in todo], self.budget)
-        requests, params = self.mode.requests([self.template.build(row) for row in ids])
+        requests, params = self.mode.requests(ids, self.template)
         answers = self.mode.read(self._run(requests, params), len(ids))
         out = attach_results(table, todo, self.labels, answers.labels, truncated,
-                             probs=answers.probs, errors=answers.errors, reasoning=answers.reasoning)
+                             probs=answers.probs, errors=answers.errors, reasoning=answers.reasoning,
+                             confidence=answers.confidence, multi_label=self.multi_label)
         return stamp_dtype(out, self.dtype)
 
     def _run(self, prompts: list[list[int]], params) -> list:

@@ -7,14 +7,16 @@ from clsjob import store
 from clsjob.config import InputConfig, LabelSpec, StorageConfig
 from clsjob.store import InputError
 from clsjob.labels import LabelError, LabelSet
-from clsjob.prepare import clean_text
+from clsjob.prepare import check_gold_type, clean_text, gold_lists
 
 log = logging.getLogger("clsjob")
 
 
-def read_labelled(inp: InputConfig, storage: StorageConfig) -> tuple[list[str], list[str]]:
+def read_labelled(inp: InputConfig, storage: StorageConfig,
+                  multi_label: bool = False) -> tuple[list[str], list]:
     """(texts, gold labels) of every usable row; rows with no text or no label are skipped
-    and counted, since a model cannot learn from them.
+    and counted, since a model cannot learn from them. With `multi_label` a row's gold is the
+    list of its labels (an empty list is a row no label applies to, and is kept).
 
     Text goes through the same decoding and cleaning as the rows `classify` labels (binary
     columns decoded as UTF-8, broken bytes and control characters replaced), so a model is
@@ -22,14 +24,17 @@ def read_labelled(inp: InputConfig, storage: StorageConfig) -> tuple[list[str], 
     texts, golds, skipped, cleaned = [], [], 0, 0
     for shard in store.list_shards(inp.path, storage):
         table = store.read_table(shard, storage, [inp.text_column, inp.label_column])
+        gold_column = table.column(inp.label_column)
+        check_gold_type(shard, inp, gold_column.type, multi_label)
+        gold_column = gold_lists(gold_column, inp.label_separator) if multi_label else gold_column
         text, changed = clean_text(table.column(inp.text_column))
         cleaned += sum(changed.to_pylist())
-        for text, gold in zip(text.to_pylist(), table.column(inp.label_column).to_pylist()):
+        for text, gold in zip(text.to_pylist(), gold_column.to_pylist()):
             if text is None or not text.strip() or gold is None:
                 skipped += 1
                 continue
             texts.append(text)
-            golds.append(str(gold))
+            golds.append(gold if multi_label else str(gold))
     if skipped:
         log.warning("finetune: skipped %d rows of %s with no text or no label", skipped, inp.path)
     if cleaned:
@@ -40,19 +45,29 @@ def read_labelled(inp: InputConfig, storage: StorageConfig) -> tuple[list[str], 
     return texts, golds
 
 
-def settle_labels(specs: list[LabelSpec] | None, train_golds: list[str]) -> LabelSet:
-    """The configured label set, or the sorted distinct gold labels of the training rows."""
-    labels = LabelSet.from_specs(specs) if specs else LabelSet(tuple(sorted(set(train_golds))))
-    unknown = sorted(set(train_golds) - set(labels.names))
+def settle_labels(specs: list[LabelSpec] | None, train_golds: list) -> LabelSet:
+    """The configured label set, or the sorted distinct gold labels of the training rows
+    (a row's gold: a label, or a list of them)."""
+    given = {g for gold in train_golds for g in ([gold] if isinstance(gold, str) else gold)}
+    labels = LabelSet.from_specs(specs) if specs else LabelSet(tuple(sorted(given)))
+    unknown = sorted(given - set(labels.names))
     if unknown:
         raise LabelError(f"training rows carry labels outside the label set: {unknown[:20]}")
     return labels
 
 
-def encode(tokenizer, texts: list[str], golds: list[str], labels: LabelSet,
+def encode(tokenizer, texts: list[str], golds: list, labels: LabelSet,
            max_length: int) -> list[dict]:
-    """Examples for the HF Trainer; padding is left to the collator, per batch."""
+    """Examples for the HF Trainer; padding is left to the collator, per batch. A gold list
+    (multi_label) becomes a 0/1 float per label, the targets of the binary cross-entropy;
+    rows with a label outside the set (eval rows) are left out."""
     enc = tokenizer(texts, truncation=True, max_length=max_length)
-    return [{"input_ids": ids, "attention_mask": mask, "labels": labels.id_of(g)}
+    return [{"input_ids": ids, "attention_mask": mask, "labels": target(g, labels)}
             for ids, mask, g in zip(enc["input_ids"], enc["attention_mask"], golds)
-            if g in labels]
+            if (g in labels if isinstance(g, str) else all(x in labels for x in g))]
+
+
+def target(gold, labels: LabelSet):
+    if isinstance(gold, str):
+        return labels.id_of(gold)
+    return [1.0 if name in gold else 0.0 for name in labels.names]

@@ -14,9 +14,10 @@ from clsjob import model_cache, store
 from clsjob.abstain import THRESHOLD_KEY
 from clsjob.calibration import TEMPERATURE_KEY
 from clsjob.config import MergeConfig
-from clsjob.finetune.model import load_base_classifier, load_tokenizer
+from clsjob.finetune.model import load_base_classifier, load_tokenizer, problem_type
 from clsjob.finetune.summary import SUMMARY
 from clsjob.labels import LabelSet
+from clsjob.multilabel import THRESHOLDS_KEY
 
 log = logging.getLogger("clsjob")
 
@@ -30,6 +31,7 @@ def merge(cfg: MergeConfig) -> str:
     adapter = Path(model_cache.local_model(cfg.adapter, cfg.storage, key="adapter"))
     info = json.loads((adapter / SUMMARY).read_text())
     labels = LabelSet(tuple(info["labels"]))
+    task = info.get("task", "single_label")
     # The base loads in full precision of `dtype`, never 4-bit: merging into quantised
     # weights would round the LoRA update away.
     dtype = getattr(torch, cfg.dtype)
@@ -37,13 +39,16 @@ def merge(cfg: MergeConfig) -> str:
     if info["method"] == "lora":
         base_folder = model_cache.local_model(info["base_model"], cfg.storage,
                                               key=f"base_model (in {summary_url})")
-        base = load_base_classifier(base_folder, labels, tokenizer, dtype=dtype)
+        base = load_base_classifier(base_folder, labels, tokenizer, dtype=dtype, task=task)
         model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     else:
         model = AutoModelForSequenceClassification.from_pretrained(adapter, dtype=dtype,
                                                                    use_safetensors=True)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.id2label, model.config.label2id = labels.id2label(), labels.label2id()
+    model.config.problem_type = problem_type(task)
+    if info.get("thresholds"):  # multi_label: tuned on the eval rows; hf and vllm_pool apply them
+        setattr(model.config, THRESHOLDS_KEY, info["thresholds"])
     calibration = info.get("calibration")
     if calibration:  # fitted on the eval rows; hf and vllm_pool apply it
         setattr(model.config, TEMPERATURE_KEY, calibration["temperature"])

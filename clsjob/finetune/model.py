@@ -16,6 +16,7 @@ from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTo
 
 from clsjob.config import TrainingConfig
 from clsjob.labels import LabelSet
+from clsjob.multilabel import PROBLEM_TYPE
 
 log = logging.getLogger("clsjob")
 
@@ -30,12 +31,19 @@ def load_tokenizer(base_model: str):
     return tokenizer
 
 
+def problem_type(task: str) -> str | None:
+    """transformers' problem_type for the task: None (cross-entropy over the labels, picked
+    from the labels' dtype) or one sigmoid and binary cross-entropy per label."""
+    return PROBLEM_TYPE if task == "multi_label" else None
+
+
 def load_base_classifier(base_model: str, labels: LabelSet, tokenizer, dtype=torch.float32,
-                         **load_kwargs):
+                         task: str = "single_label", **load_kwargs):
     """The base with a new head of len(labels) outputs and the label mapping in its config."""
     model = AutoModelForSequenceClassification.from_pretrained(
         base_model, id2label=labels.id2label(),  # num_labels follows from id2label
-        label2id=labels.label2id(), dtype=dtype, use_safetensors=True, **load_kwargs)
+        label2id=labels.label2id(), problem_type=problem_type(task), dtype=dtype,
+        use_safetensors=True, **load_kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
@@ -135,9 +143,9 @@ def keep_training_kernels(model) -> None:
 
 
 def build_trainable(base_model: str, labels: LabelSet, training: TrainingConfig, tokenizer,
-                    device: str = "cpu"):
+                    device: str = "cpu", task: str = "single_label"):
     if training.method == "full":
-        return load_base_classifier(base_model, labels, tokenizer)
+        return load_base_classifier(base_model, labels, tokenizer, task=task)
     quantize = training.quantization == "nf4"
     if quantize and not quantization_available():
         log.warning("finetune: bitsandbytes cannot run here; training plain LoRA instead of QLoRA")
@@ -146,7 +154,7 @@ def build_trainable(base_model: str, labels: LabelSet, training: TrainingConfig,
     if quantize:
         # The whole 4-bit model on this worker's own device: device_map="auto" would shard it
         # over the GPUs, and DDP needs one full replica per worker.
-        model = load_base_classifier(base_model, labels, tokenizer,
+        model = load_base_classifier(base_model, labels, tokenizer, task=task,
                                      quantization_config=nf4_config(device, parts.fresh),
                                      device_map={"": device})
         keep_training_kernels(model)
@@ -154,7 +162,7 @@ def build_trainable(base_model: str, labels: LabelSet, training: TrainingConfig,
             model, use_gradient_checkpointing=training.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
-        model = load_base_classifier(base_model, labels, tokenizer)
+        model = load_base_classifier(base_model, labels, tokenizer, task=task)
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS, r=training.lora_r, lora_alpha=training.lora_alpha,
         lora_dropout=training.lora_dropout, bias="none",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -29,12 +30,14 @@ from clsjob.finetune.summary import SUMMARY, peak_memory_gib  # noqa: F401  (re-
 from clsjob.finetune.trainer import build_trainer
 from clsjob.finetune.tracking import TRACKING, Tracker, check_installed, final_metrics
 from clsjob.labels import LabelSet
+from clsjob.multilabel import count_multihot, summarize_multilabel, tune_thresholds
 from clsjob.placement import check_placement, ensure_ray, training_demand
 
 log = logging.getLogger("clsjob")
 # Settings that do not change what is trained: the run name (and so its checkpoints) ignores them.
 NOT_TRAINING = {"cluster": True, "storage": {"model_cache"},
-                "training": {"abstain_accuracy_loss", "report_to", "tracking"}}
+                "training": {"abstain_accuracy_loss", "threshold_min_support", "report_to",
+                             "tracking"}}
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
@@ -137,7 +140,7 @@ def train_in(cfg: FinetuneConfig, work: Path) -> None:
     base = model_cache.local_model(cfg.base_model, cfg.storage, key="base_model")
     data = load_examples(cfg, base)
     device = str(ray.train.torch.get_device())
-    model = build_trainable(base, data.labels, cfg.training, data.tokenizer, device)
+    model = build_trainable(base, data.labels, cfg.training, data.tokenizer, device, cfg.task)
     context = ray.train.get_context()
     tracker = Tracker(cfg.training.report_to, cfg.training.tracking, work / TRACKING,
                       context.get_experiment_name(), context.get_world_rank())
@@ -151,12 +154,17 @@ def train_in(cfg: FinetuneConfig, work: Path) -> None:
         train_out = trainer.train(resume_from_checkpoint=resume_from)
         # Each epoch's evaluation, read before the final one adds its own entry.
         per_epoch = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
-        final_eval, calibration = final_evaluation(trainer, data.eval_rows,
-                                                   cfg.training.abstain_accuracy_loss)
+        thresholds = None
+        if cfg.task == "multi_label":
+            final_eval, calibration, thresholds = multilabel_evaluation(
+                trainer, data.eval_rows, data.labels, cfg.training.threshold_min_support)
+        else:
+            final_eval, calibration = final_evaluation(trainer, data.eval_rows,
+                                                       cfg.training.abstain_accuracy_loss)
         tracker.finish(final_metrics(final_eval, calibration), trainer.state.global_step)
         summary = training_summary(cfg, data, train_out, per_epoch, final_eval, calibration,
                                    weights, resume_from is not None, time.monotonic() - started,
-                                   device)
+                                   device, thresholds)
         report_final(trainer, data.tokenizer, summary, final_eval, work, tracker)
     finally:
         tracker.close()
@@ -187,6 +195,32 @@ def final_evaluation(trainer, eval_rows: list[dict], max_accuracy_loss: float) -
     return out.metrics, calibration
 
 
+def multilabel_evaluation(trainer, eval_rows: list[dict], labels: LabelSet,
+                          min_support: int) -> tuple[dict, None, dict | None]:
+    """task: multi_label's final evaluation: each label's threshold tuned on the eval rows
+    (multilabel.tune_thresholds; `merge` writes them into the model folder), and the eval
+    metrics at 0.5 and at the tuned thresholds. No temperature: a sigmoid per label has no
+    softmax to scale, and the tuned threshold already moves each label's decision.
+
+    The thresholds are tuned and judged on the same eval rows: the tuned figures are the
+    best these rows allow, not a forecast; judge them on rows of their own (classify)."""
+    if not eval_rows:
+        log.info("finetune: no eval rows, so every label keeps the threshold 0.5")
+        return {}, None, None
+    out = trainer.predict(eval_rows, metric_key_prefix="eval")
+    probs = 1 / (1 + np.exp(-np.asarray(out.predictions, dtype=np.float64)))
+    gold = np.asarray(out.label_ids) > 0.5
+    thresholds = tune_thresholds(probs, gold, min_support)
+    tuned = summarize_multilabel(count_multihot(gold, probs >= thresholds[None, :]), labels)
+    log.info("finetune: thresholds tuned on %d eval rows: macro-F1 %.4f -> %.4f, micro-F1 "
+             "%.4f -> %.4f", len(gold), out.metrics["eval_f1_macro"], tuned["f1_macro"],
+             out.metrics["eval_f1_micro"], tuned["f1_micro"])
+    final = {**out.metrics, "eval_tuned_f1_macro": tuned["f1_macro"],
+             "eval_tuned_f1_micro": tuned["f1_micro"],
+             "eval_tuned_subset_accuracy": tuned["subset_accuracy"]}
+    return final, None, {name: round(float(t), 4) for name, t in zip(labels.names, thresholds)}
+
+
 @dataclass(frozen=True)
 class Examples:
     tokenizer: object
@@ -199,26 +233,31 @@ def load_examples(cfg: FinetuneConfig, base: str) -> Examples:
     """Tokenised training and eval rows and the label set they settle (`base`: the base
     model's local folder)."""
     tokenizer = load_tokenizer(base)
-    texts, golds = read_labelled(cfg.train, cfg.storage)
+    multi_label = cfg.task == "multi_label"
+    texts, golds = read_labelled(cfg.train, cfg.storage, multi_label)
     labels = settle_labels(cfg.labels, golds)
     train_rows = encode(tokenizer, texts, golds, labels, cfg.training.max_length)
     eval_rows = []
     if cfg.eval:
-        eval_rows = encode(tokenizer, *read_labelled(cfg.eval, cfg.storage), labels,
+        eval_rows = encode(tokenizer, *read_labelled(cfg.eval, cfg.storage, multi_label), labels,
                            cfg.training.max_length)
     return Examples(tokenizer, labels, train_rows, eval_rows)
 
 
 def training_summary(cfg: FinetuneConfig, data: Examples, train_out, per_epoch: list[dict],
                      final_eval: dict, calibration: dict | None, weights, resumed: bool,
-                     wall_s: float, device: str) -> dict:
-    """What `clsjob_finetune.json` records (merge reads base_model, method and labels)."""
+                     wall_s: float, device: str, thresholds: dict | None = None) -> dict:
+    """What `clsjob_finetune.json` records (merge reads base_model, method, labels, task and
+    thresholds)."""
     tokens = sum(len(r["input_ids"]) for r in data.train_rows) * cfg.training.epochs
     return {
         "base_model": cfg.base_model,
         "method": cfg.training.method,
         "quantization": cfg.training.quantization if cfg.training.method == "lora" else None,
         "labels": list(data.labels.names),
+        "task": cfg.task,
+        # multi_label: each label's decision threshold, tuned on the eval rows.
+        "thresholds": thresholds,
         "class_weights": weights.tolist() if weights is not None else None,
         "train_rows": len(data.train_rows),
         "eval_rows": len(data.eval_rows),

@@ -11,6 +11,7 @@ from clsjob.config import FinetuneConfig
 from clsjob.finetune.progress import ProgressLog, RunningTotals
 from clsjob.labels import LabelError, LabelSet
 from clsjob.metrics import averaged, confusion_matrix, per_class_scores
+from clsjob.multilabel import count_multihot, summarize_multilabel
 
 
 def classification_metrics(eval_pred) -> dict:
@@ -22,6 +23,23 @@ def classification_metrics(eval_pred) -> dict:
     return {"accuracy": float(np.trace(matrix) / max(matrix.sum(), 1)),
             "f1_weighted": avg["f1_weighted"], "precision_weighted": avg["precision_weighted"],
             "recall_weighted": avg["recall_weighted"]}
+
+
+def multilabel_metrics(eval_pred) -> dict:
+    """HF Trainer hook for task: multi_label: micro- and macro-F1 and subset accuracy at the
+    0.5 threshold on every label (the tuned thresholds come after training)."""
+    logits, gold = eval_pred
+    predicted = 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64))) >= 0.5
+    t = count_multihot(np.asarray(gold) > 0.5, predicted)
+    labels = LabelSet(tuple(str(k) for k in range(t.n)))
+    m = summarize_multilabel(t, labels)
+    return {"f1_macro": m["f1_macro"], "f1_micro": m["f1_micro"],
+            "subset_accuracy": m["subset_accuracy"]}
+
+
+def best_model_metric(cfg: FinetuneConfig) -> str:
+    """What keep_best ranks the epochs by."""
+    return "f1_macro" if cfg.task == "multi_label" else "accuracy"
 
 
 def training_arguments(cfg: FinetuneConfig, output_dir: str, has_eval: bool) -> TrainingArguments:
@@ -52,7 +70,7 @@ def training_arguments(cfg: FinetuneConfig, output_dir: str, has_eval: bool) -> 
         save_strategy="epoch",
         save_total_limit=1,
         load_best_model_at_end=has_eval and t.keep_best,
-        metric_for_best_model="accuracy" if has_eval else None,
+        metric_for_best_model=best_model_metric(cfg) if has_eval else None,
         logging_strategy="epoch",
         bf16=bf16,
         fp16=cuda and not bf16,  # GPUs before Ampere
@@ -64,13 +82,15 @@ def training_arguments(cfg: FinetuneConfig, output_dir: str, has_eval: bool) -> 
 
 
 class ClassifierTrainer(Trainer):
-    """The HF Trainer with an optional per-label weight in the cross-entropy (for imbalanced
-    data), feeding the loss and token counts of every micro-batch to the progress line."""
+    """The HF Trainer with an optional per-label weight in the loss (for imbalanced data),
+    feeding the loss and token counts of every micro-batch to the progress line. The weights
+    are cross-entropy class weights, or with `multi_label` the binary cross-entropy's
+    weight of each label's positive rows (pos_weight)."""
 
     def __init__(self, *args, label_weights: torch.Tensor | None = None,
-                 running: RunningTotals | None = None, **kwargs):
+                 running: RunningTotals | None = None, multi_label: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.label_weights, self.running = label_weights, running
+        self.label_weights, self.running, self.multi_label = label_weights, running, multi_label
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.label_weights is None:
@@ -78,7 +98,12 @@ class ClassifierTrainer(Trainer):
         gold = inputs.pop("labels")
         outputs = model(**inputs)
         logits = outputs.logits.float()
-        loss = torch.nn.functional.cross_entropy(logits, gold, weight=self.label_weights.to(logits.device))
+        weights = self.label_weights.to(logits.device)
+        if self.multi_label:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, gold.float(), pos_weight=weights)
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, gold, weight=weights)
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -91,9 +116,15 @@ class ClassifierTrainer(Trainer):
 
 
 def label_weights(spec, labels: LabelSet, train_rows: list[dict]) -> torch.Tensor | None:
-    """None for plain cross-entropy, else one weight per label id."""
+    """None for a plain loss, else one weight per label id. Multi-label rows (a 0/1 target per
+    label): balanced = each label's negative / positive rows, as pos_weight is meant."""
     if spec == "none":
         return None
+    if spec == "balanced" and train_rows and isinstance(train_rows[0]["labels"], list):
+        positive = np.array([r["labels"] for r in train_rows]).sum(axis=0)
+        # A label with no positive row has nothing to weight: 1.
+        return torch.tensor(np.where(positive > 0, (len(train_rows) - positive) / np.maximum(positive, 1), 1.0),
+                            dtype=torch.float32)
     if spec == "balanced":
         counts = np.bincount([r["labels"] for r in train_rows], minlength=len(labels))
         # rows / (labels x rows of the label); a label with no rows gets no weight to give.
@@ -114,7 +145,9 @@ def build_trainer(cfg: FinetuneConfig, model, tokenizer, labels: LabelSet, train
     trainer = ClassifierTrainer(
         model=model, args=training_arguments(cfg, output_dir, bool(eval_rows)),
         train_dataset=train_rows, eval_dataset=eval_rows or None,
-        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=classification_metrics,
-        callbacks=[*callbacks, ProgressLog(running)], label_weights=weights, running=running)
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=multilabel_metrics if cfg.task == "multi_label" else classification_metrics,
+        callbacks=[*callbacks, ProgressLog(running)], label_weights=weights, running=running,
+        multi_label=cfg.task == "multi_label")
     trainer.remove_callback(PrinterCallback)  # ProgressLog says it once, through the logger
     return trainer, weights

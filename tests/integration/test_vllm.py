@@ -63,9 +63,9 @@ def lm_model(tmp_path_factory):
     return build_qwen2_classifier(tmp_path_factory.mktemp("qwen2-lm"), LABELS, causal_lm=True)
 
 
-def prompted(model, mode: str, labels=LABELS, **prompt) -> ClassifyConfig:
+def prompted(model, mode: str, labels=LABELS, task: str = "single_label", **prompt) -> ClassifyConfig:
     return validate({
-        "input": {"path": "unused"}, "labels": labels, "output": {"path": "unused"},
+        "task": task, "input": {"path": "unused"}, "labels": labels, "output": {"path": "unused"},
         "backend": {"kind": "vllm_prompt", "model": str(model), "max_length": 64,
                     "prompt": {"mode": mode, "reasoning_max_chars": 20, **prompt},
                     "engine": {"max_model_len": 512}}}, model=ClassifyConfig)
@@ -73,7 +73,7 @@ def prompted(model, mode: str, labels=LABELS, **prompt) -> ClassifyConfig:
 
 def actor_for(cfg: ClassifyConfig):
     labels = LabelSet.from_specs(cfg.labels) if cfg.labels else backends.check_model_and_labels(
-        cfg.backend, None, cfg.storage)
+        cfg.backend, None, cfg.storage, cfg.task)
     return backends.actor_class(cfg.backend)(**backends.actor_kwargs(cfg, labels))
 
 
@@ -187,6 +187,83 @@ def test_vllm_pool_matches_hf(model_fixture, request):
     np.testing.assert_allclose([r["probs"] for r in b], [r["probs"] for r in a], atol=TOLERANCE)
     assert [r["label"] for r in b] == [r["label"] for r in a]
     assert [r["truncated"] for r in b] == [r["truncated"] for r in a] and b[-1]["truncated"]
+
+
+def test_multilabel_score_is_each_labels_yes_against_no(lm_model):
+    """task: multi_label score mode: one question per label after the row's shared prompt,
+    P(yes) / (P(yes) + P(no)) from the next token, as transformers computes it."""
+    actor = actor_for(prompted(lm_model, "score", task="multi_label"))
+    tok = actor.tokenizer
+    yes, no = (tok.encode(w, add_special_tokens=False)[0] for w in ("yes", "no"))
+    texts = ["the film was a delight", "my card payment was declined", HOSTILE[1], ""]
+    out = actor(chunk(texts)).to_pylist()
+    assert out[-1]["error"] == "text is empty" and out[-1]["labels"] is None
+    for text, row in zip(texts[:3], out):
+        ids = tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        want = []
+        for prompt in actor.template.build_each(ids):
+            yes_no = transformers_label_logprobs(lm_model, prompt, [[yes], [no]])
+            want.append(1 / (1 + np.exp(yes_no[1] - yes_no[0])))
+        np.testing.assert_allclose(row["probs"], want, atol=TOLERANCE)
+        assert row["labels"] == [n for n, p in zip(LABELS, row["probs"]) if p >= 0.5]
+        assert 0 <= row["confidence"] <= 1 and "label" not in row
+
+
+def test_multilabel_json_answers_are_distinct_labels_of_the_set(lm_model):
+    actor = actor_for(prompted(lm_model, "json", task="multi_label",
+                               examples=[{"text": "a delight", "label": ["positive"]}]))
+    texts = sample_texts(20, seed=5) + HOSTILE
+    out = actor(chunk(texts)).to_pylist()
+    answered = [r for r in out if r["error"] is None]
+    assert len(answered) == len(texts) - 2  # the two empty texts
+    for r in answered:
+        assert set(r["labels"]) <= set(LABELS) and len(set(r["labels"])) == len(r["labels"])
+        assert r["labels"] == [n for n in LABELS if n in r["labels"]]  # in label order
+        assert isinstance(r["reasoning"], str) and r["probs"] is None
+
+
+def test_multilabel_vllm_pool_matches_hf(tmp_path):
+    """A merged multi-label folder: vLLM's pooling runner applies the sigmoid its
+    problem_type names, and both back ends apply the folder's thresholds."""
+    model = build_qwen2_classifier(tmp_path / "ml", LABELS)
+    config = json.loads((model / "config.json").read_text())
+    config.update(problem_type="multi_label_classification",
+                  clsjob_thresholds={"negative": 0.45, "neutral": 0.5, "positive": 0.55})
+    (model / "config.json").write_text(json.dumps(config))
+    texts = sample_texts(25, seed=9)
+    common = {"task": "multi_label", "input": {"path": "unused"}, "output": {"path": "unused"}}
+    hf = actor_for(validate({**common, "backend": {"model": str(model), "max_length": 64,
+                                                   "dtype": "float32"}}, model=ClassifyConfig))
+    pool = actor_for(validate({**common, "backend": {"kind": "vllm_pool", "model": str(model),
+                                                     "max_length": 64,
+                                                     "engine": {"max_model_len": 128}}},
+                              model=ClassifyConfig))
+    a, b = hf(chunk(texts)).to_pylist(), pool(chunk(texts)).to_pylist()
+    np.testing.assert_allclose([r["probs"] for r in b], [r["probs"] for r in a], atol=TOLERANCE)
+    assert [r["labels"] for r in b] == [r["labels"] for r in a]
+    assert any(r["labels"] for r in a) and not np.allclose([sum(r["probs"]) for r in a], 1)
+
+
+def test_multilabel_score_end_to_end_through_ray_data(lm_model, ray_cluster, tmp_path):
+    gold = [["positive"], ["negative", "neutral"], []]
+    write_shards(tmp_path / "in", [{"text": sample_texts(20, seed=s) + HOSTILE,
+                                    "tags": ["|".join(gold[i % 3]) for i in range(26)]}
+                                   for s in range(2)])
+    cfg = validate({"task": "multi_label",
+                    "input": {"path": str(tmp_path / "in"), "label_column": "tags",
+                              "label_separator": "|"},
+                    "labels": LABELS,
+                    "backend": {"kind": "vllm_prompt", "model": str(lm_model), "max_length": 64,
+                                "prompt": {"mode": "score"}, "engine": {"max_model_len": 512}},
+                    "output": {"path": str(tmp_path / "out"), "rows_per_part": 16}},
+                   model=ClassifyConfig)
+    summary = run_classify(cfg)
+    rows = check_output_contract(summary, tmp_path / "out", 52, errored=4)
+    assert all(set(r["labels"]) <= set(LABELS) and len(r["probs"]) == 3
+               for r in rows if r["error"] is None)
+    metrics = json.loads((tmp_path / "out" / "_metrics.json").read_text())
+    assert metrics["task"] == "multi_label" and metrics["rows_scored"] == 48
+    assert set(metrics["per_label"]) == set(LABELS)
 
 
 @pytest.mark.parametrize("kind,mode", [("vllm_prompt", "choice"), ("vllm_prompt", "json"),

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from clsjob.config import (ClassifyConfig, ConfigError, DistillConfig, FinetuneConfig, MergeConfig,
-                           apply_overrides, config_hash, load_config)
+                           apply_overrides, config_hash, load_config, validate)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 KIND = {"classify": ClassifyConfig, "finetune": FinetuneConfig, "merge": MergeConfig,
@@ -251,3 +251,28 @@ def test_readme_names_every_setting():
         for key, _, _ in field_reference(model):
             leaf = key.split(".")[-1]
             assert any(s in readme for s in (f"`{key}`", f"`{leaf}`", f".{leaf}`")), key
+
+
+def test_multilabel_settings_that_cannot_work_are_refused_naming_the_key(tmp_path):
+    def load(*sets):
+        return load_config(minimal(tmp_path, labels=["a", "b"]), ["task=multi_label", *sets],
+                           model=ClassifyConfig)
+
+    assert load().task == "multi_label" and load("input.label_separator=;").input.label_separator == ";"
+    with pytest.raises(ConfigError, match=r"backend.prompt.mode choice forces exactly one label"):
+        load("backend.kind=vllm_prompt")
+    assert load("backend.kind=vllm_prompt", "backend.prompt.mode=score").backend.prompt.mode == "score"
+    with pytest.raises(ConfigError, match=r"abstain is not supported with task: multi_label"):
+        load("abstain.below=0.5")
+    with pytest.raises(ConfigError, match=r"output.review is not supported with task: multi_label"):
+        load("output.review.rows=5")
+    with pytest.raises(ConfigError, match=r"input.label_separator applies to task: multi_label only"):
+        load_config(minimal(tmp_path, labels=["a"]), ["input.label_separator=;"], model=ClassifyConfig)
+    with pytest.raises(ConfigError, match=r"backend.prompt.examples\[0\].label: a list of labels is "
+                                          r"for task: multi_label"):
+        load_config(minimal(tmp_path, labels=["a", "b"]),
+                    ["backend.kind=vllm_prompt", "backend.prompt.examples=[{text: t, label: [a, b]}]"],
+                    model=ClassifyConfig)
+    with pytest.raises(ConfigError, match=r"train.label_separator applies to task: multi_label only"):
+        validate({"base_model": "m", "train": {"path": "t", "label_column": "y", "label_separator": "|"},
+                  "output": {"path": "o"}}, model=FinetuneConfig)

@@ -2,6 +2,7 @@
 settings, resume points."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,11 +39,41 @@ def test_weighted_loss_is_the_weighted_cross_entropy():
             return type("Out", (), {"logits": input_ids.float()})()
 
     trainer = ClassifierTrainer.__new__(ClassifierTrainer)  # compute_loss needs no setup
-    trainer.label_weights = torch.tensor([1.0, 3.0])
+    trainer.label_weights, trainer.multi_label = torch.tensor([1.0, 3.0]), False
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     loss = trainer.compute_loss(Model(), {"input_ids": logits, "labels": torch.tensor([0, 1])})
     per_row = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1]), reduction="none")
     assert loss.item() == pytest.approx(((per_row * torch.tensor([1.0, 3.0])).sum() / 4.0).item())
+
+    # multi_label: the weights are each label's pos_weight in its binary cross-entropy.
+    trainer.multi_label = True
+    gold = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    loss = trainer.compute_loss(Model(), {"input_ids": logits, "labels": gold})
+    p = torch.sigmoid(logits)
+    by_hand = -(torch.tensor([1.0, 3.0]) * gold * torch.log(p) + (1 - gold) * torch.log(1 - p)).mean()
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_balanced_multilabel_weights_are_negative_over_positive_rows():
+    rows = [{"labels": [1.0, 0.0, 0.0]}, {"labels": [1.0, 1.0, 0.0]}, {"labels": [0.0, 0.0, 0.0]},
+            {"labels": [1.0, 0.0, 0.0]}]
+    # label a: 3 positive, 1 negative; b: 1 and 3; c: none positive -> 1.
+    assert label_weights("balanced", LABELS, rows).tolist() == pytest.approx([1 / 3, 3.0, 1.0])
+
+
+def test_multilabel_epochs_are_ranked_by_macro_f1(tmp_path):
+    from clsjob.finetune.trainer import multilabel_metrics
+
+    cfg = validate({"task": "multi_label", "base_model": "m",
+                    "train": {"path": "t", "label_column": "y"}, "output": {"path": "o"}},
+                   model=FinetuneConfig)
+    assert training_arguments(cfg, str(tmp_path), has_eval=True).metric_for_best_model == "f1_macro"
+    logits = np.array([[3.0, -3.0], [3.0, 3.0], [-3.0, -3.0]])
+    gold = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    m = multilabel_metrics((logits, gold))
+    # label 0: tp 2, fp 0, fn 0 -> F1 1; label 1: tp 0, fp 1, fn 1 -> F1 0.
+    assert m == pytest.approx({"f1_macro": 0.5, "f1_micro": 2 * 2 / (2 * 2 + 1 + 1),
+                               "subset_accuracy": 1 / 3})
 
 
 def test_trainer_settings_for_lora_under_ddp(tmp_path):

@@ -70,12 +70,63 @@ def test_thresholds_maximise_each_labels_f1_and_rare_labels_keep_the_default():
 def test_the_answer_schema_and_parser():
     schema = answer_schema(LABELS, reasoning_max_chars=50)
     assert schema["properties"]["labels"]["items"]["enum"] == list(LABELS.names)
-    assert schema["properties"]["labels"]["uniqueItems"] and schema["required"] == ["labels", "reasoning"]
+    # At most one of each label; no uniqueItems, which guidance refuses (answer_schema).
+    assert schema["properties"]["labels"]["maxItems"] == 5 and "uniqueItems" not in schema["properties"]["labels"]
+    assert schema["required"] == ["labels", "reasoning"]
     assert answer_schema(LABELS)["required"] == ["labels"]
     assert parse_answer(json.dumps({"labels": ["fear", "anger"]}), LABELS) == (["anger", "fear"], None)
     assert parse_answer('{"labels": []}', LABELS) == ([], None)  # nothing applies: allowed
     assert parse_answer('{"labels": ["anger", "boredom"]}', LABELS) == (
         None, "answer names labels outside the set: ['boredom']")
-    assert parse_answer('{"labels": ["joy", "joy"]}', LABELS) == (None, "answer names a label twice")
+    assert parse_answer('{"labels": ["joy", "joy"]}', LABELS) == (["joy"], None)  # counted once
     assert parse_answer('{"label": "joy"}', LABELS) == (None, "answer has no list of labels")
     assert parse_answer('{"labels": ', LABELS)[1].startswith("answer is not JSON")
+
+
+def test_counts_survive_json_and_the_run_tally_adds_them():
+    """The counts travel as JSON in each part's record and shard marker: a round trip and
+    an addition in the run's Tally change nothing."""
+    from clsjob.metrics import Tally, count_multilabel_rows, summarize
+
+    rng = np.random.default_rng(3)
+    gold, pred = random_sets(rng, 80, 5, 0.3), random_sets(rng, 80, 5, 0.3)
+    names = lambda m: [[LABELS.names[k] for k in np.flatnonzero(r)] for r in m]  # noqa: E731
+    g, p = names(gold), names(pred)
+    g[0], g[1] = None, ["joy", "boredom"]  # no gold; a gold label outside the set
+    errors = [None] * 80
+    errors[2] = "text is null"
+    parts = [count_multilabel_rows(LABELS, g[s], p[s], [0.5] * 40, errors[s])
+             for s in (slice(0, 40), slice(40, 80))]
+    run = Tally(n_labels=5)
+    for part in parts:
+        run.add(Tally.from_json(json.loads(json.dumps(part.to_json()))))
+    m = summarize(LABELS, run)
+    assert (m["rows"], m["rows_scored"], m["rows_errored"], m["gold_missing"],
+            m["gold_outside_labels_values"]) == (80, 77, 1, 1, {"boredom": 1})
+    keep = [i for i in range(80) if i not in (0, 1, 2)]
+    _, _, f1, _ = precision_recall_fscore_support(gold[keep], pred[keep], average="macro", zero_division=0)
+    assert m["task"] == "multi_label" and m["f1_macro"] == pytest.approx(f1)
+    # The distribution counts every label given, on every labelled row (gold or not).
+    assert run.label_counts.tolist() == pred[[i for i in range(80) if i != 2]].sum(axis=0).tolist()
+
+
+def test_decide_gives_labels_over_thresholds_and_the_closest_calls_distance():
+    from clsjob.multilabel import decide
+
+    probs = np.array([[0.9, 0.1, 0.35], [0.5, 0.2, 0.05]])
+    thresholds = np.array([0.5, 0.2, 0.3])
+    applies, confidence = decide(probs, thresholds)
+    assert applies.tolist() == [[True, False, True], [True, True, False]]
+    # Row 0: (0.9-0.5)/0.5 = 0.8, (0.2-0.1)/0.2 = 0.5, (0.35-0.3)/0.7 = 0.0714 -> the least.
+    # Row 1: on two thresholds exactly -> 0.
+    assert confidence == pytest.approx([0.05 / 0.7, 0.0])
+
+
+def test_a_model_folders_thresholds_are_read_in_label_order():
+    from clsjob.multilabel import model_thresholds
+
+    config = {"clsjob_thresholds": {"joy": 0.3, "anger": 0.7}}
+    assert model_thresholds(config, LABELS, "m").tolist() == [0.7, 0.3, 0.5, 0.5, 0.5]
+    assert model_thresholds({}, LABELS, "m").tolist() == [0.5] * 5
+    with pytest.raises(ValueError, match="m: config.json's clsjob_thresholds"):
+        model_thresholds({"clsjob_thresholds": {"joy": 1.5}}, LABELS, "m")

@@ -141,3 +141,28 @@ def test_invalid_utf8_and_control_characters_are_cleaned_and_counted():
 def test_binary_text_columns_pass_the_schema_check(tmp_path):
     info = shard_info(tmp_path, pa.table({"text": pa.array([b"a"], pa.binary())}))
     check_schema(info, InputConfig(path="x"))
+
+
+def test_multilabel_gold_is_a_list_column_or_a_string_split_at_the_separator(tmp_path):
+    as_list = InputConfig(path="x", label_column="tags")
+    table = pa.table({"text": ["a", "b", "c"], "tags": pa.array([["x", "y"], [], None], pa.list_(pa.string()))})
+    check_schema(shard_info(tmp_path, table), as_list, multi_label=True)
+    out = prepare_chunk(table, "s.parquet", 0, as_list, multi_label=True)
+    assert out.column(GOLD).to_pylist() == [["x", "y"], [], None]
+
+    joined = InputConfig(path="x", label_column="tags", label_separator="|")
+    table = pa.table({"text": ["a", "b", "c"], "tags": ["x | y", "", None]})
+    check_schema(shard_info(tmp_path, table), joined, multi_label=True)
+    out = prepare_chunk(table, "s.parquet", 0, joined, multi_label=True)
+    assert out.column(GOLD).to_pylist() == [["x", "y"], [], None]
+
+
+def test_a_gold_column_of_the_other_task_is_refused_naming_column_and_file(tmp_path):
+    strings = shard_info(tmp_path, pa.table({"text": ["a"], "tags": ["x"]}))
+    with pytest.raises(store.InputError, match=r"bad.parquet: input.label_column 'tags' is a string "
+                                         r"column, but task: multi_label needs"):
+        check_schema(strings, InputConfig(path="x", label_column="tags"), multi_label=True)
+    lists = shard_info(tmp_path, pa.table({"text": ["a"], "tags": pa.array([["x"]])}))
+    with pytest.raises(store.InputError, match=r"'tags' has type list<.*string>, expected string "
+                                         r"\(a list of labels is task: multi_label\)"):
+        check_schema(lists, InputConfig(path="x", label_column="tags"))

@@ -72,3 +72,30 @@ def test_examples_inline_first_capped_and_checked():
     with pytest.raises(ValueError, match=r"not in the label set: \['refund'\]"):
         pick_examples([Example(text="x", label="refund")], [], LABELS, cap=4)
     assert TEXT_SLOT not in instructions(LABELS, PromptConfig(), chosen)
+
+
+def test_multilabel_prompts_ask_for_every_label_that_applies(tokenizer):
+    examples = [Example(text="charged twice, parcel lost", label=["billing", "delivery"]),
+                Example(text="hello", label=[])]
+    as_json = instructions(LABELS, PromptConfig(mode="json"), examples, multi_label=True)
+    assert "every one of these labels that applies" in as_json and '{"labels"' in as_json
+    assert 'Labels: {"labels": ["billing", "delivery"]' in as_json and 'Labels: {"labels": []' in as_json
+    head, tail = render_template(LABELS, PromptConfig(mode="json"), [], None, multi_label=True)
+    assert tail == "\nLabels: "
+
+
+def test_multilabel_score_asks_one_question_per_label_after_the_shared_prefix(tokenizer):
+    apply = lambda m: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+    head, tail = render_template(LABELS, PromptConfig(mode="score"), [], apply, multi_label=True)
+    template = tokenize_template(tokenizer, head, tail, chat=True, labels=LABELS)
+    row = encode_rows(tokenizer, ["my parcel is late"], 100)[0][0]
+    prompts = template.build_each(row)
+    assert len(prompts) == 3
+    # Every label's prompt starts with the same head + row (the prefix vLLM caches), then
+    # asks about that label, and ends with the assistant turn's start.
+    shared = template.head + row
+    assert all(p[:len(shared)] == shared for p in prompts)
+    asked = [tokenizer.decode(p[len(shared):]) for p in prompts]
+    assert ['"billing"' in asked[0], '"delivery"' in asked[1], '"other"' in asked[2]] == [True] * 3
+    assert all(a.endswith("<|im_start|>assistant\n") for a in asked)
+    assert template.overhead == len(template.head) + max(map(len, template.questions))
