@@ -17,7 +17,6 @@ lost on test with the threshold picked on the eval rows by `finetune`'s rule
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path

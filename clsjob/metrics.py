@@ -71,6 +71,12 @@ class Tally:
         if self.label_counts is None:
             self.label_counts = np.zeros(k, dtype=np.int64)
 
+    @classmethod
+    def for_task(cls, n_labels: int, task: str) -> "Tally":
+        """No rows counted yet, for a run of `task` (a multi_label run with no scored row still
+        reports multi-label metrics, all None)."""
+        return cls(n_labels, multilabel=MultiLabelTally(n_labels) if task == "multi_label" else None)
+
     def add(self, other: "Tally") -> "Tally":
         self.rows += other.rows
         self.errored += other.errored

@@ -89,7 +89,7 @@ def run_locked(cfg: ClassifyConfig, labels: LabelSet, temperature: float | None,
     # Every shard, done now or by an earlier attempt, is accounted for by its marker.
     markers = {**done, **shard_progress.markers}
     parts = [p for m in markers.values() for p in m["parts"]]
-    total = Tally(n_labels=len(scored))
+    total = Tally.for_task(len(scored), cfg.task)
     for marker in markers.values():
         total.add(Tally.from_json(marker["tally"]))
     rows_out = sum(p["rows"] for p in parts)

@@ -40,17 +40,19 @@ def _is_string_list(t: pa.DataType) -> bool:
     return (pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_string(t.value_type)
 
 
-def check_gold_type(path: str, cfg: InputConfig, t: pa.DataType, multi_label: bool) -> None:
+def check_gold_type(path: str, cfg: InputConfig, t: pa.DataType, multi_label: bool,
+                    section: str = "input") -> None:
     """Gold labels are a string (single_label) or a list of strings (multi_label), or under
-    multi_label a string the config says how to split."""
-    key, col = "input.label_column", cfg.label_column
+    multi_label a string the config says how to split. `section`: the config's name for
+    `cfg` (input, or finetune's train and eval)."""
+    key, col = f"{section}.label_column", cfg.label_column
     if not multi_label:
         if not _is_string(t):
             hint = " (a list of labels is task: multi_label)" if _is_string_list(t) else ""
             raise InputError(f"{path}: {key} {col!r} has type {t}, expected string{hint}")
     elif _is_string(t) and cfg.label_separator is None:
         raise InputError(f"{path}: {key} {col!r} is a string column, but task: multi_label needs "
-                         f"a list<string> column or input.label_separator to split it")
+                         f"a list<string> column or {section}.label_separator to split it")
     elif not (_is_string_list(t) or _is_string(t)):
         raise InputError(f"{path}: {key} {col!r} has type {t}, expected list<string> "
                          f"(task: multi_label)")

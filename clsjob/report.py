@@ -39,7 +39,7 @@ def evaluate_output(output: str, storage: StorageConfig, target_accuracy: float 
         raise InputError(f"{output}: the run had no input.label_column, nothing to evaluate")
     rule = manifest.get("abstain")
     labels = scored_labels(LabelSet(tuple(manifest["labels"])), AbstainConfig(**rule) if rule else None)
-    counts = Tally(n_labels=len(labels))
+    counts = Tally.for_task(len(labels), manifest.get("task", "single_label"))
     if manifest.get("task") == "multi_label":
         for part in manifest["parts"]:
             t = store.read_table(store.join(output, part["part"]), storage,

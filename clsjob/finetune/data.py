@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 from clsjob import store
-from clsjob.config import InputConfig, LabelSpec, StorageConfig
+from clsjob.config import FinetuneConfig, InputConfig, LabelSpec, StorageConfig
 from clsjob.store import InputError
 from clsjob.labels import LabelError, LabelSet
 from clsjob.prepare import check_gold_type, clean_text, gold_lists
@@ -12,8 +12,8 @@ from clsjob.prepare import check_gold_type, clean_text, gold_lists
 log = logging.getLogger("clsjob")
 
 
-def read_labelled(inp: InputConfig, storage: StorageConfig,
-                  multi_label: bool = False) -> tuple[list[str], list]:
+def read_labelled(inp: InputConfig, storage: StorageConfig, multi_label: bool = False,
+                  section: str = "train") -> tuple[list[str], list]:
     """(texts, gold labels) of every usable row; rows with no text or no label are skipped
     and counted, since a model cannot learn from them. With `multi_label` a row's gold is the
     list of its labels (an empty list is a row no label applies to, and is kept).
@@ -25,7 +25,7 @@ def read_labelled(inp: InputConfig, storage: StorageConfig,
     for shard in store.list_shards(inp.path, storage):
         table = store.read_table(shard, storage, [inp.text_column, inp.label_column])
         gold_column = table.column(inp.label_column)
-        check_gold_type(shard, inp, gold_column.type, multi_label)
+        check_gold_type(shard, inp, gold_column.type, multi_label, section)
         gold_column = gold_lists(gold_column, inp.label_separator) if multi_label else gold_column
         text, changed = clean_text(table.column(inp.text_column))
         cleaned += sum(changed.to_pylist())
@@ -43,6 +43,24 @@ def read_labelled(inp: InputConfig, storage: StorageConfig,
     if not texts:
         raise InputError(f"{inp.path}: no labelled rows to train on")
     return texts, golds
+
+
+def check_inputs(cfg: FinetuneConfig) -> None:
+    """Every train and eval shard has the text column and a gold column of the task's kind,
+    read from the footers on the driver: a wrong file fails before a worker starts, naming
+    the key and the file."""
+    for section, inp in (("train", cfg.train), ("eval", cfg.eval)):
+        if inp is None:
+            continue
+        for shard in store.inspect_shards(store.list_shards(inp.path, cfg.storage), cfg.storage):
+            if shard.error:
+                raise InputError(shard.error)
+            for key, column in (("text_column", inp.text_column), ("label_column", inp.label_column)):
+                if column not in shard.schema.names:
+                    raise InputError(f"{shard.path}: {section}.{key} {column!r} is not a column "
+                                     f"(columns: {sorted(shard.schema.names)})")
+            check_gold_type(shard.path, inp, shard.schema.field(inp.label_column).type,
+                            cfg.task == "multi_label", section)
 
 
 def settle_labels(specs: list[LabelSpec] | None, train_golds: list) -> LabelSet:

@@ -14,10 +14,10 @@ from clsjob import model_cache, store
 from clsjob.abstain import THRESHOLD_KEY
 from clsjob.calibration import TEMPERATURE_KEY
 from clsjob.config import MergeConfig
-from clsjob.finetune.model import load_base_classifier, load_tokenizer, problem_type
+from clsjob.finetune.model import load_base_classifier, load_tokenizer
 from clsjob.finetune.summary import SUMMARY
 from clsjob.labels import LabelSet
-from clsjob.multilabel import THRESHOLDS_KEY
+from clsjob.multilabel import PROBLEM_TYPE, THRESHOLDS_KEY
 
 log = logging.getLogger("clsjob")
 
@@ -46,9 +46,10 @@ def merge(cfg: MergeConfig) -> str:
                                                                    use_safetensors=True)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.id2label, model.config.label2id = labels.id2label(), labels.label2id()
-    model.config.problem_type = problem_type(task)
-    if info.get("thresholds"):  # multi_label: tuned on the eval rows; hf and vllm_pool apply them
-        setattr(model.config, THRESHOLDS_KEY, info["thresholds"])
+    if task == "multi_label":  # a sigmoid per label, for transformers and vLLM alike
+        model.config.problem_type = PROBLEM_TYPE
+        if info.get("thresholds"):  # tuned on the eval rows; hf and vllm_pool apply them
+            setattr(model.config, THRESHOLDS_KEY, info["thresholds"])
     calibration = info.get("calibration")
     if calibration:  # fitted on the eval rows; hf and vllm_pool apply it
         setattr(model.config, TEMPERATURE_KEY, calibration["temperature"])

@@ -31,19 +31,16 @@ def load_tokenizer(base_model: str):
     return tokenizer
 
 
-def problem_type(task: str) -> str | None:
-    """transformers' problem_type for the task: None (cross-entropy over the labels, picked
-    from the labels' dtype) or one sigmoid and binary cross-entropy per label."""
-    return PROBLEM_TYPE if task == "multi_label" else None
-
-
 def load_base_classifier(base_model: str, labels: LabelSet, tokenizer, dtype=torch.float32,
                          task: str = "single_label", **load_kwargs):
-    """The base with a new head of len(labels) outputs and the label mapping in its config."""
+    """The base with a new head of len(labels) outputs and the label mapping in its config;
+    multi_label: transformers' problem_type for one sigmoid and binary cross-entropy per
+    label (single-label heads keep the cross-entropy transformers picks from the labels)."""
+    if task == "multi_label":
+        load_kwargs["problem_type"] = PROBLEM_TYPE
     model = AutoModelForSequenceClassification.from_pretrained(
         base_model, id2label=labels.id2label(),  # num_labels follows from id2label
-        label2id=labels.label2id(), problem_type=problem_type(task), dtype=dtype,
-        use_safetensors=True, **load_kwargs)
+        label2id=labels.label2id(), dtype=dtype, use_safetensors=True, **load_kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 

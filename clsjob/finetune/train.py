@@ -24,7 +24,7 @@ from clsjob import model_cache, store
 from clsjob.abstain import pick_threshold
 from clsjob.calibration import calibrate, scaled_softmax
 from clsjob.config import FinetuneConfig, config_hash
-from clsjob.finetune.data import encode, read_labelled, settle_labels
+from clsjob.finetune.data import check_inputs, encode, read_labelled, settle_labels
 from clsjob.finetune.model import build_trainable, load_tokenizer
 from clsjob.finetune.summary import SUMMARY, peak_memory_gib  # noqa: F401  (re-exported)
 from clsjob.finetune.trainer import build_trainer
@@ -51,6 +51,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         log.info("finetune: %s already holds the finished model; nothing to do", cfg.output.path)
         return store.read_json(summary_url, cfg.storage)
     check_installed(cfg.training.report_to)
+    check_inputs(cfg)
     demand = training_demand(cfg.training)
     ensure_ray(demand)
     # Ray Train copies every print of a worker to both its stdout and its log, and the driver
@@ -154,9 +155,9 @@ def train_in(cfg: FinetuneConfig, work: Path) -> None:
         train_out = trainer.train(resume_from_checkpoint=resume_from)
         # Each epoch's evaluation, read before the final one adds its own entry.
         per_epoch = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
-        thresholds = None
+        thresholds = calibration = None
         if cfg.task == "multi_label":
-            final_eval, calibration, thresholds = multilabel_evaluation(
+            final_eval, thresholds = multilabel_evaluation(
                 trainer, data.eval_rows, data.labels, cfg.training.threshold_min_support)
         else:
             final_eval, calibration = final_evaluation(trainer, data.eval_rows,
@@ -196,7 +197,7 @@ def final_evaluation(trainer, eval_rows: list[dict], max_accuracy_loss: float) -
 
 
 def multilabel_evaluation(trainer, eval_rows: list[dict], labels: LabelSet,
-                          min_support: int) -> tuple[dict, None, dict | None]:
+                          min_support: int) -> tuple[dict, dict | None]:
     """task: multi_label's final evaluation: each label's threshold tuned on the eval rows
     (multilabel.tune_thresholds; `merge` writes them into the model folder), and the eval
     metrics at 0.5 and at the tuned thresholds. No temperature: a sigmoid per label has no
@@ -206,7 +207,7 @@ def multilabel_evaluation(trainer, eval_rows: list[dict], labels: LabelSet,
     best these rows allow, not a forecast; judge them on rows of their own (classify)."""
     if not eval_rows:
         log.info("finetune: no eval rows, so every label keeps the threshold 0.5")
-        return {}, None, None
+        return {}, None
     out = trainer.predict(eval_rows, metric_key_prefix="eval")
     probs = 1 / (1 + np.exp(-np.asarray(out.predictions, dtype=np.float64)))
     gold = np.asarray(out.label_ids) > 0.5
@@ -218,7 +219,7 @@ def multilabel_evaluation(trainer, eval_rows: list[dict], labels: LabelSet,
     final = {**out.metrics, "eval_tuned_f1_macro": tuned["f1_macro"],
              "eval_tuned_f1_micro": tuned["f1_micro"],
              "eval_tuned_subset_accuracy": tuned["subset_accuracy"]}
-    return final, None, {name: round(float(t), 4) for name, t in zip(labels.names, thresholds)}
+    return final, {name: round(float(t), 4) for name, t in zip(labels.names, thresholds)}
 
 
 @dataclass(frozen=True)
@@ -239,8 +240,8 @@ def load_examples(cfg: FinetuneConfig, base: str) -> Examples:
     train_rows = encode(tokenizer, texts, golds, labels, cfg.training.max_length)
     eval_rows = []
     if cfg.eval:
-        eval_rows = encode(tokenizer, *read_labelled(cfg.eval, cfg.storage, multi_label), labels,
-                           cfg.training.max_length)
+        eval_rows = encode(tokenizer, *read_labelled(cfg.eval, cfg.storage, multi_label, "eval"),
+                           labels, cfg.training.max_length)
     return Examples(tokenizer, labels, train_rows, eval_rows)
 
 

@@ -171,11 +171,10 @@ def test_prompt_too_long_for_the_model_is_a_clear_error(lm_model):
         actor_for(cfg)
 
 
-@pytest.mark.parametrize("model_fixture", ["qwen_model", "bert_model"])
-def test_vllm_pool_matches_hf(model_fixture, request):
-    model = request.getfixturevalue(model_fixture)
-    texts = sample_texts(25, seed=9) + ["the parcel never arrived " * 60]
-    common = {"input": {"path": "unused"}, "output": {"path": "unused"}}
+def hf_and_pool(model, texts: list[str], task: str = "single_label") -> tuple[list, list]:
+    """The rows `hf` and `vllm_pool` give for `texts` with the same model folder, checked to
+    carry the same probabilities."""
+    common = {"task": task, "input": {"path": "unused"}, "output": {"path": "unused"}}
     hf = actor_for(validate({**common, "backend": {"model": str(model), "max_length": 64,
                                                    "dtype": "float32"}},  # as vLLM on CPU
                             model=ClassifyConfig))
@@ -185,6 +184,14 @@ def test_vllm_pool_matches_hf(model_fixture, request):
                               model=ClassifyConfig))
     a, b = hf(chunk(texts)).to_pylist(), pool(chunk(texts)).to_pylist()
     np.testing.assert_allclose([r["probs"] for r in b], [r["probs"] for r in a], atol=TOLERANCE)
+    return a, b
+
+
+@pytest.mark.parametrize("model_fixture", ["qwen_model", "bert_model"])
+def test_vllm_pool_matches_hf(model_fixture, request):
+    model = request.getfixturevalue(model_fixture)
+    texts = sample_texts(25, seed=9) + ["the parcel never arrived " * 60]
+    a, b = hf_and_pool(model, texts)
     assert [r["label"] for r in b] == [r["label"] for r in a]
     assert [r["truncated"] for r in b] == [r["truncated"] for r in a] and b[-1]["truncated"]
 
@@ -222,45 +229,52 @@ def test_multilabel_json_answers_are_distinct_labels_of_the_set(lm_model):
         assert isinstance(r["reasoning"], str) and r["probs"] is None
 
 
-def test_multilabel_vllm_pool_matches_hf(tmp_path):
-    """A merged multi-label folder: vLLM's pooling runner applies the sigmoid its
-    problem_type names, and both back ends apply the folder's thresholds."""
-    model = build_qwen2_classifier(tmp_path / "ml", LABELS)
+def multilabel_classifier(folder) -> str:
+    """A merged multi-label folder: a random classifier with the problem_type and the
+    per-label thresholds `clsjob merge` writes."""
+    model = build_qwen2_classifier(folder, LABELS)
     config = json.loads((model / "config.json").read_text())
     config.update(problem_type="multi_label_classification",
                   clsjob_thresholds={"negative": 0.45, "neutral": 0.5, "positive": 0.55})
     (model / "config.json").write_text(json.dumps(config))
-    texts = sample_texts(25, seed=9)
-    common = {"task": "multi_label", "input": {"path": "unused"}, "output": {"path": "unused"}}
-    hf = actor_for(validate({**common, "backend": {"model": str(model), "max_length": 64,
-                                                   "dtype": "float32"}}, model=ClassifyConfig))
-    pool = actor_for(validate({**common, "backend": {"kind": "vllm_pool", "model": str(model),
-                                                     "max_length": 64,
-                                                     "engine": {"max_model_len": 128}}},
-                              model=ClassifyConfig))
-    a, b = hf(chunk(texts)).to_pylist(), pool(chunk(texts)).to_pylist()
-    np.testing.assert_allclose([r["probs"] for r in b], [r["probs"] for r in a], atol=TOLERANCE)
+    return str(model)
+
+
+def test_multilabel_vllm_pool_matches_hf(tmp_path):
+    """vLLM's pooling runner applies the sigmoid the folder's problem_type names, and both
+    back ends apply the folder's thresholds."""
+    a, b = hf_and_pool(multilabel_classifier(tmp_path / "ml"), sample_texts(25, seed=9),
+                       task="multi_label")
     assert [r["labels"] for r in b] == [r["labels"] for r in a]
     assert any(r["labels"] for r in a) and not np.allclose([sum(r["probs"]) for r in a], 1)
 
 
-def test_multilabel_score_end_to_end_through_ray_data(lm_model, ray_cluster, tmp_path):
+@pytest.mark.parametrize("kind,mode", [("vllm_prompt", "score"), ("vllm_prompt", "json"),
+                                       ("vllm_pool", None)])
+def test_multilabel_end_to_end_through_ray_data(kind, mode, lm_model, ray_cluster, tmp_path):
     gold = [["positive"], ["negative", "neutral"], []]
     write_shards(tmp_path / "in", [{"text": sample_texts(20, seed=s) + HOSTILE,
                                     "tags": ["|".join(gold[i % 3]) for i in range(26)]}
                                    for s in range(2)])
+    backend = ({"kind": kind, "model": str(lm_model), "max_length": 64,
+                "prompt": {"mode": mode, "reasoning_max_chars": 20}, "engine": {"max_model_len": 512}}
+               if kind == "vllm_prompt" else
+               {"kind": kind, "model": multilabel_classifier(tmp_path / "ml"), "max_length": 64,
+                "engine": {"max_model_len": 128}})
     cfg = validate({"task": "multi_label",
                     "input": {"path": str(tmp_path / "in"), "label_column": "tags",
                               "label_separator": "|"},
-                    "labels": LABELS,
-                    "backend": {"kind": "vllm_prompt", "model": str(lm_model), "max_length": 64,
-                                "prompt": {"mode": "score"}, "engine": {"max_model_len": 512}},
+                    "labels": LABELS, "backend": backend,
                     "output": {"path": str(tmp_path / "out"), "rows_per_part": 16}},
                    model=ClassifyConfig)
     summary = run_classify(cfg)
-    rows = check_output_contract(summary, tmp_path / "out", 52, errored=4)
-    assert all(set(r["labels"]) <= set(LABELS) and len(r["probs"]) == 3
-               for r in rows if r["error"] is None)
+    rows = check_output_contract(summary, tmp_path / "out", 52, errored=4)  # "", "   " x 2
+    for r in (r for r in rows if r["error"] is None):
+        assert set(r["labels"]) <= set(LABELS)
+        if mode == "json":
+            assert r["probs"] is None and r["confidence"] is None
+        else:
+            assert len(r["probs"]) == 3 and 0 <= r["confidence"] <= 1
     metrics = json.loads((tmp_path / "out" / "_metrics.json").read_text())
     assert metrics["task"] == "multi_label" and metrics["rows_scored"] == 48
     assert set(metrics["per_label"]) == set(LABELS)

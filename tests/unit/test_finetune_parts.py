@@ -225,3 +225,30 @@ def test_only_rank_zero_tracks(tmp_path):
     other.finish({"final/x": 1.0}, step=3)
     other.copy_into(tmp_path / "model")
     assert not (tmp_path / "t").exists() and not (tmp_path / "model").exists()
+
+
+def test_training_files_are_checked_on_the_driver_naming_key_and_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clsjob.finetune.data import check_inputs
+    from clsjob.store import InputError
+
+    pq.write_table(pa.table({"text": ["a"], "tags": ["x|y"]}), tmp_path / "train.parquet")
+    pq.write_table(pa.table({"text": ["a"], "tags": pa.array([["x"]])}), tmp_path / "dev.parquet")
+
+    def cfg(task: str, **train):
+        return validate({"task": task, "base_model": "m",
+                         "train": {"path": str(tmp_path / "train.parquet"), "label_column": "tags", **train},
+                         "eval": {"path": str(tmp_path / "dev.parquet"), "label_column": "tags"},
+                         "output": {"path": "o"}}, model=FinetuneConfig)
+
+    with pytest.raises(InputError, match=r"train.parquet: train.label_column 'tags' is a string "
+                                         r"column, but task: multi_label needs a list<string> "
+                                         r"column or train.label_separator"):
+        check_inputs(cfg("multi_label"))
+    check_inputs(cfg("multi_label", label_separator="|"))  # split: fine
+    with pytest.raises(InputError, match=r"dev.parquet: eval.label_column 'tags' has type list"):
+        check_inputs(cfg("single_label"))
+    with pytest.raises(InputError, match=r"train.parquet: train.text_column 'body' is not a column"):
+        check_inputs(cfg("multi_label", label_separator="|", text_column="body"))
