@@ -36,3 +36,20 @@ def test_the_page_is_self_contained():
     assert page.count('src="data:image/png;base64,') == 5  # no baseline: no drift plot
     assert "<script" not in page and "http" not in page
     assert "&lt;b&gt;not markup&lt;/b&gt;" in page  # the text report is escaped
+
+
+def test_a_multilabel_page_plots_each_labels_f1_and_the_confidences():
+    from clsjob.metrics import count_multilabel_rows
+    from clsjob.report import render_report
+
+    rng = np.random.default_rng(1)
+    labels = LabelSet(("anger", "joy", "fear"))
+    gold = [[n for n in labels.names if rng.random() < 0.3] for _ in range(200)]
+    pred = [[n for n in labels.names if rng.random() < 0.3] for _ in range(200)]
+    t = count_multilabel_rows(labels, gold, pred, rng.uniform(0, 1, 200).tolist(), [None] * 200)
+    m = summarize(labels, t)
+    report = render_report(m)
+    assert "(multi-label)" in report and "## Per label" in report and "## Most confused pairs" in report
+    page = render_html(m, t, report)
+    assert 'id="per_label_f1"' in page and 'id="confidence"' in page
+    assert page.count('src="data:image/png;base64,') == 2 and f"macro-F1 {m['f1_macro']:.4f}" in page
