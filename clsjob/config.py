@@ -450,9 +450,12 @@ class ClassifyConfig(Section):
                                      f"is for task: multi_label; give one label")
             return self
         # Not built for sets of labels yet: each would need its own rule for a set.
+        review = self.output.review
         unsupported = [(self.backend.kind == "cascade", "backend.kind cascade"),
                        (self.abstain is not None, "abstain"),
-                       (self.output.review is not None, "output.review")]
+                       (review is not None and review.strategy != "least_confident",
+                        f"output.review.strategy {review and review.strategy} (least_confident is)"),
+                       (review is not None and review.per_label, "output.review.per_label")]
         for found, key in unsupported:
             if found:
                 raise ValueError(f"{key} is not supported with task: multi_label")

@@ -66,11 +66,15 @@ def part_candidates(written: pa.Table, texts: list, id_column: str, gold_column:
     k = len(written.column("probs")[int(rows[0])])
     probs = np.asarray(written.column("probs").take(rows).combine_chunks().flatten(),
                        dtype=np.float64).reshape(len(rows), k)
-    scores = uncertainty(probs, rule.strategy)
-    ids, labels = written.column(id_column).to_pylist(), written.column("label").to_pylist()
     conf = written.column("confidence").to_pylist()
+    # task: multi_label: a `labels` list; its confidence is the closest call's distance from
+    # its threshold, so the least confident rows come first (the only strategy it allows).
+    label_key = "labels" if "labels" in written.column_names else "label"
+    scores = (1.0 - np.array([conf[i] for i in rows.tolist()], dtype=np.float64)
+              if label_key == "labels" else uncertainty(probs, rule.strategy))
+    ids, labels = written.column(id_column).to_pylist(), written.column(label_key).to_pylist()
     gold = written.column(gold_column).to_pylist() if gold_column else None
-    candidates = [{"id": ids[i], "text": texts[i], "label": labels[i], "confidence": conf[i],
+    candidates = [{"id": ids[i], "text": texts[i], label_key: labels[i], "confidence": conf[i],
                    "probs": probs[j].tolist(), "score": float(scores[j]),
                    **({"gold": gold[i]} if gold is not None else {})}
                   for j, i in ((j, int(rows[j])) for j in short_list(

@@ -106,7 +106,8 @@ def test_shipped_config_labels_sets_and_scores_them(trained, tmp_path):
     write_shards(tmp_path / "in", [{"text": pa.array(texts + [None, "card the film"]),
                                     "topics": pa.array(golds + [["billing"], ["refund"]],
                                                        pa.list_(pa.string()))}])
-    cfg = shipped_classify("classify-multilabel.yaml", model, tmp_path, "output.rows_per_part=40")
+    cfg = shipped_classify("classify-multilabel.yaml", model, tmp_path, "output.rows_per_part=40",
+                           "output.review.rows=5")
     result = run_classify(cfg)
     out = tmp_path / "out"
     rows = check_output_contract(result, out, rows=102, errored=1)
@@ -137,6 +138,11 @@ def test_shipped_config_labels_sets_and_scores_them(trained, tmp_path):
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["task"] == "multi_label"
     assert sum(manifest["distribution"]["labels"].values()) == sum(len(r["labels"]) for r in ok)
+    # Rows for review: the 5 least confident (their closest call nearest its threshold).
+    review = pq.read_table(out / "_review" / "review.parquet").to_pylist()
+    by_confidence = sorted(ok, key=lambda r: (r["confidence"], r["id"]))[:5]
+    assert [r["id"] for r in review] == [r["id"] for r in by_confidence]
+    assert [r["labels"] for r in review] == [r["labels"] for r in by_confidence]
     # `clsjob evaluate` reads the parts back to the same numbers.
     again = evaluate_output(str(out), cfg.storage)
     assert again["f1_macro"] == pytest.approx(m["f1_macro"]) and again["rows_scored"] == 100

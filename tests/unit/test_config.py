@@ -264,8 +264,12 @@ def test_multilabel_settings_that_cannot_work_are_refused_naming_the_key(tmp_pat
     assert load("backend.kind=vllm_prompt", "backend.prompt.mode=score").backend.prompt.mode == "score"
     with pytest.raises(ConfigError, match=r"abstain is not supported with task: multi_label"):
         load("abstain.below=0.5")
-    with pytest.raises(ConfigError, match=r"output.review is not supported with task: multi_label"):
-        load("output.review.rows=5")
+    with pytest.raises(ConfigError, match=r"output.review.strategy margin \(least_confident is\) "
+                                          r"is not supported with task: multi_label"):
+        load("output.review.rows=5", "output.review.strategy=margin")
+    with pytest.raises(ConfigError, match=r"output.review.per_label is not supported"):
+        load("output.review.rows=5", "output.review.per_label=true")
+    assert load("output.review.rows=5").output.review.rows == 5
     with pytest.raises(ConfigError, match=r"input.label_separator applies to task: multi_label only"):
         load_config(minimal(tmp_path, labels=["a"]), ["input.label_separator=;"], model=ClassifyConfig)
     with pytest.raises(ConfigError, match=r"backend.prompt.examples\[0\].label: a list of labels is "
