@@ -134,12 +134,6 @@ def summarize_multilabel(t: MultiLabelTally, labels: LabelSet, top_pairs: int = 
     }
 
 
-# The thresholds tune_thresholds tries: 0.05 to 0.95 in steps of 0.05, and 0.01 to 0.04 below
-# them, since a rare label's sigmoid seldom climbs far (GoEmotions: a quarter of the labels
-# tuned to 0.05, the lowest step, before these were added: bench/RESULTS.md).
-THRESHOLD_GRID = np.round(np.concatenate([np.arange(0.01, 0.05, 0.01), np.arange(0.05, 0.951, 0.05)]), 2)
-
-
 def tune_thresholds(probs: np.ndarray, gold: np.ndarray, min_support: int = 5,
                     default: float = 0.5, grid: np.ndarray | None = None) -> np.ndarray:
     """Per label, the threshold (predict the label where its probability is at least it) that
@@ -148,7 +142,7 @@ def tune_thresholds(probs: np.ndarray, gold: np.ndarray, min_support: int = 5,
     gold rows here keeps `default`, since a threshold fitted to one or two rows (or to none,
     where F1 is 0 everywhere and "never" would win) says nothing of the next run."""
     probs, gold = np.asarray(probs, dtype=np.float64), np.asarray(gold, dtype=bool)
-    grid = THRESHOLD_GRID if grid is None else np.asarray(grid)
+    grid = np.round(np.arange(0.05, 0.951, 0.05), 2) if grid is None else np.asarray(grid)
     out = np.full(probs.shape[1], default, dtype=np.float64)
     for k in range(probs.shape[1]):
         if gold[:, k].sum() < min_support:

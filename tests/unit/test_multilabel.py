@@ -56,7 +56,7 @@ def test_thresholds_maximise_each_labels_f1_and_rare_labels_keep_the_default():
     gold[:3, 2] = True  # 3 gold rows: under min_support
     probs = np.clip(gold * 0.35 + rng.random((400, 3)) * 0.6, 0, 1)
     tuned = tune_thresholds(probs, gold, min_support=5)
-    grid = [0.01, 0.02, 0.03, 0.04, *np.round(np.arange(0.05, 0.951, 0.05), 2)]
+    grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
     for k in (0, 1):
         def f1(t):
             p = probs[:, k] >= t
@@ -65,9 +65,6 @@ def test_thresholds_maximise_each_labels_f1_and_rare_labels_keep_the_default():
         assert f1(tuned[k]) == pytest.approx(best) and tuned[k] == min(t for t in grid if f1(t) == pytest.approx(best))
     assert tuned[2] == 0.5
     assert tuned[0] != 0.5 or tuned[1] != 0.5  # the search moved at least one of them
-    # A label whose probabilities never climb: the low end of the grid still finds it.
-    low = np.where(gold[:, 0], 0.03, 0.005)[:, None]
-    assert tune_thresholds(low, gold[:, :1]).tolist() == [0.01]
 
 
 def test_the_answer_schema_and_parser():
