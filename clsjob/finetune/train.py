@@ -51,13 +51,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         log.info("finetune: %s already holds the finished model; nothing to do", cfg.output.path)
         return store.read_json(summary_url, cfg.storage)
     check_installed(cfg.training.report_to)
-    check_inputs(cfg)
     demand = training_demand(cfg.training)
     ensure_ray(demand)
     # Ray Train copies every print of a worker to both its stdout and its log, and the driver
     # shows both: each line twice. Workers log through `logging` instead (progress.py).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     check_placement(demand, cfg.cluster.autoscaling)
+    check_inputs(cfg)  # every train and eval file's columns, before a worker starts
     storage_path, storage_fs = checkpoint_storage(cfg)
     trainer = TorchTrainer(
         train_worker,
