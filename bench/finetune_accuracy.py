@@ -65,9 +65,10 @@ def baseline(kind: str, train: tuple[list, list], test: tuple[list, list]) -> di
 
 
 def finetune_minilm(task: dict, work: Path, label_column: str = "label",
-                    job_task: str = "single_label", **training) -> dict:
-    """all-MiniLM-L6-v2 fine-tuned in full through clsjob on work/train (eval rows: work/eval)
-    and merged into work/model, as every real-data benchmark trains it; the finetune summary."""
+                    job_task: str = "single_label", base: Path | None = None, **training) -> dict:
+    """all-MiniLM-L6-v2 (or `base`, a model folder to go on from) fine-tuned in full through
+    clsjob on work/train (eval rows: work/eval) and merged into work/model, as every
+    real-data benchmark trains it; the finetune summary."""
     from clsjob.config import FinetuneConfig, MergeConfig, validate
     from clsjob.demo import extract_minilm
     from clsjob.finetune.merge import merge
@@ -75,7 +76,7 @@ def finetune_minilm(task: dict, work: Path, label_column: str = "label",
 
     trained = run_finetune(validate({
         "task": job_task,
-        "base_model": str(extract_minilm(work / "minilm")),
+        "base_model": str(base or extract_minilm(work / "minilm")),
         "train": {"path": str(work / "train"), "label_column": label_column},
         "eval": {"path": str(work / "eval"), "label_column": label_column},
         "training": {"method": "full", "epochs": task["epochs"], "learning_rate": task["learning_rate"],

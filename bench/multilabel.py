@@ -5,7 +5,7 @@ beside a TF-IDF + one-vs-rest logistic regression baseline with thresholds tuned
 same way, trained and scored in the same run.
 
     .venv/bin/python bench/multilabel.py [--epochs N] [--learning-rate LR] [--work DIR]
-                                         [--out FILE.json]
+                                         [--base MODEL_DIR] [--out FILE.json]
 
 --work DIR keeps the run's folders (splits, model, output) there and reuses a finished
 fine-tune in it. Targets (bench/common.py TARGETS["multilabel"]): test macro-F1 >= 0.46 (the
@@ -67,6 +67,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=float, default=3)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--work", type=Path)
+    parser.add_argument("--base", type=Path, help="go on from this model folder (a merged "
+                                                  "earlier run's) instead of MiniLM")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "multilabel.json"))
     args = parser.parse_args()
     env = environment()
@@ -85,7 +87,8 @@ def main() -> int:
         print(json.dumps({"baseline": base}), flush=True)
         started = time.monotonic()
         task = {"epochs": args.epochs, "learning_rate": args.learning_rate}
-        trained = finetune_minilm(task, work, label_column="labels", job_task="multi_label")
+        trained = finetune_minilm(task, work, label_column="labels", job_task="multi_label",
+                                  base=args.base)
         classify_started = time.monotonic()
         summary = run_classify(validate({
             "task": "multi_label",
@@ -97,7 +100,8 @@ def main() -> int:
         classify_s = time.monotonic() - classify_started
         m = json.loads((work / "out" / "_metrics.json").read_text())
 
-    ours = {"model": "all-MiniLM-L6-v2, full fine-tune, multi_label", **task,
+    ours = {"model": "all-MiniLM-L6-v2, full fine-tune, multi_label"
+                     + (f", continued from {args.base}" if args.base else ""), **task,
             "f1_macro": m["f1_macro"], "f1_micro": m["f1_micro"],
             "subset_accuracy": m["subset_accuracy"], "hamming_loss": m["hamming_loss"],
             "label_cardinality": m["label_cardinality"],
