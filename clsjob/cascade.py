@@ -8,15 +8,13 @@ The actor is thin: `escalated` (which rows go on), `merge_rows` (a later stage's
 back into the chunk) and `stage_counts` (what the write stage adds up per stage) are pure."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from clsjob import backends
 from clsjob.config import ClassifyConfig
-from clsjob.contract import DTYPE, LABELLED_BY, RESULT_FIELDS
+from clsjob.contract import BUSY, DTYPE, LABELLED_BY, RESULT_FIELDS
 
 # Internal columns: rows going on to the next stage, the first stage's label of every row
 # (so the first stage alone is scored too), and per stage whether it ran on the row and the
@@ -93,8 +91,7 @@ class CascadeStage:
         self.inner = backends.resolve(actor)(**actor_kwargs)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        started = time.monotonic()
-        out, rows = self.label_all(table) if self.position == 0 else self.label_escalated(table)
+        out, rows, seconds = self.label_all(table) if self.position == 0 else self.label_escalated(table)
         out = with_result_columns(out)
         if not self.last:
             sent = escalated(out, self.below, self.margin_below)
@@ -103,31 +100,36 @@ class CascadeStage:
             out = put(out, ESCALATE, pa.array(sent))
         ran = np.zeros(out.num_rows, dtype=bool)
         ran[rows] = True
-        seconds = (time.monotonic() - started) / max(len(rows), 1)
+        # The stage's model seconds (what its back end measured), shared by the rows it ran;
+        # BUSY, the whole cascade's, gains them.
+        share = np.where(ran, seconds / max(len(rows), 1), 0.0)
+        if self.position:
+            out = put(out, BUSY, pa.array(out.column(BUSY).to_numpy(zero_copy_only=False) + share))
         out = put(out, ran_column(self.position), pa.array(ran))
-        return put(out, busy_column(self.position), pa.array(np.where(ran, seconds, 0.0)))
+        return put(out, busy_column(self.position), pa.array(share))
 
-    def label_all(self, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    def label_all(self, table: pa.Table) -> tuple[pa.Table, np.ndarray, float]:
         """The first stage: every row not already in error."""
         rows = np.flatnonzero(pc.is_null(table.column("error")).to_numpy(zero_copy_only=False))
         out = self.inner(table)
+        seconds = pc.sum(out.column(BUSY)).as_py() or 0.0
         out = out.append_column(FIRST_LABEL, out.column("label"))
         by = pc.if_else(pc.is_null(out.column("error")), pa.scalar(self.name), pa.scalar(None, pa.string()))
-        return out.append_column(LABELLED_BY, by), rows
+        return out.append_column(LABELLED_BY, by), rows, seconds
 
-    def label_escalated(self, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    def label_escalated(self, table: pa.Table) -> tuple[pa.Table, np.ndarray, float]:
         """A later stage: the rows sent on, the others untouched."""
         rows = np.flatnonzero(table.column(ESCALATE).to_numpy(zero_copy_only=False))
         if not len(rows):
-            return table, rows
+            return table, rows, 0.0
         # The stage's back end sees the prepared rows as the first stage did.
         inputs = [c for c in table.column_names
                   if c == "error" or not (c in RESULT_FIELDS or c.startswith("_stage")
-                                          or c in (DTYPE, LABELLED_BY, FIRST_LABEL, ESCALATE))]
+                                          or c in (DTYPE, BUSY, LABELLED_BY, FIRST_LABEL, ESCALATE))]
         done = self.inner(table.take(pa.array(rows)).select(inputs))
         done = done.append_column(LABELLED_BY, pa.array([self.name] * len(rows), pa.string()))
         columns = [c for c in done.column_names if c in RESULT_FIELDS or c in (DTYPE, LABELLED_BY)]
-        return merge_rows(table, rows, done, columns), rows
+        return merge_rows(table, rows, done, columns), rows, pc.sum(done.column(BUSY)).as_py() or 0.0
 
 
 def stage_actor_class(position: int) -> type:

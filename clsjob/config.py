@@ -278,6 +278,11 @@ class ResourcesConfig(Section):
         return self.actors if isinstance(self.actors, tuple) else (self.actors, self.actors)
     gpus_per_actor: float = Field(0, ge=0, description="GPUs per actor; 0 runs on CPU in fp32.")
     cpus_per_actor: float = Field(1, gt=0, description="CPUs per actor (torch threads follow).")
+    calls_per_actor: int = Field(
+        2, ge=1, le=8, description="Chunks an actor works on at once: while the model labels "
+                                   "one, the next is read and tokenised beside it (and a vLLM "
+                                   "engine takes its rows before the first is done). 1 = one "
+                                   "chunk after another.")
 
 
 class CascadeStageConfig(Section):

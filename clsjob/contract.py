@@ -36,6 +36,8 @@ RESULT_COLUMNS = tuple(RESULT_FIELDS)
 # belongs to, how many rows that part must hold, whether the row's text had to be cleaned,
 # and the dtype the back end's model ran in.
 SHARD, PART, PART_ROWS, CLEANED, DTYPE = "_shard", "_part", "_part_rows", "_cleaned", "_dtype"
+# Each row's share of the seconds the model spent on its chunk (backends.rows.stamp).
+BUSY = "_busy_s"
 
 # What a run writes beside its parts.
 PART_SUFFIX = ".parquet"
@@ -103,6 +105,7 @@ class PartRecord:
     counts: Tally
     review: list = field(default_factory=list)  # the part's best rows to review (review.py)
     stages: dict | None = None  # a cascade's counts per stage (cascade.stage_counts)
+    busy_s: float = 0.0  # the model's seconds on the part's rows (every stage's, in a cascade)
 
     @classmethod
     def of(cls, written: pa.Table, chunk: pa.Table, labels: LabelSet,
@@ -126,7 +129,8 @@ class PartRecord:
                    truncated=sum(bool(t) for t in written.column("truncated").to_pylist()),
                    cleaned=pc.sum(chunk.column(CLEANED)).as_py() or 0,
                    dtype=chunk.column(DTYPE)[0].as_py() if DTYPE in chunk.column_names else None,
-                   counts=counts, review=review or [], stages=stages)
+                   counts=counts, review=review or [], stages=stages,
+                   busy_s=(pc.sum(chunk.column(BUSY)).as_py() or 0.0) if BUSY in chunk.column_names else 0.0)
 
     def entry(self) -> dict:
         """The part as markers and the manifest list it."""
@@ -138,6 +142,7 @@ class PartRecord:
     def to_row(self) -> dict:
         return {"shard": self.shard, "record": json.dumps({**self.entry(), "review": self.review,
                                                            "stages": self.stages,
+                                                           "busy_s": self.busy_s,
                                                            "counts": self.counts.to_json()})}
 
     @classmethod

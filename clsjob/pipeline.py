@@ -29,7 +29,8 @@ from clsjob.report import write_evaluation
 from clsjob.review import review_size, write_run_review
 from clsjob.stages import stream_labelled_parts
 from clsjob.store import InputError
-from clsjob.summary import Progress, RunSummary, build_manifest, summary_of, summary_table
+from clsjob.summary import (Progress, RunSummary, build_manifest, busy_summary, summary_of,
+                            summary_table)
 
 log = logging.getLogger("clsjob")
 
@@ -79,11 +80,13 @@ def run_locked(cfg: ClassifyConfig, labels: LabelSet, temperature: float | None,
     scored = scored_labels(labels, cfg.abstain)
     review_rows = review_size(cfg.output.review, rows_in) if cfg.output.review else 0
     shard_progress = resume.ShardProgress(cfg, work, todo, len(scored), review_rows)
+    busy_s = 0.0  # the model's seconds on this attempt's rows
     with StallReporter(demands[-1], "classify", cfg.cluster.stall_report_s) as stall:
         for record in stream_labelled_parts(cfg, labels, todo, review_rows, temperature):  # as parts land
             stall.beat()
             shard_progress.add(record)
             progress.update(record.rows)
+            busy_s += record.busy_s
     elapsed = time.monotonic() - progress.started
 
     # Every shard, done now or by an earlier attempt, is accounted for by its marker.
@@ -110,7 +113,8 @@ def run_locked(cfg: ClassifyConfig, labels: LabelSet, temperature: float | None,
                               duplicates, set(markers), parts, summary, started, complete)
     cascade = (cascade_summary(cfg, reduce(add_counts, (m.get("stages") or {} for m in markers.values()), {}),
                                list(stage_temperatures)) if cfg.backend.kind == "cascade" else None)
-    store.write_json({**manifest, "distribution": dist, "drift": drift, "cascade": cascade},
+    store.write_json({**manifest, "distribution": dist, "drift": drift, "cascade": cascade,
+                      "busy": busy_summary(busy_s, elapsed, cfg)},
                      store.join(cfg.output.path, MANIFEST), cfg.storage)
     if not complete:
         raise RuntimeError(f"rows out ({rows_out}) != rows in ({rows_in}) or shards unfinished; "

@@ -60,9 +60,14 @@ def stream_labelled_parts(cfg: ClassifyConfig, labels: LabelSet, shards: list[st
 
 def actor_pool(resources) -> ray.data.ActorPoolStrategy:
     least, most = resources.actor_range()
+    # Several calls at once in one actor, truly in parallel threads: the back ends serialise
+    # the model themselves (a lock, or vllm_engine.EngineFeed) and leave reading, tokenising
+    # and Arrow work outside it, where it overlaps the model's.
+    calls = {"max_concurrent_calls_per_actor": resources.calls_per_actor,
+             "enable_true_multi_threading": resources.calls_per_actor > 1}
     if least == most:
-        return ray.data.ActorPoolStrategy(size=least)
-    return ray.data.ActorPoolStrategy(min_size=least, max_size=most)
+        return ray.data.ActorPoolStrategy(size=least, **calls)
+    return ray.data.ActorPoolStrategy(min_size=least, max_size=most, **calls)
 
 
 def read_chunks(batch: pa.Table, input_cfg: InputConfig, chunk_rows: int,

@@ -47,6 +47,16 @@ class Progress:
                  done, self.total, 100 * done / max(self.total, 1), rate, left)
 
 
+def busy_summary(busy_s: float, elapsed_s: float, cfg: ClassifyConfig) -> dict:
+    """How much of this attempt the model spent computing: its seconds on the rows, and their
+    share of the actors' time (the largest pool, from the first row read to the last part
+    written, actor start-up included). A share well under 1 on a long run says the model
+    waited: for reads, tokenising, or chunks (resources.calls_per_actor, rows_per_part)."""
+    actors = sum(resources.actor_range()[1] for _, _, resources in cfg.stages())
+    return {"model_s": round(busy_s, 3),
+            "share": round(busy_s / (elapsed_s * actors), 4) if elapsed_s > 0 else None}
+
+
 def build_manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, temperature: float | None,
                    review: dict | None, shards: list[store.ShardInfo], bad_files: list[str],
                    duplicates: DuplicateIds | None, done: set[str], parts: list[dict],

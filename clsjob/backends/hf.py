@@ -3,6 +3,8 @@ transformers. Decoder classifiers pool on the last non-pad token, so the pad tok
 known and padding must be on the right."""
 from __future__ import annotations
 
+import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -12,8 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Pret
 
 from clsjob.backends import (CheckedModel, ModelError, check_model_files, local_backend,
                              require_cuda)
-from clsjob.backends.rows import (attach_label_sets, attach_probabilities, rows_to_classify,
-                                 stamp_dtype)
+from clsjob.backends.rows import attach_label_sets, attach_probabilities, rows_to_classify, stamp
 from clsjob.calibration import model_temperature
 from clsjob.config import BackendSection, HFBackendConfig, StorageConfig
 from clsjob.labels import LabelSet, resolve_model_labels
@@ -135,7 +136,11 @@ def queued_probs(model, tokenizer, encoded: list[list[int]], batches: list[list[
 
 
 class HFClassifier:
-    """Ray Data actor: loads the model once, labels one prepared chunk per call."""
+    """Ray Data actor: loads the model once, labels one prepared chunk per call.
+
+    Ray Data may run several calls at once (resources.calls_per_actor): one chunk is
+    tokenised while another's runs through the model, which takes one at a time (a second
+    forward beside it would only split the same cores or GPU, and double the activations)."""
 
     def __init__(self, backend: HFBackendConfig, labels: LabelSet, text_column: str, use_gpu: bool,
                  storage: StorageConfig | None = None, multi_label: bool = False):
@@ -152,18 +157,24 @@ class HFClassifier:
         # multi_label: each label's threshold (in the config's label order).
         self.thresholds = (model_thresholds(self.model.config.to_dict(), self.labels, backend.model)
                            if multi_label else None)
+        # A fast tokenizer is not safe to use from two threads at once ("Already borrowed").
+        self.encode_lock, self.model_lock = threading.Lock(), threading.Lock()
 
     def __call__(self, table: pa.Table) -> pa.Table:
         todo = rows_to_classify(table)
         texts = table.column(self.text_column).to_pylist()
         todo_texts = [texts[i] for i in todo]
-        encoded, truncated = encode_truncating(self.tokenizer, todo_texts, self.backend.max_length)
+        with self.encode_lock:
+            encoded, truncated = encode_truncating(self.tokenizer, todo_texts, self.backend.max_length)
         multi_label = self.thresholds is not None
-        probs = predict_probs(self.model, self.tokenizer, todo_texts, self.backend.max_length,
-                              self.backend.micro_batch_size, self.device, encoded, self.temperature,
-                              multi_label)
+        with self.model_lock:
+            started = time.monotonic()
+            probs = predict_probs(self.model, self.tokenizer, todo_texts, self.backend.max_length,
+                                  self.backend.micro_batch_size, self.device, encoded,
+                                  self.temperature, multi_label)
+            busy_s = time.monotonic() - started
         # Reorder the model's label columns into the config's label order.
         probs = probs[:, self.columns]
         out = (attach_label_sets(table, todo, probs, self.labels, self.thresholds, truncated)
                if multi_label else attach_probabilities(table, todo, probs, self.labels, truncated))
-        return stamp_dtype(out, self.dtype)
+        return stamp(out, self.dtype, busy_s)

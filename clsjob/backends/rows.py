@@ -6,7 +6,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-from clsjob.contract import DTYPE, RESULT_FIELDS
+from clsjob.contract import BUSY, DTYPE, RESULT_FIELDS
 from clsjob.labels import LabelSet
 from clsjob.multilabel import decide
 
@@ -72,7 +72,10 @@ def attach_results(table: pa.Table, todo: Sequence[int], labels: LabelSet,
     return out
 
 
-def stamp_dtype(table: pa.Table, dtype: str) -> pa.Table:
-    """Record what the model ran in beside the chunk's rows; the writer moves it to the part's
-    entry in the manifest (on a cluster of mixed CPUs, parts may differ)."""
-    return table.append_column(DTYPE, pa.array([dtype] * table.num_rows, pa.string()))
+def stamp(table: pa.Table, dtype: str, busy_s: float) -> pa.Table:
+    """Record beside the chunk's rows what the model ran in, and the seconds it computed for
+    them (shared evenly, so a part's rows add up to its chunk's); the writer moves both to
+    the part's record (on a cluster of mixed CPUs, parts may differ in dtype)."""
+    n = table.num_rows
+    return (table.append_column(DTYPE, pa.array([dtype] * n, pa.string()))
+            .append_column(BUSY, pa.array([busy_s / n if n else 0.0] * n, pa.float64())))

@@ -5,8 +5,10 @@ below are read when vLLM loads.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import queue
 import threading
 import time
 
@@ -143,3 +145,131 @@ def watch_processes(children: list, poll_s: float = 1.0) -> threading.Thread | N
     thread = threading.Thread(target=watch, name="clsjob-engine-watch", daemon=True)
     thread.start()
     return thread
+
+
+class EngineFeed:
+    """The engine of one actor, fed from several calls at once.
+
+    `LLM.generate` runs one chunk's requests to the end: at the tail of every chunk the
+    engine's batch drains to a few rows, and while the actor reads and tokenises the next
+    chunk it does nothing. Here one thread owns the engine and steps it while any request is
+    in flight; calls (one per chunk, on Ray Data's threads) hand it their prompts and wait.
+    A chunk that arrives while another is running joins the engine's batch at the next step,
+    so the engine stays full across chunk boundaries (resources.calls_per_actor).
+
+    Each step's seconds are shared among the chunks by their requests in flight, so a
+    chunk's `busy_s` is its part of the engine's time and the parts add up to the whole."""
+    _made = threading.Lock()
+
+    @classmethod
+    def of(cls, llm) -> "EngineFeed":
+        """The engine's one feed: only it may step the engine (the tests share an engine
+        between actors in one process)."""
+        with cls._made:
+            if getattr(llm, "clsjob_feed", None) is None:
+                llm.clsjob_feed = cls(llm.llm_engine)
+            return llm.clsjob_feed
+
+    def __init__(self, engine):
+        self.engine = engine  # a vLLM LLMEngine: add_request, step, abort_request
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.owner: dict[str, tuple[FeedCall, int]] = {}  # request id -> (call, prompt index)
+        self.running: set[FeedCall] = set()
+        self.calls = itertools.count()
+        self.most_at_once = 0  # the most calls the engine has held at once (bench, tests)
+        threading.Thread(target=self._loop, name="clsjob-engine-feed", daemon=True).start()
+
+    def run(self, prompts: list[list[int]], params) -> tuple[list, float]:
+        """(vLLM outputs in prompt order, the engine seconds spent on them). A prompt vLLM
+        refuses becomes its Exception in its place; the other prompts go on. `params`: one
+        SamplingParams, or one per prompt."""
+        call = FeedCall(next(self.calls), prompts, params)
+        if prompts:
+            self.inbox.put(call)
+            call.done.wait()
+        if call.failure is not None:
+            raise call.failure
+        return call.results, call.busy_s
+
+    def _loop(self) -> None:
+        while True:
+            # Block for work only when the engine has none; else take what came and step.
+            call = self.inbox.get()
+            try:
+                self._admit(call)
+                while self.running:
+                    while not self.inbox.empty():
+                        self._admit(call := self.inbox.get())
+                    self._step()
+            except Exception as exc:  # a bug here must fail the calls, not hang them
+                self.running.add(call)
+                self._fail_all(exc)
+
+    def _admit(self, call: "FeedCall") -> None:
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        for i, prompt in enumerate(call.prompts):
+            params = call.params[i] if isinstance(call.params, list) else call.params
+            request_id = f"{call.number}-{i}"
+            try:
+                params.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate asks
+                self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), params)
+            except Exception as exc:  # a prompt vLLM refuses (too long, ...): its row's error
+                if engine_died(exc):
+                    exit_with_engine(exc)
+                call.results[i] = exc
+                continue
+            self.owner[request_id] = (call, i)
+            call.pending += 1
+        if call.pending:
+            self.running.add(call)
+            self.most_at_once = max(self.most_at_once, len(self.running))
+        else:
+            call.done.set()
+
+    def _step(self) -> None:
+        in_flight = sum(call.pending for call in self.running)
+        started = time.monotonic()
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            if engine_died(exc):
+                exit_with_engine(exc)
+            self._fail_all(exc)
+            return
+        seconds = time.monotonic() - started
+        for call in self.running:
+            call.busy_s += seconds * call.pending / in_flight
+        for out in outputs:
+            if not out.finished or out.request_id not in self.owner:
+                continue
+            call, i = self.owner.pop(out.request_id)
+            call.results[i] = out
+            call.pending -= 1
+            if not call.pending:
+                self.running.discard(call)
+                call.done.set()
+
+    def _fail_all(self, exc: Exception) -> None:
+        """A step failed without the engine dying: every call in flight fails with it (Ray
+        Data retries their chunks), and their requests leave the engine."""
+        if self.owner:
+            self.engine.abort_request(list(self.owner))
+        for call in self.running:
+            call.failure = exc
+            call.done.set()
+        self.owner.clear()
+        self.running.clear()
+
+
+class FeedCall:
+    """One call's prompts on their way through EngineFeed."""
+
+    def __init__(self, number: int, prompts: list, params):
+        self.number, self.prompts, self.params = number, prompts, params
+        self.results: list = [None] * len(prompts)
+        self.pending = 0
+        self.busy_s = 0.0
+        self.failure: Exception | None = None
+        self.done = threading.Event()

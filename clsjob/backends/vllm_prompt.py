@@ -12,10 +12,14 @@ task: multi_label: json = {labels: a list of distinct labels, reasoning}; score 
 own yes/no probability, one request per row and label sharing the row's cached prompt.
 Rows whose prompt would not fit `max_model_len` are cut to fit and flagged; a row vLLM still
 refuses gets `error` and the chunk goes on.
+The engine is shared by the actor's calls (vllm_engine.EngineFeed): the next chunk's rows join
+the engine's batch while the last one's answers finish, and are tokenised beside it.
 """
 from __future__ import annotations
 
+import copy
 import json
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,10 +29,9 @@ from pydantic import ConfigDict, Field, create_model
 
 from clsjob import multilabel, store
 from clsjob.backends import CheckedModel, ModelError, check_model_files, local_backend
-from clsjob.backends.rows import attach_results, rows_to_classify, stamp_dtype
+from clsjob.backends.rows import attach_results, rows_to_classify, stamp
 from clsjob.backends import vllm_engine
-from clsjob.backends.vllm_engine import (engine_args, engine_died, engine_dtype, exit_with_engine,
-                                         prepare_env)
+from clsjob.backends.vllm_engine import EngineFeed, engine_args, engine_dtype, prepare_env
 from clsjob.config import Example, PromptConfig, StorageConfig, VLLMPromptBackendConfig
 from clsjob.labels import LabelError, LabelSet
 from clsjob.prompts import (PromptTokens, encode_rows, pick_examples, render_template,
@@ -339,36 +342,20 @@ class VLLMPromptClassifier:
             raise ModelError(f"backend.engine.max_model_len {limit} leaves "
                              f"no room for the row text: the shared prompt takes "
                              f"{self.template.overhead} tokens and the answer {self.mode.answer_tokens}")
+        self.feed = EngineFeed.of(self.llm)
+        # Rows are tokenised on the calls' threads while the engine detokenises answers on its
+        # own: the calls get their own copy of the tokenizer (a fast one is not thread-safe).
+        self.encoder, self.encode_lock = copy.deepcopy(tok), threading.Lock()
 
     def __call__(self, table: pa.Table) -> pa.Table:
         todo = rows_to_classify(table)
         texts = table.column(self.text_column).to_pylist()
-        ids, truncated = encode_rows(self.tokenizer, [texts[i] for i in todo], self.budget)
+        with self.encode_lock:
+            ids, truncated = encode_rows(self.encoder, [texts[i] for i in todo], self.budget)
         requests, params = self.mode.requests(ids, self.template)
-        answers = self.mode.read(self._run(requests, params), len(ids))
+        outputs, busy_s = self.feed.run(requests, params)
+        answers = self.mode.read(outputs, len(ids))
         out = attach_results(table, todo, self.labels, answers.labels, truncated,
                              probs=answers.probs, errors=answers.errors, reasoning=answers.reasoning,
                              confidence=answers.confidence, multi_label=self.multi_label)
-        return stamp_dtype(out, self.dtype)
-
-    def _run(self, prompts: list[list[int]], params) -> list:
-        """vLLM outputs in order; a prompt vLLM refuses becomes an Exception in its place
-        instead of failing the whole chunk. `params`: one SamplingParams, or one per prompt."""
-        from vllm.inputs import TokensPrompt
-
-        requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
-        try:
-            return self.llm.generate(requests, params, use_tqdm=False)
-        except Exception as exc:  # vLLM refuses a batch for one bad prompt: find which, keep the rest
-            if engine_died(exc):
-                exit_with_engine(exc)
-            results = []
-            for i, request in enumerate(requests):
-                one = params[i] if isinstance(params, list) else params
-                try:
-                    results.extend(self.llm.generate([request], one, use_tqdm=False))
-                except Exception as exc:
-                    if engine_died(exc):
-                        exit_with_engine(exc)
-                    results.append(exc)
-            return results
+        return stamp(out, self.dtype, busy_s)

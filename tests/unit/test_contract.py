@@ -3,14 +3,15 @@ through the write stage's Arrow row."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import pyarrow as pa
 
 from clsjob.config import ClassifyConfig, validate
-from clsjob.contract import (CLEANED, DTYPE, GOLD, PART, PART_ROWS, RESULT_FIELDS, SHARD, PartRecord,
+from clsjob.contract import (BUSY, CLEANED, DTYPE, GOLD, PART, PART_ROWS, RESULT_FIELDS, SHARD, PartRecord,
                              output_columns, output_table)
 from clsjob.labels import LabelSet
 from clsjob.prepare import prepare_chunk
-from clsjob.backends.rows import attach_probabilities, attach_results, stamp_dtype
+from clsjob.backends.rows import attach_probabilities, attach_results, stamp
 
 LABELS = LabelSet(("neg", "pos"))
 
@@ -49,10 +50,11 @@ def test_part_record_counts_the_part_and_survives_the_trip_to_the_driver():
     prepared = chunk(["good", "bad", None, "fine"])
     probs = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]], dtype=np.float32)
     labelled = attach_probabilities(prepared, [0, 1, 3], probs, LABELS, [False, True, False])
-    labelled = stamp_dtype(labelled, "bfloat16")
+    labelled = stamp(labelled, "bfloat16", 0.5)
     written = output_table(labelled, config())
-    assert DTYPE not in written.column_names
+    assert DTYPE not in written.column_names and BUSY not in written.column_names
     record = PartRecord.of(written, labelled, LABELS)
+    assert record.busy_s == pytest.approx(0.5)  # the model's seconds, summed back from the rows
     assert record.entry() == {"part": "s-0000000000.parquet", "rows": 4, "errored": 1,
                               "truncated": 1, "cleaned": 0, "dtype": "bfloat16"}
     assert (record.shard, record.counts.rows, record.counts.errored) == ("s.parquet", 4, 1)
@@ -60,6 +62,7 @@ def test_part_record_counts_the_part_and_survives_the_trip_to_the_driver():
     assert record.counts.confusion.tolist() == [[0, 0], [1, 2]]
     back = PartRecord.from_row(pa.Table.from_pylist([record.to_row()]).to_pylist()[0])
     assert back.entry() == record.entry() and back.shard == record.shard
+    assert back.busy_s == record.busy_s
     assert back.counts.to_json() == record.counts.to_json()
 
 
