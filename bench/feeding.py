@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from common import REPO, environment, environment_line, make_actor, markdown_table, write_report
 from prompted import (LABELS, STARTUP_ROWS, actor_prompts, bench_peer, build_model, load_sst2,
-                      prompt_config, row_shards)
+                      prompt_config, row_shards, warmup_texts)
 
 CALLS = (1, 2)
 
@@ -42,14 +42,21 @@ def config(model: Path, shards: Path, out: Path, rows_per_part: int, calls: int)
         "resources": cfg.resources.model_copy(update={"calls_per_actor": calls})})
 
 
-def floor(actor, prompts: list[list[int]]) -> tuple[float, list[str]]:
-    """(seconds, answers) of one `LLM.generate` over every prompt, on the actor's own warm
-    engine (its feed thread is idle: nothing else touches the engine meanwhile)."""
+def floor(actor, prompts: list[list[int]], warm: list[list[int]]) -> tuple[float, list[str]]:
+    """(seconds, answers) of one `LLM.generate` over every prompt, on the actor's own engine
+    (its feed thread is idle: nothing else touches the engine meanwhile). The prefix cache is
+    emptied first, or a second run would find every prompt cached by the first, then warmed
+    with rows that are not measured: the shared prompt head is cached, as in any steady state."""
     from vllm.inputs import TokensPrompt
 
+    def generate(ids: list[list[int]]) -> list:
+        return actor.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids],
+                                  actor.mode.params.clone(), use_tqdm=False)
+
+    assert actor.llm.reset_prefix_cache()
+    generate(warm)
     start = time.perf_counter()
-    outputs = actor.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                                 actor.mode.params.clone(), use_tqdm=False)
+    outputs = generate(prompts)
     return time.perf_counter() - start, [o.outputs[0].text for o in outputs]
 
 
@@ -148,7 +155,7 @@ def main() -> None:
     # The floor replays the actor's own token ids and sampling parameters on its engine.
     actor = make_actor(prompt_config(model, LABELS, "choice"))
     prompts = actor_prompts(actor, rows.column("text").to_pylist())
-    floor(actor, prompts[:STARTUP_ROWS])  # warm-up: kernels, the grammar, the cached head
+    warm = actor_prompts(actor, warmup_texts(train))
     max_tokens = actor.mode.params.max_tokens
 
     import ray
@@ -158,7 +165,7 @@ def main() -> None:
     runs, labels = [], {}
     try:
         for run in range(args.runs):
-            seconds, floor_labels = floor(actor, prompts)
+            seconds, floor_labels = floor(actor, prompts, warm)
             result = {"floor": {"rows_per_s": len(prompts) / seconds}}
             log(f"run {run + 1}: floor {len(prompts) / seconds:.1f} rows/s")
             full, small = {}, {}

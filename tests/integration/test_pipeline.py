@@ -93,6 +93,8 @@ def test_every_row_comes_out_once_with_the_output_contract(model_fixture, reques
     # backend.dtype is auto: what this CPU multiplies natively, recorded for every part.
     assert manifest["dtypes"] == [resolve_dtype("auto", "cpu")]
     assert {p["dtype"] for p in manifest["parts"]} == {resolve_dtype("auto", "cpu")}
+    # The model's seconds, summed from the parts: some, and less than the actors' time.
+    assert 0 < manifest["busy"]["model_s"] and 0 < manifest["busy"]["share"] < 1
 
     metrics = json.loads((out / "_metrics.json").read_text())
     assert metrics["rows"] == rows_in and metrics["rows_errored"] == 9
@@ -130,8 +132,9 @@ def test_evaluate_recomputes_the_same_metrics(qwen_model, ray_cluster, tmp_path)
 def test_rerun_gives_the_same_rows_and_ids(qwen_model, ray_cluster, tmp_path):
     inp, _ = corpus(tmp_path, shards=2, rows=40)
     a = read_output_of(run_classify(config(qwen_model, inp, tmp_path / "a")))
+    # Two actors, each on one chunk at a time (not the default two): the same rows.
     b = read_output_of(run_classify(config(qwen_model, inp, tmp_path / "b",
-                                           resources={"actors": 2})))
+                                           resources={"actors": 2, "calls_per_actor": 1})))
     assert a.sort_by("id").to_pylist() == b.sort_by("id").to_pylist()
 
 

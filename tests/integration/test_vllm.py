@@ -8,6 +8,8 @@ end through Ray Data under the output contract.
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -163,6 +165,39 @@ def test_plain_prompt_without_chat_template(lm_model):
     assert actor.tokenizer.decode(actor.template.tail) == "\nLabel: "
     out = actor(chunk(["the film was a delight", "dull"])).to_pylist()
     assert all(r["label"] in LABELS for r in out)
+
+
+@pytest.mark.parametrize("mode", ["json", "score"])
+def test_chunks_at_once_share_the_engine_and_get_the_answers_they_get_alone(lm_model, mode):
+    """resources.calls_per_actor > 1: Ray Data calls the actor from several threads. The
+    chunks' requests share the engine's batches (EngineFeed), and each chunk gets the
+    answers it gets when called alone."""
+    actor = actor_for(prompted(lm_model, mode))
+    chunks = [chunk(sample_texts(24, seed=s) + [""]) for s in range(6)]
+    alone = [actor(c) for c in chunks]
+    actor.feed.most_at_once = 0
+    together: list = [None] * len(chunks)
+
+    def work(first: int) -> None:
+        for j in range(first, len(chunks), 2):
+            together[j] = actor(chunks[j])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    started = time.monotonic()
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    wall = time.monotonic() - started
+    assert actor.feed.most_at_once == 2  # a chunk joined the engine while another ran
+    for a, b in zip(alone, together):
+        cols = ["label", "error", "truncated"] + (["reasoning"] if mode == "json" else [])
+        assert a.select(cols).to_pylist() == b.select(cols).to_pylist()
+        if mode == "score":
+            np.testing.assert_allclose(np.array(a.column("probs").to_pylist()[:-1]),
+                                       np.array(b.column("probs").to_pylist()[:-1]), atol=TOLERANCE)
+    # Each step's seconds went to the chunks in it: together they are the engine's time,
+    # within the wall time, not counted twice for the overlap.
+    busy = sum(sum(t.column("_busy_s").to_pylist()) for t in together)
+    assert 0 < busy <= wall
 
 
 def test_prompt_too_long_for_the_model_is_a_clear_error(lm_model):
