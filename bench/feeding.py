@@ -35,8 +35,8 @@ from prompted import (LABELS, STARTUP_ROWS, actor_prompts, bench_peer, build_mod
 CALLS = (1, 2)
 
 
-def config(model: Path, shards: Path, out: Path, rows_per_part: int, calls: int):
-    cfg = prompt_config(model, LABELS, "choice", input_path=str(shards), output_path=str(out))
+def config(model: Path, shards: Path, out: Path, rows_per_part: int, calls: int, mode: str):
+    cfg = prompt_config(model, LABELS, mode, input_path=str(shards), output_path=str(out))
     return cfg.model_copy(update={
         "output": cfg.output.model_copy(update={"rows_per_part": rows_per_part}),
         "resources": cfg.resources.model_copy(update={"calls_per_actor": calls})})
@@ -57,20 +57,21 @@ def floor(actor, prompts: list[list[int]], warm: list[list[int]]) -> tuple[float
     generate(warm)
     start = time.perf_counter()
     outputs = generate(prompts)
-    return time.perf_counter() - start, [o.outputs[0].text for o in outputs]
+    seconds = time.perf_counter() - start
+    return seconds, [actor.mode.parse(o.outputs[0].text, o.outputs[0].finish_reason)[0] for o in outputs]
 
 
-def ours(model: Path, shards: Path, out: Path, rows_per_part: int, calls: int) -> dict:
+def ours(model: Path, shards: Path, out: Path, rows_per_part: int, calls: int, mode: str) -> dict:
     from clsjob.pipeline import run_classify
 
     start = time.perf_counter()
-    summary = run_classify(config(model, shards, out, rows_per_part, calls))
+    summary = run_classify(config(model, shards, out, rows_per_part, calls, mode))
     seconds = time.perf_counter() - start
     manifest = json.loads((out / "_manifest.json").read_text())
     table = pa.concat_tables(pq.read_table(p) for p in sorted(out.glob("*.parquet")))
     assert summary.rows_out == summary.rows_in == table.num_rows
     order = table.column("row").to_numpy().argsort()
-    return {"seconds": seconds, "busy_s": manifest["busy"]["model_s"],
+    return {"seconds": seconds, "busy_s": manifest["busy"]["model_s"], "elapsed_s": manifest["elapsed_s"],
             "labels": [table.column("label").to_pylist()[i] for i in order]}
 
 
@@ -93,13 +94,15 @@ def assemble(runs: list[dict]) -> dict:
     def series(key: str, field: str = "rows_per_s") -> list[float]:
         return [r[key][field] for r in runs]
 
-    rows = {"floor": series("floor"), "peer": series("peer")}
+    peer = "peer" in runs[0]
+    rows = {"floor": series("floor"), **({"peer": series("peer")} if peer else {})}
     for calls in CALLS:
         rows[f"ours_{calls}"] = series(f"ours_{calls}")
         rows[f"ours_{calls}_busy_share"] = series(f"ours_{calls}", "busy_share")
         rows[f"ours_{calls}_busy_share_end_to_end"] = series(f"ours_{calls}", "busy_share_end_to_end")
         rows[f"ours_{calls}_vs_floor"] = [r[f"ours_{calls}"]["rows_per_s"] / r["floor"]["rows_per_s"] for r in runs]
-        rows[f"ours_{calls}_vs_peer"] = [r[f"ours_{calls}"]["rows_per_s"] / r["peer"]["rows_per_s"] for r in runs]
+        if peer:
+            rows[f"ours_{calls}_vs_peer"] = [r[f"ours_{calls}"]["rows_per_s"] / r["peer"]["rows_per_s"] for r in runs]
     rows["ours_2_vs_ours_1"] = [r["ours_2"]["rows_per_s"] / r["ours_1"]["rows_per_s"] for r in runs]
     return {name: summarise(values) for name, values in rows.items()}
 
@@ -108,7 +111,9 @@ def markdown(report: dict) -> str:
     s = report["summary"]
 
     def cell(name: str, digits: int = 2) -> str:
-        v = s[name]
+        v = s.get(name)
+        if v is None:
+            return "—"
         return f"{v['median']:.{digits}f} ({v['min']:.{digits}f}–{v['max']:.{digits}f})"
 
     table = [["floor: one `LLM.generate`, warm engine", cell("floor"), "", "", "", ""],
@@ -121,7 +126,7 @@ def markdown(report: dict) -> str:
                              "x floor", "x peer"], table), "",
              f"- ours with 2 calls / ours with 1: {cell('ours_2_vs_ours_1')}",
              f"- labels: {report['agreement']}",
-             f"- median (min–max) of {report['settings']['runs']} runs; "
+             f"- median (min–max) of {report['settings']['runs']} runs; {report['settings']['mode']} mode, "
              f"{report['settings']['rows']} rows, {report['settings']['rows_per_part']} per part",
              "- " + environment_line(report["environment"])]
     return "\n".join(lines)
@@ -133,8 +138,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rows-per-part", type=int, default=128,
                         help="chunk size: each chunk's tail is where a one-at-a-time actor drains")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "feeding.json")
+    parser.add_argument("--mode", choices=["choice", "json"], default="choice",
+                        help="json: answers of many tokens, finishing at different steps (no peer)")
+    parser.add_argument("--out", type=Path, default=None, help="default bench/results/feeding-<mode>.json")
     args = parser.parse_args()
+    args.out = args.out or REPO / "bench" / "results" / f"feeding-{args.mode}.json"
     if args.rows <= STARTUP_ROWS:
         parser.error(f"--rows must be above {STARTUP_ROWS}, the rows of the start-up run")
     return args
@@ -153,7 +161,7 @@ def main() -> None:
     shards, few = row_shards(rows, work / "input"), row_shards(rows.slice(0, STARTUP_ROWS), work / "few")
 
     # The floor replays the actor's own token ids and sampling parameters on its engine.
-    actor = make_actor(prompt_config(model, LABELS, "choice"))
+    actor = make_actor(prompt_config(model, LABELS, args.mode))
     prompts = actor_prompts(actor, rows.column("text").to_pylist())
     warm = actor_prompts(actor, warmup_texts(train))
     max_tokens = actor.mode.params.max_tokens
@@ -170,23 +178,25 @@ def main() -> None:
             log(f"run {run + 1}: floor {len(prompts) / seconds:.1f} rows/s")
             full, small = {}, {}
             for calls in CALLS:
-                full[calls] = ours(model, shards, work / f"out-{calls}", args.rows_per_part, calls)
+                full[calls] = ours(model, shards, work / f"out-{calls}", args.rows_per_part, calls, args.mode)
                 log(f"run {run + 1}: ours, {calls} call(s): {rows.num_rows / full[calls]['seconds']:.1f} rows/s end to end")
-            peer_full = bench_peer(model, shards, rows.num_rows, max_tokens, log)
+            # The peer is set up for choice (the constraint bench/prompted.py gives it).
+            peer_full = bench_peer(model, shards, rows.num_rows, max_tokens, log) if args.mode == "choice" else None
             for calls in CALLS:
-                small[calls] = ours(model, few, work / f"few-{calls}", args.rows_per_part, calls)
+                small[calls] = ours(model, few, work / f"few-{calls}", args.rows_per_part, calls, args.mode)
                 result[f"ours_{calls}"] = steady(full[calls], small[calls], rows.num_rows)
                 labels[f"ours_{calls}"] = full[calls]["labels"]
-            peer_small = bench_peer(model, few, STARTUP_ROWS, max_tokens, log, "peer, 64 rows")
-            result["peer"] = steady(peer_full["result"], peer_small["result"], rows.num_rows)
-            labels["peer"] = peer_full["labels"]
+            if peer_full:
+                peer_small = bench_peer(model, few, STARTUP_ROWS, max_tokens, log, "peer, 64 rows")
+                result["peer"] = steady(peer_full["result"], peer_small["result"], rows.num_rows)
+                labels["peer"] = peer_full["labels"]
             log(f"run {run + 1}: steady " + ", ".join(f"{k} {v['rows_per_s']:.1f}" for k, v in result.items()))
             runs.append(result)
     finally:
         ray.shutdown()
     agreement = {name: round(sum(a == b for a, b in zip(got, floor_labels)) / len(got), 4)
                  for name, got in labels.items()}
-    report = {"environment": env, "settings": {"rows": rows.num_rows, "runs": args.runs,
+    report = {"environment": env, "settings": {"rows": rows.num_rows, "runs": args.runs, "mode": args.mode,
                                                "rows_per_part": args.rows_per_part,
                                                "startup_rows": STARTUP_ROWS},
               "summary": assemble(runs), "runs": runs, "agreement": {"same label as the floor": agreement}}
