@@ -202,7 +202,8 @@ class EngineFeed:
                         self._admit(call := self.inbox.get())
                     self._step()
             except Exception as exc:  # a bug here must fail the calls, not hang them
-                self.running.add(call)
+                if not call.done.is_set():  # the call being admitted, not yet running
+                    self.running.add(call)
                 self._fail_all(exc)
 
     def _admit(self, call: "FeedCall") -> None:

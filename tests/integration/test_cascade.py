@@ -77,6 +77,8 @@ def test_only_the_unsure_rows_reach_the_second_stage(alone, qwen_model, bert_mod
     assert (second["name"], second["rows_ran"], second["rows_labelled"]) == ("large", len(sent), len(sent))
     assert manifest["cascade"]["escalated_share"] == pytest.approx(len(sent) / len(confidences))
     assert first["busy_s"] > 0 and second["rows_per_busy_s"] > 0
+    # The run's model seconds are both stages' (each row carries the sum of its stages').
+    assert manifest["busy"]["model_s"] == pytest.approx(first["busy_s"] + second["busy_s"], abs=0.01)
     # Accuracy of each stage on the rows it labelled, and of the first stage alone on all.
     for stage, rows in ((first, [i for i in out if i not in sent and small[i]["error"] is None]),
                         (second, sorted(sent))):
