@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from clsjob.config import ClassifyConfig, InputConfig, stage_backends
 from clsjob.labels import LabelSet
-from clsjob.metrics import Tally, count_multilabel_rows, count_rows
+from clsjob.metrics import Tally, count_part
 
 # Row ids derived from shard and row number when input.id_column is not set.
 DERIVED_ID = "id"
@@ -115,15 +115,7 @@ class PartRecord:
         candidate rows for review; `temperature`: what its probabilities were scaled by;
         `stages`: a cascade's counts per stage."""
         errors = written.column("error").to_pylist()
-        gold = (written.column(GOLD).to_pylist() if GOLD in written.column_names
-                else [None] * written.num_rows)
-        confidence = written.column("confidence").to_pylist()
-        if "labels" in written.column_names:  # task: multi_label
-            counts = count_multilabel_rows(labels, gold, written.column("labels").to_pylist(),
-                                           confidence, errors)
-        else:
-            counts = count_rows(labels, gold, written.column("label").to_pylist(), confidence,
-                                errors, written.column("probs").to_pylist(), temperature)
+        counts = count_part(labels, written, GOLD, temperature)
         return cls(shard=chunk.column(SHARD)[0].as_py(), part=chunk.column(PART)[0].as_py(),
                    rows=written.num_rows, errored=sum(e is not None for e in errors),
                    truncated=sum(bool(t) for t in written.column("truncated").to_pylist()),

@@ -227,9 +227,7 @@ def count_rows(labels: LabelSet, gold: Sequence[str | None], predicted: Sequence
     np.add.at(t.bin_rows, bins, 1.0)
     np.add.at(t.bin_confidence, bins, scored_conf)
     np.add.at(t.bin_correct, bins, correct)
-    every_conf = np.array(every_conf, dtype=np.float64)
-    np.add.at(t.confidence_counts, coverage_bin(every_conf), 1)
-    t.confidence_sum = float(every_conf.sum())
+    count_confidences(t, every_conf)
     fine = coverage_bin(scored_conf)
     np.add.at(t.coverage_rows, fine, 1)
     np.add.at(t.coverage_correct, fine, correct.astype(np.int64))
@@ -263,10 +261,32 @@ def count_multilabel_rows(labels: LabelSet, gold: Sequence[Sequence[str] | None]
             scored_gold.append([labels.id_of(x) for x in g])
             scored_pred.append([labels.id_of(x) for x in p or ()])
     t.multilabel = count_multilabel(len(labels), scored_gold, scored_pred)
-    every_conf = np.array(every_conf, dtype=np.float64)
-    np.add.at(t.confidence_counts, coverage_bin(every_conf), 1)
-    t.confidence_sum = float(every_conf.sum())
+    count_confidences(t, every_conf)
     return t
+
+
+def count_part(labels: LabelSet, part, gold_column: str | None,
+               temperature: float | None = None) -> Tally:
+    """The counts of one written part (a pyarrow Table in the output contract):
+    count_multilabel_rows where it has a `labels` column (task: multi_label), else
+    count_rows. Without a gold column every row counts as having no gold label."""
+    def column(name):
+        return part.column(name).to_pylist()
+    gold = (column(gold_column) if gold_column and gold_column in part.column_names
+            else [None] * part.num_rows)
+    if "labels" in part.column_names:
+        return count_multilabel_rows(labels, gold, column("labels"), column("confidence"),
+                                     column("error"))
+    return count_rows(labels, gold, column("label"), column("confidence"), column("error"),
+                      column("probs"), temperature)
+
+
+def count_confidences(t: Tally, confidences: list[float]) -> None:
+    """The run's confidence histogram and sum: every labelled row's, gold label or not
+    (what drift between runs compares)."""
+    every = np.array(confidences, dtype=np.float64)
+    np.add.at(t.confidence_counts, coverage_bin(every), 1)
+    t.confidence_sum = float(every.sum())
 
 
 def count_unscaled(t: Tally, raw: list[tuple[int, Sequence[float]]], y_true: np.ndarray,

@@ -10,7 +10,7 @@ from clsjob.calibration import calibrate
 from clsjob.config import AbstainConfig, StorageConfig
 from clsjob.contract import CALIBRATION, MANIFEST, METRICS, REPORT, REPORT_HTML
 from clsjob.labels import LabelSet
-from clsjob.metrics import Tally, count_multilabel_rows, count_rows, summarize
+from clsjob.metrics import Tally, count_part, summarize
 from clsjob.report_html import render_html
 from clsjob.store import InputError
 
@@ -39,21 +39,13 @@ def evaluate_output(output: str, storage: StorageConfig, target_accuracy: float 
         raise InputError(f"{output}: the run had no input.label_column, nothing to evaluate")
     rule = manifest.get("abstain")
     labels = scored_labels(LabelSet(tuple(manifest["labels"])), AbstainConfig(**rule) if rule else None)
-    counts = Tally.for_task(len(labels), manifest.get("task", "single_label"))
-    if manifest.get("task") == "multi_label":
-        for part in manifest["parts"]:
-            t = store.read_table(store.join(output, part["part"]), storage,
-                                 [gold_column, "labels", "confidence", "error"])
-            counts.add(count_multilabel_rows(labels, *(t.column(c).to_pylist() for c in
-                                                       (gold_column, "labels", "confidence", "error"))))
-        return write_evaluation(output, storage, labels, counts, manifest.get("rows_per_s"),
-                                target_accuracy, manifest.get("drift"))
+    task = manifest.get("task", "single_label")
+    counts = Tally.for_task(len(labels), task)
+    answer = ["labels"] if task == "multi_label" else ["label", "probs"]
     for part in manifest["parts"]:
         t = store.read_table(store.join(output, part["part"]), storage,
-                             [gold_column, "label", "confidence", "error", "probs"])
-        counts.add(count_rows(labels, *(t.column(c).to_pylist() for c in
-                                        (gold_column, "label", "confidence", "error", "probs")),
-                              temperature=manifest.get("temperature")))
+                             [gold_column, *answer, "confidence", "error"])
+        counts.add(count_part(labels, t, gold_column, manifest.get("temperature")))
     return write_evaluation(output, storage, labels, counts, manifest.get("rows_per_s"), target_accuracy,
                             manifest.get("drift"), manifest.get("cascade"))
 

@@ -136,19 +136,25 @@ class GeneratedAnswer:
         raise NotImplementedError
 
 
+def constrained(base: dict, answer_tokens: int, **structured):
+    """Sampling parameters whose answer is forced by vLLM's structured outputs (`choice=` the
+    labels, or `json=` a schema) and cut at answer_tokens."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return SamplingParams(**base, max_tokens=answer_tokens,
+                          structured_outputs=StructuredOutputsParams(**structured))
+
+
 class ChoiceAnswer(GeneratedAnswer):
     """The answer is forced to be exactly one label."""
 
     def __init__(self, labels: LabelSet, prompt: PromptConfig, base: dict):
-        from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
-
         # Bytes, not tokens: a grammar may spell a label in more tokens than the tokenizer
         # would; +1 for the end-of-sequence token.
         answer_tokens = max(len(n.encode()) for n in labels.names) + 1
-        params = SamplingParams(**base, max_tokens=answer_tokens, structured_outputs=
-                                StructuredOutputsParams(choice=list(labels.names)))
-        super().__init__(labels, prompt, params, answer_tokens)
+        super().__init__(labels, prompt, constrained(base, answer_tokens, choice=list(labels.names)),
+                         answer_tokens)
 
     def parse(self, text, finish):
         if text in self.labels:
@@ -161,17 +167,12 @@ class JsonAnswer(GeneratedAnswer):
     gives_reasoning = True
 
     def __init__(self, labels: LabelSet, prompt: PromptConfig, base: dict):
-        from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
-
         # Bytes of the longest answer the schema allows: a character of reasoning is at most
         # 6 bytes (a \uXXXX escape), a label at most its bytes plus escapes.
         longest = max(len(n.encode()) for n in labels.names)
         answer_tokens = 32 + 2 * longest + 6 * prompt.reasoning_max_chars
         schema = answer_schema(labels, prompt.reasoning_max_chars)
-        params = SamplingParams(**base, max_tokens=answer_tokens,
-                                structured_outputs=StructuredOutputsParams(json=schema))
-        super().__init__(labels, prompt, params, answer_tokens)
+        super().__init__(labels, prompt, constrained(base, answer_tokens, json=schema), answer_tokens)
 
     def parse(self, text, finish):
         try:
@@ -244,16 +245,11 @@ class JsonLabelsAnswer(GeneratedAnswer):
     gives_reasoning = True
 
     def __init__(self, labels: LabelSet, prompt: PromptConfig, base: dict):
-        from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
-
         # Every label once (quoted, comma), the reasoning's bytes as in JsonAnswer.
         answer_tokens = 32 + sum(2 * len(n.encode()) + 4 for n in labels.names) \
             + 6 * prompt.reasoning_max_chars
         schema = multilabel.answer_schema(labels, prompt.reasoning_max_chars)
-        params = SamplingParams(**base, max_tokens=answer_tokens,
-                                structured_outputs=StructuredOutputsParams(json=schema))
-        super().__init__(labels, prompt, params, answer_tokens)
+        super().__init__(labels, prompt, constrained(base, answer_tokens, json=schema), answer_tokens)
 
     def parse(self, text, finish):
         given, why_not = multilabel.parse_answer(text, self.labels)
