@@ -5,8 +5,10 @@ genuinely costlier than its student:
 - teacher: all-MiniLM-L6-v2 fine-tuned in full through clsjob on all of SST-2 train (6,920
   rows), as the fine-tune benchmark trains it;
 - student: the same MiniLM cut to its first 2 of 6 layers (the usual layer-dropping student:
-  about a third of the encoder's compute per row), fine-tuned through `clsjob distill` on the
-  teacher's labels of a 2,000-row sample of the train texts (400 held out for the gate);
+  about a third of the encoder's compute per row) -- cut from pretrained MiniLM, or with
+  `--student-from teacher` from the fine-tuned teacher, head included -- fine-tuned through
+  `clsjob distill` on the teacher's labels of a 2,000-row sample of the train texts (400
+  held out for the gate);
 - the cascade: student, then teacher for the rows under the threshold the gate picked on
   the held-out rows (`gate.cascade_agreement` 0.98 with the teacher).
 
@@ -16,7 +18,8 @@ variant run `--runs` times, alternating: teacher or student alone as one actor o
 torch threads on the 2 cores), the cascade as one actor of 1 CPU per stage (the same 2
 cores: two actors of 2 threads each oversubscribe them, and ran at 0.44x the teacher).
 
-    .venv/bin/python bench/distill.py [--work DIR] [--runs 3] [--out FILE.json]
+    .venv/bin/python bench/distill.py [--work DIR] [--runs 3] [--student-from minilm|teacher]
+                                      [--out FILE.json]
 
 `--work DIR` keeps the teacher, the student and the distill run folder, and reuses them.
 CPU: ~40 min (the teacher's fine-tune is most of it).
@@ -50,18 +53,28 @@ def teacher(work: Path) -> dict:
     return {"wall_time_s": "reused"}
 
 
-def two_layer_minilm(target: Path) -> Path:
-    """MiniLM with its first 2 of 6 encoder layers: the student's base model."""
+def two_layer_base(work: Path, start: str) -> Path:
+    """The student's base model: the first 2 of 6 encoder layers of pretrained MiniLM
+    (`minilm`), or of the fine-tuned teacher with its classification head (`teacher`: the
+    student starts from the teacher's own features, a layer-dropping student of the teacher)."""
+    target = work / f"student-base-{start}"
     if target.is_dir():
         return target
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     from clsjob.demo import extract_minilm
 
-    source = extract_minilm(target.parent / "minilm-source")
-    model = AutoModel.from_pretrained(source)
-    model.encoder.layer = model.encoder.layer[:2]
+    if start == "teacher":
+        source = work / "teacher" / "model"
+        model = AutoModelForSequenceClassification.from_pretrained(source)
+    else:
+        source = extract_minilm(work / "minilm-source")
+        model = AutoModel.from_pretrained(source)
+    model.base_model.encoder.layer = model.base_model.encoder.layer[:2]
     model.config.num_hidden_layers = 2
+    # The teacher's temperature and thresholds describe the teacher, not its cut.
+    for key in [k for k in vars(model.config) if k.startswith("clsjob_")]:
+        delattr(model.config, key)
     model.save_pretrained(target)
     AutoTokenizer.from_pretrained(source).save_pretrained(target)
     return target
@@ -81,7 +94,7 @@ def corpora(work: Path) -> tuple[Path, Path, Path]:
     return folders
 
 
-def distill(work: Path, corpus: Path) -> dict:
+def distill(work: Path, corpus: Path, start: str) -> dict:
     from clsjob.config import DistillConfig, validate
     from clsjob.distill import run_distill
 
@@ -89,18 +102,18 @@ def distill(work: Path, corpus: Path) -> dict:
         "input": {"path": str(corpus), "label_column": "label"},
         "teacher": {"backend": {"model": str(work / "teacher" / "model"), "max_length": 64},
                     "resources": {"cpus_per_actor": 2}},
-        "student": {"base_model": str(two_layer_minilm(work / "student-base")),
+        "student": {"base_model": str(two_layer_base(work, start)),
                     "training": {"method": "full", "epochs": 5, "learning_rate": 1e-4, "batch_size": 32,
                                  "max_length": 64, "gradient_checkpointing": False, "cpus_per_worker": 2},
                     "resources": {"cpus_per_actor": 2}},
         "sample": {"rows": SAMPLE_ROWS, "seed": 0, "heldout_fraction": 0.2},
         "gate": {"min_agreement": 0.8, "cascade_agreement": 0.98},
-        "output": {"path": str(work / "distill")}}, model=DistillConfig))
+        "output": {"path": str(work / f"distill-{start}")}}, model=DistillConfig))
 
 
-def backends(work: Path, below: float) -> dict:
+def backends(work: Path, start: str, below: float) -> dict:
     teacher = {"model": str(work / "teacher" / "model"), "max_length": 64}
-    student = {"model": str(work / "distill" / "student-model"), "max_length": 64}
+    student = {"model": str(work / f"distill-{start}" / "student-model"), "max_length": 64}
     alone, stage = {"cpus_per_actor": 2}, {"cpus_per_actor": 1}
     return {"teacher": {"backend": teacher, "resources": alone},
             "student": {"backend": student, "resources": alone},
@@ -125,6 +138,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, help="keep (and reuse) the models and runs here")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--student-from", choices=["minilm", "teacher"], default="minilm",
+                        help="cut the student's 2 layers from pretrained MiniLM or from the "
+                             "fine-tuned teacher")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "distill.json"))
     args = parser.parse_args()
     if not DATA.exists():
@@ -140,9 +156,9 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         train_corpus, eval_corpus, speed_corpus = corpora(work)
         teacher_info = teacher(work / "teacher")
-        distilled = distill(work, train_corpus)
+        distilled = distill(work, train_corpus, args.student_from)
         gate = distilled["gate"]
-        variants = backends(work, gate["cascade_below"])
+        variants = backends(work, args.student_from, gate["cascade_below"])
         quality = {}
         for name, variant in variants.items():
             manifest, _ = classify(variant, eval_corpus, work / f"eval-{name}")
@@ -159,7 +175,7 @@ def main() -> int:
     rows_per_s = {name: statistics.median(runs) for name, runs in speed.items()}
     target = TARGETS["distill"]
     result = {
-        "teacher_finetune": teacher_info, "distill_steps_wall_s": distilled["steps_wall_s"], "gate": gate,
+        "student_from": args.student_from, "teacher_finetune": teacher_info, "distill_steps_wall_s": distilled["steps_wall_s"], "gate": gate,
         "quality": quality, "speed_rows": speed_rows, "speed_rows_per_s": speed,
         "cascade_vs_teacher_speed": round(rows_per_s["cascade"] / rows_per_s["teacher"], 3),
         "student_vs_teacher_speed": round(rows_per_s["student"] / rows_per_s["teacher"], 3),
