@@ -117,7 +117,7 @@ def main() -> int:
         m = json.loads((work / "out" / "_metrics.json").read_text())
 
     ours = {"model": "all-MiniLM-L6-v2, full fine-tune, multi_label"
-                     + (f", continued from {args.base}" if args.base else ""), **task,
+                     + (", continued from a merged earlier run (--base)" if args.base else ""), **task,
             "f1_macro": m["f1_macro"], "f1_micro": m["f1_micro"],
             "subset_accuracy": m["subset_accuracy"], "hamming_loss": m["hamming_loss"],
             "label_cardinality": m["label_cardinality"],
