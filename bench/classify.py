@@ -455,7 +455,8 @@ def benchmark(args, env: dict, wanted: list[str], sst2: Path, workdir: Path) -> 
             sizes[(name, variant)] = (len(ls), sum(ls))
             sizes[(name, variant + SMALL)] = (n_small, sum(ls[:n_small]))
     table = summarise(results, sizes)
-    report = {"environment": env, "args": {k: v for k, v in vars(args).items() if k != "out"},  # not this machine's path
+    # --out is left out: it would name a path of this machine.
+    report = {"environment": env, "args": {k: v for k, v in vars(args).items() if k != "out"},
               "model": "all-MiniLM-L6-v2 + random 2-label head", "max_length": MAX_LENGTH,
               "batch": BATCH, "cpus_per_actor": CPUS_PER_ACTOR,
               "row_sets": {n: {"rows": len(ls), "tokens": sum(ls), "tokens_min": min(ls),
