@@ -5,7 +5,8 @@ beside a TF-IDF + one-vs-rest logistic regression baseline with thresholds tuned
 same way, trained and scored in the same run.
 
     .venv/bin/python bench/multilabel.py [--epochs N] [--learning-rate LR] [--work DIR]
-                                         [--base MODEL_DIR] [--pos-weight none|sqrt|balanced]
+                                         [--base MODEL_DIR]
+                                         [--class-weights none|balanced|sqrt_balanced]
                                          [--out FILE.json]
 
 --work DIR keeps the run's folders (splits, model, output) there and reuses a finished
@@ -63,16 +64,6 @@ def baseline(train, dev, test, labels: list[str]) -> dict:
             "wall_time_s": round(time.monotonic() - started, 1)}
 
 
-def positive_weights(rule: str, golds: list[list[str]], labels: list[str]):
-    """training.class_weights for the rule: `balanced` is clsjob's own (negative / positive rows,
-    up to ~560 for GoEmotions' rarest label); `sqrt` damps it to its square root (up to ~24),
-    so rare labels are pushed up without the loss being decided by a few dozen rows."""
-    if rule != "sqrt":
-        return rule
-    positive = {name: sum(name in g for g in golds) for name in labels}
-    return {name: round(float(np.sqrt((len(golds) - n) / n)), 4) for name, n in positive.items() if n}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=float, default=3)
@@ -80,9 +71,9 @@ def main() -> int:
     parser.add_argument("--work", type=Path)
     parser.add_argument("--base", type=Path, help="go on from this model folder (a merged "
                                                   "earlier run's) instead of MiniLM")
-    parser.add_argument("--pos-weight", choices=["none", "sqrt", "balanced"], default="none",
-                        help="weight of each label's positive rows in the loss: balanced = "
-                             "its negative / positive train rows, sqrt = the square root of that")
+    parser.add_argument("--class-weights", choices=["none", "balanced", "sqrt_balanced"],
+                        default="none", help="training.class_weights: the weight of each "
+                        "label's positive rows in the loss")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "multilabel.json"))
     args = parser.parse_args()
     env = environment()
@@ -101,10 +92,9 @@ def main() -> int:
         print(json.dumps({"baseline": base}), flush=True)
         started = time.monotonic()
         task = {"epochs": args.epochs, "learning_rate": args.learning_rate,
-                "pos_weight": args.pos_weight}
+                "class_weights": args.class_weights}
         trained = finetune_minilm(task, work, label_column="labels", job_task="multi_label",
-                                  base=args.base,
-                                  class_weights=positive_weights(args.pos_weight, train[1], labels))
+                                  base=args.base, class_weights=args.class_weights)
         classify_started = time.monotonic()
         summary = run_classify(validate({
             "task": "multi_label",

@@ -627,11 +627,12 @@ class TrainingConfig(Section):
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per "
                                                                    "optimizer step.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    class_weights: Literal["none", "balanced"] | dict[str, float] = Field(
+    class_weights: Literal["none", "balanced", "sqrt_balanced"] | dict[str, float] = Field(
         "none", description="Loss weight per label for imbalanced data: balanced = "
-                            "rows / (labels x rows of the label), or an explicit mapping. "
-                            "task: multi_label: the weight of a label's positive rows "
-                            "(pos_weight); balanced = its negative / positive rows.")
+                            "rows / (labels x rows of the label), sqrt_balanced = its square "
+                            "root, or an explicit mapping. task: multi_label: the weight of a "
+                            "label's positive rows (pos_weight); balanced = its negative / "
+                            "positive rows.")
     seed: int = Field(0, description="Seed of the head's initialisation, the data order and "
                                       "dropout.")
     workers: int = Field(1, gt=0, description="Ray Train workers (one per GPU), DDP.")

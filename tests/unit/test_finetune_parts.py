@@ -25,6 +25,15 @@ def test_balanced_weights_follow_label_frequencies():
     assert label_weights("none", LABELS, rows(0)) is None
 
 
+def test_sqrt_balanced_weights_are_the_square_roots_of_balanced():
+    single = rows(0, 0, 0, 0, 0, 0, 1, 1, 2)
+    assert label_weights("sqrt_balanced", LABELS, single).tolist() == pytest.approx(
+        np.sqrt([0.5, 1.5, 3.0]).tolist())
+    # Multi-label: pos_weight = sqrt(negative / positive rows); a label with no positive row 1.
+    multi = [{"labels": [1, 0, 0]}, {"labels": [0, 0, 0]}, {"labels": [0, 0, 0]}, {"labels": [1, 1, 0]}]
+    assert label_weights("sqrt_balanced", LABELS, multi).tolist() == pytest.approx([1.0, np.sqrt(3.0), 1.0])
+
+
 def test_explicit_weights_default_to_one_and_unknown_labels_are_named():
     assert label_weights({"c": 4.0}, LABELS, rows(0)).tolist() == [1.0, 1.0, 4.0]
     with pytest.raises(LabelError, match=r"not in the label set: \['z'\]"):
