@@ -175,7 +175,8 @@ def main() -> int:
     rows_per_s = {name: statistics.median(runs) for name, runs in speed.items()}
     target = TARGETS["distill"]
     result = {
-        "student_from": args.student_from, "teacher_finetune": teacher_info, "distill_steps_wall_s": distilled["steps_wall_s"], "gate": gate,
+        "student_from": args.student_from, "teacher_finetune": teacher_info,
+        "distill_steps_wall_s": distilled["steps_wall_s"], "gate": gate,
         "quality": quality, "speed_rows": speed_rows, "speed_rows_per_s": speed,
         "cascade_vs_teacher_speed": round(rows_per_s["cascade"] / rows_per_s["teacher"], 3),
         "student_vs_teacher_speed": round(rows_per_s["student"] / rows_per_s["teacher"], 3),
