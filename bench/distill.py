@@ -166,7 +166,7 @@ def any_threshold(work: Path, student_speedup: float) -> list[dict]:
         curve.append({"below": float(below), "escalated": round(float(escalated.mean()), 4),
                       "accuracy": round(accuracy, 4),
                       "points_below_teacher": round(100 * (teacher_accuracy - accuracy), 2),
-                      "speed_vs_teacher": round(1 / (1 / student_speedup + escalated.mean()), 2)})
+                      "speed_vs_teacher": round(float(1 / (1 / student_speedup + escalated.mean())), 2)})
     return curve
 
 
