@@ -10,7 +10,7 @@ genuinely costlier than its student:
   `clsjob distill` on the teacher's labels of a 2,000-row sample of the train texts (400
   held out for the gate);
 - the cascade: student, then teacher for the rows under the threshold the gate picked on
-  the held-out rows (`gate.cascade_agreement` 0.98 with the teacher).
+  the held-out rows (`gate.cascade_agreement`, by default 0.98, with the teacher).
 
 Accuracy of teacher, student and cascade on SST-2 dev + test (2,693 rows, one run each).
 Speed end to end (start-up included) on dev + test four times over (10,772 rows), each
@@ -19,7 +19,8 @@ torch threads on the 2 cores), the cascade as one actor of 1 CPU per stage (the 
 cores: two actors of 2 threads each oversubscribe them, and ran at 0.44x the teacher).
 
     .venv/bin/python bench/distill.py [--work DIR] [--runs 3] [--student-from minilm|teacher]
-                                      [--sample-rows 2000] [--out FILE.json]
+                                      [--sample-rows 2000] [--cascade-agreement 0.98]
+                                      [--out FILE.json]
 
 Beside the gate's threshold, the result holds what any threshold could reach on dev + test
 (`any_threshold`: escalated share, cascade accuracy and the speed the measured student and
@@ -102,7 +103,7 @@ def distilled_folder(work: Path, start: str, rows: int) -> Path:
     return work / (f"distill-{start}" if rows == SAMPLE_ROWS else f"distill-{start}-{rows}")
 
 
-def distill(work: Path, corpus: Path, start: str, rows: int) -> dict:
+def distill(work: Path, corpus: Path, start: str, rows: int, cascade_agreement: float) -> dict:
     from clsjob.config import DistillConfig, validate
     from clsjob.distill import run_distill
 
@@ -115,7 +116,7 @@ def distill(work: Path, corpus: Path, start: str, rows: int) -> dict:
                                  "max_length": 64, "gradient_checkpointing": False, "cpus_per_worker": 2},
                     "resources": {"cpus_per_actor": 2}},
         "sample": {"rows": rows, "seed": 0, "heldout_fraction": 0.2},
-        "gate": {"min_agreement": 0.8, "cascade_agreement": 0.98},
+        "gate": {"min_agreement": 0.8, "cascade_agreement": cascade_agreement},
         "output": {"path": str(distilled_folder(work, start, rows))}}, model=DistillConfig))
 
 
@@ -179,6 +180,9 @@ def main() -> int:
                              "fine-tuned teacher")
     parser.add_argument("--sample-rows", type=int, default=SAMPLE_ROWS,
                         help="teacher-labelled rows the student learns from (a fifth held out)")
+    parser.add_argument("--cascade-agreement", type=float, default=0.98,
+                        help="gate.cascade_agreement: the cascade's agreement with the teacher "
+                             "on the held-out rows that picks the threshold")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "distill.json"))
     args = parser.parse_args()
     if not DATA.exists():
@@ -194,7 +198,8 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         train_corpus, eval_corpus, speed_corpus = corpora(work)
         teacher_info = teacher(work / "teacher")
-        distilled = distill(work, train_corpus, args.student_from, args.sample_rows)
+        distilled = distill(work, train_corpus, args.student_from, args.sample_rows,
+                            args.cascade_agreement)
         gate = distilled["gate"]
         variants = backends(work, distilled_folder(work, args.student_from, args.sample_rows),
                             gate["cascade_below"])
@@ -218,6 +223,7 @@ def main() -> int:
     fast = [c for c in curve if c["speed_vs_teacher"] >= target["speed_vs_teacher"]]
     result = {
         "student_from": args.student_from, "sample_rows": args.sample_rows,
+        "cascade_agreement": args.cascade_agreement,
         "teacher_finetune": teacher_info,
         "distill_steps_wall_s": distilled["steps_wall_s"], "gate": gate,
         "quality": quality, "speed_rows": speed_rows, "speed_rows_per_s": speed,
