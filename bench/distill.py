@@ -7,8 +7,8 @@ genuinely costlier than its student:
 - student: the same MiniLM cut to its first 2 of 6 layers (the usual layer-dropping student:
   about a third of the encoder's compute per row) -- cut from pretrained MiniLM, or with
   `--student-from teacher` from the fine-tuned teacher, head included -- fine-tuned through
-  `clsjob distill` on the teacher's labels of a 2,000-row sample of the train texts (400
-  held out for the gate);
+  `clsjob distill` on the teacher's labels of a sample of the train texts (2,000 rows, or
+  `--sample-rows`, up to all 6,920; a fifth held out for the gate);
 - the cascade: student, then teacher for the rows under the threshold the gate picked on
   the held-out rows (`gate.cascade_agreement`, by default 0.98, with the teacher).
 
