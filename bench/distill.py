@@ -19,7 +19,8 @@ torch threads on the 2 cores), the cascade as one actor of 1 CPU per stage (the 
 cores: two actors of 2 threads each oversubscribe them, and ran at 0.44x the teacher).
 
     .venv/bin/python bench/distill.py [--work DIR] [--runs 3] [--student-from minilm|teacher]
-                                      [--sample-rows 2000] [--cascade-agreement 0.98]
+                                      [--sample-rows 2000] [--student-layers 2]
+                                      [--cascade-agreement 0.98]
                                       [--out FILE.json]
 
 Beside the gate's threshold, the result holds what any threshold could reach on dev + test
@@ -58,11 +59,11 @@ def teacher(work: Path) -> dict:
     return {"wall_time_s": "reused"}
 
 
-def two_layer_base(work: Path, start: str) -> Path:
-    """The student's base model: the first 2 of 6 encoder layers of pretrained MiniLM
+def student_base(work: Path, start: str, layers: int) -> Path:
+    """The student's base model: the first `layers` (2) of 6 encoder layers of pretrained MiniLM
     (`minilm`), or of the fine-tuned teacher with its classification head (`teacher`: the
     student starts from the teacher's own features, a layer-dropping student of the teacher)."""
-    target = work / f"student-base-{start}"
+    target = work / (f"student-base-{start}" if layers == 2 else f"student-base-{start}-{layers}")
     if target.is_dir():
         return target
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
@@ -75,8 +76,8 @@ def two_layer_base(work: Path, start: str) -> Path:
     else:
         source = extract_minilm(work / "minilm-source")
         model = AutoModel.from_pretrained(source)
-    model.base_model.encoder.layer = model.base_model.encoder.layer[:2]
-    model.config.num_hidden_layers = 2
+    model.base_model.encoder.layer = model.base_model.encoder.layer[:layers]
+    model.config.num_hidden_layers = layers
     # The teacher's temperature and thresholds describe the teacher, not its cut.
     for key in [k for k in vars(model.config) if k.startswith("clsjob_")]:
         delattr(model.config, key)
@@ -99,11 +100,13 @@ def corpora(work: Path) -> tuple[Path, Path, Path]:
     return folders
 
 
-def distilled_folder(work: Path, start: str, rows: int) -> Path:
-    return work / (f"distill-{start}" if rows == SAMPLE_ROWS else f"distill-{start}-{rows}")
+def distilled_folder(work: Path, start: str, rows: int, layers: int) -> Path:
+    name = f"distill-{start}" + (f"-{rows}" if rows != SAMPLE_ROWS else "") + (f"-{layers}l" if layers != 2 else "")
+    return work / name
 
 
-def distill(work: Path, corpus: Path, start: str, rows: int, cascade_agreement: float) -> dict:
+def distill(work: Path, corpus: Path, start: str, rows: int, layers: int,
+            cascade_agreement: float) -> dict:
     from clsjob.config import DistillConfig, validate
     from clsjob.distill import run_distill
 
@@ -111,13 +114,13 @@ def distill(work: Path, corpus: Path, start: str, rows: int, cascade_agreement: 
         "input": {"path": str(corpus), "label_column": "label"},
         "teacher": {"backend": {"model": str(work / "teacher" / "model"), "max_length": 64},
                     "resources": {"cpus_per_actor": 2}},
-        "student": {"base_model": str(two_layer_base(work, start)),
+        "student": {"base_model": str(student_base(work, start, layers)),
                     "training": {"method": "full", "epochs": 5, "learning_rate": 1e-4, "batch_size": 32,
                                  "max_length": 64, "gradient_checkpointing": False, "cpus_per_worker": 2},
                     "resources": {"cpus_per_actor": 2}},
         "sample": {"rows": rows, "seed": 0, "heldout_fraction": 0.2},
         "gate": {"min_agreement": 0.8, "cascade_agreement": cascade_agreement},
-        "output": {"path": str(distilled_folder(work, start, rows))}}, model=DistillConfig))
+        "output": {"path": str(distilled_folder(work, start, rows, layers))}}, model=DistillConfig))
 
 
 def backends(work: Path, student_run: Path, below: float) -> dict:
@@ -180,6 +183,8 @@ def main() -> int:
                              "fine-tuned teacher")
     parser.add_argument("--sample-rows", type=int, default=SAMPLE_ROWS,
                         help="teacher-labelled rows the student learns from (a fifth held out)")
+    parser.add_argument("--student-layers", type=int, default=2,
+                        help="encoder layers kept for the student (of the 6)")
     parser.add_argument("--cascade-agreement", type=float, default=0.98,
                         help="gate.cascade_agreement: the cascade's agreement with the teacher "
                              "on the held-out rows that picks the threshold")
@@ -199,9 +204,10 @@ def main() -> int:
         train_corpus, eval_corpus, speed_corpus = corpora(work)
         teacher_info = teacher(work / "teacher")
         distilled = distill(work, train_corpus, args.student_from, args.sample_rows,
-                            args.cascade_agreement)
+                            args.student_layers, args.cascade_agreement)
         gate = distilled["gate"]
-        variants = backends(work, distilled_folder(work, args.student_from, args.sample_rows),
+        variants = backends(work, distilled_folder(work, args.student_from, args.sample_rows,
+                                                   args.student_layers),
                             gate["cascade_below"])
         quality = {}
         for name, variant in variants.items():
@@ -222,7 +228,8 @@ def main() -> int:
     within = [c for c in curve if c["points_below_teacher"] <= target["points_below_teacher"]]
     fast = [c for c in curve if c["speed_vs_teacher"] >= target["speed_vs_teacher"]]
     result = {
-        "student_from": args.student_from, "sample_rows": args.sample_rows,
+        "student_from": args.student_from, "student_layers": args.student_layers,
+        "sample_rows": args.sample_rows,
         "cascade_agreement": args.cascade_agreement,
         "teacher_finetune": teacher_info,
         "distill_steps_wall_s": distilled["steps_wall_s"], "gate": gate,
