@@ -179,7 +179,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, help="keep (and reuse) the models and runs here")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--student-from", choices=["minilm", "teacher"], default="minilm",
-                        help="cut the student's 2 layers from pretrained MiniLM or from the "
+                        help="cut the student's layers from pretrained MiniLM or from the "
                              "fine-tuned teacher")
     parser.add_argument("--sample-rows", type=int, default=SAMPLE_ROWS,
                         help="teacher-labelled rows the student learns from (a fifth held out)")
