@@ -15,7 +15,7 @@ Scored from one pipeline run over the test split (calibrated confidence, no abst
 a row counts as out of scope when the model's label is `out_of_scope`, and, with a threshold,
 also when its confidence is under it. Points lost are against the same model's closed-set
 answer (the top known intent, the out_of_scope column ignored), which is what the model
-without a background class would say. CPU: ~20-25 min.
+without a background class would say. CPU: ~15 min.
 """
 from __future__ import annotations
 
