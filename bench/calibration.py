@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from common import (DATA, REPO, TARGETS, environment, environment_line, markdown_table,
+from common import (DATA, REPO, TARGETS, environment, environment_line, markdown_table, read_output,
                     start_real_data_ray, write_report)
 from finetune_accuracy import TASKS, finetune_minilm
 
@@ -56,7 +55,7 @@ def classify(work: Path, out: str, calibrated: bool):
         "resources": {"cpus_per_actor": 2},
         "output": {"path": str(work / out), "rows_per_part": 512},
     }, model=ClassifyConfig))
-    labels = pa.concat_tables(pq.read_table(p) for p in sorted((work / out).glob("*.parquet")))
+    labels = read_output(work / out)
     return summary.metrics, labels.sort_by("id").column("label").to_pylist()
 
 

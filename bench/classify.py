@@ -38,7 +38,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common import DATA, REPO, TARGETS, classify_config, environment, markdown_table, write_report, write_shards
+from common import (DATA, REPO, TARGETS, classify_config, environment, markdown_table, read_output,
+                    write_report, write_shards)
 
 LABELS = ["negative", "positive"]
 MAX_LENGTH = 512
@@ -187,8 +188,7 @@ def clsjob_variant(kind: str, folder: Path, shards: Path, outputs: Path, n_rows:
         summary = run_classify(bench_config(kind, folder, shards, out, dtype))
         assert summary.rows_out == n_rows and summary.rows_errored == 0, summary
         if keep_probs is not None and not keep_probs:  # the first run's, for the label check
-            table = pa.concat_tables(pq.read_table(p, columns=["id", "probs"])
-                                     for p in sorted(out.glob("*.parquet")))
+            table = read_output(out, ["id", "probs"])
             keep_probs.update(zip(table.column("id").to_pylist(), table.column("probs").to_pylist()))
         shutil.rmtree(out, ignore_errors=True)
         return {}

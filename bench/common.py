@@ -126,6 +126,11 @@ def write_report(report: dict, out: Path, markdown: str) -> None:
     print(markdown, flush=True)
 
 
+def read_output(folder: Path, columns: list[str] | None = None) -> pa.Table:
+    """A classify run's labelled rows: every part in `folder`, in part-name order."""
+    return pa.concat_tables(pq.read_table(p, columns=columns) for p in sorted(folder.glob("*.parquet")))
+
+
 def write_shards(table: pa.Table, folder: Path, shards: int) -> Path:
     """`table` as up to `shards` Parquet files, replacing any a previous run left there."""
     folder.mkdir(parents=True, exist_ok=True)

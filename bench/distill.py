@@ -43,10 +43,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from common import DATA, REPO, TARGETS, environment, environment_line, markdown_table, write_report
+from common import (DATA, REPO, TARGETS, environment, environment_line, markdown_table, read_output,
+                    write_report)
 from finetune_accuracy import TASKS, finetune_minilm, write_split
 
-SAMPLE_ROWS, COPIES = 2000, 4
+SAMPLE_ROWS, COPIES, STUDENT_LAYERS = 2000, 4, 2
 
 
 def teacher(work: Path) -> dict:
@@ -63,7 +64,7 @@ def student_base(work: Path, start: str, layers: int) -> Path:
     """The student's base model: the first `layers` (2) of 6 encoder layers of pretrained MiniLM
     (`minilm`), or of the fine-tuned teacher with its classification head (`teacher`: the
     student starts from the teacher's own features, a layer-dropping student of the teacher)."""
-    target = work / (f"student-base-{start}" if layers == 2 else f"student-base-{start}-{layers}")
+    target = work / f"student-base-{start}{'' if layers == STUDENT_LAYERS else f'-{layers}'}"
     if target.is_dir():
         return target
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
@@ -101,12 +102,14 @@ def corpora(work: Path) -> tuple[Path, Path, Path]:
 
 
 def distilled_folder(work: Path, start: str, rows: int, layers: int) -> Path:
-    name = f"distill-{start}" + (f"-{rows}" if rows != SAMPLE_ROWS else "") + (f"-{layers}l" if layers != 2 else "")
-    return work / name
+    """One setting's `clsjob distill` run folder; the defaults keep the first runs' name, so
+    a kept `--work` is reused."""
+    return work / (f"distill-{start}" + (f"-{rows}" if rows != SAMPLE_ROWS else "")
+                   + (f"-{layers}l" if layers != STUDENT_LAYERS else ""))
 
 
-def distill(work: Path, corpus: Path, start: str, rows: int, layers: int,
-            cascade_agreement: float) -> dict:
+def distill(work: Path, corpus: Path, base: Path, rows: int, cascade_agreement: float,
+            run: Path) -> dict:
     from clsjob.config import DistillConfig, validate
     from clsjob.distill import run_distill
 
@@ -114,13 +117,13 @@ def distill(work: Path, corpus: Path, start: str, rows: int, layers: int,
         "input": {"path": str(corpus), "label_column": "label"},
         "teacher": {"backend": {"model": str(work / "teacher" / "model"), "max_length": 64},
                     "resources": {"cpus_per_actor": 2}},
-        "student": {"base_model": str(student_base(work, start, layers)),
+        "student": {"base_model": str(base),
                     "training": {"method": "full", "epochs": 5, "learning_rate": 1e-4, "batch_size": 32,
                                  "max_length": 64, "gradient_checkpointing": False, "cpus_per_worker": 2},
                     "resources": {"cpus_per_actor": 2}},
         "sample": {"rows": rows, "seed": 0, "heldout_fraction": 0.2},
         "gate": {"min_agreement": 0.8, "cascade_agreement": cascade_agreement},
-        "output": {"path": str(distilled_folder(work, start, rows, layers))}}, model=DistillConfig))
+        "output": {"path": str(run)}}, model=DistillConfig))
 
 
 def backends(work: Path, student_run: Path, below: float) -> dict:
@@ -153,11 +156,8 @@ def any_threshold(work: Path, student_speedup: float) -> list[dict]:
     teacher the escalated ones: 1 / (1 / student_speedup + escalated) times the teacher's)."""
     import numpy as np
 
-    def rows(name: str) -> pa.Table:
-        return pa.concat_tables(pq.read_table(p, columns=["id", "label", "confidence", "gold"])
-                                for p in sorted((work / f"eval-{name}").glob("*.parquet"))).sort_by("id")
-
-    student, teacher = rows("student"), rows("teacher")
+    student, teacher = (read_output(work / f"eval-{name}", ["id", "label", "confidence", "gold"]).sort_by("id")
+                        for name in ("student", "teacher"))
     gold = np.array(student.column("gold").to_pylist())
     said = np.array(student.column("label").to_pylist())
     sure = np.array(student.column("confidence").to_pylist(), dtype=np.float64)
@@ -183,7 +183,7 @@ def main() -> int:
                              "fine-tuned teacher")
     parser.add_argument("--sample-rows", type=int, default=SAMPLE_ROWS,
                         help="teacher-labelled rows the student learns from (a fifth held out)")
-    parser.add_argument("--student-layers", type=int, default=2,
+    parser.add_argument("--student-layers", type=int, default=STUDENT_LAYERS,
                         help="encoder layers kept for the student (of the 6)")
     parser.add_argument("--cascade-agreement", type=float, default=0.98,
                         help="gate.cascade_agreement: the cascade's agreement with the teacher "
@@ -203,12 +203,11 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         train_corpus, eval_corpus, speed_corpus = corpora(work)
         teacher_info = teacher(work / "teacher")
-        distilled = distill(work, train_corpus, args.student_from, args.sample_rows,
-                            args.student_layers, args.cascade_agreement)
+        run = distilled_folder(work, args.student_from, args.sample_rows, args.student_layers)
+        distilled = distill(work, train_corpus, student_base(work, args.student_from, args.student_layers),
+                            args.sample_rows, args.cascade_agreement, run)
         gate = distilled["gate"]
-        variants = backends(work, distilled_folder(work, args.student_from, args.sample_rows,
-                                                   args.student_layers),
-                            gate["cascade_below"])
+        variants = backends(work, run, gate["cascade_below"])
         quality = {}
         for name, variant in variants.items():
             manifest, _ = classify(variant, eval_corpus, work / f"eval-{name}")

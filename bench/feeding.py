@@ -25,10 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from common import REPO, environment, environment_line, make_actor, markdown_table, write_report
+from common import (REPO, environment, environment_line, make_actor, markdown_table, read_output,
+                    write_report)
 from prompted import (LABELS, STARTUP_ROWS, actor_prompts, bench_peer, build_model, load_sst2,
                       prompt_config, row_shards, warmup_texts)
 
@@ -68,7 +66,7 @@ def ours(model: Path, shards: Path, out: Path, rows_per_part: int, calls: int, m
     summary = run_classify(config(model, shards, out, rows_per_part, calls, mode))
     seconds = time.perf_counter() - start
     manifest = json.loads((out / "_manifest.json").read_text())
-    table = pa.concat_tables(pq.read_table(p) for p in sorted(out.glob("*.parquet")))
+    table = read_output(out)
     assert summary.rows_out == summary.rows_in == table.num_rows
     order = table.column("row").to_numpy().argsort()
     return {"seconds": seconds, "busy_s": manifest["busy"]["model_s"], "elapsed_s": manifest["elapsed_s"],

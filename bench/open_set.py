@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from common import (DATA, REPO, TARGETS, environment, environment_line, markdown_table,
+from common import (DATA, REPO, TARGETS, environment, environment_line, markdown_table, read_output,
                     start_real_data_ray, write_report)
 from finetune_accuracy import TASKS, finetune_minilm
 
@@ -72,7 +72,7 @@ def raw_threshold(work: Path) -> float:
     from clsjob.abstain import pick_threshold
 
     classify(work, "eval", "eval-raw", calibrated=False)
-    rows = pa.concat_tables(pq.read_table(p) for p in (work / "eval-raw").glob("*.parquet"))
+    rows = read_output(work / "eval-raw")
     names = json.loads((work / "eval-raw" / "_manifest.json").read_text())["labels"]
     probs = np.array(rows.column("probs").to_pylist())
     gold = np.array([names.index(g) for g in rows.column("gold").to_pylist()])
@@ -97,11 +97,18 @@ def scores(m: dict) -> dict:
     return out
 
 
+def best_recall(lost: np.ndarray, recall: np.ndarray, budgets: tuple[int, ...]) -> dict:
+    """Per budget, the best out-of-scope recall among the thresholds that lose at most that many
+    points of in-scope accuracy (`lost` and `recall` run over the same thresholds); None where
+    none does."""
+    return {f"recall_at_{b}_points": float(recall[lost <= b].max()) if (lost <= b).any() else None
+            for b in budgets}
+
+
 def tradeoff(out: Path) -> dict:
     """Out-of-scope recall against in-scope points lost over every threshold (0.001 steps),
     from a run without abstention: what any threshold on this confidence could reach."""
-    rows = pa.concat_tables(pq.read_table(p, columns=["gold", "label", "confidence"])
-                            for p in out.glob("*.parquet"))
+    rows = read_output(out, ["gold", "label", "confidence"])
     gold = np.array(rows.column("gold").to_pylist())
     conf = np.array(rows.column("confidence").to_pylist(), dtype=np.float64)
     right = (np.array(rows.column("label").to_pylist()) == gold) & (gold != OOS)
@@ -109,8 +116,7 @@ def tradeoff(out: Path) -> dict:
     thresholds = np.arange(0, 1.001, 0.001)
     lost = np.array([100 * (right & (conf < t)).sum() / inscope for t in thresholds])
     recall = np.array([((gold == OOS) & (conf < t)).sum() / oos for t in thresholds])
-    return {f"recall_at_{budget}_points": float(recall[lost <= budget].max())
-            for budget in (1, 2, 5, 10, 20)} | {
+    return best_recall(lost, recall, (1, 2, 5, 10, 20)) | {
         "points_lost_for_recall_0.7": float(lost[recall >= 0.7].min()) if (recall >= 0.7).any() else None}
 
 

@@ -31,9 +31,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from common import DATA, REPO, TARGETS, environment, environment_line, start_real_data_ray, write_report
+from common import (DATA, REPO, TARGETS, environment, environment_line, read_output,
+                    start_real_data_ray, write_report)
 from finetune_accuracy import TASKS, finetune_minilm
-from open_set import OOS, classify, write_splits
+from open_set import OOS, best_recall, classify, write_splits
 
 FAR = (("sst2", "train"), ("sms_spam", "all"), ("goemotions", "train"))
 
@@ -77,8 +78,7 @@ def add_background(work: Path, far: int, splice: int) -> dict:
 
 
 def score(out: Path, threshold: float) -> dict:
-    rows = pa.concat_tables(pq.read_table(p, columns=["gold", "label", "confidence", "probs"])
-                            for p in out.glob("*.parquet"))
+    rows = read_output(out, ["gold", "label", "confidence", "probs"])
     names = json.loads((out / "_manifest.json").read_text())["labels"]
     gold = np.array(rows.column("gold").to_pylist())
     label = np.array(rows.column("label").to_pylist())
@@ -105,8 +105,7 @@ def score(out: Path, threshold: float) -> dict:
         "with_picked_threshold": {"threshold": threshold, "in_scope_accuracy": picked[0],
                                   "oos_recall": picked[1],
                                   "points_lost": round(100 * (closed_accuracy - picked[0]), 2)},
-        "any_threshold": {f"recall_at_{b}_points": float(recall[lost <= b].max()) if (lost <= b).any() else None
-                          for b in (1, 2, 5, 10)},
+        "any_threshold": best_recall(lost, recall, (1, 2, 5, 10)),
     }
 
 

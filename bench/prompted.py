@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common import (DATA, REPO, TARGETS, classify_config, environment, environment_line, make_actor,
-                    markdown_table, prepared_chunks, write_report, write_shards)
+                    markdown_table, prepared_chunks, read_output, write_report, write_shards)
 
 SST2 = DATA / "sst2.parquet"
 
@@ -287,7 +287,7 @@ def bench_ours(model: Path, shards: Path, out: Path, n: int, log,
     start = time.perf_counter()
     summary = run_classify(cfg)
     seconds = time.perf_counter() - start
-    table = pa.concat_tables(pq.read_table(p) for p in sorted(out.glob("*.parquet")))
+    table = read_output(out)
     assert summary.rows_out == n == table.num_rows, (summary, table.num_rows)
     log(f"{name}: {n / seconds:.2f} rows/s")
     return {"result": result(name, n, seconds,
