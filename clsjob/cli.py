@@ -1,4 +1,4 @@
-"""`clsjob classify | finetune | merge | distill | evaluate | calibrate | demo` — each parses a config and calls one
+"""`clsjob classify | finetune | merge | distill | evaluate | calibrate | import-model | demo` — each parses a config and calls one
 straight-line run function; errors a user can fix print one clear message and exit 2."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from clsjob.config import (ClassifyConfig, ConfigError, DistillConfig, FinetuneConfig, MergeConfig,
                            StorageConfig, field_reference, load_config)
 from clsjob.backends import ModelError
+from clsjob.import_model import GGUFError
 from clsjob.store import InputError
 from clsjob.labels import LabelError
 from clsjob.lock import RunLocked
@@ -24,7 +25,7 @@ CONFIGS = {"classify": ClassifyConfig, "finetune": FinetuneConfig, "merge": Merg
            "distill": DistillConfig}
 # Errors whose message tells the user what to fix; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ConfigError, InputError, LabelError, ModelError, OutputConflict, RunLocked,
-               PlacementError, FileNotFoundError, FileExistsError)
+               PlacementError, GGUFError, FileNotFoundError, FileExistsError)
 
 
 def _config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -55,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(for backend.prompt.temperature_scale)")
     cal.add_argument("--output", required=True, help="output folder of a labelled classify run")
     cal.add_argument("--endpoint-url", help="S3-compatible endpoint, if the output is on one")
+    imp = sub.add_parser("import-model", help="a GGUF file -> a transformers model folder "
+                                              "(safetensors, tokenizer, chat template)")
+    imp.add_argument("gguf", help="the .gguf file (llama.cpp, Ollama)")
+    imp.add_argument("--output", required=True, help="the model folder to write (must not exist)")
+    imp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                     help="weights of the folder: float32 keeps the dequantised weights exactly; "
+                          "bfloat16 halves the folder")
     ref = sub.add_parser("config", help="every setting of a command's config, its default and meaning")
     ref.add_argument("kind", choices=sorted(CONFIGS))
     demo = sub.add_parser("demo", help="corpus -> fine-tune MiniLM -> merge -> classify, locally")
@@ -92,6 +100,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.command == "calibrate":
         from clsjob.report import calibrate_output
         return calibrate_output(args.output, StorageConfig(endpoint_url=args.endpoint_url))
+    if args.command == "import-model":
+        from clsjob.import_model import import_gguf
+        return import_gguf(args.gguf, args.output, args.dtype)
     if args.command == "demo":
         from clsjob.demo import run_demo
         return run_demo(args.workdir)
