@@ -20,6 +20,8 @@ import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"  # real corpora, beside the checkout, never copied in
+# Real pretrained models as folders, built from PyPI packages by `make models` (bench/models.py).
+MODELS = Path(os.environ.get("CLSJOB_MODELS") or REPO / "models")
 # clsjob from this checkout, installed or not; and the tiny-model builders the tests use, so
 # a benchmark's model is built exactly as the tests build theirs (one home for them).
 sys.path[:0] = [p for p in (str(REPO), str(REPO / "tests")) if p not in sys.path]
@@ -105,6 +107,15 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join("—" if c is None else str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def model_folder(name: str) -> Path:
+    """The folder of a real model `make models` builds (minilm, mpnet, gemma3-270m,
+    qwen2.5-coder-0.5b-instruct, smollm2-135m-instruct); exits saying how to get it if absent."""
+    folder = MODELS / name
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"no model folder {folder}: run `make models` (bench/models.py builds it)")
+    return folder
 
 
 def start_real_data_ray() -> bool:
