@@ -14,7 +14,8 @@ from safetensors import safe_open
 from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
                           BitsAndBytesConfig)
 
-from clsjob.config import TrainingConfig
+from clsjob import model_cache
+from clsjob.config import FinetuneConfig, TrainingConfig
 from clsjob.labels import LabelSet
 from clsjob.multilabel import PROBLEM_TYPE
 
@@ -102,6 +103,34 @@ def split_model(base_model: str, labels: LabelSet) -> ModelParts:
                     base_model, ", ".join(new))
     return ModelParts(lora_targets=tuple(n for n in linear if n not in new),
                       fresh=tuple(head + new))
+
+
+def check_base_model(cfg: FinetuneConfig) -> FinetuneConfig:
+    """What the base model cannot do, found on the driver from its config.json alone, before
+    any worker starts: a missing folder or one with no classifier class ends the command
+    naming `base_model`; a setting that changes only speed or memory is turned off with one
+    warning (gradient checkpointing: MPNet's classifier has none). Returns the config the
+    workers train with."""
+    from clsjob.backends import ModelError
+
+    config, _ = model_cache.model_config(cfg.base_model, cfg.storage, key="base_model")
+    if not config.get("model_type"):
+        raise ModelError(f"base_model: {cfg.base_model} has no config.json with a model_type; "
+                         f"a GGUF file becomes a model folder with `clsjob import-model`")
+    try:
+        with torch.device("meta"):  # the classes only: no weights are read or allocated
+            model = AutoModelForSequenceClassification.from_config(
+                AutoConfig.for_model(**config))
+    except (ValueError, KeyError) as exc:
+        raise ModelError(f"base_model: {cfg.base_model} ({config['model_type']}) has no "
+                         f"sequence-classification class in transformers: {exc}") from None
+    if cfg.training.gradient_checkpointing and not model.supports_gradient_checkpointing:
+        log.warning("finetune: %s does not support gradient checkpointing; training without it "
+                    "(training.gradient_checkpointing: false: more memory, same result)",
+                    type(model).__name__)
+        return cfg.model_copy(update={"training": cfg.training.model_copy(
+            update={"gradient_checkpointing": False})})
+    return cfg
 
 
 def quantization_available() -> bool:

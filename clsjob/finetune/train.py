@@ -25,7 +25,7 @@ from clsjob.abstain import pick_threshold
 from clsjob.calibration import calibrate, scaled_softmax
 from clsjob.config import FinetuneConfig, config_hash
 from clsjob.finetune.data import check_inputs, encode, read_labelled, settle_labels
-from clsjob.finetune.model import build_trainable, load_tokenizer
+from clsjob.finetune.model import build_trainable, check_base_model, load_tokenizer
 from clsjob.finetune.summary import SUMMARY, peak_memory_gib  # noqa: F401  (re-exported)
 from clsjob.finetune.trainer import build_trainer
 from clsjob.finetune.tracking import TRACKING, Tracker, check_installed, final_metrics
@@ -58,6 +58,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     check_placement(demand, cfg.cluster.autoscaling)
     check_inputs(cfg)  # every train and eval file's columns, before a worker starts
+    cfg = check_base_model(cfg)
     storage_path, storage_fs = checkpoint_storage(cfg)
     trainer = TorchTrainer(
         train_worker,

@@ -47,3 +47,23 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
                  "--set", f"backend.model={tmp_path / 'no-model'}"])
     assert code == 2
     assert f"backend.model: no model folder at {tmp_path / 'no-model'}" in capsys.readouterr().err
+
+
+def test_finetune_refuses_a_base_it_cannot_train_before_any_worker(ray_cluster, tmp_path, capsys):
+    """A base given as a GGUF file's folder, or one transformers has no classifier for, ends
+    `clsjob finetune` with exit 2 naming base_model, from the driver (no worker traceback)."""
+    write_shards(tmp_path / "train", [{"text": sample_texts(8), "label": ["a", "b"] * 4}])
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / "model.gguf").write_bytes(b"GGUF")
+    (tmp_path / "vit").mkdir()
+    (tmp_path / "vit" / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    args = ["finetune", "--config", str(REPO / "configs/finetune-qlora.yaml"),
+            "--set", f"train.path={tmp_path / 'train'}", "--set", "eval=null",
+            "--set", f"output.path={tmp_path / 'out'}", "--set", "output.storage_path=null",
+            "--set", "training.use_gpu=false", "--set", "training.workers=1",
+            "--set", "training.cpus_per_worker=1", "--set", "cluster.autoscaling=false"]
+    for base, named in (("gguf", "clsjob import-model"), ("vit", "(vit) has no sequence-classification")):
+        assert main(args + ["--set", f"base_model={tmp_path / base}"]) == 2
+        err = capsys.readouterr().err
+        assert f"base_model: {tmp_path / base}" in err and named in err, err
+    assert not (tmp_path / "out").exists()

@@ -1,7 +1,10 @@
-"""QLoRA with the shipped default training settings on every model family the project claims:
-tiny BERT (bare body, like all-MiniLM), RoBERTa (masked-LM checkpoint), Qwen2 and Llama
-(causal-LM checkpoints). Each is fine-tuned through Ray Train from `configs/finetune-qlora.yaml`
-(only the paths and the scale swapped), merged with `configs/merge.yaml`, and served by `hf`."""
+"""QLoRA with the shipped default training settings on every model family the project claims
+(tiny_models.FAMILIES): encoders saved as the bare body (BERT like all-MiniLM, MPNet like
+all-mpnet-base-v2, DistilBERT, DeBERTa-v2, ModernBERT), RoBERTa as a masked-LM checkpoint,
+decoders as causal-LM checkpoints (Qwen2, Llama, Llama whose tokenizer has no pad token,
+Gemma 3's text model) and a Qwen2 brought in from GGUF by `clsjob import-model`. Each is
+fine-tuned through Ray Train from `configs/finetune-qlora.yaml` (only the paths and the scale
+swapped), merged with `configs/merge.yaml`, and served by `hf`."""
 from __future__ import annotations
 
 import json
@@ -20,7 +23,7 @@ from clsjob.finetune.train import run_finetune
 from clsjob.labels import LabelSet
 from helpers import REPO, write_shards
 from test_finetune import task_rows
-from tiny_models import build_base
+from tiny_models import FAMILIES, build_base
 
 pytestmark = pytest.mark.slow
 # Only where the data is and how much of it: the training settings stay the shipped ones.
@@ -48,14 +51,18 @@ def shipped_finetune(name: str, base, root, out, *extra: str) -> FinetuneConfig:
         f"output.path={out}", *SCALE, *extra], model=FinetuneConfig)
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "qwen2", "llama"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_qlora_defaults_train_merge_and_serve(family, data, ray_cluster, tmp_path):
     base = build_base(tmp_path / "base", family)
     cfg = shipped_finetune("finetune-qlora.yaml", base, data, tmp_path / "adapter")
-    assert (cfg.training.method, cfg.training.quantization) == ("lora", "nf4")
+    assert (cfg.training.method, cfg.training.quantization, cfg.training.gradient_checkpointing) \
+        == ("lora", "nf4", True)
     summary = run_finetune(cfg)
 
     assert summary["quantization"] == "nf4" and summary["train_rows"] == 161
+    # MPNet's classifier has no gradient checkpointing: the driver turns it off before any
+    # worker starts, instead of every worker dying on it.
+    assert summary["config"]["training"]["gradient_checkpointing"] == (family != "mpnet")
     losses = [e["eval_loss"] for e in summary["epochs"]]
     assert len(losses) == 3 and losses[-1] < losses[0], losses
 
