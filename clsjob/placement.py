@@ -114,7 +114,8 @@ def ensure_ray(*demands: Demand) -> None:
     try:
         # Starts a local Ray unless there is one to join; Ray refuses num_cpus for a cluster
         # it joins, before connecting, and that refusal is the only sign of which it is.
-        ray.init(num_cpus=cpus, log_to_driver=True)
+        ray.init(num_cpus=cpus, log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": "clsjob.placement.address_own_cluster"})
     except ValueError:
         ray.init(log_to_driver=True)
         return
@@ -124,6 +125,17 @@ def ensure_ray(*demands: Demand) -> None:
         log.info("started a local Ray with %d logical CPUs on %d cores: %d %s(s) x %g CPU "
                  "+ %g for reading and writing", cpus, cores, demand.count, demand.what,
                  demand.cpus, demand.io_cpus)
+
+
+def address_own_cluster() -> None:
+    """Every worker process of a local Ray clsjob starts names that Ray as its own.
+
+    Ray Train's PlacementGroupCleaner actor asks the state API whether the training
+    controller lives, with no address: Ray then looks for the clusters on this machine, and
+    with a second one there (another job, a test session) it fails ("Found multiple active
+    Ray instances"), its monitor thread dies with a traceback in the driver's log, and it no
+    longer cleans up after a dead controller. Named, it queries the right cluster."""
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def placement_problems(nodes: list[dict], demand: Demand, *more: Demand) -> list[str]:

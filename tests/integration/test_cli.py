@@ -1,5 +1,6 @@
 """The command line: configs from YAML with --set overrides, clear errors, JSON summaries."""
 import json
+import os
 import subprocess
 import sys
 
@@ -67,3 +68,25 @@ def test_finetune_refuses_a_base_it_cannot_train_before_any_worker(ray_cluster, 
         err = capsys.readouterr().err
         assert f"base_model: {tmp_path / base}" in err and named in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_local_finetune_beside_another_ray_logs_no_traceback(ray_cluster, tmp_path):
+    """`clsjob finetune` starts a local Ray of its own while this session's Ray runs on the
+    same machine: Ray Train's placement-group cleaner must query its own cluster, not die on
+    "Found multiple active Ray instances" with a traceback in the user's log."""
+    from tiny_models import build_base
+
+    base = build_base(tmp_path / "base", "qwen2")
+    write_shards(tmp_path / "train", [{"text": sample_texts(32), "label": ["a", "b"] * 16}])
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "clsjob.cli", "finetune", "--config", str(REPO / "configs/finetune-lora.yaml"),
+         "--set", f"base_model={base}", "--set", f"train.path={tmp_path / 'train'}", "--set", "eval=null",
+         "--set", f"output.path={tmp_path / 'out'}", "--set", "output.storage_path=null",
+         "--set", "training.use_gpu=false", "--set", "training.workers=1", "--set", "training.epochs=1",
+         "--set", "training.cpus_per_worker=1", "--set", "cluster.autoscaling=false"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert json.loads(proc.stdout)["train_rows"] == 32
+    assert "Traceback" not in log and "multiple active Ray instances" not in log, log[-3000:]
