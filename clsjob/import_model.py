@@ -26,9 +26,15 @@ class GGUFError(ValueError):
     """A GGUF file that cannot be imported; the message names the file and what is missing."""
 
 
+def read_flag(reader, key: str) -> bool | None:
+    field = reader.fields.get(key)
+    return None if field is None else bool(field.parts[field.data[0]][0])
+
+
 def inspect_gguf(path: Path) -> dict:
-    """The file's architecture and its tensors' types, from the header only; refuses what
-    transformers' GGUF loader cannot turn into a model."""
+    """The file's architecture, its tensors' types and whether its tokenizer adds BOS / EOS
+    tokens, from the header only; refuses what transformers' GGUF loader cannot turn into a
+    model."""
     from gguf import GGUFReader
     from gguf.quants import _type_traits
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
@@ -49,7 +55,9 @@ def inspect_gguf(path: Path) -> dict:
     if unreadable:
         raise GGUFError(f"{path}: tensor type(s) {unreadable} cannot be dequantised by the gguf "
                            f"package (it reads {', '.join(sorted(readable))})")
-    return {"architecture": architecture, "tensor_types": dict(types), "tensors": len(reader.tensors)}
+    return {"architecture": architecture, "tensor_types": dict(types), "tensors": len(reader.tensors),
+            "add_bos_token": read_flag(reader, "tokenizer.ggml.add_bos_token"),
+            "add_eos_token": read_flag(reader, "tokenizer.ggml.add_eos_token")}
 
 
 def import_gguf(gguf_file: str | Path, output: str | Path, dtype: str = "float32") -> dict:
@@ -72,6 +80,11 @@ def import_gguf(gguf_file: str | Path, output: str | Path, dtype: str = "float32
     found = inspect_gguf(source)
     folder, name = str(source.parent), source.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # transformers' GGUF tokenizer drops these flags: Gemma's file asks for <bos> before every
+    # text, and Gemma without it continues "Paris is the capital of" with "the capital of".
+    for flag in ("add_bos_token", "add_eos_token"):
+        if found[flag] is not None:
+            setattr(tokenizer, flag, found[flag])
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     # The GGUF quantization config is what makes save_pretrained refuse, and nothing in the

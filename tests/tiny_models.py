@@ -146,12 +146,13 @@ def build_base(folder: Path, family: str, seed: int = 0) -> Path:
 
 
 def write_qwen2_gguf(path: Path, seed: int = 0, tensor_type: str = "F32",
-                     architecture: str = "qwen2") -> Path:
+                     architecture: str = "qwen2", add_bos: bool | None = None) -> Path:
     """A tiny random Qwen2 causal LM written as a GGUF file the way llama.cpp writes one:
     llama.cpp's tensor names, the config as `qwen2.*` metadata, the byte-level BPE tokenizer
     (tokens, merges, special ids) and the chat template as `tokenizer.*` metadata.
     tensor_type: F32, F16, or a type the `gguf` package quantises (Q8_0); 2-D weights only,
-    as llama.cpp quantises. `architecture` is written as given, to test refusals."""
+    as llama.cpp quantises. `architecture` is written as given, to test refusals. add_bos:
+    the tokenizer flag llama.cpp writes for models that want BOS before every text (Gemma)."""
     import json
 
     import gguf
@@ -191,6 +192,8 @@ def write_qwen2_gguf(path: Path, seed: int = 0, tensor_type: str = "F32",
     writer.add_eos_token_id(tok.eos_token_id)
     writer.add_pad_token_id(tok.pad_token_id)
     writer.add_chat_template(tok.chat_template)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, config.num_hidden_layers)
     for name, tensor in model.state_dict().items():

@@ -61,6 +61,17 @@ def test_float32_import_is_the_model_that_was_written(tmp_path):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_the_files_bos_flag_is_kept(add_bos, tmp_path):
+    """transformers' GGUF tokenizer drops `tokenizer.ggml.add_bos_token`; Gemma's file sets
+    it, and Gemma without its <bos> continues text badly."""
+    source = write_qwen2_gguf(tmp_path / "tiny.gguf", add_bos=add_bos)
+    assert main(["import-model", str(source), "--output", str(tmp_path / "model")]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    ids = tokenizer("the parcel never arrived")["input_ids"]
+    assert (ids[0] == tokenizer.bos_token_id) == add_bos
+
+
 def test_bfloat16_folder_is_half_the_size_and_close(tmp_path):
     source = write_qwen2_gguf(tmp_path / "tiny.gguf")
     for dtype in ("float32", "bfloat16"):
