@@ -50,12 +50,9 @@ CAUSAL = {
     "gemma3-270m": (False, "Paris is the capital of", "France"),
 }
 BOS_FIRST = {"gemma3-270m"}
-GEMMA_BOS = pytest.mark.xfail(
-    strict=True, reason="transformers' GGUF tokenizer loader drops Gemma's add_bos_token, and "
-                        "clsjob.import_model does not restore it: the saved tokenizer adds no <bos>")
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=GEMMA_BOS) if n in BOS_FIRST else n for n in CAUSAL])
+@pytest.mark.parametrize("name", CAUSAL)
 def test_converted_gguf_model_answers_greedily(name):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
