@@ -13,6 +13,7 @@ from typing import Iterable
 import numpy as np
 
 from clsjob.labels import LabelSet
+from clsjob.prompts import load_json_answer, reasoning_schema
 
 
 @dataclass
@@ -154,9 +155,11 @@ def tune_thresholds(probs: np.ndarray, gold: np.ndarray, min_support: int = 5,
     return out
 
 
-def answer_schema(labels: LabelSet, reasoning_max_chars: int | None = None) -> dict:
+def answer_schema(labels: LabelSet, reasoning_max_chars: int | None = None,
+                  length_in_grammar: bool = True) -> dict:
     """The JSON schema a prompted LLM answers under: a list of labels of the set (empty when
-    none applies), at most one of each, and optionally a short reason.
+    none applies), at most one of each, and optionally a short reason (written as
+    prompts.reasoning_schema says, after the labels, so that an answer cut inside it keeps them).
 
     Not `uniqueItems`: guidance, the structured-outputs library clsjob runs by default,
     refuses the whole schema over it ("Unimplemented keys"). The list is capped at the number
@@ -164,16 +167,17 @@ def answer_schema(labels: LabelSet, reasoning_max_chars: int | None = None) -> d
     properties = {"labels": {"type": "array", "items": {"type": "string", "enum": list(labels.names)},
                              "maxItems": len(labels)}}
     if reasoning_max_chars:
-        properties["reasoning"] = {"type": "string", "maxLength": reasoning_max_chars}
+        properties["reasoning"] = reasoning_schema(reasoning_max_chars, length_in_grammar)
     return {"type": "object", "properties": properties, "required": list(properties),
             "additionalProperties": False}
 
 
 def parse_answer(text: str, labels: LabelSet) -> tuple[list[str] | None, str | None]:
     """(labels in the set's order, each once, None) from an answer, or (None, why) when it
-    is not one: not JSON, no `labels` list, or a label outside the set."""
+    is not one: not JSON, no `labels` list, or a label outside the set. An answer cut short
+    inside its reasoning still gives its labels."""
     try:
-        answer = json.loads(text)
+        answer, _ = load_json_answer(text)
     except json.JSONDecodeError as exc:
         return None, f"answer is not JSON ({exc.msg})"
     given = answer.get("labels") if isinstance(answer, dict) else None

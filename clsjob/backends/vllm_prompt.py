@@ -2,7 +2,7 @@
 
 Three modes (`backend.prompt.mode`):
 - choice: structured outputs with `choice=labels`; the answer is exactly one label.
-- json:   a JSON schema {label: one of the labels, reasoning: str ≤ N chars}.
+- json:   a JSON schema {label: one of the labels, reasoning: whole sentences ≤ N chars}.
 - score:  no sampling: the model's probability of every label. When the labels' first tokens
           differ, one forward step per row gives them all (`logprob_token_ids`), renormalised
           over the labels; otherwise each label's whole token sequence (+ end of turn) is
@@ -11,7 +11,8 @@ Three modes (`backend.prompt.mode`):
 task: multi_label: json = {labels: a list of distinct labels, reasoning}; score = each label's
 own yes/no probability, one request per row and label sharing the row's cached prompt.
 Rows whose prompt would not fit `max_model_len` are cut to fit and flagged; a row vLLM still
-refuses gets `error` and the chunk goes on.
+refuses gets `error` and the chunk goes on. A context too short for the shared prompt and the
+answer is refused on the driver, before any engine starts (check_context_length).
 The engine is shared by the actor's calls (vllm_engine.EngineFeed): the next chunk's rows join
 the engine's batch while the last one's answers finish, and are tokenised beside it.
 """
@@ -19,37 +20,135 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 import threading
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import ConfigDict, Field, create_model
 
-from clsjob import multilabel, store
+from clsjob import model_cache, multilabel, store
 from clsjob.backends import CheckedModel, ModelError, check_model_files, local_backend
 from clsjob.backends.rows import attach_results, rows_to_classify, stamp
 from clsjob.backends import vllm_engine
 from clsjob.backends.vllm_engine import EngineFeed, engine_args, engine_dtype, prepare_env
 from clsjob.config import Example, PromptConfig, StorageConfig, VLLMPromptBackendConfig
 from clsjob.labels import LabelError, LabelSet
-from clsjob.prompts import (PromptTokens, encode_rows, pick_examples, render_template,
-                            tokenize_template)
+from clsjob.prompts import (PromptTokens, encode_rows, fit_reasoning, load_json_answer,
+                            pick_examples, reasoning_schema, render_template, tokenize_template)
+
+# The structured-outputs back ends that hold the reasoning's pattern and its length together
+# (auto sends such a schema to guidance: xgrammar refuses it); see prompts.reasoning_schema.
+LENGTH_WITH_PATTERN = ("guidance", "auto")
+# Files of a model folder that hold weights: the driver never fetches these.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx")
+# An s3:// folder's other files (tokenizer, config) up to this size are fetched to the driver
+# to check the prompt fits; a folder with more is left to the actor's check.
+DRIVER_FETCH_BYTES = 256 * 2**20
 
 
 def check_prompted_model(backend: VLLMPromptBackendConfig, labels: LabelSet,
-                         storage: StorageConfig) -> CheckedModel:
+                         storage: StorageConfig, task: str = "single_label") -> CheckedModel:
     config = check_model_files(backend, storage)
     architectures = config.get("architectures") or []
     if not any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in architectures):
         raise ModelError(f"backend.model: {backend.model} is {architectures}, not a generative "
                          f"(*ForCausalLM) model; a merged classifier runs under hf or vllm_pool")
-    load_examples(backend.prompt, labels, storage)  # labels of the examples, before any row
+    examples = load_examples(backend.prompt, labels, storage)  # their labels, before any row
+    # backends.check_model calls this without the task, so as single_label, whose prompt and
+    # answer are never longer than multi_label's: a multi-label run is refused here only when
+    # it cannot fit, and the actor makes its exact sum.
+    check_context_length(backend, labels, examples, config, storage, task == "multi_label")
     # score mode's label log-probabilities are divided by temperature_scale; the others give
     # no probabilities.
     scale = backend.prompt.temperature_scale if backend.prompt.mode == "score" else None
     return CheckedModel(labels, scale, config)
+
+
+def check_context_length(backend: VLLMPromptBackendConfig, labels: LabelSet,
+                         examples: list[Example], config: dict, storage: StorageConfig,
+                         multi_label: bool = False) -> None:
+    """Refuse, before any engine starts, a context that leaves a row no room: the shared
+    prompt rendered and tokenised as the actor will, plus the answer's token budget, against
+    backend.engine.max_model_len (or the model's own context). The actor makes the same sum
+    (row_budget) with the engine's final word on the context."""
+    limit = backend.engine.max_model_len or model_context_length(config)
+    tokenizer = driver_tokenizer(backend, storage) if limit else None
+    if tokenizer is None:
+        return
+    prompt = backend.prompt
+    template = shared_prompt(tokenizer, labels, prompt, examples, multi_label)
+    answer_tokens = mode_class(prompt, multi_label).tokens_needed(labels, prompt, tokenizer)
+    row_budget(backend, limit, template, answer_tokens)
+
+
+def model_context_length(config: dict) -> int | None:
+    """The context vLLM gives the model when backend.engine.max_model_len is unset, or more:
+    config.json's max_position_embeddings (vLLM may take less, from other keys). None where
+    rope scaling stretches it (vLLM's own sum) or the config does not say: the actor checks."""
+    config = config.get("text_config") or config
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        return None
+    return config.get("max_position_embeddings")
+
+
+def driver_tokenizer(backend: VLLMPromptBackendConfig, storage: StorageConfig):
+    """The model's tokenizer, on the driver, without its weights: read in place from a local
+    folder; from an s3:// folder, its files other than weights fetched to a temporary folder
+    (None when they are over DRIVER_FETCH_BYTES)."""
+    from transformers import AutoTokenizer
+
+    def load(folder: str):
+        try:
+            return AutoTokenizer.from_pretrained(folder, trust_remote_code=backend.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"backend.model: {backend.model}: cannot load its tokenizer: {exc}") from None
+
+    if not model_cache.is_remote(backend.model):
+        return load(backend.model)
+    files = [f for f in store.list_folder(backend.model, storage)
+             if not f.name.endswith(WEIGHT_SUFFIXES)]
+    if sum(f.size for f in files) > DRIVER_FETCH_BYTES:
+        return None
+    with tempfile.TemporaryDirectory(prefix="clsjob-tokenizer-") as folder:
+        store.fetch_files(backend.model, files, folder, storage)
+        return load(folder)
+
+
+def shared_prompt(tokenizer, labels: LabelSet, prompt: PromptConfig, examples: list[Example],
+                  multi_label: bool = False) -> PromptTokens:
+    """The tokens around every row's text: the chat template's form when the tokenizer has
+    one (prompt.chat_template: auto), else the plain one. The driver (check_context_length)
+    and the actor build it alike."""
+    chat = prompt.chat_template == "on" or (
+        prompt.chat_template == "auto" and getattr(tokenizer, "chat_template", None))
+    apply_chat = (lambda m: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+                  ) if chat else None
+    return tokenize_template(
+        tokenizer, *render_template(labels, prompt, examples, apply_chat, multi_label), chat=bool(chat),
+        labels=labels if multi_label and prompt.mode == "score" else None)
+
+
+def row_budget(backend: VLLMPromptBackendConfig, limit: int, template: PromptTokens,
+               answer_tokens: int) -> int:
+    """Tokens of a row's text that fit beside the shared prompt and the answer in a context
+    of `limit` tokens (at most backend.max_length); a ModelError naming the setting and the
+    smallest that works when none do."""
+    room = limit - template.overhead - answer_tokens
+    if room >= 1:
+        return min(backend.max_length, room)
+    need = template.overhead + answer_tokens + 1
+    configured = backend.engine.max_model_len is not None
+    where = (f"backend.engine.max_model_len {limit}" if configured else
+             f"the model's context of {limit} tokens (backend.engine.max_model_len is unset)")
+    advice = (f"set backend.engine.max_model_len to at least {need} "
+              f"({need - 1 + backend.max_length} keeps rows of backend.max_length "
+              f"{backend.max_length} tokens whole)" if configured else
+              f"it needs at least {need}: shorten the shared prompt (instructions, examples, "
+              f"labels) or backend.prompt.reasoning_max_chars")
+    raise ModelError(f"{where} leaves no room for the row text: the shared prompt takes "
+                     f"{template.overhead} tokens and the answer up to {answer_tokens}; {advice}")
 
 
 def actor_examples(backend: VLLMPromptBackendConfig, labels: LabelSet,
@@ -76,13 +175,29 @@ def load_examples(prompt: PromptConfig, labels: LabelSet, storage: StorageConfig
         raise LabelError(str(exc)) from None
 
 
-def answer_schema(labels: LabelSet, max_chars: int) -> dict:
-    # extra="forbid" -> additionalProperties: false; without it a grammar lets the model add
-    # keys until it runs out of tokens.
-    answer = create_model("Answer", __config__=ConfigDict(extra="forbid"),
-                          label=(Literal[tuple(labels.names)], ...),
-                          reasoning=(str, Field(max_length=max_chars)))
-    return answer.model_json_schema()
+def answer_schema(labels: LabelSet, max_chars: int, length_in_grammar: bool = True) -> dict:
+    # additionalProperties: false, else a grammar lets the model add keys until it runs out of
+    # tokens. The label comes first: an answer cut inside its reasoning keeps it.
+    return {"type": "object",
+            "properties": {"label": {"type": "string", "enum": list(labels.names)},
+                           "reasoning": reasoning_schema(max_chars, length_in_grammar)},
+            "required": ["label", "reasoning"], "additionalProperties": False}
+
+
+def json_bytes(name: str) -> int:
+    """Bytes of a label as a JSON string, quotes included, spelt raw or with escapes."""
+    return max(len(json.dumps(name).encode()), len(json.dumps(name, ensure_ascii=False).encode()))
+
+
+def reasoning_tokens(max_chars: int) -> int:
+    """The answer's tokens for its reasoning. Counted in bytes, since a grammar may spell text
+    in more tokens than the tokenizer would but never in more tokens than bytes: an ASCII
+    reasoning of max_chars + 1 characters (the grammar's bound, prompts.reasoning_schema)
+    always fits, however it is split. Other scripts take up to 4 bytes a character, but a
+    trained model rarely spends more than a token on one; where it does, the answer is cut
+    inside its reasoning with its label whole (load_json_answer), rather than every answer
+    being given 4x the tokens (SST-2's labels at 300 characters: 337 tokens, not 1,848)."""
+    return max_chars + 1
 
 
 def renormalise(logprobs: np.ndarray) -> np.ndarray:
@@ -104,7 +219,9 @@ class Answers:
 
 
 class GeneratedAnswer:
-    """choice and json: one sampled answer per row under constrained decoding, parsed back."""
+    """choice and json: one sampled answer per row under constrained decoding, parsed back.
+    Each answer mode says how many tokens its answer may take (tokens_needed), for the actor
+    and for the driver's check alike."""
     gives_reasoning = False
 
     def __init__(self, labels: LabelSet, prompt: PromptConfig, params, answer_tokens: int):
@@ -132,7 +249,12 @@ class GeneratedAnswer:
 
     def parse(self, text: str, finish: str | None) -> tuple[str | None, str | None, str | None]:
         """(label, reasoning, error) from one answer. Constrained decoding makes failures
-        rare, but an answer cut at max_tokens is possible and is reported, not guessed."""
+        rare, but an answer cut at max_tokens is possible: a label cut short is reported, not
+        guessed."""
+        raise NotImplementedError
+
+    @staticmethod
+    def tokens_needed(labels: LabelSet, prompt: PromptConfig, tokenizer) -> int:
         raise NotImplementedError
 
 
@@ -150,11 +272,15 @@ class ChoiceAnswer(GeneratedAnswer):
     """The answer is forced to be exactly one label."""
 
     def __init__(self, labels: LabelSet, prompt: PromptConfig, base: dict):
-        # Bytes, not tokens: a grammar may spell a label in more tokens than the tokenizer
-        # would; +1 for the end-of-sequence token.
-        answer_tokens = max(len(n.encode()) for n in labels.names) + 1
+        answer_tokens = self.tokens_needed(labels, prompt, None)
         super().__init__(labels, prompt, constrained(base, answer_tokens, choice=list(labels.names)),
                          answer_tokens)
+
+    @staticmethod
+    def tokens_needed(labels, prompt, tokenizer):
+        # Bytes, not tokens: a grammar may spell a label in more tokens than the tokenizer
+        # would; +1 for the end-of-sequence token.
+        return max(len(n.encode()) for n in labels.names) + 1
 
     def parse(self, text, finish):
         if text in self.labels:
@@ -163,26 +289,32 @@ class ChoiceAnswer(GeneratedAnswer):
 
 
 class JsonAnswer(GeneratedAnswer):
-    """{label, reasoning} under a JSON schema."""
+    """{label, reasoning} under a JSON schema; the reasoning whole sentences within
+    reasoning_max_chars (prompts.fit_reasoning), also when the answer was cut inside it."""
     gives_reasoning = True
 
-    def __init__(self, labels: LabelSet, prompt: PromptConfig, base: dict):
-        # Bytes of the longest answer the schema allows: a character of reasoning is at most
-        # 6 bytes (a \uXXXX escape), a label at most its bytes plus escapes.
-        longest = max(len(n.encode()) for n in labels.names)
-        answer_tokens = 32 + 2 * longest + 6 * prompt.reasoning_max_chars
-        schema = answer_schema(labels, prompt.reasoning_max_chars)
+    def __init__(self, labels: LabelSet, prompt: PromptConfig, base: dict,
+                 length_in_grammar: bool = True):
+        answer_tokens = self.tokens_needed(labels, prompt, None)
+        schema = answer_schema(labels, prompt.reasoning_max_chars, length_in_grammar)
         super().__init__(labels, prompt, constrained(base, answer_tokens, json=schema), answer_tokens)
+
+    @staticmethod
+    def tokens_needed(labels, prompt, tokenizer):
+        # The compact JSON around the longest label (bytes bound tokens, as in
+        # reasoning_tokens), the reasoning, and the end-of-sequence token.
+        skeleton = len('{"label":,"reasoning":""}') + max(json_bytes(n) for n in labels.names)
+        return skeleton + reasoning_tokens(prompt.reasoning_max_chars) + 1
 
     def parse(self, text, finish):
         try:
-            data = json.loads(text)
+            data, whole = load_json_answer(text)
             label, why = data["label"], data["reasoning"]
         except (ValueError, KeyError, TypeError):
             return None, None, f"answer is not the expected JSON (finish: {finish}): {text[:80]!r}"
         if label not in self.labels:
             return None, None, f"answer label {label!r} is not a label"
-        return label, why, None
+        return label, fit_reasoning(why, self.prompt.reasoning_max_chars, whole), None
 
 
 class LabelScores:
@@ -198,12 +330,7 @@ class LabelScores:
         from vllm import SamplingParams
 
         self.temperature_scale = temperature_scale
-        label_ids = [tokenizer.encode(name, add_special_tokens=False) for name in labels.names]
-        first = [ids[0] for ids in label_ids]
-        self.first_token_scoring = len(set(first)) == len(first)
-        # Whole labels end with the end of turn, so that "pos" is not scored as "positive"'s prefix.
-        self.sequences = ([[ids[0]] for ids in label_ids] if self.first_token_scoring
-                          else [ids + [tokenizer.eos_token_id] for ids in label_ids])
+        self.first_token_scoring, self.sequences = self.label_sequences(labels, tokenizer)
         children: dict[tuple[int, ...], set[int]] = {}
         for seq in self.sequences:
             for t, token in enumerate(seq):
@@ -214,6 +341,20 @@ class LabelScores:
                             for node in self.nodes]
         self.answer_tokens = max(len(seq) for seq in self.sequences)
         self.n_labels = len(labels)
+
+    @staticmethod
+    def label_sequences(labels: LabelSet, tokenizer) -> tuple[bool, list[list[int]]]:
+        """(whether the labels' first tokens differ, the token sequence scored per label)."""
+        label_ids = [tokenizer.encode(name, add_special_tokens=False) for name in labels.names]
+        first = [ids[0] for ids in label_ids]
+        if len(set(first)) == len(first):
+            return True, [[token] for token in first]
+        # Whole labels end with the end of turn, so that "pos" is not scored as "positive"'s prefix.
+        return False, [ids + [tokenizer.eos_token_id] for ids in label_ids]
+
+    @classmethod
+    def tokens_needed(cls, labels, prompt, tokenizer):
+        return max(map(len, cls.label_sequences(labels, tokenizer)[1]))
 
     def requests(self, rows: list[list[int]], template: PromptTokens):
         prompts = [template.build(row) for row in rows]
@@ -244,18 +385,24 @@ class JsonLabelsAnswer(GeneratedAnswer):
     JSON schema."""
     gives_reasoning = True
 
-    def __init__(self, labels: LabelSet, prompt: PromptConfig, base: dict):
-        # Every label once (quoted, comma), the reasoning's bytes as in JsonAnswer.
-        answer_tokens = 32 + sum(2 * len(n.encode()) + 4 for n in labels.names) \
-            + 6 * prompt.reasoning_max_chars
-        schema = multilabel.answer_schema(labels, prompt.reasoning_max_chars)
+    def __init__(self, labels: LabelSet, prompt: PromptConfig, base: dict,
+                 length_in_grammar: bool = True):
+        answer_tokens = self.tokens_needed(labels, prompt, None)
+        schema = multilabel.answer_schema(labels, prompt.reasoning_max_chars, length_in_grammar)
         super().__init__(labels, prompt, constrained(base, answer_tokens, json=schema), answer_tokens)
+
+    @staticmethod
+    def tokens_needed(labels, prompt, tokenizer):
+        # Every label once with its comma, then the reasoning, as in JsonAnswer.
+        skeleton = len('{"labels":[],"reasoning":""}') + sum(json_bytes(n) + 1 for n in labels.names)
+        return skeleton + reasoning_tokens(prompt.reasoning_max_chars) + 1
 
     def parse(self, text, finish):
         given, why_not = multilabel.parse_answer(text, self.labels)
         if given is None:
             return None, None, f"{why_not} (finish: {finish}): {text[:80]!r}"
-        return given, json.loads(text).get("reasoning"), None
+        data, whole = load_json_answer(text)
+        return given, fit_reasoning(data["reasoning"], self.prompt.reasoning_max_chars, whole), None
 
 
 class LabelYesNoScores:
@@ -274,8 +421,12 @@ class LabelYesNoScores:
         self.yes, self.no, self.n_labels = yes, no, len(labels)
         self.temperature_scale = temperature_scale
         self.params = SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=[yes, no])
-        self.answer_tokens = 1
+        self.answer_tokens = self.tokens_needed(labels, None, tokenizer)
         self.thresholds = np.full(len(labels), 0.5)
+
+    @staticmethod
+    def tokens_needed(labels, prompt, tokenizer):
+        return 1  # yes or no: the question is in the prompt (PromptTokens.overhead)
 
     def requests(self, rows: list[list[int]], template: PromptTokens):
         return [p for row in rows for p in template.build_each(row)], self.params
@@ -297,17 +448,24 @@ class LabelYesNoScores:
                        errors=failed, probs=probs, confidence=confidence)
 
 
-def answer_mode(labels: LabelSet, prompt: PromptConfig, tokenizer, multi_label: bool = False):
+def mode_class(prompt: PromptConfig, multi_label: bool = False) -> type:
+    """The strategy class of `backend.prompt.mode` (multi_label: json or score; config.py
+    refuses choice)."""
+    if multi_label:
+        return JsonLabelsAnswer if prompt.mode == "json" else LabelYesNoScores
+    return {"choice": ChoiceAnswer, "json": JsonAnswer, "score": LabelScores}[prompt.mode]
+
+
+def answer_mode(labels: LabelSet, prompt: PromptConfig, tokenizer, multi_label: bool = False,
+                structured_outputs_backend: str = "guidance"):
     """The strategy of `backend.prompt.mode`: what is asked of vLLM and how it is read."""
+    cls = mode_class(prompt, multi_label)
+    if cls in (LabelScores, LabelYesNoScores):
+        return cls(labels, tokenizer, prompt.temperature_scale)
     base = {"temperature": prompt.temperature, "seed": prompt.seed}
-    if multi_label:  # json or score (config.py refuses choice)
-        return (JsonLabelsAnswer(labels, prompt, base) if prompt.mode == "json"
-                else LabelYesNoScores(labels, tokenizer, prompt.temperature_scale))
-    if prompt.mode == "choice":
-        return ChoiceAnswer(labels, prompt, base)
-    if prompt.mode == "json":
-        return JsonAnswer(labels, prompt, base)
-    return LabelScores(labels, tokenizer, prompt.temperature_scale)
+    if cls is ChoiceAnswer:
+        return cls(labels, prompt, base)
+    return cls(labels, prompt, base, structured_outputs_backend in LENGTH_WITH_PATTERN)
 
 
 class VLLMPromptClassifier:
@@ -323,21 +481,14 @@ class VLLMPromptClassifier:
             engine_args(backend, use_gpu, "generate", seed=prompt.seed))
         tok = self.tokenizer = self.llm.get_tokenizer()
         self.dtype = engine_dtype(self.llm)
-        chat = prompt.chat_template == "on" or (
-            prompt.chat_template == "auto" and getattr(tok, "chat_template", None))
-        apply_chat = (lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
-                      ) if chat else None
         self.multi_label = multi_label
-        self.template = tokenize_template(
-            tok, *render_template(labels, prompt, examples, apply_chat, multi_label), chat=bool(chat),
-            labels=labels if multi_label and prompt.mode == "score" else None)
-        self.mode = answer_mode(labels, prompt, tok, multi_label)
-        limit = self.llm.llm_engine.model_config.max_model_len
-        self.budget = min(backend.max_length, limit - self.template.overhead - self.mode.answer_tokens)
-        if self.budget < 1:
-            raise ModelError(f"backend.engine.max_model_len {limit} leaves "
-                             f"no room for the row text: the shared prompt takes "
-                             f"{self.template.overhead} tokens and the answer {self.mode.answer_tokens}")
+        self.template = shared_prompt(tok, labels, prompt, examples, multi_label)
+        self.mode = answer_mode(labels, prompt, tok, multi_label,
+                                backend.engine.structured_outputs_backend)
+        # The driver made this sum before any engine started (check_context_length); the
+        # engine's context is the final word (vLLM may derive a shorter one).
+        self.budget = row_budget(backend, self.llm.llm_engine.model_config.max_model_len,
+                                 self.template, self.mode.answer_tokens)
         self.feed = EngineFeed.of(self.llm)
         # Rows are tokenised on the calls' threads while the engine detokenises answers on its
         # own: the calls get their own copy of the tokenizer (a fast one is not thread-safe).

@@ -8,6 +8,7 @@ end through Ray Data under the output contract.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -100,6 +101,66 @@ def test_generated_answers_stay_inside_the_label_set(lm_model, mode):
         assert all(isinstance(r["reasoning"], str) and len(r["reasoning"]) <= 20 for r in labelled)
     else:
         assert "reasoning" not in out[0]
+
+
+def test_json_reasoning_closes_at_a_sentence_end_within_the_cap(lm_model):
+    """What the grammar lets a model write, random weights or not: a reasoning with no double
+    quote (the model's quote token is masked, not read as the string's end), closed only
+    after a sentence's end, at most reasoning_max_chars + 1 characters; the row's reasoning
+    is then whole sentences within the cap (or words and an ellipsis). A random model also
+    strings bytes into characters of 2-4 bytes, which the answer's budget (a token a
+    character) may not reach: those answers are cut inside the reasoning, the label whole.
+    The driver's check sums what the actor does."""
+    from clsjob.backends.vllm_prompt import driver_tokenizer, mode_class, shared_prompt
+    from clsjob.prompts import REASONING_PATTERN, SENTENCE_END, load_json_answer
+
+    cfg = prompted(lm_model, "json")
+    actor = actor_for(cfg)
+    written, parse = [], actor.mode.parse
+    actor.mode.parse = lambda text, finish: written.append((text, finish)) or parse(text, finish)
+    texts = sample_texts(20, seed=11) + HOSTILE[:4]
+    out = actor(chunk(texts)).to_pylist()
+    assert len(written) == len(texts)
+    for text, finish in written:
+        answer, whole = load_json_answer(text)
+        reasoning = answer["reasoning"]
+        assert whole == (finish == "stop") and len(reasoning) <= 21, text
+        assert re.fullmatch(REASONING_PATTERN.strip("^$") if whole else r'[^"\\]*', reasoning), text
+    assert sum(finish == "stop" for _, finish in written) >= len(texts) // 2
+    for row in out:
+        assert row["error"] is None and row["label"] in LABELS, row
+        why = row["reasoning"]
+        assert len(why) <= 20 and (why.endswith("…") or re.search(f"{SENTENCE_END}$", why)), row
+
+    tok = driver_tokenizer(cfg.backend, cfg.storage)
+    assert shared_prompt(tok, LabelSet(tuple(LABELS)), cfg.backend.prompt, []) == actor.template
+    assert mode_class(cfg.backend.prompt).tokens_needed(LabelSet(tuple(LABELS)), cfg.backend.prompt,
+                                                        tok) == actor.mode.answer_tokens
+
+
+@pytest.mark.parametrize("task", ["single_label", "multi_label"])
+def test_an_answer_cut_inside_its_reasoning_keeps_its_label(lm_model, task):
+    """An answer that runs out of tokens after its label(s) (max_tokens well under a 200-
+    character reasoning's) is a labelled row, its reasoning cut back to whole sentences or
+    words and an ellipsis, never an error."""
+    from clsjob.prompts import SENTENCE_END
+
+    actor = actor_for(prompted(lm_model, "json", task=task, reasoning_max_chars=200))
+    # Up to the reasoning, the answer is at most 57 bytes (all three labels), so at most 57
+    # tokens.
+    actor.mode.params = actor.mode.params.clone()
+    actor.mode.params.max_tokens = 60
+    finishes, parse = [], actor.mode.parse
+    actor.mode.parse = lambda text, finish: finishes.append(finish) or parse(text, finish)
+    out = actor(chunk(sample_texts(8, seed=12))).to_pylist()
+    assert finishes.count("length") >= 6, finishes  # a random model rarely ends a sentence
+    for row in out:
+        assert row["error"] is None, row
+        given = row["labels"] if task == "multi_label" else [row["label"]]
+        assert set(given) <= set(LABELS)
+        assert len(row["reasoning"]) <= 200 and '"' not in row["reasoning"]
+        why = row["reasoning"]
+        assert why == "" or why.endswith("…") or re.search(f"{SENTENCE_END}$", why), row
 
 
 def transformers_label_logprobs(model_dir, prompt_ids: list[int], label_ids: list[list[int]]):

@@ -1,10 +1,12 @@
 """Prompt rendering (pure): shared parts first, chat and plain forms, examples, truncation."""
+import re
+
 import pytest
 
 from clsjob.config import Example, PromptConfig
 from clsjob.labels import LabelSet
-from clsjob.prompts import (TEXT_SLOT, encode_rows, instructions, pick_examples, render_template,
-                            tokenize_template)
+from clsjob.prompts import (REASONING_PATTERN, TEXT_SLOT, encode_rows, fit_reasoning, instructions,
+                            load_json_answer, pick_examples, render_template, tokenize_template)
 from tiny_models import build_tokenizer
 
 LABELS = LabelSet(("billing", "delivery", "other"), ("money matters", None, None))
@@ -26,6 +28,7 @@ def test_instructions_list_labels_with_descriptions_and_examples_in_order():
     assert "Label: billing" in text and "Answer with the label only." in text
     as_json = instructions(LABELS, PromptConfig(mode="json"), EXAMPLES)
     assert 'Label: {"label": "billing"' in as_json and "JSON object" in as_json
+    assert "single quotes, never double quotes" in as_json
 
 
 def test_plain_prompt_puts_everything_shared_before_the_row():
@@ -99,3 +102,38 @@ def test_multilabel_score_asks_one_question_per_label_after_the_shared_prefix(to
     assert ['"billing"' in asked[0], '"delivery"' in asked[1], '"other"' in asked[2]] == [True] * 3
     assert all(a.endswith("<|im_start|>assistant\n") for a in asked)
     assert template.overhead == len(template.head) + max(map(len, template.questions))
+
+
+def test_reasoning_is_fitted_to_whole_sentences_within_the_cap():
+    fit = lambda text, whole=True: fit_reasoning(text, 40, whole)  # noqa: E731
+    assert fit("A delight from start to finish.") == "A delight from start to finish."
+    # 41 characters: the grammar's bound was reached, its last full stop forced there.
+    long = "Warm and funny. The cast is great and so.."
+    assert fit(long[:41]) == "Warm and funny."
+    # One long sentence: its last whole word within the cap, and an ellipsis.
+    assert fit("An utterly charming film that wins over ag.") == "An utterly charming film that wins over…"
+    assert len(fit("x" * 41)) == 40 and fit("x" * 41).endswith("…")
+    # Cut short (max_tokens): the sentence in progress goes, even within the cap.
+    assert fit("Warm and funny. The cast is", whole=False) == "Warm and funny."
+    assert fit("Warm and funny! 'Great.' And th", whole=False) == "Warm and funny! 'Great.'"
+    assert fit("Warm and fun\ufffd", whole=False) == "Warm and…"  # a character cut between bytes
+    assert fit("", whole=False) == ""
+
+
+def test_an_answer_cut_inside_its_reasoning_keeps_its_labels():
+    assert load_json_answer('{"label":"billing","reasoning":"Charged twice."}') == (
+        {"label": "billing", "reasoning": "Charged twice."}, True)
+    assert load_json_answer('{"label":"billing","reasoning":"Charged twice. The') == (
+        {"label": "billing", "reasoning": "Charged twice. The"}, False)
+    assert load_json_answer('{"labels":["a","b"],"reasoning":"Bo') == (
+        {"labels": ["a", "b"], "reasoning": "Bo"}, False)
+    for cut in ('{"label":"bil', '{"labels":["a","b"', '{"label":"billing","reas'):
+        with pytest.raises(ValueError):
+            load_json_answer(cut)
+
+
+def test_the_reasoning_pattern_closes_only_after_a_sentence_without_double_quotes():
+    ok = ["Charged twice.", "It says 'late'!", "Is it (billing?)", "“Late.”", "."]
+    bad = ['It says "late".', "No full stop", "Two\nlines.", "Back\\slash.", ""]
+    assert all(re.fullmatch(REASONING_PATTERN.strip("^$"), text) for text in ok)
+    assert not any(re.fullmatch(REASONING_PATTERN.strip("^$"), text) for text in bad)
