@@ -118,7 +118,10 @@ class PromptConfig(Section):
         "auto", description="auto = the tokenizer's chat template when it has one, else a "
                             "plain completion prompt.")
     reasoning_max_chars: int = Field(
-        300, gt=0, description="json mode: longest `reasoning` the schema allows.")
+        300, gt=0, description="json mode: longest `reasoning` kept. The reasoning is whole "
+                               "sentences within it (one long sentence: its whole words and "
+                               "an ellipsis); the answer's token budget grows with it, one "
+                               "token a character.")
     temperature: float = Field(0.0, ge=0, description="0 = greedy, the same answer every run.")
     seed: int = Field(0, description="Sampling seed: with temperature > 0, runs still repeat.")
     temperature_scale: float = Field(
@@ -139,7 +142,9 @@ class EngineConfig(Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="auto = bfloat16 on GPU, float32 on CPU.")
     max_model_len: int | None = Field(
-        None, gt=0, description="Prompt + answer tokens per row. None = the model's maximum.")
+        None, gt=0, description="Prompt + answer tokens per row. None = the model's maximum. "
+                                "vllm_prompt: one that leaves a row no room beside the shared "
+                                "prompt and the answer is refused on the driver.")
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="GPU memory share for weights and KV cache (GPU only).")
     kv_cache_gib: float | None = Field(
