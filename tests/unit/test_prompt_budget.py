@@ -16,6 +16,9 @@ from clsjob.config import ClassifyConfig, PromptConfig, validate
 from clsjob.labels import LabelSet
 from clsjob.multilabel import answer_schema as labels_schema
 from clsjob.prompts import REASONING_PATTERN, fit_reasoning, load_json_answer
+from faulty_s3 import FaultyS3
+# Fixtures are found by name in the module that uses them.
+from s3_fixtures import BUCKET, aws_env, s3  # noqa: F401
 from tiny_models import build_tokenizer
 
 SST2 = LabelSet(("negative", "positive"))
@@ -82,6 +85,21 @@ def test_unset_max_model_len_is_the_models_own_context(model_folder):
     with pytest.raises(ModelError, match=r"the model's context of 512 tokens \(backend.engine."
                                          r"max_model_len is unset\) .* shorten the shared prompt"):
         check(prompted(model_folder, max_model_len=None, reasoning_max_chars=500))
+
+
+def test_an_s3_model_is_checked_from_its_tokenizer_files_without_its_weights(model_folder, s3):
+    """The driver fetches an s3:// folder's small files (tokenizer, config) to sum the prompt,
+    never the weights: the S3 endpoint is asked for no byte of model.safetensors."""
+    with FaultyS3(s3.endpoint, every=None) as counting:
+        for path in sorted(p for p in model_folder.iterdir() if p.is_file()):
+            s3.client.upload_file(str(path), BUCKET, f"models/lm/{path.name}")
+        cfg = prompted(f"s3://{BUCKET}/models/lm", "json", 64)
+        cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(
+            update={"endpoint_url": counting.endpoint})})
+        with pytest.raises(ModelError, match="backend.engine.max_model_len 64 leaves no room"):
+            check(cfg)
+    assert counting.requests[("GET", f"/{BUCKET}/models/lm/tokenizer.json")] == 1
+    assert counting.requests[("GET", f"/{BUCKET}/models/lm/model.safetensors")] == 0
 
 
 def sample_answer(matcher, ll, rng: random.Random, shortest: bool, byte_len: dict) -> list[int]:
