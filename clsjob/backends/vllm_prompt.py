@@ -103,7 +103,8 @@ def driver_tokenizer(backend: VLLMPromptBackendConfig, storage: StorageConfig):
         try:
             return AutoTokenizer.from_pretrained(folder, trust_remote_code=backend.trust_remote_code)
         except (OSError, ValueError) as exc:
-            raise ModelError(f"backend.model: {backend.model}: cannot load its tokenizer: {exc}") from None
+            raise ModelError(f"backend.model: {backend.model}: cannot load its tokenizer: "
+                             f"{exc}") from None
 
     if not model_cache.is_remote(backend.model):
         return load(backend.model)

@@ -111,7 +111,8 @@ def sample_answer(matcher, ll, rng: random.Random, shortest: bool, byte_len: dic
     ids = []
     while not matcher.is_stopped():
         lnp.fill_next_token_bitmask(matcher, mask, 0)
-        allowed = np.flatnonzero(np.unpackbits(mask[0].view(np.uint8), bitorder="little")[:ll.vocab_size])
+        bits = np.unpackbits(mask[0].view(np.uint8), bitorder="little")
+        allowed = np.flatnonzero(bits[:ll.vocab_size])
         if shortest:
             least = min(byte_len[t] for t in allowed)
             allowed = [t for t in allowed if byte_len[t] == least]
@@ -136,11 +137,13 @@ def test_json_answers_under_guidance_end_at_a_sentence_and_fit_their_budget(tmp_
     schema = (labels_schema(labels, 30) if multi_label else answer_schema(labels, 30))
     budget = mode_class(prompt, multi_label).tokens_needed(labels, prompt, tok)
     # As vLLM's guidance back end compiles it, with clsjob's disable_any_whitespace.
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(
+        schema, defaults={"whitespace_flexible": False})
     byte_len = {i: len(tok.decode([i]).encode()) for i in range(len(tok))}
     rng = random.Random(0)
     for k in range(60):
-        ids = sample_answer(llguidance.LLMatcher(ll, grammar), ll, rng, shortest=k % 2 == 1, byte_len=byte_len)
+        ids = sample_answer(llguidance.LLMatcher(ll, grammar), ll, rng, shortest=k % 2 == 1,
+                            byte_len=byte_len)
         text = tok.decode(ids)
         answer, whole = load_json_answer(text)
         assert whole and len(ids) + 1 <= budget, (len(ids), budget, text)

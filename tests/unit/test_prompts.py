@@ -110,7 +110,8 @@ def test_reasoning_is_fitted_to_whole_sentences_within_the_cap():
     long = "Warm and funny. The cast is great and so.."
     assert fit(long[:41]) == "Warm and funny."
     # One long sentence: its last whole word within the cap, and an ellipsis.
-    assert fit("An utterly charming film that wins over ag.") == "An utterly charming film that wins over…"
+    assert fit("An utterly charming film that wins over ag.") == (
+        "An utterly charming film that wins over…")
     assert len(fit("x" * 41)) == 40 and fit("x" * 41).endswith("…")
     # Cut short (max_tokens): the sentence in progress goes, even within the cap.
     assert fit("Warm and funny. The cast is", whole=False) == "Warm and funny."
