@@ -124,12 +124,16 @@ def model_folder(name: str) -> Path:
 def start_real_data_ray() -> bool:
     """For the benchmarks on ../shared/data: False (and why, on stderr) without the data; else
     a Ray cluster of their own ("local"), with logical CPUs beyond the cores for the reader
-    and writer tasks beside the actor (README: resources on a small machine)."""
+    and writer tasks beside the actor (README: resources on a small machine), whose workers
+    know their own cluster (placement.OWN_CLUSTER: with another Ray on the machine, Ray
+    Train's placement-group cleaner asked that one and killed a live fine-tune mid-epoch)."""
     if not DATA.exists():
         print(f"no data at {DATA}: this benchmark reads ../shared/data", file=sys.stderr)
         return False
     import ray
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
+
+    from clsjob.placement import OWN_CLUSTER
+    ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env=OWN_CLUSTER)
     return True
 
 

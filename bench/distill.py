@@ -195,9 +195,11 @@ def main() -> int:
         return 2
     import ray
 
+    from clsjob.placement import OWN_CLUSTER
+
     env = environment()
     # Room for every actor and the reader and writer beside them.
-    ray.init(address="local", num_cpus=6, include_dashboard=False)
+    ray.init(address="local", num_cpus=6, include_dashboard=False, runtime_env=OWN_CLUSTER)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

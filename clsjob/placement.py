@@ -114,8 +114,7 @@ def ensure_ray(*demands: Demand) -> None:
     try:
         # Starts a local Ray unless there is one to join; Ray refuses num_cpus for a cluster
         # it joins, before connecting, and that refusal is the only sign of which it is.
-        ray.init(num_cpus=cpus, log_to_driver=True,
-                 runtime_env={"worker_process_setup_hook": "clsjob.placement.address_own_cluster"})
+        ray.init(num_cpus=cpus, log_to_driver=True, runtime_env=OWN_CLUSTER)
     except ValueError:
         ray.init(log_to_driver=True)
         return
@@ -131,11 +130,18 @@ def address_own_cluster() -> None:
     """Every worker process of a local Ray clsjob starts names that Ray as its own.
 
     Ray Train's PlacementGroupCleaner actor asks the state API whether the training
-    controller lives, with no address: Ray then looks for the clusters on this machine, and
-    with a second one there (another job, a test session) it fails ("Found multiple active
-    Ray instances"), its monitor thread dies with a traceback in the driver's log, and it no
-    longer cleans up after a dead controller. Named, it queries the right cluster."""
+    controller lives, with no address: Ray then looks for the clusters on this machine. With
+    a second one there (another job, a test session) it either fails ("Found multiple active
+    Ray instances": its monitor thread dies with a traceback in the driver's log) or asks the
+    other cluster, hears "no such actor", and removes the live run's placement group: the
+    training worker is killed mid-epoch and the attempt lost (seen in a benchmark). Named,
+    it queries the right cluster."""
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
+# The runtime env of every local Ray started for clsjob's work: by ensure_ray, and by the
+# tests and benchmarks that start their own.
+OWN_CLUSTER = {"worker_process_setup_hook": "clsjob.placement.address_own_cluster"}
 
 
 def placement_problems(nodes: list[dict], demand: Demand, *more: Demand) -> list[str]:

@@ -13,10 +13,13 @@ from tiny_models import build_bert_classifier, build_qwen2_classifier
 def ray_cluster():
     import ray
 
+    from clsjob.placement import OWN_CLUSTER
+
     # 4 logical CPUs on 2 cores: the shard reader, the classifier actor and the writer must
-    # all get a slot (reader and writer are I/O-light).
+    # all get a slot (reader and writer are I/O-light). OWN_CLUSTER: Ray Train's cleaner
+    # must not ask another Ray on the machine (a test's `ray start`) about this one's runs.
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": TEST_AWS_ENV})
+             runtime_env={"env_vars": TEST_AWS_ENV, **OWN_CLUSTER})
     yield ray
     ray.shutdown()
 
