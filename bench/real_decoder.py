@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from common import (DATA, REPO, TARGETS, environment, environment_line, markdown_table,
-                    model_folder, read_output, write_report)
+                    model_folder, read_output, start_real_data_ray, write_report)
 from finetune_accuracy import baseline
 
 SHUFFLE_SEED = 0
@@ -73,21 +73,6 @@ class LoadWatch:
         s = self.samples
         return {"min": round(min(s), 2), "mean": round(sum(s) / len(s), 2), "max": round(max(s), 2),
                 "samples": len(s)}
-
-
-def start_ray() -> bool:
-    """common.start_real_data_ray's cluster (4 logical CPUs, no dashboard), with the worker
-    hook clsjob's own local Ray has (placement.address_own_cluster). Without it Ray Train's
-    placement-group cleaner asks whichever Ray on this machine answers whether the training
-    controller lives; with another team's Ray beside it, the answer is "no such actor", and
-    it removed this run's placement group mid-epoch (a lost attempt, seen here)."""
-    if not DATA.exists():
-        print(f"no data at {DATA}: this benchmark reads ../shared/data", file=sys.stderr)
-        return False
-    import ray
-    ray.init(address="local", num_cpus=4, include_dashboard=False,
-             runtime_env={"worker_process_setup_hook": "clsjob.placement.address_own_cluster"})
-    return True
 
 
 def split_rows(corpus: str, train_rows: int | None, eval_rows: int,
@@ -280,7 +265,7 @@ def main() -> int:
     parser.add_argument("--out")
     args = parser.parse_args()
     env = environment()
-    if not start_ray():
+    if not start_real_data_ray():
         return 2
     with LoadWatch(every_s=30) as load:
         started = time.monotonic()
