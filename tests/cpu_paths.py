@@ -27,7 +27,15 @@ ENV = {
 }
 
 
+def machine_has_avx512() -> bool:
+    """From /proc/cpuinfo, before torch loads: ATen takes ATEN_CPU_CAPABILITY at its word, and
+    `avx512` on a CPU without AVX-512 dies of SIGILL (an AMD EPYC with AVX2 only)."""
+    return "avx512f" in Path("/proc/cpuinfo").read_text().split()
+
+
 def force(isa: str) -> None:
+    if isa == "avx512" and not machine_has_avx512():
+        isa = "avx2"  # forced down, never up: this machine's own top path
     os.environ.update(ENV.get(isa, {}))
     import torch
 
