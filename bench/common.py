@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -193,3 +194,33 @@ def prepared_chunks(table: pa.Table, rows_per_chunk: int, label_column: str | No
     cfg = InputConfig(path="bench", label_column=label_column)
     return [prepare_chunk(table.slice(start, rows_per_chunk), "bench.parquet", start, cfg)
             for start in range(0, table.num_rows, rows_per_chunk)]
+
+
+class LoadWatch:
+    """The 1-minute load average every `every_s` seconds while a phase runs: other jobs
+    share these cores, and a wall time means little without it."""
+
+    def __init__(self, every_s: float = 15.0):
+        self.every_s, self.samples = every_s, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self):
+        while True:
+            self.samples.append(os.getloadavg()[0])
+            if self._stop.wait(self.every_s):
+                return
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(os.getloadavg()[0])
+
+    def summary(self) -> dict:
+        s = self.samples
+        return {"min": round(min(s), 2), "mean": round(sum(s) / len(s), 2), "max": round(max(s), 2),
+                "samples": len(s)}

@@ -1,6 +1,8 @@
 """Benchmark of the prompted back end (`vllm_prompt`) against its floor and its peer.
 
     .venv/bin/python bench/prompted.py [--rows N] [--out FILE.json] [--workdir DIR]
+    .venv/bin/python bench/prompted.py --model qwen2.5-coder-0.5b-instruct --rows 500 --runs 3
+
 
 One run, the same SST-2 rows and the same prompts everywhere:
   a. the actor class called in-process on prepared chunks: choice, json, score (first-token
@@ -13,6 +15,11 @@ One run, the same SST-2 rows and the same prompts everywhere:
 The model has random weights, sized so that the forward pass, not Python, dominates on CPU:
 labels it picks are meaningless, but they must agree between variants that run the same tokens.
 Nothing is downloaded: the tokenizer is trained here and the model is built here.
+
+With --model (a real instruct LLM from `make models`) only b, c and d run, --runs times each
+in turn (floor, ours, peer; then again), so that all three see the same machine; the report
+gives each one's median rows/s with its spread, the ratios per run, and the accuracy of the
+labels against SST-2's gold (a real model's labels mean something).
 """
 from __future__ import annotations
 
@@ -29,7 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common import (DATA, REPO, TARGETS, classify_config, environment, environment_line, make_actor,
-                    markdown_table, prepared_chunks, read_output, write_report, write_shards)
+                    markdown_table, model_folder, prepared_chunks, read_output, write_report,
+                    write_shards)
 
 SST2 = DATA / "sst2.parquet"
 
@@ -446,6 +454,71 @@ def assemble(actor: dict, floor: dict, prefix: dict, pool: dict, ours: dict, pee
     return {"results": results, "agreement": agree, "notes": notes}
 
 
+# ---------------------------------------------------------------- a real model: b, c, d only
+
+def choice_requests(model: Path, rows: pa.Table, warm: pa.Table) -> dict:
+    """What the floor replays: the choice actor's own token ids and sampling parameters,
+    taken from an actor that labels nothing (its engine is freed at once)."""
+    actor = make_actor(prompt_config(model, LABELS, "choice"))
+    out = {"prompts": actor_prompts(actor, rows.column("text").to_pylist()),
+           "warm_prompts": actor_prompts(actor, warm.column("text").to_pylist()),
+           "params": actor.mode.params}
+    del actor
+    free_engines()
+    return out
+
+
+def spread(results: list[dict]) -> dict:
+    rates = sorted(r["rows_per_s"] for r in results)
+    return {"median": float(np.median(rates)), "min": rates[0], "max": rates[-1], "rates": rates}
+
+
+def compare_real(model: Path, rows: pa.Table, warm: pa.Table, work: Path, runs: int, log) -> dict:
+    """b, c and d in turn, `runs` times: per variant the median rows/s and its spread, the
+    ratios of each run, and each one's accuracy against the rows' gold labels."""
+    import ray
+    import ray.data
+
+    choice = choice_requests(model, rows, warm)
+    gold = rows.column("label").to_pylist()
+    accuracy = lambda labels: round(sum(a == g for a, g in zip(labels, gold)) / len(gold), 4)  # noqa: E731
+    floor, ours, peer = [], [], []
+    ray.init(num_cpus=4)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        shards = row_shards(rows, work / "input")
+        for run in range(runs):
+            f = bench_floor(model, choice, log)
+            floor.append({**f["with_start"], "accuracy": accuracy(f["labels"])})
+            o = bench_ours(model, shards, work / f"out-ours-{run}", rows.num_rows, log)
+            ours.append({**o["result"], "accuracy": accuracy(o["labels"]),
+                         "agrees_with_floor": agreement(o["labels"], f["labels"])})
+            p = bench_peer(model, shards, rows.num_rows, choice["params"].max_tokens, log)
+            peer.append({**p["result"], "accuracy": accuracy(p["labels"]),
+                         "agrees_with_floor": agreement(p["labels"], f["labels"])})
+    finally:
+        ray.shutdown()
+    per_run = [{"ours_vs_floor_with_start": round(o["rows_per_s"] / f["rows_per_s"], 3),
+                "ours_vs_peer": round(o["rows_per_s"] / p["rows_per_s"], 3)}
+               for f, o, p in zip(floor, ours, peer)]
+    return {"floor_with_start": {"runs": floor, **spread(floor)}, "ours": {"runs": ours, **spread(ours)},
+            "peer": {"runs": peer, **spread(peer)}, "ratios_per_run": per_run,
+            "ratios_median": {k: float(np.median([r[k] for r in per_run])) for k in per_run[0]}}
+
+
+def markdown_real(report: dict) -> str:
+    c = report["compare"]
+    rows = [[name, report["settings"]["rows"], f"{c[key]['median']:.2f}",
+             f"{c[key]['min']:.2f}–{c[key]['max']:.2f}", c[key]["runs"][0]["accuracy"]]
+            for name, key in (("floor: LLM() + generate", "floor_with_start"),
+                              ("ours: run_classify", "ours"), ("peer: ray.data.llm", "peer"))]
+    ratios = [[k, f"{v:.2f}x", ", ".join(f"{r[k]:.2f}" for r in c["ratios_per_run"])]
+              for k, v in c["ratios_median"].items()]
+    return "\n".join([markdown_table(["variant", "rows", "median rows/s", "min–max", "accuracy"], rows),
+                      "", markdown_table(["ratio", "median", "per run"], ratios), "",
+                      f"{report['model']}; {environment_line(report['environment'])}"])
+
+
 # ---------------------------------------------------------------- main
 
 def parse_args() -> argparse.Namespace:
@@ -454,6 +527,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "prompted.json")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="model, shards and outputs (default: a temporary folder)")
+    parser.add_argument("--model", help="a real model folder of `make models` (e.g. "
+                                        "qwen2.5-coder-0.5b-instruct): floor, ours, peer only")
+    parser.add_argument("--runs", type=int, default=3, help="with --model: rounds of the three")
     args = parser.parse_args()
     if args.rows <= STARTUP_ROWS:
         # The steady-state figures are the full run less a run of STARTUP_ROWS rows.
@@ -472,8 +548,15 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-prompted-"))
     log = lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
     log(f"{rows.num_rows} rows; workdir {work}")
-    model = build_model(work / "model", train.column("text").to_pylist())
     warm = chunks_of(pa.table({"text": warmup_texts(train), "label": ["positive"] * WARMUP_ROWS}))[0]
+    if args.model:
+        report = {"environment": env, "model": args.model,
+                  "settings": {"rows": rows.num_rows, "runs": args.runs, "batch_size": BATCH,
+                               "shards": SHARDS, "max_model_len": MAX_MODEL_LEN},
+                  "compare": compare_real(model_folder(args.model), rows, warm, work, args.runs, log)}
+        write_report(report, args.out, markdown_real(report))
+        return
+    model = build_model(work / "model", train.column("text").to_pylist())
 
     actor = bench_actor_modes(model, rows, warm, log)
     floor = bench_floor(model, actor["choice"], log)

@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -37,42 +35,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from common import (DATA, REPO, TARGETS, environment, environment_line, markdown_table,
-                    model_folder, read_output, start_real_data_ray, write_report)
+from common import (DATA, REPO, TARGETS, LoadWatch, environment, environment_line,
+                    markdown_table, model_folder, read_output, start_real_data_ray, write_report)
 from finetune_accuracy import baseline
 
 SHUFFLE_SEED = 0
 SCORED = ("dev", "test")
-
-
-class LoadWatch:
-    """The 1-minute load average every `every_s` seconds while a phase runs: other jobs
-    share these cores, and a wall time means little without it."""
-
-    def __init__(self, every_s: float = 15.0):
-        self.every_s, self.samples = every_s, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def _watch(self):
-        while True:
-            self.samples.append(os.getloadavg()[0])
-            if self._stop.wait(self.every_s):
-                return
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.samples.append(os.getloadavg()[0])
-
-    def summary(self) -> dict:
-        s = self.samples
-        return {"min": round(min(s), 2), "mean": round(sum(s) / len(s), 2), "max": round(max(s), 2),
-                "samples": len(s)}
 
 
 def split_rows(corpus: str, train_rows: int | None, eval_rows: int,
