@@ -83,6 +83,19 @@ def build_bert_classifier(folder: Path, labels: list[str], seed: int = 0) -> Pat
     return folder
 
 
+def build_family_classifier(folder: Path, family: str, labels: list[str], seed: int = 0) -> Path:
+    """A classifier folder of `family` (build_base's body and a new random head), laid out as
+    `clsjob merge` writes one: config with the *ForSequenceClassification architecture and the
+    labels, safetensors, tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base = build_base(folder.parent / f"{folder.name}-base", family, seed)
+    model = AutoModelForSequenceClassification.from_pretrained(base, **_label_maps(labels))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    return folder
+
+
 # Every family the model-family tests fine-tune: the ones the project was built on, and the
 # ones users bring most (build_base builds each; "qwen2-gguf" comes through import-model).
 FAMILIES = ("bert", "roberta", "qwen2", "llama", "mpnet", "gemma3", "distilbert", "deberta-v2",

@@ -75,10 +75,11 @@ class BackEnd:
 
 
 REGISTRY: dict[str, BackEnd] = {
-    # vllm_pool serves the same merged classifier folder as hf, so both check it alike.
+    # vllm_pool serves the same merged classifier folder as hf: hf's checks, and vLLM's
+    # registry must hold the architecture.
     "hf": BackEnd(HFBackendConfig, "clsjob.backends.hf:check_model_folder",
                   "clsjob.backends.hf:HFClassifier"),
-    "vllm_pool": BackEnd(VLLMPoolBackendConfig, "clsjob.backends.hf:check_model_folder",
+    "vllm_pool": BackEnd(VLLMPoolBackendConfig, "clsjob.backends.vllm_pool:check_pooled_model",
                          "clsjob.backends.vllm_pool:VLLMPoolClassifier"),
     "vllm_prompt": BackEnd(VLLMPromptBackendConfig, "clsjob.backends.vllm_prompt:check_prompted_model",
                            "clsjob.backends.vllm_prompt:VLLMPromptClassifier",

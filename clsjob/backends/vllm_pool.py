@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from clsjob.backends import local_backend
-from clsjob.backends.hf import encode_truncating
+from clsjob.backends import CheckedModel, ModelError, local_backend
+from clsjob.backends.hf import check_model_folder, encode_truncating
 from clsjob.backends.rows import attach_label_sets, attach_probabilities, rows_to_classify, stamp
 from clsjob.backends import vllm_engine
 from clsjob.calibration import model_temperature, rescale_probs
@@ -20,6 +20,57 @@ from clsjob.backends.vllm_engine import (engine_args, engine_died, engine_dtype,
 from clsjob.config import StorageConfig, VLLMPoolBackendConfig
 from clsjob.labels import LabelSet, resolve_model_labels
 from clsjob.multilabel import model_thresholds
+
+HEAD = "ForSequenceClassification"
+
+
+def check_pooled_model(backend: VLLMPoolBackendConfig, configured: LabelSet | None,
+                       storage: StorageConfig | None = None) -> CheckedModel:
+    """hf's checks of the folder, and that this vLLM can serve its architecture: found here,
+    from config.json and vLLM's registry, rather than when every actor's engine fails to load
+    the weights (Gemma 3) or refuses the architecture (MPNet, DeBERTa-v2) after Ray Data
+    has started it."""
+    checked = check_model_folder(backend, configured, storage)
+    import transformers
+    import vllm
+    from vllm.config.model import iter_architecture_defaults
+    from vllm.model_executor.models import ModelRegistry
+
+    architecture = checked.config["architectures"][0]
+    if checked.config.get("auto_map"):
+        return checked  # the model's own code (trust_remote_code): vLLM judges it at load
+    why = pooling_refusal(architecture, set(ModelRegistry.get_supported_archs()),
+                          [suffix for suffix, _ in iter_architecture_defaults()],
+                          getattr(transformers, architecture, None))
+    if why:
+        raise ModelError(f"backend.model: {backend.model} is a {architecture}, which vLLM "
+                         f"{vllm.__version__}'s pooling runner cannot serve: {why}. Use "
+                         f"backend.kind: hf (the same folder, through transformers)")
+    return checked
+
+
+def pooling_refusal(architecture: str, supported: set[str], suffixes: list[str],
+                    transformers_class) -> str | None:
+    """Why vLLM cannot load a merged `architecture` folder, or None. vLLM serves a
+    *ForSequenceClassification it implements; else it converts the first of the family's
+    classes, in the order of its own suffix list, that it has (a causal LM: Qwen2, Llama, ...);
+    else it falls back to the transformers class, if that one can use vLLM's attention."""
+    if architecture in supported:
+        return None
+    for suffix in suffixes:
+        base = architecture.replace(HEAD, suffix)
+        if base == architecture or base not in supported:
+            continue
+        if suffix == "Model":
+            return (f"it has no {architecture.replace(HEAD, 'ForCausalLM')} to convert, only the "
+                    f"bare body {base}, whose weights lack the merged folder's 'model.' prefix")
+        return None
+    compatible = transformers_class is not None and (
+        transformers_class.is_backend_compatible()
+        or getattr(transformers_class, "_can_set_attn_implementation", lambda: False)())
+    if compatible:
+        return None  # vLLM's transformers fallback; it may still refuse at load (DistilBERT)
+    return f"it implements neither {architecture} nor a causal LM of its family to convert"
 
 
 class VLLMPoolClassifier:

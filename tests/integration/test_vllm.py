@@ -23,7 +23,7 @@ from clsjob.labels import LabelSet
 from clsjob.pipeline import run_classify
 from clsjob.prepare import prepare_chunk
 from helpers import LABELS, check_output_contract, sample_texts, shipped_classify, write_shards
-from tiny_models import build_qwen2_classifier
+from tiny_models import build_family_classifier, build_qwen2_classifier
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
@@ -290,6 +290,22 @@ def test_vllm_pool_matches_hf(model_fixture, request):
     a, b = hf_and_pool(model, texts)
     assert [r["label"] for r in b] == [r["label"] for r in a]
     assert [r["truncated"] for r in b] == [r["truncated"] for r in a] and b[-1]["truncated"]
+
+
+@pytest.mark.parametrize("family, why", [
+    ("gemma3", "no Gemma3TextForCausalLM to convert, only the bare body Gemma3TextModel"),
+    ("mpnet", "implements neither MPNetForSequenceClassification nor a causal LM")])
+def test_vllm_pool_refuses_on_the_driver_what_vllm_cannot_load(family, why, tmp_path):
+    """Gemma 3's merged classifier failed in the actor as vLLM loaded its weights, MPNet's as
+    the engine started: the driver's check finds both from config.json and vLLM's registry,
+    names the folder and the way out, and hf takes the same folder."""
+    model = build_family_classifier(tmp_path / family, family, LABELS)
+    cfg = {"input": {"path": "unused"}, "output": {"path": "unused"}}
+    pool = validate({**cfg, "backend": {"kind": "vllm_pool", "model": str(model)}}, model=ClassifyConfig)
+    with pytest.raises(backends.ModelError, match=rf"backend.model: {model} .*{why}.*backend.kind: hf"):
+        backends.check_model(pool.backend, None, pool.storage)
+    hf = validate({**cfg, "backend": {"model": str(model)}}, model=ClassifyConfig)
+    assert backends.check_model(hf.backend, None, hf.storage).labels.names == tuple(LABELS)
 
 
 def test_multilabel_score_is_each_labels_yes_against_no(lm_model):
