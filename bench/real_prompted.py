@@ -105,7 +105,8 @@ def mid_sentence(reasons: list[str | None]) -> int:
 def score_calibration(out: Path, labels: list[str]) -> dict:
     """ECE as written; `clsjob calibrate`'s temperature on the whole output; ECE out of
     sample with T fitted on one half and judged on the other (both ways, rows in order)."""
-    from clsjob.calibration import calibrate, ece, rescale_probs
+    from clsjob.calibration import calibrate, ece
+    from clsjob.model_folder import rescale_probs
     from clsjob.config import StorageConfig
     from clsjob.contract import GOLD
     from clsjob.report import calibrate_output

@@ -12,11 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from clsjob import model_folder
 from clsjob.config import AbstainConfig
 from clsjob.labels import LabelError, LabelSet
 
-# config.json's key for the threshold `finetune` picked on its eval rows (written by merge).
-THRESHOLD_KEY = "clsjob_abstain_below"
 BELOW = "below confidence threshold"
 
 
@@ -80,9 +79,10 @@ def settle_rule(rule: AbstainConfig | None, labels: LabelSet, folder_config: dic
                          f"fallback must be a label the model does not give")
     if rule.below is not None:
         return rule
-    below = (folder_config or {}).get(THRESHOLD_KEY)
-    if not isinstance(below, (int, float)) or isinstance(below, bool) or not 0 < below <= 1:
+    below = model_folder.abstain_below(folder_config or {})
+    if below is None:
+        found = (folder_config or {}).get(model_folder.ABSTAIN_KEY)
         raise LabelError(f"abstain.below is not set and backend.model {model} carries no usable "
-                         f"{THRESHOLD_KEY} in config.json (found {below!r}); set abstain.below, "
-                         f"or fine-tune with eval rows and merge")
-    return rule.model_copy(update={"below": float(below)})
+                         f"{model_folder.ABSTAIN_KEY} in config.json (found {found!r}); set "
+                         f"abstain.below, or fine-tune with eval rows and merge")
+    return rule.model_copy(update={"below": below})

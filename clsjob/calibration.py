@@ -2,7 +2,7 @@
 over-confident softmax(logits) into softmax(logits / T), whose confidence matches its accuracy.
 
 Pure numpy. T is fitted where the eval rows are (fine-tuning, or `clsjob calibrate` on a
-labelled run), kept in the model folder's config.json under TEMPERATURE_KEY (written by
+labelled run), kept in the model folder's config.json (model_folder.py, written by
 `merge`), and applied by the back ends that report probabilities. Dividing every logit by the
 same T never changes which label is highest: accuracy stays exactly as it was.
 """
@@ -12,11 +12,10 @@ import math
 
 import numpy as np
 
-from clsjob.metrics import CALIBRATION_BINS, calibration_bin
+from clsjob.model_folder import log_softmax, scaled_softmax
 
-# config.json's key for the fitted temperature; HF's PretrainedConfig keeps unknown keys, so
-# it survives save_pretrained and is read back as an attribute.
-TEMPERATURE_KEY = "clsjob_temperature"
+# Reliability bins of ECE and of the run's calibration table (metrics.py counts rows in them).
+CALIBRATION_BINS = 15
 # The search runs over beta = 1 / T, in which the NLL is convex (the log-sum-exp of a linear
 # function of beta, minus a linear term), so a bracketing search finds the one minimum.
 # T from 0.05 to 100: on eval rows the model gets all right the NLL falls forever as T -> 0,
@@ -25,24 +24,10 @@ TEMPERATURE_KEY = "clsjob_temperature"
 BETA_RANGE = (0.01, 20.0)
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
-def scaled_softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-    return np.exp(log_softmax(np.asarray(logits, dtype=np.float64) / temperature))
-
-
-def rescale_probs(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(logits / T) from softmax(logits) alone (what vLLM's classify returns): log p
-    is the logits up to a per-row constant, which the softmax removes. A probability that
-    underflowed to 0 stays 0 (float32 does so only e^-103 below the top label)."""
-    if temperature == 1.0:
-        return probs
-    with np.errstate(divide="ignore"):
-        logp = np.log(np.asarray(probs, dtype=np.float64))
-    return scaled_softmax(logp, temperature).astype(np.float32)
+def calibration_bin(confidence: np.ndarray) -> np.ndarray:
+    """Equal-width bins over [0, 1], right-closed so a confidence of exactly 1.0 is counted."""
+    edges = np.linspace(0.0, 1.0, CALIBRATION_BINS + 1)
+    return np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, CALIBRATION_BINS - 1)
 
 
 def nll(probs: np.ndarray, gold: np.ndarray) -> float:
@@ -104,13 +89,3 @@ def calibrate(logits: np.ndarray, gold: np.ndarray) -> dict:
             "accuracy": float((logits.argmax(axis=1) == gold).mean()),
             "ece_before": round(ece(before, gold), 6), "ece_after": round(ece(after, gold), 6),
             "nll_before": round(nll(before, gold), 6), "nll_after": round(nll(after, gold), 6)}
-
-
-def model_temperature(config: dict, where: str) -> float:
-    """The temperature a model folder's config.json carries (1.0: none fitted); `where`
-    names the folder in the error a bad value raises."""
-    value = config.get(TEMPERATURE_KEY, 1.0)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
-        raise ValueError(f"{where}: config.json's {TEMPERATURE_KEY} must be a positive number, "
-                         f"not {value!r}")
-    return float(value)

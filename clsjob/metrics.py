@@ -12,10 +12,11 @@ from typing import Sequence
 
 import numpy as np
 
+from clsjob.calibration import CALIBRATION_BINS, calibration_bin
 from clsjob.labels import LabelSet
+from clsjob.model_folder import rescale_probs
 from clsjob.multilabel import MultiLabelTally, count_multilabel, summarize_multilabel
 
-CALIBRATION_BINS = 15
 # Accuracy against coverage: scored rows counted by confidence in bins 0.001 wide, so that
 # the rows at or above any threshold k/1000 are exactly the bins from k on.
 COVERAGE_BINS = 1000
@@ -178,12 +179,6 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
     return matrix
 
 
-def calibration_bin(confidence: np.ndarray) -> np.ndarray:
-    """Equal-width bins over [0, 1], right-closed so a confidence of exactly 1.0 is counted."""
-    edges = np.linspace(0.0, 1.0, CALIBRATION_BINS + 1)
-    return np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, CALIBRATION_BINS - 1)
-
-
 def count_rows(labels: LabelSet, gold: Sequence[str | None], predicted: Sequence[str | None],
                confidence: Sequence[float | None], errors: Sequence[str | None],
                probs: Sequence[Sequence[float] | None] | None = None,
@@ -294,7 +289,6 @@ def count_unscaled(t: Tally, raw: list[tuple[int, Sequence[float]]], y_true: np.
     """Calibration bins and NLL of softmax(logits) for scored rows reported as
     softmax(logits / T). The label is the same either way (a temperature never changes the
     top label), so a row is right or wrong alike before and after."""
-    from clsjob.calibration import rescale_probs  # calibration imports this module
 
     rows = np.array([r for r, _ in raw])
     unscaled = rescale_probs(np.array([p for _, p in raw], dtype=np.float64), 1 / temperature)

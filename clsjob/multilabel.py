@@ -204,21 +204,3 @@ def decide(probs: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.nd
     distance = np.where(applies, (probs - t) / np.maximum(1 - t, 1e-12), (t - probs) / np.maximum(t, 1e-12))
     confidence = distance.min(axis=1) if probs.shape[1] else np.ones(len(probs))
     return applies, np.clip(confidence, 0.0, 1.0)
-
-
-# config.json key of a merged multi-label model: {label: threshold}, tuned by `clsjob finetune`
-# on its eval rows and written by `merge`.
-THRESHOLDS_KEY = "clsjob_thresholds"
-PROBLEM_TYPE = "multi_label_classification"  # transformers' name: a sigmoid and BCE per label
-
-
-def model_thresholds(config: dict, labels: LabelSet, where: str) -> np.ndarray:
-    """Each label's threshold (in `labels`' order) from a model folder's config.json; 0.5
-    for a label it has none for. `where` names the folder in the error a bad value raises."""
-    given = config.get(THRESHOLDS_KEY) or {}
-    bad = {k: v for k, v in given.items()
-           if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1}
-    if not isinstance(given, dict) or bad:
-        raise ValueError(f"{where}: config.json's {THRESHOLDS_KEY} must map labels to numbers "
-                         f"between 0 and 1, not {bad or given!r}")
-    return np.array([float(given.get(name, 0.5)) for name in labels.names])

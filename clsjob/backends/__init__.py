@@ -10,11 +10,10 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from clsjob import model_cache
+from clsjob import model_cache, model_folder
 from clsjob.config import (BackendSection, HFBackendConfig, StorageConfig, VLLMPoolBackendConfig,
                            VLLMPromptBackendConfig)
 from clsjob.labels import LabelSet
-from clsjob.multilabel import PROBLEM_TYPE, model_thresholds
 
 
 class ModelError(ValueError):
@@ -134,7 +133,7 @@ def check_model(backend, configured: LabelSet | None, storage,
 
 def check_task(backend: BackendSection, model: CheckedModel, task: str) -> None:
     """A fine-tuned model folder serves the task it was trained for, with usable thresholds."""
-    trained = "multi_label" if model.config.get("problem_type") == PROBLEM_TYPE else "single_label"
+    trained = model_folder.trained_task(model.config)
     if trained != task:
         raise ModelError(f"task: {task}, but backend.model {backend.model} was fine-tuned "
                          f"{trained} (config.json problem_type "
@@ -142,7 +141,7 @@ def check_task(backend: BackendSection, model: CheckedModel, task: str) -> None:
                          f"model fine-tuned with task: {task}")
     if task == "multi_label":
         try:
-            model_thresholds(model.config, model.labels, f"backend.model: {backend.model}")
+            model_folder.thresholds(model.config, model.labels, f"backend.model: {backend.model}")
         except ValueError as exc:
             raise ModelError(str(exc)) from None
 

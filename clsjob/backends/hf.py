@@ -12,13 +12,12 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
+from clsjob import model_folder
 from clsjob.backends import (CheckedModel, ModelError, check_model_files, local_backend,
                              require_cuda)
 from clsjob.backends.rows import attach_label_sets, attach_probabilities, rows_to_classify, stamp
-from clsjob.calibration import model_temperature
 from clsjob.config import BackendSection, HFBackendConfig, StorageConfig
 from clsjob.labels import LabelSet, resolve_model_labels
-from clsjob.multilabel import model_thresholds
 from clsjob.precision import resolve_dtype
 
 
@@ -44,7 +43,7 @@ def check_model_folder(backend: BackendSection, configured: LabelSet | None,
     model_labels = LabelSet.from_id2label(PretrainedConfig.from_dict(config).id2label)
     labels, _ = resolve_model_labels(configured, model_labels)
     try:
-        temperature = model_temperature(config, f"backend.model: {backend.model}")
+        temperature = model_folder.temperature(config, f"backend.model: {backend.model}")
     except ValueError as exc:
         raise ModelError(str(exc)) from None
     return CheckedModel(labels, temperature if backend.calibrated else 1.0, config)
@@ -150,13 +149,13 @@ class HFClassifier:
         self.device = "cuda" if use_gpu else "cpu"
         self.dtype = resolve_dtype(backend.dtype, self.device)
         self.model, self.tokenizer = load_classifier(backend, self.device, self.dtype)
-        self.temperature = (model_temperature(self.model.config.to_dict(), backend.model)
+        self.temperature = (model_folder.temperature(self.model.config.to_dict(), backend.model)
                             if backend.calibrated else 1.0)
         model_labels = LabelSet.from_id2label(self.model.config.id2label)
         self.labels, self.columns = resolve_model_labels(labels, model_labels)
         # multi_label: each label's threshold (in the config's label order).
-        self.thresholds = (model_thresholds(self.model.config.to_dict(), self.labels, backend.model)
-                           if multi_label else None)
+        self.thresholds = (model_folder.thresholds(self.model.config.to_dict(), self.labels,
+                                                   backend.model) if multi_label else None)
         # A fast tokenizer is not safe to use from two threads at once ("Already borrowed").
         self.encode_lock, self.model_lock = threading.Lock(), threading.Lock()
 

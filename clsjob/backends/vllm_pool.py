@@ -10,16 +10,16 @@ import time
 import numpy as np
 import pyarrow as pa
 
+from clsjob import model_folder
 from clsjob.backends import CheckedModel, ModelError, local_backend
 from clsjob.backends.hf import check_model_folder, encode_truncating
 from clsjob.backends.rows import attach_label_sets, attach_probabilities, rows_to_classify, stamp
 from clsjob.backends import vllm_engine
-from clsjob.calibration import model_temperature, rescale_probs
 from clsjob.backends.vllm_engine import (engine_args, engine_died, engine_dtype, exit_with_engine,
                                          prepare_env)
 from clsjob.config import StorageConfig, VLLMPoolBackendConfig
 from clsjob.labels import LabelSet, resolve_model_labels
-from clsjob.multilabel import model_thresholds
+from clsjob.model_folder import rescale_probs
 
 HEAD = "ForSequenceClassification"
 
@@ -94,12 +94,12 @@ class VLLMPoolClassifier:
         self.encode_lock, self.engine_lock = threading.Lock(), threading.Lock()
         hf_config = self.llm.llm_engine.model_config.hf_config
         # vLLM returns softmax(logits); the temperature is applied to those (rescale_probs).
-        self.temperature = (model_temperature(hf_config.to_dict(), backend.model)
+        self.temperature = (model_folder.temperature(hf_config.to_dict(), backend.model)
                             if backend.calibrated else 1.0)
         model_labels = LabelSet.from_id2label(hf_config.id2label)
         self.labels, self.columns = resolve_model_labels(labels, model_labels)
         # multi_label: vLLM gives a sigmoid per label (the config's problem_type says so).
-        self.thresholds = (model_thresholds(hf_config.to_dict(), self.labels, backend.model)
+        self.thresholds = (model_folder.thresholds(hf_config.to_dict(), self.labels, backend.model)
                            if multi_label else None)
 
     def __call__(self, table: pa.Table) -> pa.Table:

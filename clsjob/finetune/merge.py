@@ -10,14 +10,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from clsjob import model_cache, store
-from clsjob.abstain import THRESHOLD_KEY
-from clsjob.calibration import TEMPERATURE_KEY
+from clsjob import model_cache, model_folder, store
 from clsjob.config import MergeConfig
 from clsjob.finetune.model import load_base_classifier, load_tokenizer
 from clsjob.finetune.summary import SUMMARY
 from clsjob.labels import LabelSet
-from clsjob.multilabel import PROBLEM_TYPE, THRESHOLDS_KEY
 
 log = logging.getLogger("clsjob")
 
@@ -46,15 +43,9 @@ def merge(cfg: MergeConfig) -> str:
                                                                    use_safetensors=True)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.id2label, model.config.label2id = labels.id2label(), labels.label2id()
-    if task == "multi_label":  # a sigmoid per label, for transformers and vLLM alike
-        model.config.problem_type = PROBLEM_TYPE
-        if info.get("thresholds"):  # tuned on the eval rows; hf and vllm_pool apply them
-            setattr(model.config, THRESHOLDS_KEY, info["thresholds"])
-    calibration = info.get("calibration")
-    if calibration:  # fitted on the eval rows; hf and vllm_pool apply it
-        setattr(model.config, TEMPERATURE_KEY, calibration["temperature"])
-        if calibration.get("abstain"):  # classify's abstain.below when it is left out
-            setattr(model.config, THRESHOLD_KEY, calibration["abstain"]["below"])
+    # The task's head, and what the fine-tune fitted on its eval rows (model_folder.py).
+    for key, value in model_folder.written_keys(task, info).items():
+        setattr(model.config, key, value)
 
     def write(out: Path) -> None:
         model.save_pretrained(out, max_shard_size=cfg.max_shard_size)

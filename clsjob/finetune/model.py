@@ -17,7 +17,7 @@ from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTo
 from clsjob import model_cache
 from clsjob.config import FinetuneConfig, TrainingConfig
 from clsjob.labels import LabelSet
-from clsjob.multilabel import PROBLEM_TYPE
+from clsjob.model_folder import PROBLEM_TYPE
 
 log = logging.getLogger("clsjob")
 

@@ -9,7 +9,7 @@ import pytest
 
 from clsjob.backends import ModelError
 from clsjob.backends.hf import load_classifier, predict_probs
-from clsjob.calibration import rescale_probs
+from clsjob.model_folder import rescale_probs
 from clsjob.cli import main
 from clsjob.config import ClassifyConfig, HFBackendConfig, StorageConfig, validate
 from clsjob.labels import LabelSet

@@ -207,7 +207,7 @@ def test_score_probabilities_match_transformers(lm_model, labels):
 def test_score_temperature_scale_divides_the_label_logprobs(lm_model):
     """backend.prompt.temperature_scale (what `clsjob calibrate` fits): probabilities are
     softmax(log P(label) / T) over the labels, the label unchanged."""
-    from clsjob.calibration import rescale_probs
+    from clsjob.model_folder import rescale_probs
 
     texts = ["the film was a delight", "my card payment was declined", "dull"]
     raw = actor_for(prompted(lm_model, "score", labels=DISTINCT))(chunk(texts)).to_pylist()

@@ -123,7 +123,7 @@ def test_decide_gives_labels_over_thresholds_and_the_closest_calls_distance():
 
 
 def test_a_model_folders_thresholds_are_read_in_label_order():
-    from clsjob.multilabel import model_thresholds
+    from clsjob.model_folder import thresholds as model_thresholds
 
     config = {"clsjob_thresholds": {"joy": 0.3, "anger": 0.7}}
     assert model_thresholds(config, LABELS, "m").tolist() == [0.7, 0.3, 0.5, 0.5, 0.5]

@@ -3,8 +3,9 @@ import pytest
 from scipy.special import softmax
 from sklearn.metrics import log_loss
 
-from clsjob.calibration import (calibrate, ece, fit_temperature, model_temperature, nll,
-                                rescale_probs, scaled_softmax)
+from clsjob.calibration import calibrate, ece, fit_temperature, nll
+from clsjob.model_folder import rescale_probs, scaled_softmax
+from clsjob.model_folder import temperature as model_temperature
 
 
 def overconfident_rows(temperature: float, n: int = 20_000, k: int = 5, seed: int = 0):
