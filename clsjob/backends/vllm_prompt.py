@@ -450,7 +450,7 @@ class LabelYesNoScores:
 
 
 def mode_class(prompt: PromptConfig, multi_label: bool = False) -> type:
-    """The strategy class of `backend.prompt.mode` (multi_label: json or score; config.py
+    """The strategy class of `backend.prompt.mode` (multi_label: json or score; the config
     refuses choice)."""
     if multi_label:
         return JsonLabelsAnswer if prompt.mode == "json" else LabelYesNoScores
