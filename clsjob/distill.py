@@ -23,8 +23,9 @@ import numpy as np
 import pyarrow as pa
 
 from clsjob import store
-from clsjob.config import (ClassifyConfig, DistillConfig, FinetuneConfig, MergeConfig, config_hash,
-                           validate)
+from clsjob.config import (CascadeBackendConfig, CascadeStageConfig, ClassifyConfig, DistillConfig,
+                           FinetuneConfig, FinetuneOutputConfig, HFBackendConfig, InputConfig,
+                           MergeConfig, OutputConfig, ResourcesConfig, config_hash, validate)
 from clsjob.contract import GOLD, MANIFEST
 from clsjob.store import InputError
 
@@ -136,25 +137,31 @@ def write_sample(cfg: DistillConfig) -> None:
                      store.join(cfg.output.path, "sample", MANIFEST), cfg.storage)
 
 
-def classify_config(cfg: DistillConfig, inp: str, out: str, backend: dict, resources, *,
-                    gold: bool, label_column: str | None = None) -> ClassifyConfig:
-    return validate({
-        "input": {"path": inp, "id_column": "id", "text_column": "text",
-                  "label_column": label_column or (GOLD if gold else None),
-                  "carry_columns": [CORPUS_GOLD] if gold and label_column else []},
-        "labels": [spec.model_dump() for spec in cfg.labels] if cfg.labels else None,
-        "backend": backend, **({"resources": resources.model_dump()} if resources else {}),
-        "output": {"path": out}, "storage": cfg.storage.model_dump(),
-        "cluster": cfg.cluster.model_dump()}, model=ClassifyConfig)
+def classify_config(cfg: DistillConfig, step: str, inp: InputConfig, out: str, backend,
+                    resources: ResourcesConfig | None = None) -> ClassifyConfig:
+    """A classify run of one step, from the distill config's own typed sections; checked as a
+    loaded config is, so a mistake names the step and the key. A cascade has no `resources`:
+    each stage has its own."""
+    sections = {"input": inp, "labels": cfg.labels or None, "backend": backend,
+                "output": OutputConfig(path=out), "storage": cfg.storage, "cluster": cfg.cluster}
+    if resources is not None:
+        sections["resources"] = resources
+    return validate(sections, model=ClassifyConfig, source=f"distill {step}")
+
+
+def sample_input(folder: str, label_column: str | None, carry: list[str] = ()) -> InputConfig:
+    """The sample's files as classify input: written by this run, so id and text are known."""
+    return InputConfig(path=folder, id_column="id", text_column="text", label_column=label_column,
+                       carry_columns=list(carry))
 
 
 def label_sample(cfg: DistillConfig) -> None:
     from clsjob.pipeline import run_classify
 
-    run_classify(classify_config(cfg, store.join(cfg.output.path, "sample"),
-                                 store.join(cfg.output.path, "teacher"),
-                                 cfg.teacher.backend.model_dump(), cfg.teacher.resources,
-                                 gold=bool(cfg.input.label_column)))
+    gold = GOLD if cfg.input.label_column else None
+    run_classify(classify_config(cfg, "teacher", sample_input(store.join(cfg.output.path, "sample"), gold),
+                                 store.join(cfg.output.path, "teacher"), cfg.teacher.backend,
+                                 cfg.teacher.resources))
 
 
 def read_run(url: str, cfg: DistillConfig) -> pa.Table:
@@ -195,34 +202,35 @@ def train_student(cfg: DistillConfig) -> None:
     teacher = store.read_json(store.join(cfg.output.path, "teacher", MANIFEST), cfg.storage)
     run_finetune(validate({
         "base_model": cfg.student.base_model,
-        "train": {"path": store.join(data, "train"), "label_column": TEACHER_LABEL},
-        "eval": {"path": store.join(data, "heldout"), "label_column": TEACHER_LABEL},
+        "train": InputConfig(path=store.join(data, "train"), label_column=TEACHER_LABEL),
+        "eval": InputConfig(path=store.join(data, "heldout"), label_column=TEACHER_LABEL),
         "labels": teacher["labels"],  # the teacher's label order: the cascade needs both alike
-        "training": cfg.student.training.model_dump(),
-        "output": {"path": store.join(cfg.output.path, "student")},
-        "storage": cfg.storage.model_dump(), "cluster": cfg.cluster.model_dump()}, model=FinetuneConfig))
+        "training": cfg.student.training,
+        "output": FinetuneOutputConfig(path=store.join(cfg.output.path, "student")),
+        "storage": cfg.storage, "cluster": cfg.cluster}, model=FinetuneConfig, source="distill finetune"))
 
 
 def merge_student(cfg: DistillConfig) -> None:
     from clsjob.finetune.merge import merge
 
-    merge(validate({"adapter": store.join(cfg.output.path, "student"),
-                    "output": store.join(cfg.output.path, "student-model"), "dtype": "float32",
-                    "storage": cfg.storage.model_dump()}, model=MergeConfig))
+    merge(MergeConfig(adapter=store.join(cfg.output.path, "student"),
+                      output=store.join(cfg.output.path, "student-model"), dtype="float32",
+                      storage=cfg.storage))
 
 
-def student_backend(cfg: DistillConfig) -> dict:
-    return {"kind": "hf", "model": store.join(cfg.output.path, "student-model"),
-            "max_length": cfg.student.training.max_length}
+def student_backend(cfg: DistillConfig) -> HFBackendConfig:
+    return HFBackendConfig(model=store.join(cfg.output.path, "student-model"),
+                           max_length=cfg.student.training.max_length)
 
 
 def label_heldout(cfg: DistillConfig) -> None:
     from clsjob.pipeline import run_classify
 
-    run_classify(classify_config(cfg, store.join(cfg.output.path, "student-data", "heldout"),
-                                 store.join(cfg.output.path, "heldout"), student_backend(cfg),
-                                 cfg.student.resources, gold=bool(cfg.input.label_column),
-                                 label_column=TEACHER_LABEL))
+    # Scored against the teacher's labels; the corpus's own gold rides along where it has one.
+    carry = [CORPUS_GOLD] if cfg.input.label_column else []
+    heldout = sample_input(store.join(cfg.output.path, "student-data", "heldout"), TEACHER_LABEL, carry)
+    run_classify(classify_config(cfg, "gate", heldout, store.join(cfg.output.path, "heldout"),
+                                 student_backend(cfg), cfg.student.resources))
 
 
 def cascade_threshold(confidence: np.ndarray, agree: np.ndarray, target: float) -> tuple[float, float, float]:
@@ -271,16 +279,12 @@ def judge_gate(cfg: DistillConfig) -> dict:
 def label_corpus(cfg: DistillConfig, below: float) -> None:
     from clsjob.pipeline import run_classify
 
-    inp = cfg.input
-    stages = [{"name": "student", "backend": student_backend(cfg), "escalate_below": below,
-               "resources": cfg.student.resources.model_dump()},
-              {"name": "teacher", "backend": cfg.teacher.backend.model_dump(),
-               "resources": cfg.teacher.resources.model_dump()}]
-    run_classify(validate({
-        "input": inp.model_dump(), "labels": [s.model_dump() for s in cfg.labels] if cfg.labels else None,
-        "backend": {"kind": "cascade", "stages": stages},
-        "output": {"path": store.join(cfg.output.path, "labelled")},
-        "storage": cfg.storage.model_dump(), "cluster": cfg.cluster.model_dump()}, model=ClassifyConfig))
+    cascade = CascadeBackendConfig(stages=[
+        CascadeStageConfig(name="student", backend=student_backend(cfg), escalate_below=below,
+                           resources=cfg.student.resources),
+        CascadeStageConfig(name="teacher", backend=cfg.teacher.backend, resources=cfg.teacher.resources)])
+    run_classify(classify_config(cfg, "label_corpus", cfg.input,
+                                 store.join(cfg.output.path, "labelled"), cascade))
 
 
 def corpus_summary(cfg: DistillConfig) -> dict:
@@ -288,7 +292,8 @@ def corpus_summary(cfg: DistillConfig) -> dict:
     estimated from each stage's busy seconds (the teacher alone: its seconds per row on the
     rows it ran, times every row)."""
     manifest = store.read_json(store.join(cfg.output.path, "labelled", MANIFEST), cfg.storage)
-    student, teacher = manifest["cascade"]["stages"]
+    stages = {stage["name"]: stage for stage in manifest["cascade"]["stages"]}
+    student, teacher = stages["student"], stages["teacher"]
     rows = student["rows_ran"]
     alone = teacher["busy_s"] / teacher["rows_ran"] * rows if teacher["rows_ran"] else None
     spent = student["busy_s"] + teacher["busy_s"]
