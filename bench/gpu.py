@@ -17,7 +17,8 @@ so the whole run, imports included, ends within --budget-s (330 s on a GPU):
              8, capped at 512: mean about 230), in bf16:
              - hf: the back end's actor (HFClassifier, called directly on 1,024-row Arrow
                chunks as Ray Data calls it: tokenising, length-sorting, micro-batching,
-               softmax, output columns), at micro_batch_size 32 (the default) and larger
+               softmax, output columns), at micro_batch_size 32 (the default before
+               issue 31; 128 is the GPU default now) and larger
              - model only: predict_probs on the same rows already tokenised
              - dense: one micro-batch of 256-token rows without padding, forward only,
                timed by CUDA events (what the model itself reaches at that shape)
@@ -362,6 +363,9 @@ def hf_actor(classifier: HFClassifier, backend: HFBackendConfig, chunks: list[pa
              micro_batch: int, repeats: int, deadline: float) -> list[float]:
     """The actor over every chunk with `micro_batch_size` set as a user's config sets it."""
     classifier.backend = backend.model_copy(update={"micro_batch_size": micro_batch})
+    # The actor reads its batching once, at start (hf.batching). Exact lengths, as the first
+    # GPU run measured: this script does not sweep pad_to_multiple_of yet (issue 31).
+    classifier.micro_batch, classifier.pad_to_multiple_of = micro_batch, 1
     labelled: list[pa.Table] = []
 
     def run() -> None:

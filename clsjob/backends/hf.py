@@ -26,6 +26,16 @@ from clsjob.precision import resolve_dtype
 # seen, which cost more than the forward itself (bench/RESULTS.md, GPU script); length-sorted
 # micro-batches are nearly all new shapes.
 GPU_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Rows per forward pass when `micro_batch_size` is left out, by device: a GPU is underused
+# at 32 rows (BERT-base on an H200: 13% MFU against 22% at 128); a CPU is busy at 32, and
+# more rows a batch only pad more (bench/padding.py).
+DEVICE_MICRO_BATCH = {"cpu": 32, "cuda": 128}
+
+
+def batching(backend: HFBackendConfig, device: str) -> tuple[int, int]:
+    """(rows per forward pass, token-count multiple each batch is padded to) on `device`."""
+    default = DEVICE_MICRO_BATCH["cuda" if device.startswith("cuda") else "cpu"]
+    return backend.micro_batch_size or default, backend.pad_to_multiple_of
 
 
 def check_model_folder(backend: BackendSection, configured: LabelSet | None,
@@ -92,9 +102,16 @@ def activation(logits: torch.Tensor, temperature: float, multi_label: bool) -> t
     return torch.sigmoid(logits) if multi_label else torch.softmax(logits / temperature, dim=-1)
 
 
+def padded(tokenizer, rows: list[list[int]], multiple: int = 1) -> dict:
+    """One micro-batch as tensors, right-padded to its longest row rounded up to `multiple`."""
+    return tokenizer.pad({"input_ids": rows}, return_tensors="pt",
+                         pad_to_multiple_of=multiple if multiple > 1 else None)
+
+
 def predict_probs(model, tokenizer, texts: list[str], max_length: int, micro_batch: int,
                   device: str, encoded: list[list[int]] | None = None,
-                  temperature: float = 1.0, multi_label: bool = False) -> np.ndarray:
+                  temperature: float = 1.0, multi_label: bool = False,
+                  pad_to_multiple_of: int = 1) -> np.ndarray:
     """activation(logits) (rows x model labels) for `texts`, in the order given."""
     probs = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
     if not texts:
@@ -105,11 +122,11 @@ def predict_probs(model, tokenizer, texts: list[str], max_length: int, micro_bat
     with torch.inference_mode():
         if device.startswith("cuda"):
             probs[[i for batch in batches for i in batch]] = queued_probs(
-                model, tokenizer, encoded, batches, device, temperature, multi_label)
+                model, tokenizer, encoded, batches, device, temperature, multi_label,
+                pad_to_multiple_of)
             return probs
         for batch in batches:
-            inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]},
-                                   return_tensors="pt").to(device)
+            inputs = padded(tokenizer, [encoded[i] for i in batch], pad_to_multiple_of).to(device)
             logits = model(**inputs).logits.float()
             probs[batch] = activation(logits, temperature, multi_label).cpu().numpy()
     return probs
@@ -117,7 +134,8 @@ def predict_probs(model, tokenizer, texts: list[str], max_length: int, micro_bat
 
 @torch.inference_mode()
 def queued_probs(model, tokenizer, encoded: list[list[int]], batches: list[list[int]],
-                 device: str, temperature: float = 1.0, multi_label: bool = False) -> np.ndarray:
+                 device: str, temperature: float = 1.0, multi_label: bool = False,
+                 pad_to_multiple_of: int = 1) -> np.ndarray:
     """On a GPU: the probabilities of `batches`, one after another, with GPU_ATTENTION's
     kernels, copied back once at the end. Copying each micro-batch's back would make the CPU
     wait for the GPU and the GPU then wait while the CPU pads the next batch; queued, the
@@ -126,7 +144,7 @@ def queued_probs(model, tokenizer, encoded: list[list[int]], batches: list[list[
     out = []
     with sdpa_kernel(GPU_ATTENTION):
         for batch in batches:
-            inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
+            inputs = padded(tokenizer, [encoded[i] for i in batch], pad_to_multiple_of)
             # non_blocking: from pageable memory the data is staged before the call returns,
             # and the copy does not wait for the work queued on the GPU (a blocking one does).
             inputs = {key: value.to(device, non_blocking=True) for key, value in inputs.items()}
@@ -149,6 +167,7 @@ class HFClassifier:
         self.device = "cuda" if use_gpu else "cpu"
         self.dtype = resolve_dtype(backend.dtype, self.device)
         self.model, self.tokenizer = load_classifier(backend, self.device, self.dtype)
+        self.micro_batch, self.pad_to_multiple_of = batching(backend, self.device)
         self.temperature = (model_folder.temperature(self.model.config.to_dict(), backend.model)
                             if backend.calibrated else 1.0)
         model_labels = LabelSet.from_id2label(self.model.config.id2label)
@@ -169,8 +188,8 @@ class HFClassifier:
         with self.model_lock:
             started = time.monotonic()
             probs = predict_probs(self.model, self.tokenizer, todo_texts, self.backend.max_length,
-                                  self.backend.micro_batch_size, self.device, encoded,
-                                  self.temperature, multi_label)
+                                  self.micro_batch, self.device, encoded, self.temperature,
+                                  multi_label, self.pad_to_multiple_of)
             busy_s = time.monotonic() - started
         # Reorder the model's label columns into the config's label order.
         probs = probs[:, self.columns]

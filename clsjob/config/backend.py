@@ -112,8 +112,16 @@ class HFBackendConfig(BackendSection):
         "hf", description="hf = merged *ForSequenceClassification folder via transformers; "
                           "vllm_pool = the same folder via vLLM's pooling runner; vllm_prompt "
                           "= a generative LLM, prompted, under constrained decoding.")
-    micro_batch_size: int = Field(
-        32, gt=0, description="Rows per forward pass, length-sorted within each batch.")
+    micro_batch_size: int | None = Field(
+        None, gt=0, description="Rows per forward pass, length-sorted within each call's rows. "
+                                "None = 32 on CPU, 128 on a GPU (the H200 run's best of 32, 128 "
+                                "and 256: bench/RESULTS.md, GPU script). A value set always wins.")
+    pad_to_multiple_of: int = Field(
+        1, gt=0, description="Pad each micro-batch to a token count that is a multiple of this "
+                             "(length buckets), so the model sees few distinct shapes: for "
+                             "attention kernels planned per shape. 1 = exact lengths: on short "
+                             "texts a multiple of 16 adds 17-18 points of padding "
+                             "(bench/padding.py), a cost no GPU run has yet shown repaid.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="What the model runs in. auto = bfloat16 where the hardware "
                             "multiplies it natively (GPUs from Ampere on; CPUs with AVX-512 "

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from clsjob.backends import GPUMissing, ModelError
-from clsjob.backends.hf import (HFClassifier, check_model_folder, encode_truncating,
+from clsjob.backends.hf import (HFClassifier, batching, check_model_folder, encode_truncating,
                                 length_sorted_batches, load_classifier, predict_probs, queued_probs)
 from clsjob.config import HFBackendConfig, InputConfig
 from clsjob.contract import DTYPE
@@ -77,6 +77,41 @@ def test_batched_probabilities_equal_one_row_at_a_time(model_fixture, request):
     np.testing.assert_allclose(batched, single, atol=1e-5)
     np.testing.assert_allclose(batched.sum(axis=1), 1.0, atol=1e-5)
     assert batched.std(axis=0).max() > 1e-4  # rows really differ: the check above has teeth
+
+
+def test_batching_defaults_by_device_and_a_set_value_wins():
+    unset = HFBackendConfig(model="m")
+    assert batching(unset, "cpu") == (32, 1)
+    assert batching(unset, "cuda") == batching(unset, "cuda:1") == (128, 1)  # exact lengths
+    given = HFBackendConfig(model="m", micro_batch_size=8, pad_to_multiple_of=4)
+    assert batching(given, "cpu") == batching(given, "cuda") == (8, 4)
+
+
+@pytest.mark.parametrize("model_fixture", ["qwen_model", "bert_model"])
+def test_length_buckets_keep_each_rows_probabilities_and_few_shapes(model_fixture, request):
+    """The actor with pad_to_multiple_of 16: every forward pass it runs over a chunk of mixed
+    lengths is a multiple of 16 tokens long, and no row's probabilities move (the attention
+    mask hides the extra padding; a decoder still pools on its last real token)."""
+    model = request.getfixturevalue(model_fixture)
+    texts = [" ".join(sample_texts(1 + i % 3, seed=i)) for i in range(60)]
+    chunk = prepare_chunk(pa.table({"text": texts}), "s.parquet", 0, InputConfig(path="x"))
+    exact = HFClassifier(HFBackendConfig(model=str(model), micro_batch_size=8), None, "text", False)
+    bucketed = HFClassifier(HFBackendConfig(model=str(model), micro_batch_size=8,
+                                            pad_to_multiple_of=16), None, "text", False)
+    shapes = {"exact": [], "bucketed": []}
+    for name, actor in (("exact", exact), ("bucketed", bucketed)):
+        actor.model.register_forward_pre_hook(
+            lambda _, args, kwargs, seen=shapes[name]: seen.append(tuple(kwargs["input_ids"].shape)),
+            with_kwargs=True)
+    a, b = exact(chunk), bucketed(chunk)
+    np.testing.assert_allclose(np.array(b.column("probs").to_pylist()),
+                               np.array(a.column("probs").to_pylist()), atol=1e-5)
+    assert b.column("label").to_pylist() == a.column("label").to_pylist()
+    lengths = {tokens for _, tokens in shapes["bucketed"]}
+    assert all(tokens % 16 == 0 for tokens in lengths), lengths
+    # The same micro-batches, so the buckets can only merge shapes, never add any.
+    assert len(shapes["bucketed"]) == len(shapes["exact"]) == 8
+    assert len(lengths) < len({tokens for _, tokens in shapes["exact"]})
 
 
 def test_gpu_queue_keeps_each_rows_probabilities(qwen_model):
