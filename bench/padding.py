@@ -11,6 +11,7 @@ flagged), then batched five ways:
                  a forward pass: today's CPU default
   chunk-128      the same at 128 rows: the GPU default (issue 31)
   window-2x128   sorted within two chunks at once (the calls in flight, calls_per_actor 2)
+  part8k-128     chunks of 8,192 rows (output.rows_per_part 8192: a setting users have today)
   global-128     sorted over the whole corpus: the floor no chunked reader can beat
   chunk-128-b8   chunk-128 with every batch padded to a multiple of 8 tokens (length
   chunk-128-b16  buckets: the shapes a GPU sees), and 16; and how many distinct shapes each makes
@@ -65,7 +66,8 @@ def measure(lengths: list[int], window: int, micro_batch: int, multiple: int = 1
 
 
 SCHEMES = {"chunk-32": (CHUNK, 32, 1), "chunk-128": (CHUNK, 128, 1),
-           "window-2x128": (2 * CHUNK, 128, 1), "global-128": (None, 128, 1),
+           "window-2x128": (2 * CHUNK, 128, 1), "part8k-128": (8 * CHUNK, 128, 1),
+           "global-128": (None, 128, 1),
            "chunk-128-b8": (CHUNK, 128, 8), "chunk-128-b16": (CHUNK, 128, 16)}
 
 
