@@ -146,6 +146,11 @@ def run_one(mode: str, corpus: str, table: pa.Table, labels: list[str], model: P
               "rows_per_s": round(summary.rows_per_s, 3), "wall_s": round(summary.elapsed_s, 1),
               "accuracy": metrics.get("accuracy"), "macro_f1": metrics.get("f1_macro"),
               "ece": metrics.get("expected_calibration_error"),
+              # Where a model leans on one label (SMS spam's ham), accuracy hides it: keep the
+              # per-label recall and how often each label was given, for the few-label corpora.
+              "per_label": {name: {"recall": round(c["recall"], 4), "support": c["support"],
+                                   "predicted": c["predicted"]}
+                            for name, c in metrics["per_class"].items()} if len(labels) <= 5 else None,
               "swapped": changed, "load_average": load.summary()}
     if mode == "json":
         reasons = read_output(out, ["reasoning"]).column("reasoning").to_pylist()
