@@ -7,7 +7,7 @@ TF-IDF + logistic regression trained on the same rows in the same run.
 
     .venv/bin/python bench/real_decoder.py --model gemma3-270m --train-rows 2000 --epochs 1
         [--quantization nf4|none] [--max-length 64] [--batch-size 32] [--eval-rows 256]
-        [--backends hf,vllm_pool] [--corpus sst2] [--work DIR] [--out FILE.json]
+        [--backends hf,vllm_pool] [--corpus sst2] [--minilm] [--work DIR] [--out FILE.json]
         [--scored-limit N]   (a smoke test: only the first N rows of dev and of test)
 
 Rows: SST-2 train in a fixed shuffle (seed 0); the last --eval-rows of it are the fine-tune's
@@ -37,7 +37,7 @@ import yaml
 
 from common import (DATA, REPO, TARGETS, LoadWatch, environment, environment_line,
                     markdown_table, model_folder, read_output, start_real_data_ray, write_report)
-from finetune_accuracy import baseline
+from finetune_accuracy import TASKS, baseline, finetune_minilm
 
 SHUFFLE_SEED = 0
 SCORED = ("dev", "test")
@@ -183,6 +183,25 @@ def classify(kind: str, model: Path, shards: Path, out: Path, max_length: int) -
     return result
 
 
+def minilm_reference(work: Path, max_length: int) -> dict:
+    """all-MiniLM-L6-v2 fine-tuned in full on the same train and eval rows, with the settings
+    bench/finetune_accuracy.py measured it with on SST-2 (3 epochs, lr 5e-5), then scored on
+    dev and test by the same classify run: the encoder a user would otherwise pick, measured
+    under the same load as the decoder."""
+    ref = work / "minilm"
+    ref.mkdir(exist_ok=True)
+    for name in ("train", "eval"):  # finetune_minilm reads <its work>/train and /eval
+        if not (ref / name).exists():
+            (ref / name).symlink_to(work / name, target_is_directory=True)
+    started = time.monotonic()
+    trained = finetune_minilm(TASKS["sst2"], ref)
+    result = {"epochs": TASKS["sst2"]["epochs"], "learning_rate": TASKS["sst2"]["learning_rate"],
+              "per_epoch_eval_accuracy": [round(e["eval_accuracy"], 4) for e in trained["epochs"]],
+              "train_tokens_per_s": trained["train_tokens_per_s"],
+              "finetune_wall_s": round(time.monotonic() - started, 1)}
+    return {**result, **classify("hf", ref / "model", work / "scored", work / "out-minilm", max_length)}
+
+
 def run(args) -> dict:
     base = model_folder(args.model)
     parts = split_rows(args.corpus, args.train_rows, args.eval_rows, args.scored_limit)
@@ -208,10 +227,12 @@ def run(args) -> dict:
                 classified[kind] = {"error": portable(lines[-1][:1000], work),
                                     "error_head": portable(lines[0][:300], work)}
             print(json.dumps({kind: classified[kind]}, indent=2), flush=True)
+        reference = minilm_reference(work, args.max_length) if args.minilm else None
+        print(json.dumps({"minilm": reference}, indent=2), flush=True)
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
-    return {"finetune": ours, "classify": classified,
+    return {"finetune": ours, "classify": classified, "minilm": reference,
             "baseline": {s: {k: round(v, 4) if isinstance(v, float) else v for k, v in b.items()}
                          for s, b in tfidf.items()}}
 
@@ -230,6 +251,8 @@ def main() -> int:
     parser.add_argument("--scored-limit", type=int,
                         help="score only the first N rows of dev and of test (smoke tests)")
     parser.add_argument("--backends", type=lambda v: v.split(","), default=["hf", "vllm_pool"])
+    parser.add_argument("--minilm", action="store_true",
+                        help="also fine-tune all-MiniLM-L6-v2 in full on the same rows (~15 min)")
     parser.add_argument("--work", help="keep the run's files here (default: a temporary folder)")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -256,6 +279,11 @@ def main() -> int:
         table.append([kind, *(f"{c[s]['accuracy']:.4f}" for s in SCORED),
                       *(f"{c[s]['ece_raw']:.3f} → {c[s]['ece_calibrated']:.3f}" for s in SCORED),
                       c["rows_per_s"], c["dtypes"], f"T {c['temperature']}", ""])
+    if result["minilm"]:
+        m = result["minilm"]
+        table.append(["MiniLM full (hf)", *(f"{m[s]['accuracy']:.4f}" for s in SCORED),
+                      *(f"{m[s]['ece_raw']:.3f} → {m[s]['ece_calibrated']:.3f}" for s in SCORED),
+                      m["rows_per_s"], m["dtypes"], f"T {m['temperature']}", ""])
     table.append(["TF-IDF + LR", *(f"{result['baseline'][s]['accuracy']:.4f}" for s in SCORED),
                   "", "", "", "", "", ""])
     write_report(report, out, "\n".join([
