@@ -127,14 +127,17 @@ def start_real_data_ray() -> bool:
     a Ray cluster of their own ("local"), with logical CPUs beyond the cores for the reader
     and writer tasks beside the actor (README: resources on a small machine), whose workers
     know their own cluster (placement.OWN_CLUSTER: with another Ray on the machine, Ray
-    Train's placement-group cleaner asked that one and killed a live fine-tune mid-epoch)."""
+    Train's placement-group cleaner asked that one and killed a live fine-tune mid-epoch).
+    The dashboard runs: it serves the state API that cleaner queries every second during a
+    fine-tune; without it each query logs "Failed to query Ray Train Controller actor
+    state" (75 lines in a benchmark's first minute)."""
     if not DATA.exists():
         print(f"no data at {DATA}: this benchmark reads ../shared/data", file=sys.stderr)
         return False
     import ray
 
     from clsjob.placement import OWN_CLUSTER
-    ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env=OWN_CLUSTER)
+    ray.init(address="local", num_cpus=4, runtime_env=OWN_CLUSTER)
     return True
 
 

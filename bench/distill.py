@@ -198,8 +198,9 @@ def main() -> int:
     from clsjob.placement import OWN_CLUSTER
 
     env = environment()
-    # Room for every actor and the reader and writer beside them.
-    ray.init(address="local", num_cpus=6, include_dashboard=False, runtime_env=OWN_CLUSTER)
+    # Room for every actor and the reader and writer beside them; the dashboard serves the
+    # state API Ray Train's cleaner queries while a student trains (common.start_real_data_ray).
+    ray.init(address="local", num_cpus=6, runtime_env=OWN_CLUSTER)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
