@@ -13,7 +13,8 @@ import pyarrow.compute as pc
 
 from clsjob.config import ClassifyConfig, InputConfig, stage_backends
 from clsjob.labels import LabelSet
-from clsjob.metrics import Tally, count_part
+from clsjob.metrics import count_part
+from clsjob.tally import Tally
 
 # Row ids derived from shard and row number when input.id_column is not set.
 DERIVED_ID = "id"

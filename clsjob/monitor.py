@@ -14,7 +14,7 @@ from clsjob import store
 from clsjob.config import MonitorConfig, StorageConfig
 from clsjob.contract import MANIFEST
 from clsjob.labels import LabelSet
-from clsjob.metrics import COVERAGE_BINS, Tally, binned
+from clsjob.tally import COVERAGE_BINS, Tally, binned
 
 log = logging.getLogger("clsjob")
 # A label share of 0 on one side makes PSI infinite; shares are floored at this first.
@@ -30,15 +30,16 @@ def distribution(labels: LabelSet, t: Tally) -> dict:
     """What the manifest records of the run's labels and confidences (every labelled row).
     Under task: multi_label a row counts once for each label it was given (shares are of the
     labels given), and rows_labelled counts rows."""
-    rows = int(t.rows - t.errored) if t.multilabel is not None else int(t.label_counts.sum())
-    with_conf = int(t.confidence_counts.sum())
+    d = t.distribution
+    rows = int(t.rows.total - t.rows.errored) if t.multilabel is not None else int(d.label_counts.sum())
+    with_conf = int(d.confidence_counts.sum())
     return {
         "rows_labelled": rows,
-        "labels": {name: int(n) for name, n in zip(labels.names, t.label_counts)},
-        "mean_confidence": t.confidence_sum / with_conf if with_conf else None,
-        "confidence_histogram": t.confidence_counts.reshape(HISTOGRAM_BINS, -1).sum(axis=1).tolist(),
-        "confidence_counts": [[int(i), int(t.confidence_counts[i])]
-                              for i in np.flatnonzero(t.confidence_counts)],
+        "labels": {name: int(n) for name, n in zip(labels.names, d.label_counts)},
+        "mean_confidence": d.confidence_sum / with_conf if with_conf else None,
+        "confidence_histogram": d.confidence_counts.reshape(HISTOGRAM_BINS, -1).sum(axis=1).tolist(),
+        "confidence_counts": [[int(i), int(d.confidence_counts[i])]
+                              for i in np.flatnonzero(d.confidence_counts)],
     }
 
 

@@ -21,7 +21,7 @@ from clsjob.contract import MANIFEST
 from clsjob.duplicates import check_duplicate_ids
 from clsjob.labels import LabelSet
 from clsjob.lock import RunLock, RunLocked
-from clsjob.metrics import Tally
+from clsjob.tally import Tally
 from clsjob.monitor import distribution, drift_against_baseline, raise_on_alerts
 from clsjob.placement import StallReporter, check_placement, classify_demand, ensure_ray
 from clsjob.prepare import check_schema

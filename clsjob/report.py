@@ -10,7 +10,8 @@ from clsjob.calibration import calibrate
 from clsjob.config import AbstainConfig, StorageConfig
 from clsjob.contract import CALIBRATION, MANIFEST, METRICS, REPORT, REPORT_HTML
 from clsjob.labels import LabelSet
-from clsjob.metrics import Tally, count_part, summarize
+from clsjob.metrics import count_part, summarize
+from clsjob.tally import Tally
 from clsjob.report_html import render_html
 from clsjob.store import InputError
 

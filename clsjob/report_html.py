@@ -14,7 +14,7 @@ import io
 
 import numpy as np
 
-from clsjob.metrics import COVERAGE_BINS, Tally
+from clsjob.tally import COVERAGE_BINS, Tally
 
 TOP_CLASSES = 15  # heat map and F1 bars: beyond this many classes the rest are folded
 OTHER = "(other)"
@@ -99,11 +99,11 @@ def figures(m: dict, t: Tally) -> list[tuple[str, str, str]]:
         ax.legend(loc="upper left", fontsize=8)
         out.append(("reliability", caption + ")", _png(fig)))
 
-    if t.confidence_counts.sum():
+    if t.distribution.confidence_counts.sum():
         out.append(confidence_histogram(t, plt, "confidence"))
 
-    rows, correct = t.coverage_rows, t.coverage_correct
-    if rows.sum() and not t.no_confidence:
+    rows, correct = t.coverage.rows, t.coverage.correct
+    if rows.sum() and not t.rows.no_confidence:
         rows_from, correct_from = np.cumsum(rows[::-1])[::-1], np.cumsum(correct[::-1])[::-1]
         has = rows_from > 0
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -141,14 +141,14 @@ def multilabel_figures(m: dict, t: Tally, plt) -> list[tuple[str, str, str]]:
         ax.set_xlabel("F1")
         ax.set_xlim(0, 1)
         out.append(("per_label_f1", f"F1 per label (macro {m['f1_macro']:.4f})", _png(fig)))
-    if t.confidence_counts.sum():
+    if t.distribution.confidence_counts.sum():
         out.append(confidence_histogram(t, plt, "confidence (distance of the closest call from "
                                                 "its threshold)"))
     return out
 
 
 def confidence_histogram(t: Tally, plt, xlabel: str) -> tuple[str, str, str]:
-    hist = t.confidence_counts.reshape(20, -1).sum(axis=1)
+    hist = t.distribution.confidence_counts.reshape(20, -1).sum(axis=1)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar(np.arange(20) / 20 + 0.025, hist, width=0.05, edgecolor="black", color="#228833")
     ax.set_xlabel(xlabel)

@@ -18,7 +18,7 @@ from clsjob.contract import (CALIBRATION, MANIFEST, METRICS, PROGRESS, REPORT, R
                              PartRecord)
 from clsjob.cascade import add_counts
 from clsjob.review import REVIEW, best
-from clsjob.metrics import Tally
+from clsjob.tally import Tally
 
 log = logging.getLogger("clsjob")
 

@@ -57,9 +57,9 @@ def test_part_record_counts_the_part_and_survives_the_trip_to_the_driver():
     assert record.busy_s == pytest.approx(0.5)  # the model's seconds, summed back from the rows
     assert record.entry() == {"part": "s-0000000000.parquet", "rows": 4, "errored": 1,
                               "truncated": 1, "cleaned": 0, "dtype": "bfloat16"}
-    assert (record.shard, record.counts.rows, record.counts.errored) == ("s.parquet", 4, 1)
+    assert (record.shard, record.counts.rows.total, record.counts.rows.errored) == ("s.parquet", 4, 1)
     # gold is "pos" everywhere: rows 0 and 3 right, row 1 wrong
-    assert record.counts.confusion.tolist() == [[0, 0], [1, 2]]
+    assert record.counts.confusion.matrix.tolist() == [[0, 0], [1, 2]]
     back = PartRecord.from_row(pa.Table.from_pylist([record.to_row()]).to_pylist()[0])
     assert back.entry() == record.entry() and back.shard == record.shard
     assert back.busy_s == record.busy_s

@@ -1,9 +1,12 @@
+from collections import Counter
+
 import numpy as np
 import pytest
 from sklearn import metrics as sk
 
 from clsjob.labels import LabelSet
-from clsjob.metrics import COVERAGE_THRESHOLDS, Tally, count_rows, summarize
+from clsjob.metrics import COVERAGE_THRESHOLDS, count_rows, summarize
+from clsjob.tally import Tally
 from clsjob.report import render_report
 
 LABELS = LabelSet(("a", "b", "c", "d"))
@@ -88,6 +91,39 @@ def test_tallies_add_up_and_survive_json():
     assert merged["confusion_matrix"] == whole["confusion_matrix"]
     assert merged["expected_calibration_error"] == pytest.approx(whole["expected_calibration_error"])
     assert merged["f1_macro"] == pytest.approx(whole["f1_macro"])
+
+
+def test_every_counter_adds_and_survives_json_and_an_older_marker_reads_as_zeros():
+    from clsjob.tally import COUNTERS
+
+    gold, pred, conf = random_run(5, n=120)
+    names = np.array(LABELS.names)
+    probs = np.random.default_rng(5).dirichlet(np.ones(4), size=120)
+    part = lambda s: count_rows(LABELS, names[gold[s]].tolist(), names[pred[s]].tolist(),
+                                conf[s].tolist(), [None] * len(gold[s]), probs[s].tolist(), 0.5)
+    one, two = part(slice(0, 50)), part(slice(50, None))
+    both = Tally.from_json(one.to_json()).add(Tally.from_json(two.to_json()))
+    for name, counter in COUNTERS.items():
+        a, b, sum_ = getattr(one, name), getattr(two, name), getattr(both, name)
+        assert set(a.to_json()) and set(a.to_json()) <= set(one.to_json())  # flat marker keys
+        assert counter.from_json(a.to_json(), 4).to_json() == a.to_json()
+        for key, value in sum_.to_json().items():  # each count of the sum is the two parts'
+            x, y = a.to_json()[key], b.to_json()[key]
+            if key in ("coverage", "confidence_counts"):  # sparse [bin, counts...]: densify
+                dense = lambda rows: {r[0]: np.array(r[1:]) for r in rows}
+                x, y, value = dense(x), dense(y), dense(value)
+                assert all(np.array_equal(value[k], x.get(k, 0) + y.get(k, 0)) for k in value)
+            elif key == "gold_unknown":
+                assert value == dict(Counter(x) + Counter(y))
+            else:
+                assert np.allclose(np.array(value, dtype=float), np.array(x, dtype=float) + np.array(y, dtype=float))
+    # A marker written before coverage, NLL, the distribution and the raw counts existed.
+    old = {k: v for k, v in one.to_json().items()
+           if not k.startswith(("coverage", "nll_", "label_counts", "confidence_", "raw_"))}
+    back = Tally.from_json(old)
+    assert back.coverage.rows.sum() == 0 and back.calibration.nll_rows == 0
+    assert back.distribution.label_counts.sum() == 0 and back.uncalibrated.rows.sum() == 0
+    assert back.confusion.matrix.tolist() == one.confusion.matrix.tolist()
 
 
 def test_negative_log_likelihood_matches_scikit_learn_across_parts():

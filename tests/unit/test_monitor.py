@@ -6,7 +6,8 @@ from scipy.spatial.distance import jensenshannon
 
 from clsjob.config import MonitorConfig, fill_dates
 from clsjob.labels import LabelSet
-from clsjob.metrics import Tally, count_rows
+from clsjob.metrics import count_rows
+from clsjob.tally import Tally
 from clsjob.monitor import compare, distribution, js_divergence, psi, share_under
 
 LABELS = LabelSet(("a", "b", "c"))

@@ -86,7 +86,8 @@ def test_the_answer_schema_and_parser():
 def test_counts_survive_json_and_the_run_tally_adds_them():
     """The counts travel as JSON in each part's record and shard marker: a round trip and
     an addition in the run's Tally change nothing."""
-    from clsjob.metrics import Tally, count_multilabel_rows, summarize
+    from clsjob.metrics import count_multilabel_rows, summarize
+    from clsjob.tally import Tally
 
     rng = np.random.default_rng(3)
     gold, pred = random_sets(rng, 80, 5, 0.3), random_sets(rng, 80, 5, 0.3)
@@ -107,7 +108,7 @@ def test_counts_survive_json_and_the_run_tally_adds_them():
     _, _, f1, _ = precision_recall_fscore_support(gold[keep], pred[keep], average="macro", zero_division=0)
     assert m["task"] == "multi_label" and m["f1_macro"] == pytest.approx(f1)
     # The distribution counts every label given, on every labelled row (gold or not).
-    assert run.label_counts.tolist() == pred[[i for i in range(80) if i != 2]].sum(axis=0).tolist()
+    assert run.distribution.label_counts.tolist() == pred[[i for i in range(80) if i != 2]].sum(axis=0).tolist()
 
 
 def test_decide_gives_labels_over_thresholds_and_the_closest_calls_distance():
