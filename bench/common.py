@@ -183,9 +183,10 @@ def make_actor(cfg):
     """The back end's Ray Data actor, built in this process as the pipeline builds it."""
     from clsjob import backends
     from clsjob.labels import LabelSet
+    from clsjob.task import Task
 
     configured = LabelSet.from_specs(cfg.labels) if cfg.labels else None
-    labels = backends.check_model_and_labels(cfg.backend, configured, cfg.storage, cfg.task)
+    labels = backends.check_model_and_labels(cfg.backend, configured, cfg.storage, Task.of(cfg.task))
     return backends.actor_class(cfg.backend)(**backends.actor_kwargs(cfg, labels))
 
 

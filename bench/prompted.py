@@ -311,14 +311,15 @@ def peer_messages(model: Path) -> tuple:
     from clsjob.config import PromptConfig
     from clsjob.labels import LabelSet
     from clsjob.prompts import render_template
+    from clsjob.task import SINGLE_LABEL
 
     labels, prompt = LabelSet.from_specs(prompt_config(model, LABELS).labels), PromptConfig()
     tok = AutoTokenizer.from_pretrained(model)
     chat = lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)  # noqa: E731
     # Rendering with "the user message itself" as the template gives the user content around
     # the row; we send no system prompt, so the messages are that one user turn.
-    head, tail = render_template(labels, prompt, [], lambda m: m[-1]["content"])
-    ours = render_template(labels, prompt, [], chat)
+    head, tail = render_template(labels, prompt, [], lambda m: m[-1]["content"], SINGLE_LABEL)
+    ours = render_template(labels, prompt, [], chat, SINGLE_LABEL)
     sample = "a sample row"
     assert chat([{"role": "user", "content": head + sample + tail}]) == ours[0] + sample + ours[1]
     return head, tail

@@ -94,8 +94,8 @@ def run(args: argparse.Namespace) -> dict:
         from clsjob.report import evaluate_output
         metrics = evaluate_output(args.output, StorageConfig(endpoint_url=args.endpoint_url),
                                   args.target_accuracy)
-        headline = ("f1_micro", "f1_macro", "subset_accuracy") if metrics.get("task") == "multi_label" \
-            else ("accuracy", "f1_macro", "f1_weighted")
+        from clsjob.task import Task
+        headline = Task.of_metrics(metrics).headline
         return {k: metrics[k] for k in ("rows", "rows_scored", *headline)}
     if args.command == "calibrate":
         from clsjob.report import calibrate_output

@@ -13,8 +13,8 @@ import pyarrow.compute as pc
 
 from clsjob.config import ClassifyConfig, InputConfig, stage_backends
 from clsjob.labels import LabelSet
-from clsjob.metrics import count_part
 from clsjob.tally import Tally
+from clsjob.task import TASKS, Task
 
 # Row ids derived from shard and row number when input.id_column is not set.
 DERIVED_ID = "id"
@@ -25,7 +25,7 @@ GOLD = "gold"
 # errored still has a typed (all-null) label column, not a null-typed one.
 RESULT_FIELDS: dict[str, pa.DataType] = {
     "label": pa.string(),
-    "labels": pa.list_(pa.string()),  # task: multi_label, in place of label
+    "labels": pa.list_(pa.string()),  # a multi-label run's answer, in place of label
     "confidence": pa.float32(),
     "probs": pa.list_(pa.float32()),
     "truncated": pa.bool_(),
@@ -64,9 +64,10 @@ def result_columns(cfg: ClassifyConfig) -> list[str]:
     `labelled_by` only from a cascade."""
     has_reasoning = any(b.kind == "vllm_prompt" and b.prompt.mode == "json"
                         for _, b in stage_backends(cfg.backend))
-    # One label a row, or under task: multi_label the list of those that apply.
+    # The task's answer column (one label a row, or the list of those that apply); not the others'.
+    answer = Task.of(cfg.task).answer
     gone = {"reasoning"} - ({"reasoning"} if has_reasoning else set())
-    gone.add("label" if cfg.task == "multi_label" else "labels")
+    gone |= {t.answer for t in TASKS.values()} - {answer}
     columns = [c for c in RESULT_COLUMNS if c not in gone]
     return columns + [LABELLED_BY] if cfg.backend.kind == "cascade" else columns
 
@@ -109,14 +110,14 @@ class PartRecord:
     busy_s: float = 0.0  # the model's seconds on the part's rows (every stage's, in a cascade)
 
     @classmethod
-    def of(cls, written: pa.Table, chunk: pa.Table, labels: LabelSet,
+    def of(cls, written: pa.Table, chunk: pa.Table, labels: LabelSet, task: Task,
            review: list | None = None, temperature: float | None = None,
            stages: dict | None = None) -> "PartRecord":
-        """The record of `written` (output_table of `chunk`, one whole part); `review`: its
-        candidate rows for review; `temperature`: what its probabilities were scaled by;
-        `stages`: a cascade's counts per stage."""
+        """The record of `written` (output_table of `chunk`, one whole part), counted as
+        `task` counts; `review`: its candidate rows for review; `temperature`: what its
+        probabilities were scaled by; `stages`: a cascade's counts per stage."""
         errors = written.column("error").to_pylist()
-        counts = count_part(labels, written, GOLD, temperature)
+        counts = task.count(labels, written, GOLD, temperature)
         return cls(shard=chunk.column(SHARD)[0].as_py(), part=chunk.column(PART)[0].as_py(),
                    rows=written.num_rows, errored=sum(e is not None for e in errors),
                    truncated=sum(bool(t) for t in written.column("truncated").to_pylist()),

@@ -77,7 +77,7 @@ def count_rows(labels: LabelSet, gold: Sequence[str | None], predicted: Sequence
 def count_multilabel_rows(labels: LabelSet, gold: Sequence[Sequence[str] | None],
                           predicted: Sequence[Sequence[str] | None],
                           confidence: Sequence[float | None], errors: Sequence[str | None]) -> Tally:
-    """count_rows for task: multi_label, where a row's gold and predicted labels are lists.
+    """count_rows for a multi-label run, where a row's gold and predicted labels are lists.
     Rows that errored, have no gold list, or name a gold label outside the set are counted
     and left out of the scores (an empty gold list is a row no label applies to: scored)."""
     t = Tally(len(labels))
@@ -102,22 +102,6 @@ def count_multilabel_rows(labels: LabelSet, gold: Sequence[Sequence[str] | None]
     t.multilabel = count_multilabel(len(labels), scored_gold, scored_pred)
     t.distribution.count_confidences(every_conf)
     return t
-
-
-def count_part(labels: LabelSet, part, gold_column: str | None,
-               temperature: float | None = None) -> Tally:
-    """The counts of one written part (a pyarrow Table in the output contract):
-    count_multilabel_rows where it has a `labels` column (task: multi_label), else
-    count_rows. Without a gold column every row counts as having no gold label."""
-    def column(name):
-        return part.column(name).to_pylist()
-    gold = (column(gold_column) if gold_column and gold_column in part.column_names
-            else [None] * part.num_rows)
-    if "labels" in part.column_names:
-        return count_multilabel_rows(labels, gold, column("labels"), column("confidence"),
-                                     column("error"))
-    return count_rows(labels, gold, column("label"), column("confidence"), column("error"),
-                      column("probs"), temperature)
 
 
 def count_unscaled(t: Tally, raw: list[tuple[int, Sequence[float]]], y_true: np.ndarray,
@@ -211,10 +195,8 @@ def uncalibrated(t: Tally, scored: int) -> dict | None:
 
 
 def summarize(labels: LabelSet, t: Tally, target_accuracy: float | None = None) -> dict:
-    """The metrics written to _metrics.json. A metric over no scored row is None (null),
+    """A single-label run's metrics, written to _metrics.json. A metric over no scored row is None (null),
     never a number: 0.0 accuracy would read as a model that is always wrong."""
-    if t.multilabel is not None:
-        return summarize_multilabel_run(labels, t)
     confusion, cal = t.confusion.matrix, t.calibration
     scored = int(confusion.sum())
     scores = per_class_scores(confusion)
@@ -250,14 +232,14 @@ def summarize(labels: LabelSet, t: Tally, target_accuracy: float | None = None) 
 
 
 def summarize_multilabel_run(labels: LabelSet, t: Tally) -> dict:
-    """task: multi_label's metrics (multilabel.summarize_multilabel) with the run's row counts."""
+    """A multi-label run's metrics (multilabel.summarize_multilabel) with its row counts."""
     scored = t.multilabel.rows
     metrics = summarize_multilabel(t.multilabel, labels)
     if not scored:  # no scored row: every score is None, not a 0 that reads as a bad model
         metrics = {k: (v if k in ("rows", "per_label", "most_confused") else None)
                    for k, v in metrics.items()}
     counts = row_counts(t.rows)
-    return {"task": "multi_label", **metrics, "rows": counts.pop("rows"), "rows_scored": scored,
+    return {**metrics, "rows": counts.pop("rows"), "rows_scored": scored,
             **counts, "labels": list(labels.names)}
 
 

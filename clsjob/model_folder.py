@@ -5,8 +5,8 @@ multilabel.py the per-label thresholds); this module alone names the keys and ch
 a back end reads a folder without importing evaluation code.
 
 config.json (transformers' PretrainedConfig keeps unknown keys through save_pretrained):
-- `problem_type`: transformers' own key; PROBLEM_TYPE for a `task: multi_label` model, whose
-  head is a sigmoid per label (transformers and vLLM both read it).
+- `problem_type`: transformers' own key: the task's (task.py; a multi-label head is a sigmoid
+  per label, and transformers and vLLM both read it).
 - `clsjob_temperature`: T fitted on the fine-tune's eval rows; probs = softmax(logits / T)
   (scaled_softmax; rescale_probs where a back end has only softmax(logits)). Absent: 1.
 - `clsjob_abstain_below`: the confidence threshold the fine-tune picked; classify's
@@ -22,20 +22,20 @@ import numpy as np
 
 from clsjob.labels import LabelSet
 
-PROBLEM_TYPE = "multi_label_classification"  # transformers' name: a sigmoid and BCE per label
 TEMPERATURE_KEY = "clsjob_temperature"
 ABSTAIN_KEY = "clsjob_abstain_below"
 THRESHOLDS_KEY = "clsjob_thresholds"
 
 
-def written_keys(task: str, summary: dict) -> dict:
+def written_keys(task, summary: dict) -> dict:
     """The keys `merge` sets on the merged model's config, from the fine-tune's summary
-    (clsjob_finetune.json): its task, and what it fitted on its eval rows, if it had any."""
+    (clsjob_finetune.json): its `task`'s problem_type (task.py), and what it fitted on its
+    eval rows, if it had any (a multi-label head's thresholds, a temperature)."""
     keys = {}
-    if task == "multi_label":
-        keys["problem_type"] = PROBLEM_TYPE
-        if summary.get("thresholds"):
-            keys[THRESHOLDS_KEY] = summary["thresholds"]
+    if task.problem_type:
+        keys["problem_type"] = task.problem_type
+    if summary.get("thresholds"):
+        keys[THRESHOLDS_KEY] = summary["thresholds"]
     calibration = summary.get("calibration")
     if calibration:
         keys[TEMPERATURE_KEY] = calibration["temperature"]
@@ -62,10 +62,6 @@ def rescale_probs(probs: np.ndarray, temperature: float) -> np.ndarray:
     with np.errstate(divide="ignore"):
         logp = np.log(np.asarray(probs, dtype=np.float64))
     return scaled_softmax(logp, temperature).astype(np.float32)
-
-
-def trained_task(config: dict) -> str:
-    return "multi_label" if config.get("problem_type") == PROBLEM_TYPE else "single_label"
 
 
 def is_number(value) -> bool:

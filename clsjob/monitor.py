@@ -26,12 +26,12 @@ class DriftAlert(RuntimeError):
     """The run's labels drifted past monitor.fail_above; every output is written."""
 
 
-def distribution(labels: LabelSet, t: Tally) -> dict:
+def distribution(labels: LabelSet, t: Tally, task) -> dict:
     """What the manifest records of the run's labels and confidences (every labelled row).
-    Under task: multi_label a row counts once for each label it was given (shares are of the
-    labels given), and rows_labelled counts rows."""
+    In a multi-label run a row counts once for each label it was given (shares are of the
+    labels given); rows_labelled counts rows (task.labelled_rows)."""
     d = t.distribution
-    rows = int(t.rows.total - t.rows.errored) if t.multilabel is not None else int(d.label_counts.sum())
+    rows = task.labelled_rows(t)
     with_conf = int(d.confidence_counts.sum())
     return {
         "rows_labelled": rows,

@@ -22,6 +22,7 @@ from clsjob.duplicates import check_duplicate_ids
 from clsjob.labels import LabelSet
 from clsjob.lock import RunLock, RunLocked
 from clsjob.tally import Tally
+from clsjob.task import Task
 from clsjob.monitor import distribution, drift_against_baseline, raise_on_alerts
 from clsjob.placement import StallReporter, check_placement, classify_demand, ensure_ray
 from clsjob.prepare import check_schema
@@ -40,20 +41,21 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
     # Everything that can be wrong with the model, labels or schema fails here, before Ray
     # schedules anything and before a row is read.
     configured = LabelSet.from_specs(cfg.labels) if cfg.labels else None
-    model = backends.check_model(cfg.backend, configured, cfg.storage, cfg.task)
+    task = Task.of(cfg.task)  # what differs between one label a row and a set of them
+    model = backends.check_model(cfg.backend, configured, cfg.storage, task)
     labels, temperature = model.labels, model.temperature
     stage_temperatures = model.stage_temperatures
     if cfg.abstain is not None:  # a threshold left out is the model folder's
         cfg = cfg.model_copy(update={"abstain": settle_rule(cfg.abstain, labels, model.config,
                                                             getattr(cfg.backend, "model", None))})
-    shards, bad_files = usable_shards(cfg)
+    shards, bad_files = usable_shards(cfg, task)
     # Everything below writes to the output folder: one run at a time.
     with RunLock(cfg.output.path, cfg.storage, cfg.output.stale_lock_after_s) as lock:
-        return run_locked(cfg, labels, temperature, shards, bad_files, started, lock,
+        return run_locked(cfg, task, labels, temperature, shards, bad_files, started, lock,
                           stage_temperatures)
 
 
-def run_locked(cfg: ClassifyConfig, labels: LabelSet, temperature: float | None,
+def run_locked(cfg: ClassifyConfig, task: Task, labels: LabelSet, temperature: float | None,
                shards: list[store.ShardInfo], bad_files: list[str], started: datetime,
                lock: RunLock, stage_temperatures: tuple = ()) -> RunSummary:
     rows_in = sum(s.rows for s in shards)
@@ -79,10 +81,10 @@ def run_locked(cfg: ClassifyConfig, labels: LabelSet, temperature: float | None,
     # The classes scored: the model's labels, and abstain.label when rows may get it.
     scored = scored_labels(labels, cfg.abstain)
     review_rows = review_size(cfg.output.review, rows_in) if cfg.output.review else 0
-    shard_progress = resume.ShardProgress(cfg, work, todo, len(scored), review_rows)
+    shard_progress = resume.ShardProgress(cfg, work, todo, task, len(scored), review_rows)
     busy_s = 0.0  # the model's seconds on this attempt's rows
     with StallReporter(demands[-1], "classify", cfg.cluster.stall_report_s) as stall:
-        for record in stream_labelled_parts(cfg, labels, todo, review_rows, temperature):  # as parts land
+        for record in stream_labelled_parts(cfg, task, labels, todo, review_rows, temperature):  # as parts land
             stall.beat()
             shard_progress.add(record)
             progress.update(record.rows)
@@ -92,7 +94,7 @@ def run_locked(cfg: ClassifyConfig, labels: LabelSet, temperature: float | None,
     # Every shard, done now or by an earlier attempt, is accounted for by its marker.
     markers = {**done, **shard_progress.markers}
     parts = [p for m in markers.values() for p in m["parts"]]
-    total = Tally.for_task(len(scored), cfg.task)
+    total = task.tally(len(scored))
     for marker in markers.values():
         total.add(Tally.from_json(marker["tally"]))
     rows_out = sum(p["rows"] for p in parts)
@@ -107,7 +109,7 @@ def run_locked(cfg: ClassifyConfig, labels: LabelSet, temperature: float | None,
                                cfg.output.path, cfg.storage)
               if cfg.output.review and complete else None)
     # The run's label distribution (every labelled row), and its drift against the baseline.
-    dist = distribution(scored, total)
+    dist = distribution(scored, total, task)
     drift = drift_against_baseline(dist, cfg.monitor, cfg.storage) if complete else None
     manifest = build_manifest(cfg, work, labels, temperature, review, shards, bad_files,
                               duplicates, set(markers), parts, summary, started, complete)
@@ -120,7 +122,7 @@ def run_locked(cfg: ClassifyConfig, labels: LabelSet, temperature: float | None,
         raise RuntimeError(f"rows out ({rows_out}) != rows in ({rows_in}) or shards unfinished; "
                            f"see {MANIFEST}; a rerun resumes")
     if cfg.input.label_column:
-        metrics = write_evaluation(cfg.output.path, cfg.storage, scored, total, summary.rows_per_s,
+        metrics = write_evaluation(cfg.output.path, cfg.storage, scored, total, task, summary.rows_per_s,
                                    cfg.evaluate.target_accuracy, drift, cascade)
         summary = replace(summary, metrics=metrics)
     log.info("classify: done\n%s", summary_table(summary, len(shards), len(bad_files)))
@@ -135,7 +137,7 @@ def stage_resources(cfg: ClassifyConfig) -> list[tuple[str, object]]:
     return [(f"backend.stages[{i}].resources", s.resources) for i, s in enumerate(cfg.backend.stages)]
 
 
-def usable_shards(cfg: ClassifyConfig) -> tuple[list[store.ShardInfo], list[str]]:
+def usable_shards(cfg: ClassifyConfig, task: Task) -> tuple[list[store.ShardInfo], list[str]]:
     """Shards whose footer reads and whose schema serves the config; unreadable files fail
     the run or are skipped (and reported) as `input.on_bad_file` says."""
     shards = store.inspect_shards(store.list_shards(cfg.input.path, cfg.storage), cfg.storage)
@@ -147,5 +149,5 @@ def usable_shards(cfg: ClassifyConfig) -> tuple[list[store.ShardInfo], list[str]
         log.warning("classify: skipping %s", error)
     shards = [s for s in shards if not s.error]
     for shard in shards:
-        check_schema(shard, cfg.input, cfg.task == "multi_label")
+        check_schema(shard, cfg.input, task)
     return shards, bad

@@ -13,6 +13,7 @@ from clsjob.config import InputConfig
 from clsjob.contract import (CLEANED, DERIVED_ID, GOLD, PART, PART_ROWS, RESULT_COLUMNS,
                              RESULT_FIELDS, SHARD, id_column, part_name)
 from clsjob.store import InputError, ShardInfo
+from clsjob.task import SINGLE_LABEL, Task, is_string
 
 # C0 and C1 control characters and DEL, except tab, newline and carriage return: they carry no
 # meaning for a classifier and some tokenizers and downstream readers choke on them.
@@ -25,52 +26,12 @@ def needed_columns(cfg: InputConfig) -> list[str]:
     return list(dict.fromkeys(c for c in cols if c))
 
 
-def _is_string(t: pa.DataType) -> bool:
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
-
-
 def _is_text(t: pa.DataType) -> bool:
     # Raw bytes are accepted as text too: they are decoded as UTF-8 by clean_text.
-    return _is_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
+    return is_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
 
-def _is_string_list(t: pa.DataType) -> bool:
-    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_string(t.value_type)
-
-
-def check_gold_type(path: str, cfg: InputConfig, t: pa.DataType, multi_label: bool,
-                    section: str = "input") -> None:
-    """Gold labels are a string (single_label) or a list of strings (multi_label), or under
-    multi_label a string the config says how to split. `section`: the config's name for
-    `cfg` (input, or finetune's train and eval)."""
-    key, col = f"{section}.label_column", cfg.label_column
-    if not multi_label:
-        if not _is_string(t):
-            hint = " (a list of labels is task: multi_label)" if _is_string_list(t) else ""
-            raise InputError(f"{path}: {key} {col!r} has type {t}, expected string{hint}")
-    elif _is_string(t) and cfg.label_separator is None:
-        raise InputError(f"{path}: {key} {col!r} is a string column, but task: multi_label needs "
-                         f"a list<string> column or {section}.label_separator to split it")
-    elif not (_is_string_list(t) or _is_string(t)):
-        raise InputError(f"{path}: {key} {col!r} has type {t}, expected list<string> "
-                         f"(task: multi_label)")
-
-
-def gold_lists(column: pa.ChunkedArray, separator: str | None) -> pa.Array:
-    """multi_label gold labels as list<string>: a list column as it is, a string column split
-    at `separator` (pieces trimmed; an empty string = no label applies). Null stays null."""
-    arr = column.combine_chunks()
-    if pa.types.is_dictionary(arr.type):
-        arr = arr.dictionary_decode()
-    if _is_string(arr.type):
-        arr = pa.array([None if v is None else [x.strip() for x in v.split(separator) if x.strip()]
-                        for v in arr.to_pylist()], pa.list_(pa.string()))
-    return arr.cast(pa.list_(pa.string()))
-
-
-def check_schema(shard: ShardInfo, cfg: InputConfig, multi_label: bool = False) -> None:
+def check_schema(shard: ShardInfo, cfg: InputConfig, task: Task = SINGLE_LABEL) -> None:
     """Fail before any model loads when a shard cannot serve this config."""
     names = set(shard.schema.names)
     for key, col in [("input.text_column", cfg.text_column), ("input.id_column", cfg.id_column),
@@ -83,7 +44,7 @@ def check_schema(shard: ShardInfo, cfg: InputConfig, multi_label: bool = False) 
         raise InputError(f"{shard.path}: input.text_column {cfg.text_column!r} has type "
                          f"{shard.schema.field(cfg.text_column).type}, expected string")
     if cfg.label_column:
-        check_gold_type(shard.path, cfg, shard.schema.field(cfg.label_column).type, multi_label)
+        task.check_gold_type(shard.path, cfg, shard.schema.field(cfg.label_column).type)
     reserved = set(RESULT_COLUMNS) | ({GOLD} if cfg.label_column else set())
     kept = [cfg.id_column, cfg.text_column, *cfg.carry_columns]
     clash = [c for c in kept if c and (c in reserved or c.startswith("_"))]
@@ -123,9 +84,9 @@ def clean_text(column: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
 
 
 def prepare_chunk(table: pa.Table, shard_key: str, start_row: int, cfg: InputConfig,
-                  multi_label: bool = False) -> pa.Table:
-    """Input chunk -> id, text, gold (a list of labels with `multi_label`), carried columns,
-    error, and the part bookkeeping."""
+                  task: Task = SINGLE_LABEL) -> pa.Table:
+    """Input chunk -> id, text, gold (as the `task` reads it), carried columns, error, and the
+    part bookkeeping."""
     n = table.num_rows
     if cfg.id_column:
         ids = table.column(cfg.id_column)
@@ -139,8 +100,7 @@ def prepare_chunk(table: pa.Table, shard_key: str, start_row: int, cfg: InputCon
     columns = {id_column(cfg): ids, cfg.text_column: text}
     if cfg.label_column:
         gold = table.column(cfg.label_column)
-        columns[GOLD] = (gold_lists(gold, cfg.label_separator) if multi_label
-                         else pc.cast(gold, pa.string()))
+        columns[GOLD] = task.gold(gold, cfg.label_separator)
     for col in cfg.carry_columns:
         columns.setdefault(col, table.column(col))
     columns["error"] = error

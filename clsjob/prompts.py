@@ -20,37 +20,36 @@ from clsjob.labels import LabelSet
 TEXT_SLOT = "\x00ROW_TEXT\x00"  # stands in for the row while the template is rendered
 
 
-QUESTION_SLOT = "\x00QUESTION\x00"  # multi_label score mode: the label asked about
+QUESTION_SLOT = "\x00QUESTION\x00"  # a multi-label score mode: the label asked about
 
 
-def instructions(labels: LabelSet, prompt: PromptConfig, examples: list[Example],
-                 multi_label: bool = False) -> str:
-    """The shared part of the user message."""
+def instructions(labels: LabelSet, prompt: PromptConfig, examples: list[Example], task) -> str:
+    """The shared part of the user message, worded for the `task` (task.py)."""
     lines = [prompt.instructions.strip()] if prompt.instructions else []
-    lines.append("Classify the text with every one of these labels that applies (none, one or "
-                 "several):" if multi_label else "Classify the text into exactly one of these labels:")
+    lines.append(task.pick("Classify the text into exactly one of these labels:",
+                           "Classify the text with every one of these labels that applies (none, "
+                           "one or several):"))
     for name, description in zip(labels.names, labels.descriptions):
         lines.append(f"- {name}: {description}" if description else f"- {name}")
     if prompt.mode == "json":
-        lines.append('Answer with a JSON object: {"labels": the list of labels that apply, '
-                     '"reasoning": why, in one short sentence}.' if multi_label else
-                     'Answer with a JSON object: {"label": one of the labels, "reasoning": '
-                     "why, in one short sentence}.")
-    elif multi_label:  # score: one yes/no question per label
-        lines.append("You are asked about one label: answer yes if it applies to the text, else no.")
-    else:
-        lines.append("Answer with the label only.")
+        lines.append(task.pick('Answer with a JSON object: {"label": one of the labels, "reasoning": '
+                               "why, in one short sentence}.",
+                               'Answer with a JSON object: {"labels": the list of labels that apply, '
+                               '"reasoning": why, in one short sentence}.'))
+    else:  # choice and score: the label; a multi-label score: one yes/no question per label
+        lines.append(task.pick("Answer with the label only.", "You are asked about one label: "
+                               "answer yes if it applies to the text, else no."))
     if examples:
         lines.append("")
         lines.append("Examples:")
         for ex in examples:
-            label = [ex.label] if multi_label and isinstance(ex.label, str) else ex.label
+            label = task.pick(ex.label, [ex.label] if isinstance(ex.label, str) else ex.label)
             lines.append(f"Text: {ex.text}\n{answer_for(label, prompt)}")
     return "\n".join(lines)
 
 
 def answer_for(label: str | list[str], prompt: PromptConfig) -> str:
-    # Examples answer the way the model is asked to answer (a list: multi_label).
+    # Examples answer the way the model is asked to answer (a list: a multi-label run).
     if isinstance(label, list):
         if prompt.mode == "json":
             return "Labels: " + json.dumps({"labels": label, "reasoning": "..."})
@@ -61,13 +60,12 @@ def answer_for(label: str | list[str], prompt: PromptConfig) -> str:
 
 
 def render_template(labels: LabelSet, prompt: PromptConfig, examples: list[Example],
-                    apply_chat: Callable[[list[dict]], str] | None,
-                    multi_label: bool = False) -> tuple[str, str]:
+                    apply_chat: Callable[[list[dict]], str] | None, task) -> tuple[str, str]:
     """(head, tail) around the row text: through `apply_chat` (the tokenizer's chat template,
     rendered with the generation prompt) when given, else as a plain completion prompt.
-    multi_label score mode: the tail holds QUESTION_SLOT, where each label's question goes."""
-    asks_each = multi_label and prompt.mode == "score"
-    user = (f"{instructions(labels, prompt, examples, multi_label)}\n\nText: {TEXT_SLOT}"
+    A multi-label score mode: the tail holds QUESTION_SLOT, where each label's question goes."""
+    asks_each = asks_each_label(prompt, task)
+    user = (f"{instructions(labels, prompt, examples, task)}\n\nText: {TEXT_SLOT}"
             + (f"\n\n{QUESTION_SLOT}" if asks_each else ""))
     if apply_chat is not None:
         messages = ([{"role": "system", "content": prompt.system_prompt}]
@@ -75,12 +73,17 @@ def render_template(labels: LabelSet, prompt: PromptConfig, examples: list[Examp
         rendered = apply_chat(messages)
     else:
         system = f"{prompt.system_prompt}\n\n" if prompt.system_prompt else ""
-        answer = "Answer" if asks_each else "Labels" if multi_label else "Label"
+        answer = "Answer" if asks_each else task.pick("Label", "Labels")
         rendered = f"{system}{user}\n{answer}: "
     head, found, tail = rendered.partition(TEXT_SLOT)
     if not found or (asks_each and QUESTION_SLOT not in tail):
         raise ValueError("the chat template dropped the user message")
     return head, tail
+
+
+def asks_each_label(prompt: PromptConfig, task) -> bool:
+    """A multi-label score mode asks one yes/no question per label, each its own prompt."""
+    return task.pick(False, prompt.mode == "score")
 
 
 def question(label: str) -> str:
@@ -91,7 +94,7 @@ def question(label: str) -> str:
 class PromptTokens:
     head: list[int]
     tail: list[int]
-    # multi_label score mode: the tail with each label's question in it, in label order.
+    # A multi-label score mode: the tail with each label's question in it, in label order.
     questions: tuple[list[int], ...] = ()
 
     def build(self, text_ids: list[int]) -> list[int]:

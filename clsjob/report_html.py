@@ -47,15 +47,17 @@ def _png(fig) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def figures(m: dict, t: Tally) -> list[tuple[str, str, str]]:
-    """(id, caption, base64 PNG) of each plot that has data."""
+def figures(m: dict, t: Tally, task) -> list[tuple[str, str, str]]:
+    """(id, caption, base64 PNG) of each plot of the `task` (task.py) that has data."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return task.figures(m, t, plt)
+
+
+def single_label_figures(m: dict, t: Tally, plt) -> list[tuple[str, str, str]]:
     out = []
-    if m.get("task") == "multi_label":
-        return multilabel_figures(m, t, plt)
     if m["rows_scored"]:
         names, matrix = folded_confusion(m, top_classes(m))
         share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
@@ -130,7 +132,7 @@ def figures(m: dict, t: Tally) -> list[tuple[str, str, str]]:
 
 
 def multilabel_figures(m: dict, t: Tally, plt) -> list[tuple[str, str, str]]:
-    """task: multi_label: each label's F1, and the confidence of every labelled row."""
+    """A multi-label run: each label's F1, and the confidence of every labelled row."""
     out = []
     if m["rows_scored"]:
         names = list(m["per_label"])
@@ -166,12 +168,12 @@ def reliability_line(ax, cal: dict, colour: str, label: str) -> None:
                s=20 + 200 * rows[filled] / rows.sum(), color=colour, zorder=3)
 
 
-def render_html(m: dict, t: Tally, markdown: str) -> str:
-    """The page: the plots, then the text report (report.md) as preformatted text."""
+def render_html(m: dict, t: Tally, markdown: str, task) -> str:
+    """The page: the `task`'s plots, then the text report (report.md) as preformatted text."""
     parts = [f'<figure id="{key}"><img alt="{html.escape(caption)}" src="data:image/png;base64,{png}">'
              f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-             for key, caption, png in figures(m, t)]
-    key = "f1_macro" if m.get("task") == "multi_label" else "accuracy"
+             for key, caption, png in figures(m, t, task)]
+    key = task.ranked_by
     headline = f"{key.replace('f1_', '').replace('macro', 'macro-F1')} " + (
         "n/a" if m[key] is None else f"{m[key]:.4f}")
     return "\n".join([

@@ -18,7 +18,7 @@ from clsjob.contract import (CALIBRATION, MANIFEST, METRICS, PROGRESS, REPORT, R
                              PartRecord)
 from clsjob.cascade import add_counts
 from clsjob.review import REVIEW, best
-from clsjob.tally import Tally
+from clsjob.task import Task
 
 log = logging.getLogger("clsjob")
 
@@ -84,13 +84,13 @@ class ShardProgress:
     """Collects the written parts' records per shard; marks a shard done when all its rows
     are written."""
 
-    def __init__(self, cfg: ClassifyConfig, work: str, shards: list[store.ShardInfo], n_labels: int,
-                 review_rows: int = 0):
+    def __init__(self, cfg: ClassifyConfig, work: str, shards: list[store.ShardInfo], task: Task,
+                 n_labels: int, review_rows: int = 0):
         self.cfg, self.work, self.n_labels, self.review_rows = cfg, work, n_labels, review_rows
         self.review: dict[str, list[dict]] = {s.key: [] for s in shards}
         self.rows = {s.key: s.rows for s in shards}
         self.parts: dict[str, list[dict]] = {s.key: [] for s in shards}
-        self.tallies = {s.key: Tally(n_labels=n_labels) for s in shards}
+        self.tallies = {s.key: task.tally(n_labels) for s in shards}
         self.stages: dict[str, dict] = {s.key: {} for s in shards}  # a cascade's, per shard
         self.markers: dict[str, dict] = {}  # shards finished by this attempt, by key
         for shard in shards:

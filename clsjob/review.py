@@ -55,7 +55,7 @@ def best(candidates: Iterable[dict], n: int, per_label: bool) -> list[dict]:
 
 
 def part_candidates(written: pa.Table, texts: list, id_column: str, gold_column: str | None,
-                    rule: ReviewConfig, n: int) -> list[dict]:
+                    rule: ReviewConfig, n: int, task) -> list[dict]:
     """A written part's best `n` rows to review; rows without probabilities (errors) have
     nothing to rank and are left out. `texts`: the part's texts, row for row (the output
     may not keep them)."""
@@ -67,11 +67,9 @@ def part_candidates(written: pa.Table, texts: list, id_column: str, gold_column:
     probs = np.asarray(written.column("probs").take(rows).combine_chunks().flatten(),
                        dtype=np.float64).reshape(len(rows), k)
     conf = written.column("confidence").to_pylist()
-    # task: multi_label: a `labels` list; its confidence is the closest call's distance from
-    # its threshold, so the least confident rows come first (the only strategy it allows).
-    label_key = "labels" if "labels" in written.column_names else "label"
-    scores = (1.0 - np.array([conf[i] for i in rows.tolist()], dtype=np.float64)
-              if label_key == "labels" else uncertainty(probs, rule.strategy))
+    # The `task` (task.py) ranks the rows and names the answer's column.
+    label_key = task.answer
+    scores = task.review_scores(probs, [conf[i] for i in rows.tolist()], rule.strategy)
     ids, labels = written.column(id_column).to_pylist(), written.column(label_key).to_pylist()
     gold = written.column(gold_column).to_pylist() if gold_column else None
     candidates = [{"id": ids[i], "text": texts[i], label_key: labels[i], "confidence": conf[i],

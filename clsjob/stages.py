@@ -20,10 +20,12 @@ from clsjob.labels import LabelSet
 from clsjob.placement import actor_placement
 from clsjob.review import part_candidates
 from clsjob.prepare import needed_columns, prepare_chunk
+from clsjob.task import Task
 
 
-def stream_labelled_parts(cfg: ClassifyConfig, labels: LabelSet, shards: list[store.ShardInfo],
-                          review_rows: int = 0, temperature: float | None = None) -> Iterator[PartRecord]:
+def stream_labelled_parts(cfg: ClassifyConfig, task: Task, labels: LabelSet,
+                          shards: list[store.ShardInfo], review_rows: int = 0,
+                          temperature: float | None = None) -> Iterator[PartRecord]:
     """The Ray Data pipeline: read + prepare (tasks) -> classify (actor pool) -> write (tasks).
     Yields a PartRecord as each part lands (with its best `review_rows` rows for review)."""
     if not any(s.rows for s in shards):
@@ -36,8 +38,7 @@ def stream_labelled_parts(cfg: ClassifyConfig, labels: LabelSet, shards: list[st
     ds.context.target_max_block_size = None
     ds = ds.map_batches(read_chunks, batch_size=1, batch_format="pyarrow",
                         fn_kwargs={"input_cfg": cfg.input, "chunk_rows": cfg.output.rows_per_part,
-                                   "storage": cfg.storage,
-                                   "multi_label": cfg.task == "multi_label"})
+                                   "storage": cfg.storage, "task": task})
     # One actor pool per back end: one, or each stage of a cascade (cascade.py).
     for position, (_, backend, resources) in enumerate(cfg.stages()):
         if cfg.backend.kind == "cascade":
@@ -52,7 +53,7 @@ def stream_labelled_parts(cfg: ClassifyConfig, labels: LabelSet, shards: list[st
                                 fn_constructor_kwargs=kwargs, compute=actor_pool(resources),
                                 **actor_placement(backend, resources))
     ds = ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow",
-                        fn_kwargs={"cfg": cfg, "labels": scored_labels(labels, cfg.abstain),
+                        fn_kwargs={"cfg": cfg, "task": task, "labels": scored_labels(labels, cfg.abstain),
                                    "review_rows": review_rows, "temperature": temperature})
     for row in ds.iter_rows():
         yield PartRecord.from_row(row)
@@ -71,15 +72,15 @@ def actor_pool(resources) -> ray.data.ActorPoolStrategy:
 
 
 def read_chunks(batch: pa.Table, input_cfg: InputConfig, chunk_rows: int,
-                storage: StorageConfig, multi_label: bool = False) -> Iterator[pa.Table]:
+                storage: StorageConfig, task: Task) -> Iterator[pa.Table]:
     """Read stage (Ray task): one shard -> prepared chunks of `chunk_rows` rows."""
     for path, key in zip(batch.column("path").to_pylist(), batch.column("key").to_pylist()):
         for start, table in store.iter_shard(path, needed_columns(input_cfg), chunk_rows, storage):
-            yield prepare_chunk(table, key, start, input_cfg, multi_label)
+            yield prepare_chunk(table, key, start, input_cfg, task)
 
 
-def write_parts(table: pa.Table, cfg: ClassifyConfig, labels: LabelSet, review_rows: int = 0,
-                temperature: float | None = None) -> pa.Table:
+def write_parts(table: pa.Table, cfg: ClassifyConfig, task: Task, labels: LabelSet,
+                review_rows: int = 0, temperature: float | None = None) -> pa.Table:
     """Write stage (Ray task): each labelled chunk becomes one part, rows under the
     abstention threshold relabelled; returns one PartRecord row per part (counted over
     `labels`, the classes scored), so the driver never re-reads the output to evaluate it."""
@@ -94,9 +95,9 @@ def write_parts(table: pa.Table, cfg: ClassifyConfig, labels: LabelSet, review_r
         store.write_part(written, store.join(cfg.output.path, name), cfg.storage)
         review = (part_candidates(written, chunk.column(cfg.input.text_column).to_pylist(),
                                   id_column(cfg.input), GOLD if cfg.input.label_column else None,
-                                  cfg.output.review, review_rows) if cfg.output.review else [])
+                                  cfg.output.review, review_rows, task) if cfg.output.review else [])
         stages = (stage_counts(chunk, written, cfg.backend.stage_names(),
                                written.column(GOLD).to_pylist() if cfg.input.label_column else None,
                                labels) if cfg.backend.kind == "cascade" else None)
-        records.append(PartRecord.of(written, chunk, labels, review, temperature, stages).to_row())
+        records.append(PartRecord.of(written, chunk, labels, task, review, temperature, stages).to_row())
     return pa.Table.from_pylist(records)

@@ -13,6 +13,7 @@ from clsjob.config import ClassifyConfig, config_hash
 from clsjob.duplicates import DuplicateIds
 from clsjob.labels import LabelSet
 from clsjob.contract import GOLD, METRICS, id_column
+from clsjob.task import Task
 
 log = logging.getLogger("clsjob")
 
@@ -67,7 +68,7 @@ def build_manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, temperature
         "config_hash": config_hash(cfg),
         "work_hash": work,
         "backend": cfg.backend.kind,
-        "task": cfg.task,  # multi_label: a `labels` list column in place of `label`
+        "task": cfg.task,  # task.py: its answer column (`label`, or a `labels` list)
         "model": (cfg.backend.model if cfg.backend.kind != "cascade"
                   else [s.backend.model for s in cfg.backend.stages]),
         # What the model ran in (backend.dtype: auto chooses per node); more than one only on
@@ -111,8 +112,7 @@ def summary_table(summary: RunSummary, shards: int, skipped: int) -> str:
             ("rows/s (this attempt)", summary.rows_per_s), ("output", summary.output)]
     if summary.metrics:
         # The headline of each task: accuracy, or macro- and micro-F1 over the labels.
-        keys = (("f1_macro", "f1_micro") if summary.metrics.get("task") == "multi_label"
-                else ("accuracy",))
+        keys = Task.of_metrics(summary.metrics).summary_keys
         for key in reversed(keys):
             value = summary.metrics[key]
             rows.insert(4, (key.replace("_", " "), "none (no row could be scored)" if value is None

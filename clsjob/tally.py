@@ -170,7 +170,7 @@ class Coverage:
 @dataclass
 class Distribution:
     """Every labelled row, gold label or not (monitor.py: the run's distribution and its
-    drift): rows per predicted label (under task: multi_label each label given), and rows
+    drift): rows per predicted label (in a multi-label run, each label given), and rows
     with a confidence per COVERAGE_BINS bin, with their sum."""
 
     label_counts: np.ndarray
@@ -209,9 +209,9 @@ class Distribution:
 
 @dataclass
 class Tally:
-    """The counters of a set of rows, for `n_labels` labels. Under task: multi_label the
-    per-label counts are in `multilabel` and the single-label ones (confusion, calibration,
-    coverage) stay empty."""
+    """The counters of a set of rows, for `n_labels` labels. A multi-label run's per-label
+    counts are in `multilabel` (task.py adds it) and the single-label ones (confusion,
+    calibration, coverage) stay empty."""
 
     n_labels: int
     rows: RowCounts = None
@@ -230,12 +230,6 @@ class Tally:
     def counters(self):
         """(name, counter) of each counter every Tally has (multilabel is the task's)."""
         return [(f.name, getattr(self, f.name)) for f in fields(self) if f.name in COUNTERS]
-
-    @classmethod
-    def for_task(cls, n_labels: int, task: str) -> "Tally":
-        """No rows counted yet, for a run of `task` (a multi_label run with no scored row still
-        reports multi-label metrics, all None)."""
-        return cls(n_labels, multilabel=MultiLabelTally(n_labels) if task == "multi_label" else None)
 
     def add(self, other: "Tally") -> "Tally":
         for name, counter in self.counters():

@@ -10,10 +10,11 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from clsjob import model_cache, model_folder
+from clsjob import model_cache
 from clsjob.config import (BackendSection, HFBackendConfig, StorageConfig, VLLMPoolBackendConfig,
                            VLLMPromptBackendConfig)
 from clsjob.labels import LabelSet
+from clsjob.task import SINGLE_LABEL, Task
 
 
 class ModelError(ValueError):
@@ -102,8 +103,7 @@ def actor_kwargs(cfg, labels: LabelSet, backend: BackendSection | None = None,
     backend, resources = backend or cfg.backend, resources or cfg.resources
     kwargs = {"backend": backend, "labels": labels, "text_column": cfg.input.text_column,
               "use_gpu": resources.gpus_per_actor > 0, "storage": cfg.storage}
-    if cfg.task == "multi_label":
-        kwargs["multi_label"] = True
+    kwargs["task"] = Task.of(cfg.task)
     extra = REGISTRY[backend.kind].driver_kwargs
     if extra:
         kwargs.update(resolve(extra)(backend, labels, cfg.storage))
@@ -111,10 +111,10 @@ def actor_kwargs(cfg, labels: LabelSet, backend: BackendSection | None = None,
 
 
 def check_model(backend, configured: LabelSet | None, storage,
-                task: str = "single_label") -> CheckedModel:
-    """Validate the model and the labels on the driver, before any row is read, reading the
-    model folder's config.json once. A cascade's stages must all give the same labels in the
-    same order."""
+                task: Task = SINGLE_LABEL) -> CheckedModel:
+    """Validate the model and the labels for `task` on the driver, before any row is read,
+    reading the model folder's config.json once. A cascade's stages must all give the same
+    labels in the same order."""
     if backend.kind != "cascade":
         checked = resolve(REGISTRY[backend.kind].check)(backend, configured, storage)
         if backend.kind != "vllm_prompt":  # a fine-tuned head is single- or multi-label
@@ -131,23 +131,22 @@ def check_model(backend, configured: LabelSet | None, storage,
                         tuple(model.temperature for model in checked))
 
 
-def check_task(backend: BackendSection, model: CheckedModel, task: str) -> None:
+def check_task(backend: BackendSection, model: CheckedModel, task: Task) -> None:
     """A fine-tuned model folder serves the task it was trained for, with usable thresholds."""
-    trained = model_folder.trained_task(model.config)
+    trained = Task.trained(model.config)
     if trained != task:
         raise ModelError(f"task: {task}, but backend.model {backend.model} was fine-tuned "
                          f"{trained} (config.json problem_type "
                          f"{model.config.get('problem_type')!r}); set task: {trained} or use a "
                          f"model fine-tuned with task: {task}")
-    if task == "multi_label":
-        try:
-            model_folder.thresholds(model.config, model.labels, f"backend.model: {backend.model}")
-        except ValueError as exc:
-            raise ModelError(str(exc)) from None
+    try:
+        task.model_thresholds(model.config, model.labels, f"backend.model: {backend.model}")
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None
 
 
 def check_model_and_labels(backend: BackendSection, configured: LabelSet | None, storage,
-                           task: str = "single_label") -> LabelSet:
+                           task: Task = SINGLE_LABEL) -> LabelSet:
     """`check_model`'s label set in output order."""
     return check_model(backend, configured, storage, task).labels
 

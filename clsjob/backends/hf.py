@@ -15,10 +15,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Pret
 from clsjob import model_folder
 from clsjob.backends import (CheckedModel, ModelError, check_model_files, local_backend,
                              require_cuda)
-from clsjob.backends.rows import attach_label_sets, attach_probabilities, rows_to_classify, stamp
+from clsjob.backends.rows import attach_probabilities, rows_to_classify, stamp
 from clsjob.config import BackendSection, HFBackendConfig, StorageConfig
 from clsjob.labels import LabelSet, resolve_model_labels
 from clsjob.precision import resolve_dtype
+from clsjob.task import SINGLE_LABEL, Task
 
 
 # Attention kernels for inference on a GPU: all of SDPA's but cuDNN's. torch 2.11 tries cuDNN's
@@ -96,12 +97,6 @@ def encode_truncating(tokenizer, texts: list[str], max_length: int) -> tuple[lis
     return ids, truncated
 
 
-def activation(logits: torch.Tensor, temperature: float, multi_label: bool) -> torch.Tensor:
-    """Probabilities from logits: softmax(logits / temperature) over the labels, or with
-    `multi_label` an independent sigmoid per label (no temperature: thresholds do that job)."""
-    return torch.sigmoid(logits) if multi_label else torch.softmax(logits / temperature, dim=-1)
-
-
 def padded(tokenizer, rows: list[list[int]], multiple: int = 1) -> dict:
     """One micro-batch as tensors, right-padded to its longest row rounded up to `multiple`."""
     return tokenizer.pad({"input_ids": rows}, return_tensors="pt",
@@ -110,9 +105,9 @@ def padded(tokenizer, rows: list[list[int]], multiple: int = 1) -> dict:
 
 def predict_probs(model, tokenizer, texts: list[str], max_length: int, micro_batch: int,
                   device: str, encoded: list[list[int]] | None = None,
-                  temperature: float = 1.0, multi_label: bool = False,
+                  temperature: float = 1.0, task: Task = SINGLE_LABEL,
                   pad_to_multiple_of: int = 1) -> np.ndarray:
-    """activation(logits) (rows x model labels) for `texts`, in the order given."""
+    """The task's probabilities (rows x model labels) for `texts`, in the order given."""
     probs = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
     if not texts:
         return probs
@@ -122,19 +117,18 @@ def predict_probs(model, tokenizer, texts: list[str], max_length: int, micro_bat
     with torch.inference_mode():
         if device.startswith("cuda"):
             probs[[i for batch in batches for i in batch]] = queued_probs(
-                model, tokenizer, encoded, batches, device, temperature, multi_label,
-                pad_to_multiple_of)
+                model, tokenizer, encoded, batches, device, temperature, task, pad_to_multiple_of)
             return probs
         for batch in batches:
             inputs = padded(tokenizer, [encoded[i] for i in batch], pad_to_multiple_of).to(device)
             logits = model(**inputs).logits.float()
-            probs[batch] = activation(logits, temperature, multi_label).cpu().numpy()
+            probs[batch] = task.probabilities(logits, temperature).cpu().numpy()
     return probs
 
 
 @torch.inference_mode()
 def queued_probs(model, tokenizer, encoded: list[list[int]], batches: list[list[int]],
-                 device: str, temperature: float = 1.0, multi_label: bool = False,
+                 device: str, temperature: float = 1.0, task: Task = SINGLE_LABEL,
                  pad_to_multiple_of: int = 1) -> np.ndarray:
     """On a GPU: the probabilities of `batches`, one after another, with GPU_ATTENTION's
     kernels, copied back once at the end. Copying each micro-batch's back would make the CPU
@@ -148,7 +142,7 @@ def queued_probs(model, tokenizer, encoded: list[list[int]], batches: list[list[
             # non_blocking: from pageable memory the data is staged before the call returns,
             # and the copy does not wait for the work queued on the GPU (a blocking one does).
             inputs = {key: value.to(device, non_blocking=True) for key, value in inputs.items()}
-            out.append(activation(model(**inputs).logits.float(), temperature, multi_label))
+            out.append(task.probabilities(model(**inputs).logits.float(), temperature))
     return torch.cat(out).cpu().numpy()
 
 
@@ -160,7 +154,7 @@ class HFClassifier:
     forward beside it would only split the same cores or GPU, and double the activations)."""
 
     def __init__(self, backend: HFBackendConfig, labels: LabelSet, text_column: str, use_gpu: bool,
-                 storage: StorageConfig | None = None, multi_label: bool = False):
+                 storage: StorageConfig | None = None, task: Task = SINGLE_LABEL):
         require_cuda(use_gpu)
         self.backend = backend = local_backend(backend, storage)
         self.text_column = text_column
@@ -172,9 +166,9 @@ class HFClassifier:
                             if backend.calibrated else 1.0)
         model_labels = LabelSet.from_id2label(self.model.config.id2label)
         self.labels, self.columns = resolve_model_labels(labels, model_labels)
-        # multi_label: each label's threshold (in the config's label order).
-        self.thresholds = (model_folder.thresholds(self.model.config.to_dict(), self.labels,
-                                                   backend.model) if multi_label else None)
+        self.task = task
+        # A multi-label head's thresholds, in the config's label order (else None).
+        self.thresholds = task.model_thresholds(self.model.config.to_dict(), self.labels, backend.model)
         # A fast tokenizer is not safe to use from two threads at once ("Already borrowed").
         self.encode_lock, self.model_lock = threading.Lock(), threading.Lock()
 
@@ -184,15 +178,13 @@ class HFClassifier:
         todo_texts = [texts[i] for i in todo]
         with self.encode_lock:
             encoded, truncated = encode_truncating(self.tokenizer, todo_texts, self.backend.max_length)
-        multi_label = self.thresholds is not None
         with self.model_lock:
             started = time.monotonic()
             probs = predict_probs(self.model, self.tokenizer, todo_texts, self.backend.max_length,
                                   self.micro_batch, self.device, encoded, self.temperature,
-                                  multi_label, self.pad_to_multiple_of)
+                                  self.task, self.pad_to_multiple_of)
             busy_s = time.monotonic() - started
         # Reorder the model's label columns into the config's label order.
-        probs = probs[:, self.columns]
-        out = (attach_label_sets(table, todo, probs, self.labels, self.thresholds, truncated)
-               if multi_label else attach_probabilities(table, todo, probs, self.labels, truncated))
+        out = attach_probabilities(table, todo, probs[:, self.columns], self.labels, truncated,
+                                   self.task, self.thresholds)
         return stamp(out, self.dtype, busy_s)

@@ -8,7 +8,6 @@ import pyarrow as pa
 
 from clsjob.contract import BUSY, DTYPE, RESULT_FIELDS
 from clsjob.labels import LabelSet
-from clsjob.multilabel import decide
 
 
 def rows_to_classify(table: pa.Table) -> list[int]:
@@ -16,32 +15,25 @@ def rows_to_classify(table: pa.Table) -> list[int]:
     return [i for i, e in enumerate(table.column("error").to_pylist()) if e is None]
 
 
-def attach_probabilities(table: pa.Table, todo: Sequence[int], probs: np.ndarray,
-                         labels: LabelSet, truncated: Sequence[bool]) -> pa.Table:
-    """Add label / confidence / probs / truncated for rows `todo` (probs in label order);
-    other rows keep their error and get nulls, so the chunk keeps every row it came with."""
-    best = probs.argmax(axis=1) if len(todo) else []
-    return attach_results(table, todo, labels, [int(k) for k in best], truncated, probs=probs)
-
-
-def attach_label_sets(table: pa.Table, todo: Sequence[int], probs: np.ndarray, labels: LabelSet,
-                      thresholds: np.ndarray, truncated: Sequence[bool]) -> pa.Table:
-    """task: multi_label: labels / confidence / probs / truncated for rows `todo` from
-    per-label probabilities (in label order) and the labels' thresholds (multilabel.decide)."""
-    applies, confidence = decide(probs, thresholds) if len(todo) else ([], [])
-    return attach_results(table, todo, labels, [np.flatnonzero(a).tolist() for a in applies],
-                          truncated, probs=probs, confidence=confidence, multi_label=True)
+def attach_probabilities(table: pa.Table, todo: Sequence[int], probs: np.ndarray, labels: LabelSet,
+                         truncated: Sequence[bool], task, thresholds: np.ndarray | None = None) -> pa.Table:
+    """Add the task's answer / confidence / probs / truncated for rows `todo` (probs in label
+    order; `thresholds`: a multi-label head's, task.model_thresholds); other rows keep their
+    error and get nulls, so the chunk keeps every row it came with."""
+    answers, confidence = task.decide(probs, thresholds) if len(todo) else ([], [])
+    return attach_results(table, todo, labels, answers, truncated, probs=probs,
+                          confidence=confidence, column=task.answer)
 
 
 def attach_results(table: pa.Table, todo: Sequence[int], labels: LabelSet,
                    answers: Sequence[int | list[int] | None], truncated: Sequence[bool], *,
                    probs: np.ndarray | None = None, errors: Sequence[str | None] | None = None,
                    reasoning: Sequence[str | None] | None = None,
-                   confidence: Sequence[float] | None = None, multi_label: bool = False) -> pa.Table:
-    """Join one result per row of `todo` (label index, or None with an error) to the chunk.
-    `probs` fills probs and confidence; `reasoning` adds that column (json mode). With
-    `multi_label`, an answer is a list of label indices, written to `labels`, and the
-    confidence (given with `probs`) is `confidence`'s."""
+                   confidence: Sequence[float] | None = None, column: str = "label") -> pa.Table:
+    """Join one result per row of `todo` to the chunk, in the answer `column` (the task's):
+    a label index, or a list of them (a set of labels), or None with an error. `probs` fills
+    probs and the confidence (the answer's probability, or `confidence`'s where given);
+    `reasoning` adds that column (json mode)."""
     n = table.num_rows
     label: list = [None] * n
     row_confidence: list[float | None] = [None] * n
@@ -55,14 +47,14 @@ def attach_results(table: pa.Table, todo: Sequence[int], labels: LabelSet,
             error[row] = errors[j]
             continue
         k = answers[j]
-        label[row] = [labels.names[x] for x in k] if multi_label else labels.names[k]
+        label[row] = [labels.names[x] for x in k] if isinstance(k, list) else labels.names[k]
         if probs is not None:
-            row_confidence[row] = float(confidence[j] if multi_label else probs[j][k])
+            row_confidence[row] = float(confidence[j] if confidence is not None else probs[j][k])
             row_probs[row] = probs[j].astype(np.float32).tolist()
         if reasoning is not None:
             row_reasoning[row] = reasoning[j]
-    results = {"labels" if multi_label else "label": label, "confidence": row_confidence,
-               "probs": row_probs, "truncated": row_truncated}
+    results = {column: label, "confidence": row_confidence, "probs": row_probs,
+               "truncated": row_truncated}
     if reasoning is not None:
         results["reasoning"] = row_reasoning
     results["error"] = error

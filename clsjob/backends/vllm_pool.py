@@ -13,13 +13,13 @@ import pyarrow as pa
 from clsjob import model_folder
 from clsjob.backends import CheckedModel, ModelError, local_backend
 from clsjob.backends.hf import check_model_folder, encode_truncating
-from clsjob.backends.rows import attach_label_sets, attach_probabilities, rows_to_classify, stamp
+from clsjob.backends.rows import attach_probabilities, rows_to_classify, stamp
 from clsjob.backends import vllm_engine
 from clsjob.backends.vllm_engine import (engine_args, engine_died, engine_dtype, exit_with_engine,
                                          prepare_env)
 from clsjob.config import StorageConfig, VLLMPoolBackendConfig
 from clsjob.labels import LabelSet, resolve_model_labels
-from clsjob.model_folder import rescale_probs
+from clsjob.task import SINGLE_LABEL, Task
 
 HEAD = "ForSequenceClassification"
 
@@ -83,7 +83,7 @@ class VLLMPoolClassifier:
     across chunks instead (vllm_engine.EngineFeed)."""
 
     def __init__(self, backend: VLLMPoolBackendConfig, labels: LabelSet, text_column: str, use_gpu: bool,
-                 storage: StorageConfig | None = None, multi_label: bool = False):
+                 storage: StorageConfig | None = None, task: Task = SINGLE_LABEL):
         prepare_env(use_gpu)
         self.backend = backend = local_backend(backend, storage)
         self.text_column = text_column
@@ -93,14 +93,15 @@ class VLLMPoolClassifier:
         self.tokenizer, self.dtype = copy.deepcopy(self.llm.get_tokenizer()), engine_dtype(self.llm)
         self.encode_lock, self.engine_lock = threading.Lock(), threading.Lock()
         hf_config = self.llm.llm_engine.model_config.hf_config
-        # vLLM returns softmax(logits); the temperature is applied to those (rescale_probs).
+        # vLLM returns softmax(logits); the temperature is applied to those (task.scaled).
         self.temperature = (model_folder.temperature(hf_config.to_dict(), backend.model)
                             if backend.calibrated else 1.0)
         model_labels = LabelSet.from_id2label(hf_config.id2label)
         self.labels, self.columns = resolve_model_labels(labels, model_labels)
-        # multi_label: vLLM gives a sigmoid per label (the config's problem_type says so).
-        self.thresholds = (model_folder.thresholds(hf_config.to_dict(), self.labels, backend.model)
-                           if multi_label else None)
+        # A multi-label head: vLLM gives a sigmoid per label (the config's problem_type says
+        # so), decided by the labels' thresholds.
+        self.task = task
+        self.thresholds = task.model_thresholds(hf_config.to_dict(), self.labels, backend.model)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         from vllm.inputs import TokensPrompt
@@ -123,10 +124,7 @@ class VLLMPoolClassifier:
             busy_s = time.monotonic() - started
         probs = np.array([o.outputs.probs for o in outputs], dtype=np.float32).reshape(
             len(encoded), -1)
-        if self.thresholds is not None:
-            out = attach_label_sets(table, todo, probs[:, self.columns], self.labels,
-                                    self.thresholds, truncated)
-        else:
-            probs = rescale_probs(probs, self.temperature)
-            out = attach_probabilities(table, todo, probs[:, self.columns], self.labels, truncated)
+        probs = self.task.scaled(probs, self.temperature)
+        out = attach_probabilities(table, todo, probs[:, self.columns], self.labels, truncated,
+                                   self.task, self.thresholds)
         return stamp(out, self.dtype, busy_s)

@@ -8,7 +8,7 @@ Three modes (`backend.prompt.mode`):
           over the labels; otherwise each label's whole token sequence (+ end of turn) is
           scored, one step per node of the labels' token trie, the row's prompt read from the
           prefix cache.
-task: multi_label: json = {labels: a list of distinct labels, reasoning}; score = each label's
+A multi-label task: json = {labels: a list of distinct labels, reasoning}; score = each label's
 own yes/no probability, one request per row and label sharing the row's cached prompt.
 Rows whose prompt would not fit `max_model_len` are cut to fit and flagged; a row vLLM still
 refuses gets `error` and the chunk goes on. A context too short for the shared prompt and the
@@ -34,8 +34,10 @@ from clsjob.backends import vllm_engine
 from clsjob.backends.vllm_engine import EngineFeed, engine_args, engine_dtype, prepare_env
 from clsjob.config import Example, PromptConfig, StorageConfig, VLLMPromptBackendConfig
 from clsjob.labels import LabelError, LabelSet
-from clsjob.prompts import (PromptTokens, encode_rows, fit_reasoning, load_json_answer,
-                            pick_examples, reasoning_schema, render_template, tokenize_template)
+from clsjob.prompts import (PromptTokens, asks_each_label, encode_rows, fit_reasoning,
+                            load_json_answer, pick_examples, reasoning_schema, render_template,
+                            tokenize_template)
+from clsjob.task import SINGLE_LABEL, Task
 
 # The structured-outputs back ends that hold the reasoning's pattern and its length together
 # (auto sends such a schema to guidance: xgrammar refuses it); see prompts.reasoning_schema.
@@ -48,17 +50,17 @@ DRIVER_FETCH_BYTES = 256 * 2**20
 
 
 def check_prompted_model(backend: VLLMPromptBackendConfig, labels: LabelSet,
-                         storage: StorageConfig, task: str = "single_label") -> CheckedModel:
+                         storage: StorageConfig, task: Task = SINGLE_LABEL) -> CheckedModel:
     config = check_model_files(backend, storage)
     architectures = config.get("architectures") or []
     if not any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in architectures):
         raise ModelError(f"backend.model: {backend.model} is {architectures}, not a generative "
                          f"(*ForCausalLM) model; a merged classifier runs under hf or vllm_pool")
     examples = load_examples(backend.prompt, labels, storage)  # their labels, before any row
-    # backends.check_model calls this without the task, so as single_label, whose prompt and
-    # answer are never longer than multi_label's: a multi-label run is refused here only when
-    # it cannot fit, and the actor makes its exact sum.
-    check_context_length(backend, labels, examples, config, storage, task == "multi_label")
+    # backends.check_model calls this without the task, so as single-label, whose prompt and
+    # answer are never longer than a multi-label run's: one is refused here only when it
+    # cannot fit, and the actor makes its exact sum.
+    check_context_length(backend, labels, examples, config, storage, task)
     # score mode's label log-probabilities are divided by temperature_scale; the others give
     # no probabilities.
     scale = backend.prompt.temperature_scale if backend.prompt.mode == "score" else None
@@ -67,7 +69,7 @@ def check_prompted_model(backend: VLLMPromptBackendConfig, labels: LabelSet,
 
 def check_context_length(backend: VLLMPromptBackendConfig, labels: LabelSet,
                          examples: list[Example], config: dict, storage: StorageConfig,
-                         multi_label: bool = False) -> None:
+                         task: Task = SINGLE_LABEL) -> None:
     """Refuse, before any engine starts, a context that leaves a row no room: the shared
     prompt rendered and tokenised as the actor will, plus the answer's token budget, against
     backend.engine.max_model_len (or the model's own context). The actor makes the same sum
@@ -77,8 +79,8 @@ def check_context_length(backend: VLLMPromptBackendConfig, labels: LabelSet,
     if tokenizer is None:
         return
     prompt = backend.prompt
-    template = shared_prompt(tokenizer, labels, prompt, examples, multi_label)
-    answer_tokens = mode_class(prompt, multi_label).tokens_needed(labels, prompt, tokenizer)
+    template = shared_prompt(tokenizer, labels, prompt, examples, task)
+    answer_tokens = mode_class(prompt, task).tokens_needed(labels, prompt, tokenizer)
     row_budget(backend, limit, template, answer_tokens)
 
 
@@ -118,7 +120,7 @@ def driver_tokenizer(backend: VLLMPromptBackendConfig, storage: StorageConfig):
 
 
 def shared_prompt(tokenizer, labels: LabelSet, prompt: PromptConfig, examples: list[Example],
-                  multi_label: bool = False) -> PromptTokens:
+                  task: Task = SINGLE_LABEL) -> PromptTokens:
     """The tokens around every row's text: the chat template's form when the tokenizer has
     one (prompt.chat_template: auto), else the plain one. The driver (check_context_length)
     and the actor build it alike."""
@@ -127,8 +129,8 @@ def shared_prompt(tokenizer, labels: LabelSet, prompt: PromptConfig, examples: l
     apply_chat = (lambda m: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
                   ) if chat else None
     return tokenize_template(
-        tokenizer, *render_template(labels, prompt, examples, apply_chat, multi_label), chat=bool(chat),
-        labels=labels if multi_label and prompt.mode == "score" else None)
+        tokenizer, *render_template(labels, prompt, examples, apply_chat, task), chat=bool(chat),
+        labels=labels if asks_each_label(prompt, task) else None)
 
 
 def row_budget(backend: VLLMPromptBackendConfig, limit: int, template: PromptTokens,
@@ -212,11 +214,11 @@ def renormalise(logprobs: np.ndarray) -> np.ndarray:
 class Answers:
     """One result per prompt: a label index (None where `errors` has the reason), and what
     the mode adds: `probs` (score) or `reasoning` (json)."""
-    labels: list[int | list[int] | None]  # a list of label indices: multi_label
+    labels: list[int | list[int] | None]  # a list of label indices: a multi-label task
     errors: list[str | None]
     probs: np.ndarray | None = None
     reasoning: list[str | None] | None = None
-    confidence: np.ndarray | None = None  # multi_label score: multilabel.decide's
+    confidence: np.ndarray | None = None  # a multi-label score: multilabel.decide's
 
 
 class GeneratedAnswer:
@@ -240,7 +242,7 @@ class GeneratedAnswer:
                 error = f"vLLM refused the prompt: {out}"
             else:
                 label, why, error = self.parse(out.outputs[0].text, out.outputs[0].finish_reason)
-            # One label, or (multi_label) a list of them.
+            # One label, or (a multi-label task) a list of them.
             answers.labels.append(None if label is None else self.labels.id_of(label)
                                   if isinstance(label, str) else [self.labels.id_of(x) for x in label])
             answers.errors.append(error)
@@ -382,7 +384,7 @@ class LabelScores:
 
 
 class JsonLabelsAnswer(GeneratedAnswer):
-    """task: multi_label: {labels: distinct labels of the set (maybe none), reasoning} under a
+    """A multi-label task: {labels: distinct labels of the set (maybe none), reasoning} under a
     JSON schema."""
     gives_reasoning = True
 
@@ -407,7 +409,7 @@ class JsonLabelsAnswer(GeneratedAnswer):
 
 
 class LabelYesNoScores:
-    """task: multi_label score mode: each label's own probability, P(yes) / (P(yes) + P(no))
+    """A multi-label task's score mode: each label's own probability, P(yes) / (P(yes) + P(no))
     to "does this label apply?". One request per row and label, all sharing the row's prompt
     (instructions, label list, text), which vLLM's prefix cache computes once per row; each
     label then costs its question's few tokens and one forward step. A label applies at 0.5."""
@@ -417,7 +419,7 @@ class LabelYesNoScores:
 
         yes, no = (tokenizer.encode(word, add_special_tokens=False)[0] for word in ("yes", "no"))
         if yes == no:
-            raise ModelError("score mode under task: multi_label needs 'yes' and 'no' to start "
+            raise ModelError("score mode of a multi-label task needs 'yes' and 'no' to start "
                              "with different tokens")
         self.yes, self.no, self.n_labels = yes, no, len(labels)
         self.temperature_scale = temperature_scale
@@ -449,18 +451,17 @@ class LabelYesNoScores:
                        errors=failed, probs=probs, confidence=confidence)
 
 
-def mode_class(prompt: PromptConfig, multi_label: bool = False) -> type:
-    """The strategy class of `backend.prompt.mode` (multi_label: json or score; the config
-    refuses choice)."""
-    if multi_label:
-        return JsonLabelsAnswer if prompt.mode == "json" else LabelYesNoScores
-    return {"choice": ChoiceAnswer, "json": JsonAnswer, "score": LabelScores}[prompt.mode]
+def mode_class(prompt: PromptConfig, task: Task = SINGLE_LABEL) -> type:
+    """The strategy class of `backend.prompt.mode` for the task (a multi-label task: json or
+    score; the config refuses choice)."""
+    return task.pick({"choice": ChoiceAnswer, "json": JsonAnswer, "score": LabelScores},
+                     {"json": JsonLabelsAnswer, "score": LabelYesNoScores})[prompt.mode]
 
 
-def answer_mode(labels: LabelSet, prompt: PromptConfig, tokenizer, multi_label: bool = False,
+def answer_mode(labels: LabelSet, prompt: PromptConfig, tokenizer, task: Task = SINGLE_LABEL,
                 structured_outputs_backend: str = "guidance"):
     """The strategy of `backend.prompt.mode`: what is asked of vLLM and how it is read."""
-    cls = mode_class(prompt, multi_label)
+    cls = mode_class(prompt, task)
     if cls in (LabelScores, LabelYesNoScores):
         return cls(labels, tokenizer, prompt.temperature_scale)
     base = {"temperature": prompt.temperature, "seed": prompt.seed}
@@ -474,7 +475,7 @@ class VLLMPromptClassifier:
 
     def __init__(self, backend: VLLMPromptBackendConfig, labels: LabelSet, text_column: str,
                  use_gpu: bool, examples: list[Example], storage: StorageConfig | None = None,
-                 multi_label: bool = False):
+                 task: Task = SINGLE_LABEL):
         prepare_env(use_gpu)
         backend = local_backend(backend, storage)
         self.labels, self.text_column, prompt = labels, text_column, backend.prompt
@@ -482,9 +483,9 @@ class VLLMPromptClassifier:
             engine_args(backend, use_gpu, "generate", seed=prompt.seed))
         tok = self.tokenizer = self.llm.get_tokenizer()
         self.dtype = engine_dtype(self.llm)
-        self.multi_label = multi_label
-        self.template = shared_prompt(tok, labels, prompt, examples, multi_label)
-        self.mode = answer_mode(labels, prompt, tok, multi_label,
+        self.task = task
+        self.template = shared_prompt(tok, labels, prompt, examples, task)
+        self.mode = answer_mode(labels, prompt, tok, task,
                                 backend.engine.structured_outputs_backend)
         # The driver made this sum before any engine started (check_context_length); the
         # engine's context is the final word (vLLM may derive a shorter one).
@@ -505,5 +506,5 @@ class VLLMPromptClassifier:
         answers = self.mode.read(outputs, len(ids))
         out = attach_results(table, todo, self.labels, answers.labels, truncated,
                              probs=answers.probs, errors=answers.errors, reasoning=answers.reasoning,
-                             confidence=answers.confidence, multi_label=self.multi_label)
+                             confidence=answers.confidence, column=self.task.answer)
         return stamp(out, self.dtype, busy_s)

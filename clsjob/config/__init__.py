@@ -7,7 +7,7 @@ the task, storage, labels), `backend` (each back end's settings), `classify`, `f
 that name the key), `reference` (the settings table `clsjob config` prints). Everything is
 importable from `clsjob.config` as before.
 """
-from clsjob.config.base import (ConfigError, Task, TASK, Section, StorageConfig, LabelSpec, Labels)  # noqa: F401
+from clsjob.config.base import (ConfigError, TaskName, TASK, Section, StorageConfig, LabelSpec, Labels)  # noqa: F401
 from clsjob.config.backend import (Example, PromptConfig, EngineConfig, BackendSection, CALIBRATED,
                                    HFBackendConfig, VLLMPoolBackendConfig, VLLMPromptBackendConfig,
                                    BACKEND_CONFIGS, BackendConfig)  # noqa: F401

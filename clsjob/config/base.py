@@ -13,7 +13,7 @@ class ConfigError(ValueError):
 
 # single_label: each row gets exactly one label; multi_label: each row gets the set of labels
 # that apply (possibly none), one independent yes/no decision per label.
-Task = Literal["single_label", "multi_label"]
+TaskName = Literal["single_label", "multi_label"]  # task.py: the Task each names
 TASK = Field("single_label", description="single_label = one label a row; multi_label = every "
                                          "label that applies, possibly none (one sigmoid per "
                                          "label, thresholds tuned on the eval rows).")

@@ -10,7 +10,7 @@ from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from clsjob.config.backend import (BACKEND_CONFIGS, BackendConfig, BackendSection, PromptConfig,
                                     _kind_defaults_to_hf)
-from clsjob.config.base import TASK, Labels, Section, StorageConfig, Task
+from clsjob.config.base import TASK, Labels, Section, StorageConfig, TaskName
 
 log = logging.getLogger("clsjob")
 
@@ -225,7 +225,7 @@ class AbstainConfig(Section):
 
 
 class ClassifyConfig(Section):
-    task: Task = TASK
+    task: TaskName = TASK
     input: InputConfig
     labels: Labels = Field(
         None, description="Label names in output order. None = the model's id2label "

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from clsjob.config.base import TASK, Labels, Section, StorageConfig, Task
+from clsjob.config.base import TASK, Labels, Section, StorageConfig, TaskName
 from clsjob.config.classify import ClusterConfig, InputConfig, check_task
 
 
@@ -94,7 +94,7 @@ class FinetuneOutputConfig(Section):
 
 
 class FinetuneConfig(Section):
-    task: Task = TASK
+    task: TaskName = TASK
     base_model: str = Field(description="Base model folder (transformers format; local or s3://).")
     train: InputConfig
     eval: InputConfig | None = Field(None, description="Held-out rows scored after training.")

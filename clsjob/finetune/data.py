@@ -7,16 +7,18 @@ from clsjob import store
 from clsjob.config import FinetuneConfig, InputConfig, LabelSpec, StorageConfig
 from clsjob.store import InputError
 from clsjob.labels import LabelError, LabelSet
-from clsjob.prepare import check_gold_type, clean_text, gold_lists
+from clsjob.prepare import clean_text
+from clsjob.task import SINGLE_LABEL, Task
 
 log = logging.getLogger("clsjob")
 
 
-def read_labelled(inp: InputConfig, storage: StorageConfig, multi_label: bool = False,
+def read_labelled(inp: InputConfig, storage: StorageConfig, task: Task = SINGLE_LABEL,
                   section: str = "train") -> tuple[list[str], list]:
     """(texts, gold labels) of every usable row; rows with no text or no label are skipped
-    and counted, since a model cannot learn from them. With `multi_label` a row's gold is the
-    list of its labels (an empty list is a row no label applies to, and is kept).
+    and counted, since a model cannot learn from them. A row's gold is as the `task` reads it:
+    a label, or the list of its labels (an empty list is a row no label applies to, and is
+    kept).
 
     Text goes through the same decoding and cleaning as the rows `classify` labels (binary
     columns decoded as UTF-8, broken bytes and control characters replaced), so a model is
@@ -25,8 +27,8 @@ def read_labelled(inp: InputConfig, storage: StorageConfig, multi_label: bool = 
     for shard in store.list_shards(inp.path, storage):
         table = store.read_table(shard, storage, [inp.text_column, inp.label_column])
         gold_column = table.column(inp.label_column)
-        check_gold_type(shard, inp, gold_column.type, multi_label, section)
-        gold_column = gold_lists(gold_column, inp.label_separator) if multi_label else gold_column
+        task.check_gold_type(shard, inp, gold_column.type, section)
+        gold_column = task.gold(gold_column, inp.label_separator)
         text, changed = clean_text(table.column(inp.text_column))
         cleaned += sum(changed.to_pylist())
         for text, gold in zip(text.to_pylist(), gold_column.to_pylist()):
@@ -34,7 +36,7 @@ def read_labelled(inp: InputConfig, storage: StorageConfig, multi_label: bool = 
                 skipped += 1
                 continue
             texts.append(text)
-            golds.append(gold if multi_label else str(gold))
+            golds.append(gold)
     if skipped:
         log.warning("finetune: skipped %d rows of %s with no text or no label", skipped, inp.path)
     if cleaned:
@@ -59,8 +61,8 @@ def check_inputs(cfg: FinetuneConfig) -> None:
                 if column not in shard.schema.names:
                     raise InputError(f"{shard.path}: {section}.{key} {column!r} is not a column "
                                      f"(columns: {sorted(shard.schema.names)})")
-            check_gold_type(shard.path, inp, shard.schema.field(inp.label_column).type,
-                            cfg.task == "multi_label", section)
+            Task.of(cfg.task).check_gold_type(shard.path, inp, shard.schema.field(inp.label_column).type,
+                                              section)
 
 
 def settle_labels(specs: list[LabelSpec] | None, train_golds: list) -> LabelSet:
@@ -77,7 +79,7 @@ def settle_labels(specs: list[LabelSpec] | None, train_golds: list) -> LabelSet:
 def encode(tokenizer, texts: list[str], golds: list, labels: LabelSet,
            max_length: int) -> list[dict]:
     """Examples for the HF Trainer; padding is left to the collator, per batch. A gold list
-    (multi_label) becomes a 0/1 float per label, the targets of the binary cross-entropy;
+    (a multi-label row) becomes a 0/1 float per label, the targets of the binary cross-entropy;
     rows with a label outside the set (eval rows) are left out."""
     enc = tokenizer(texts, truncation=True, max_length=max_length)
     return [{"input_ids": ids, "attention_mask": mask, "labels": target(g, labels)}

@@ -15,6 +15,7 @@ from clsjob.config import MergeConfig
 from clsjob.finetune.model import load_base_classifier, load_tokenizer
 from clsjob.finetune.summary import SUMMARY
 from clsjob.labels import LabelSet
+from clsjob.task import Task
 
 log = logging.getLogger("clsjob")
 
@@ -28,7 +29,7 @@ def merge(cfg: MergeConfig) -> str:
     adapter = Path(model_cache.local_model(cfg.adapter, cfg.storage, key="adapter"))
     info = json.loads((adapter / SUMMARY).read_text())
     labels = LabelSet(tuple(info["labels"]))
-    task = info.get("task", "single_label")
+    task = Task.of(info.get("task", "single_label"))
     # The base loads in full precision of `dtype`, never 4-bit: merging into quantised
     # weights would round the LoRA update away.
     dtype = getattr(torch, cfg.dtype)

@@ -17,7 +17,7 @@ from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTo
 from clsjob import model_cache
 from clsjob.config import FinetuneConfig, TrainingConfig
 from clsjob.labels import LabelSet
-from clsjob.model_folder import PROBLEM_TYPE
+from clsjob.task import SINGLE_LABEL, Task
 
 log = logging.getLogger("clsjob")
 
@@ -33,12 +33,12 @@ def load_tokenizer(base_model: str):
 
 
 def load_base_classifier(base_model: str, labels: LabelSet, tokenizer, dtype=torch.float32,
-                         task: str = "single_label", **load_kwargs):
-    """The base with a new head of len(labels) outputs and the label mapping in its config;
-    multi_label: transformers' problem_type for one sigmoid and binary cross-entropy per
-    label (single-label heads keep the cross-entropy transformers picks from the labels)."""
-    if task == "multi_label":
-        load_kwargs["problem_type"] = PROBLEM_TYPE
+                         task: Task = SINGLE_LABEL, **load_kwargs):
+    """The base with a new head of len(labels) outputs and the label mapping in its config,
+    of the task's problem_type (a multi-label head: one sigmoid and binary cross-entropy per
+    label; a single-label head keeps the cross-entropy transformers picks from the labels)."""
+    if task.problem_type:
+        load_kwargs["problem_type"] = task.problem_type
     model = AutoModelForSequenceClassification.from_pretrained(
         base_model, id2label=labels.id2label(),  # num_labels follows from id2label
         label2id=labels.label2id(), dtype=dtype, use_safetensors=True, **load_kwargs)
@@ -169,7 +169,7 @@ def keep_training_kernels(model) -> None:
 
 
 def build_trainable(base_model: str, labels: LabelSet, training: TrainingConfig, tokenizer,
-                    device: str = "cpu", task: str = "single_label"):
+                    device: str = "cpu", task: Task = SINGLE_LABEL):
     if training.method == "full":
         return load_base_classifier(base_model, labels, tokenizer, task=task)
     quantize = training.quantization == "nf4"

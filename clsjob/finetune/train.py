@@ -33,6 +33,7 @@ from clsjob.labels import LabelSet
 from clsjob.model_folder import scaled_softmax
 from clsjob.multilabel import count_multihot, summarize_multilabel, tune_thresholds
 from clsjob.placement import check_placement, ensure_ray, training_demand
+from clsjob.task import Task
 
 log = logging.getLogger("clsjob")
 # Settings that do not change what is trained: the run name (and so its checkpoints) ignores them.
@@ -143,7 +144,7 @@ def train_in(cfg: FinetuneConfig, work: Path) -> None:
     base = model_cache.local_model(cfg.base_model, cfg.storage, key="base_model")
     data = load_examples(cfg, base)
     device = str(ray.train.torch.get_device())
-    model = build_trainable(base, data.labels, cfg.training, data.tokenizer, device, cfg.task)
+    model = build_trainable(base, data.labels, cfg.training, data.tokenizer, device, data.task)
     context = ray.train.get_context()
     tracker = Tracker(cfg.training.report_to, cfg.training.tracking, work / TRACKING,
                       context.get_experiment_name(), context.get_world_rank())
@@ -157,13 +158,10 @@ def train_in(cfg: FinetuneConfig, work: Path) -> None:
         train_out = trainer.train(resume_from_checkpoint=resume_from)
         # Each epoch's evaluation, read before the final one adds its own entry.
         per_epoch = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
-        thresholds = calibration = None
-        if cfg.task == "multi_label":
-            final_eval, thresholds = multilabel_evaluation(
-                trainer, data.eval_rows, data.labels, cfg.training.threshold_min_support)
-        else:
-            final_eval, calibration = final_evaluation(trainer, data.eval_rows,
-                                                       cfg.training.abstain_accuracy_loss)
+        # What merge writes into the model folder from the eval rows: a temperature and an
+        # abstention threshold, or each label's decision threshold.
+        evaluate = data.task.pick(final_evaluation, multilabel_evaluation)
+        final_eval, calibration, thresholds = evaluate(trainer, data.eval_rows, data.labels, cfg.training)
         tracker.finish(final_metrics(final_eval, calibration), trainer.state.global_step)
         summary = training_summary(cfg, data, train_out, per_epoch, final_eval, calibration,
                                    weights, resume_from is not None, time.monotonic() - started,
@@ -173,14 +171,17 @@ def train_in(cfg: FinetuneConfig, work: Path) -> None:
         tracker.close()
 
 
-def final_evaluation(trainer, eval_rows: list[dict], max_accuracy_loss: float) -> tuple[dict, dict | None]:
-    """The final model's eval metrics, the temperature fitted on its eval logits
-    (calibration.py) and the abstention threshold picked on the calibrated confidences
-    (abstain.py), both of which `merge` writes into the model folder: one pass over the eval
-    rows. Every worker takes part (the logits are gathered from all of them)."""
+def final_evaluation(trainer, eval_rows: list[dict], labels: LabelSet,
+                     training) -> tuple[dict, dict | None, None]:
+    """A single-label head: the final model's eval metrics, the temperature fitted on its eval
+    logits (calibration.py) and the abstention threshold picked on the calibrated confidences
+    (abstain.py, within training.abstain_accuracy_loss), both of which `merge` writes into the
+    model folder: one pass over the eval rows. Every worker takes part (the logits are
+    gathered from all of them)."""
+    max_accuracy_loss = training.abstain_accuracy_loss
     if not eval_rows:
         log.info("finetune: no eval rows, so no temperature is fitted (confidences stay raw)")
-        return {}, None
+        return {}, None, None
     out = trainer.predict(eval_rows, metric_key_prefix="eval")
     calibration = calibrate(out.predictions, out.label_ids)
     if calibration["at_bound"]:
@@ -195,12 +196,13 @@ def final_evaluation(trainer, eval_rows: list[dict], max_accuracy_loss: float) -
     below = pick_threshold(calibrated, out.label_ids, max_accuracy_loss)
     calibration["abstain"] = {"below": round(below, 6), "max_accuracy_loss": max_accuracy_loss,
                               "eval_rows_under": int((calibrated.max(axis=1) < below).sum())}
-    return out.metrics, calibration
+    return out.metrics, calibration, None
 
 
 def multilabel_evaluation(trainer, eval_rows: list[dict], labels: LabelSet,
-                          min_support: int) -> tuple[dict, dict | None]:
-    """task: multi_label's final evaluation: each label's threshold tuned on the eval rows
+                          training) -> tuple[dict, None, dict | None]:
+    """A multi-label head's final evaluation: each label's threshold tuned on the eval rows
+    (with training.threshold_min_support)
     (multilabel.tune_thresholds; `merge` writes them into the model folder), and the eval
     metrics at 0.5 and at the tuned thresholds. No temperature: a sigmoid per label has no
     softmax to scale, and the tuned threshold already moves each label's decision.
@@ -209,11 +211,11 @@ def multilabel_evaluation(trainer, eval_rows: list[dict], labels: LabelSet,
     best these rows allow, not a forecast; judge them on rows of their own (classify)."""
     if not eval_rows:
         log.info("finetune: no eval rows, so every label keeps the threshold 0.5")
-        return {}, None
+        return {}, None, None
     out = trainer.predict(eval_rows, metric_key_prefix="eval")
     probs = 1 / (1 + np.exp(-np.asarray(out.predictions, dtype=np.float64)))
     gold = np.asarray(out.label_ids) > 0.5
-    thresholds = tune_thresholds(probs, gold, min_support)
+    thresholds = tune_thresholds(probs, gold, training.threshold_min_support)
     tuned = summarize_multilabel(count_multihot(gold, probs >= thresholds[None, :]), labels)
     log.info("finetune: thresholds tuned on %d eval rows: macro-F1 %.4f -> %.4f, micro-F1 "
              "%.4f -> %.4f", len(gold), out.metrics["eval_f1_macro"], tuned["f1_macro"],
@@ -221,11 +223,12 @@ def multilabel_evaluation(trainer, eval_rows: list[dict], labels: LabelSet,
     final = {**out.metrics, "eval_tuned_f1_macro": tuned["f1_macro"],
              "eval_tuned_f1_micro": tuned["f1_micro"],
              "eval_tuned_subset_accuracy": tuned["subset_accuracy"]}
-    return final, {name: round(float(t), 4) for name, t in zip(labels.names, thresholds)}
+    return final, None, {name: round(float(t), 4) for name, t in zip(labels.names, thresholds)}
 
 
 @dataclass(frozen=True)
 class Examples:
+    task: Task
     tokenizer: object
     labels: LabelSet
     train_rows: list[dict]
@@ -236,15 +239,15 @@ def load_examples(cfg: FinetuneConfig, base: str) -> Examples:
     """Tokenised training and eval rows and the label set they settle (`base`: the base
     model's local folder)."""
     tokenizer = load_tokenizer(base)
-    multi_label = cfg.task == "multi_label"
-    texts, golds = read_labelled(cfg.train, cfg.storage, multi_label)
+    task = Task.of(cfg.task)
+    texts, golds = read_labelled(cfg.train, cfg.storage, task)
     labels = settle_labels(cfg.labels, golds)
     train_rows = encode(tokenizer, texts, golds, labels, cfg.training.max_length)
     eval_rows = []
     if cfg.eval:
-        eval_rows = encode(tokenizer, *read_labelled(cfg.eval, cfg.storage, multi_label, "eval"),
+        eval_rows = encode(tokenizer, *read_labelled(cfg.eval, cfg.storage, task, "eval"),
                            labels, cfg.training.max_length)
-    return Examples(tokenizer, labels, train_rows, eval_rows)
+    return Examples(task, tokenizer, labels, train_rows, eval_rows)
 
 
 def training_summary(cfg: FinetuneConfig, data: Examples, train_out, per_epoch: list[dict],
@@ -259,7 +262,7 @@ def training_summary(cfg: FinetuneConfig, data: Examples, train_out, per_epoch: 
         "quantization": cfg.training.quantization if cfg.training.method == "lora" else None,
         "labels": list(data.labels.names),
         "task": cfg.task,
-        # multi_label: each label's decision threshold, tuned on the eval rows.
+        # A multi-label head: each label's decision threshold, tuned on the eval rows.
         "thresholds": thresholds,
         "class_weights": weights.tolist() if weights is not None else None,
         "train_rows": len(data.train_rows),

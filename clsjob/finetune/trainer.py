@@ -12,6 +12,7 @@ from clsjob.finetune.progress import ProgressLog, RunningTotals
 from clsjob.labels import LabelError, LabelSet
 from clsjob.metrics import averaged, confusion_matrix, per_class_scores
 from clsjob.multilabel import count_multihot, summarize_multilabel
+from clsjob.task import Task
 
 
 def classification_metrics(eval_pred) -> dict:
@@ -26,7 +27,7 @@ def classification_metrics(eval_pred) -> dict:
 
 
 def multilabel_metrics(eval_pred) -> dict:
-    """HF Trainer hook for task: multi_label: micro- and macro-F1 and subset accuracy at the
+    """HF Trainer hook for a multi-label head: micro- and macro-F1 and subset accuracy at the
     0.5 threshold on every label (the tuned thresholds come after training)."""
     logits, gold = eval_pred
     predicted = 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64))) >= 0.5
@@ -39,7 +40,7 @@ def multilabel_metrics(eval_pred) -> dict:
 
 def best_model_metric(cfg: FinetuneConfig) -> str:
     """What keep_best ranks the epochs by."""
-    return "f1_macro" if cfg.task == "multi_label" else "accuracy"
+    return Task.of(cfg.task).ranked_by
 
 
 def training_arguments(cfg: FinetuneConfig, output_dir: str, has_eval: bool) -> TrainingArguments:
@@ -84,13 +85,13 @@ def training_arguments(cfg: FinetuneConfig, output_dir: str, has_eval: bool) -> 
 class ClassifierTrainer(Trainer):
     """The HF Trainer with an optional per-label weight in the loss (for imbalanced data),
     feeding the loss and token counts of every micro-batch to the progress line. The weights
-    are cross-entropy class weights, or with `multi_label` the binary cross-entropy's
-    weight of each label's positive rows (pos_weight)."""
+    are cross-entropy class weights, or for a multi-label head the binary cross-entropy's
+    weight of each label's positive rows (pos_weight): `weighted_loss`, as the task picks."""
 
     def __init__(self, *args, label_weights: torch.Tensor | None = None,
-                 running: RunningTotals | None = None, multi_label: bool = False, **kwargs):
+                 running: RunningTotals | None = None, weighted_loss=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.label_weights, self.running, self.multi_label = label_weights, running, multi_label
+        self.label_weights, self.running, self.weighted_loss = label_weights, running, weighted_loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.label_weights is None:
@@ -98,12 +99,7 @@ class ClassifierTrainer(Trainer):
         gold = inputs.pop("labels")
         outputs = model(**inputs)
         logits = outputs.logits.float()
-        weights = self.label_weights.to(logits.device)
-        if self.multi_label:
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                logits, gold.float(), pos_weight=weights)
-        else:
-            loss = torch.nn.functional.cross_entropy(logits, gold, weight=weights)
+        loss = self.weighted_loss(logits, gold, self.label_weights.to(logits.device))
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -113,6 +109,17 @@ class ClassifierTrainer(Trainer):
         if self.running is not None:
             self.running.add(loss, tokens)
         return loss
+
+
+def weighted_cross_entropy(logits: torch.Tensor, gold: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits, gold, weight=weights)
+
+
+def weighted_binary_cross_entropy(logits: torch.Tensor, gold: torch.Tensor,
+                                  weights: torch.Tensor) -> torch.Tensor:
+    """A multi-label head: a sigmoid and binary cross-entropy per label, each label's
+    positive rows weighted."""
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, gold.float(), pos_weight=weights)
 
 
 def label_weights(spec, labels: LabelSet, train_rows: list[dict]) -> torch.Tensor | None:
@@ -146,12 +153,13 @@ def build_trainer(cfg: FinetuneConfig, model, tokenizer, labels: LabelSet, train
     """The trainer for one worker, and the label weights its loss uses (None: plain)."""
     weights = label_weights(cfg.training.class_weights, labels, train_rows)
     running = RunningTotals()
+    task = Task.of(cfg.task)
     trainer = ClassifierTrainer(
         model=model, args=training_arguments(cfg, output_dir, bool(eval_rows)),
         train_dataset=train_rows, eval_dataset=eval_rows or None,
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=multilabel_metrics if cfg.task == "multi_label" else classification_metrics,
+        compute_metrics=task.pick(classification_metrics, multilabel_metrics),
         callbacks=[*callbacks, ProgressLog(running)], label_weights=weights, running=running,
-        multi_label=cfg.task == "multi_label")
+        weighted_loss=task.pick(weighted_cross_entropy, weighted_binary_cross_entropy))
     trainer.remove_callback(PrinterCallback)  # ProgressLog says it once, through the logger
     return trainer, weights

@@ -12,6 +12,7 @@ from clsjob.contract import (BUSY, CLEANED, DTYPE, GOLD, PART, PART_ROWS, RESULT
 from clsjob.labels import LabelSet
 from clsjob.prepare import prepare_chunk
 from clsjob.backends.rows import attach_probabilities, attach_results, stamp
+from clsjob.task import SINGLE_LABEL
 
 LABELS = LabelSet(("neg", "pos"))
 
@@ -49,11 +50,11 @@ def test_reasoning_is_written_only_by_json_prompts():
 def test_part_record_counts_the_part_and_survives_the_trip_to_the_driver():
     prepared = chunk(["good", "bad", None, "fine"])
     probs = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]], dtype=np.float32)
-    labelled = attach_probabilities(prepared, [0, 1, 3], probs, LABELS, [False, True, False])
+    labelled = attach_probabilities(prepared, [0, 1, 3], probs, LABELS, [False, True, False], SINGLE_LABEL)
     labelled = stamp(labelled, "bfloat16", 0.5)
     written = output_table(labelled, config())
     assert DTYPE not in written.column_names and BUSY not in written.column_names
-    record = PartRecord.of(written, labelled, LABELS)
+    record = PartRecord.of(written, labelled, LABELS, SINGLE_LABEL)
     assert record.busy_s == pytest.approx(0.5)  # the model's seconds, summed back from the rows
     assert record.entry() == {"part": "s-0000000000.parquet", "rows": 4, "errored": 1,
                               "truncated": 1, "cleaned": 0, "dtype": "bfloat16"}

@@ -41,21 +41,24 @@ def test_explicit_weights_default_to_one_and_unknown_labels_are_named():
 
 
 def test_weighted_loss_is_the_weighted_cross_entropy():
-    from clsjob.finetune.trainer import ClassifierTrainer
+    from clsjob.finetune.trainer import (ClassifierTrainer, weighted_binary_cross_entropy,
+                                         weighted_cross_entropy)
+    from clsjob.task import MULTI_LABEL, SINGLE_LABEL
 
     class Model(torch.nn.Module):
         def forward(self, input_ids):
             return type("Out", (), {"logits": input_ids.float()})()
 
     trainer = ClassifierTrainer.__new__(ClassifierTrainer)  # compute_loss needs no setup
-    trainer.label_weights, trainer.multi_label = torch.tensor([1.0, 3.0]), False
+    trainer.label_weights = torch.tensor([1.0, 3.0])
+    trainer.weighted_loss = SINGLE_LABEL.pick(weighted_cross_entropy, weighted_binary_cross_entropy)
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     loss = trainer.compute_loss(Model(), {"input_ids": logits, "labels": torch.tensor([0, 1])})
     per_row = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1]), reduction="none")
     assert loss.item() == pytest.approx(((per_row * torch.tensor([1.0, 3.0])).sum() / 4.0).item())
 
-    # multi_label: the weights are each label's pos_weight in its binary cross-entropy.
-    trainer.multi_label = True
+    # A multi-label head: the weights are each label's pos_weight in its binary cross-entropy.
+    trainer.weighted_loss = MULTI_LABEL.pick(weighted_cross_entropy, weighted_binary_cross_entropy)
     gold = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     loss = trainer.compute_loss(Model(), {"input_ids": logits, "labels": gold})
     p = torch.sigmoid(logits)

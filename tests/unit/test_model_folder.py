@@ -7,28 +7,29 @@ import pytest
 
 from clsjob import model_folder
 from clsjob.labels import LabelSet
+from clsjob.task import MULTI_LABEL, SINGLE_LABEL, Task
 
 PACKAGE = Path(model_folder.__file__).parent
 
 
 def test_merge_writes_what_the_fine_tune_fitted_and_the_task_head():
     single = {"calibration": {"temperature": 1.7, "abstain": {"below": 0.42}}}
-    assert model_folder.written_keys("single_label", single) == {
+    assert model_folder.written_keys(SINGLE_LABEL, single) == {
         "clsjob_temperature": 1.7, "clsjob_abstain_below": 0.42}
     multi = {"thresholds": {"joy": 0.3}, "calibration": None}
-    assert model_folder.written_keys("multi_label", multi) == {
+    assert model_folder.written_keys(MULTI_LABEL, multi) == {
         "problem_type": "multi_label_classification", "clsjob_thresholds": {"joy": 0.3}}
     # No eval rows: nothing fitted, nothing written; the folder reads back at T = 1.
-    assert model_folder.written_keys("single_label", {}) == {}
+    assert model_folder.written_keys(SINGLE_LABEL, {}) == {}
     assert model_folder.temperature({}, "m") == 1.0
 
 
 def test_what_merge_writes_reads_back():
-    keys = model_folder.written_keys("multi_label", {
+    keys = model_folder.written_keys(MULTI_LABEL, {
         "thresholds": {"joy": 0.3, "anger": 0.6},
         "calibration": {"temperature": 0.8, "abstain": {"below": 0.5}}})
-    assert model_folder.trained_task(keys) == "multi_label"
-    assert model_folder.trained_task({}) == "single_label"
+    assert Task.trained(keys) == MULTI_LABEL and Task.trained(keys).name == "multi_label"
+    assert Task.trained({}) == SINGLE_LABEL
     assert model_folder.temperature(keys, "m") == 0.8
     assert model_folder.abstain_below(keys) == 0.5
     assert model_folder.thresholds(keys, LabelSet(("anger", "joy", "love")), "m").tolist() == [

@@ -8,6 +8,7 @@ from clsjob.config import MonitorConfig, fill_dates
 from clsjob.labels import LabelSet
 from clsjob.metrics import count_rows
 from clsjob.tally import Tally
+from clsjob.task import SINGLE_LABEL
 from clsjob.monitor import compare, distribution, js_divergence, psi, share_under
 
 LABELS = LabelSet(("a", "b", "c"))
@@ -20,7 +21,7 @@ def run(labels: list[str], conf: list[float]) -> dict:
     for s in (slice(0, half), slice(half, None)):
         n = len(labels[s])
         t.add(Tally.from_json(count_rows(LABELS, [None] * n, labels[s], conf[s], [None] * n).to_json()))
-    return distribution(LABELS, t)
+    return distribution(LABELS, t, SINGLE_LABEL)
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -86,8 +86,9 @@ def test_the_answer_schema_and_parser():
 def test_counts_survive_json_and_the_run_tally_adds_them():
     """The counts travel as JSON in each part's record and shard marker: a round trip and
     an addition in the run's Tally change nothing."""
-    from clsjob.metrics import count_multilabel_rows, summarize
+    from clsjob.metrics import count_multilabel_rows
     from clsjob.tally import Tally
+    from clsjob.task import MULTI_LABEL
 
     rng = np.random.default_rng(3)
     gold, pred = random_sets(rng, 80, 5, 0.3), random_sets(rng, 80, 5, 0.3)
@@ -101,7 +102,7 @@ def test_counts_survive_json_and_the_run_tally_adds_them():
     run = Tally(n_labels=5)
     for part in parts:
         run.add(Tally.from_json(json.loads(json.dumps(part.to_json()))))
-    m = summarize(LABELS, run)
+    m = MULTI_LABEL.summarize(LABELS, run)
     assert (m["rows"], m["rows_scored"], m["rows_errored"], m["gold_missing"],
             m["gold_outside_labels_values"]) == (80, 77, 1, 1, {"boredom": 1})
     keep = [i for i in range(80) if i not in (0, 1, 2)]

@@ -8,6 +8,7 @@ from clsjob import store
 from clsjob.config import InputConfig, StorageConfig
 from clsjob.contract import CLEANED, GOLD, PART, PART_ROWS, part_name
 from clsjob.prepare import check_schema, needed_columns, prepare_chunk
+from clsjob.task import MULTI_LABEL
 
 LOCAL = StorageConfig()
 
@@ -146,14 +147,14 @@ def test_binary_text_columns_pass_the_schema_check(tmp_path):
 def test_multilabel_gold_is_a_list_column_or_a_string_split_at_the_separator(tmp_path):
     as_list = InputConfig(path="x", label_column="tags")
     table = pa.table({"text": ["a", "b", "c"], "tags": pa.array([["x", "y"], [], None], pa.list_(pa.string()))})
-    check_schema(shard_info(tmp_path, table), as_list, multi_label=True)
-    out = prepare_chunk(table, "s.parquet", 0, as_list, multi_label=True)
+    check_schema(shard_info(tmp_path, table), as_list, MULTI_LABEL)
+    out = prepare_chunk(table, "s.parquet", 0, as_list, MULTI_LABEL)
     assert out.column(GOLD).to_pylist() == [["x", "y"], [], None]
 
     joined = InputConfig(path="x", label_column="tags", label_separator="|")
     table = pa.table({"text": ["a", "b", "c"], "tags": ["x | y", "", None]})
-    check_schema(shard_info(tmp_path, table), joined, multi_label=True)
-    out = prepare_chunk(table, "s.parquet", 0, joined, multi_label=True)
+    check_schema(shard_info(tmp_path, table), joined, MULTI_LABEL)
+    out = prepare_chunk(table, "s.parquet", 0, joined, MULTI_LABEL)
     assert out.column(GOLD).to_pylist() == [["x", "y"], [], None]
 
 
@@ -161,7 +162,7 @@ def test_a_gold_column_of_the_other_task_is_refused_naming_column_and_file(tmp_p
     strings = shard_info(tmp_path, pa.table({"text": ["a"], "tags": ["x"]}))
     with pytest.raises(store.InputError, match=r"bad.parquet: input.label_column 'tags' is a string "
                                          r"column, but task: multi_label needs"):
-        check_schema(strings, InputConfig(path="x", label_column="tags"), multi_label=True)
+        check_schema(strings, InputConfig(path="x", label_column="tags"), MULTI_LABEL)
     lists = shard_info(tmp_path, pa.table({"text": ["a"], "tags": pa.array([["x"]])}))
     with pytest.raises(store.InputError, match=r"'tags' has type list<.*string>, expected string "
                                          r"\(a list of labels is task: multi_label\)"):

@@ -16,6 +16,7 @@ from clsjob.config import ClassifyConfig, PromptConfig, validate
 from clsjob.labels import LabelSet
 from clsjob.multilabel import answer_schema as labels_schema
 from clsjob.prompts import REASONING_PATTERN, fit_reasoning, load_json_answer
+from clsjob.task import MULTI_LABEL, SINGLE_LABEL
 from faulty_s3 import FaultyS3
 # Fixtures are found by name in the module that uses them.
 from s3_fixtures import BUCKET, aws_env, s3  # noqa: F401
@@ -135,7 +136,7 @@ def test_json_answers_under_guidance_end_at_a_sentence_and_fit_their_budget(tmp_
     prompt = PromptConfig(mode="json", reasoning_max_chars=30)
     labels = LabelSet(("negative", "neutral", "positive"))
     schema = (labels_schema(labels, 30) if multi_label else answer_schema(labels, 30))
-    budget = mode_class(prompt, multi_label).tokens_needed(labels, prompt, tok)
+    budget = mode_class(prompt, MULTI_LABEL if multi_label else SINGLE_LABEL).tokens_needed(labels, prompt, tok)
     # As vLLM's guidance back end compiles it, with clsjob's disable_any_whitespace.
     grammar = llguidance.LLMatcher.grammar_from_json_schema(
         schema, defaults={"whitespace_flexible": False})

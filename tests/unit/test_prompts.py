@@ -5,6 +5,7 @@ import pytest
 
 from clsjob.config import Example, PromptConfig
 from clsjob.labels import LabelSet
+from clsjob.task import MULTI_LABEL, SINGLE_LABEL
 from clsjob.prompts import (REASONING_PATTERN, TEXT_SLOT, encode_rows, fit_reasoning, instructions,
                             load_json_answer, pick_examples, render_template, tokenize_template)
 from tiny_models import build_tokenizer
@@ -20,19 +21,19 @@ def tokenizer(tmp_path_factory):
 
 
 def test_instructions_list_labels_with_descriptions_and_examples_in_order():
-    text = instructions(LABELS, PromptConfig(instructions="Tickets from our shop."), EXAMPLES)
+    text = instructions(LABELS, PromptConfig(instructions="Tickets from our shop."), EXAMPLES, SINGLE_LABEL)
     lines = text.splitlines()
     assert lines[0] == "Tickets from our shop."
     assert lines[2:5] == ["- billing: money matters", "- delivery", "- other"]
     assert text.index("I was charged twice") < text.index("where is my parcel")
     assert "Label: billing" in text and "Answer with the label only." in text
-    as_json = instructions(LABELS, PromptConfig(mode="json"), EXAMPLES)
+    as_json = instructions(LABELS, PromptConfig(mode="json"), EXAMPLES, SINGLE_LABEL)
     assert 'Label: {"label": "billing"' in as_json and "JSON object" in as_json
 
 
 def test_plain_prompt_puts_everything_shared_before_the_row():
     prompt = PromptConfig(system_prompt="You label tickets.")
-    head, tail = render_template(LABELS, prompt, EXAMPLES, apply_chat=None)
+    head, tail = render_template(LABELS, prompt, EXAMPLES, None, SINGLE_LABEL)
     assert head.startswith("You label tickets.\n\n")
     assert "where is my parcel" in head and head.endswith("Text: ")
     assert tail == "\nLabel: "
@@ -41,16 +42,16 @@ def test_plain_prompt_puts_everything_shared_before_the_row():
 def test_chat_prompt_goes_through_the_template(tokenizer):
     prompt = PromptConfig(system_prompt="You label tickets.")
     apply = lambda m: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
-    head, tail = render_template(LABELS, prompt, EXAMPLES, apply)
+    head, tail = render_template(LABELS, prompt, EXAMPLES, apply, SINGLE_LABEL)
     assert head.startswith("<|im_start|>system\nYou label tickets.<|im_end|>\n<|im_start|>user\n")
     assert tail == "<|im_end|>\n<|im_start|>assistant\n"
     with pytest.raises(ValueError, match="dropped the user message"):
-        render_template(LABELS, prompt, [], lambda m: "no slot here")
+        render_template(LABELS, prompt, [], lambda m: "no slot here", SINGLE_LABEL)
 
 
 def test_row_text_cannot_smuggle_special_tokens(tokenizer):
     head, tail = render_template(LABELS, PromptConfig(), [], lambda m: tokenizer.apply_chat_template(
-        m, tokenize=False, add_generation_prompt=True))
+        m, tokenize=False, add_generation_prompt=True), SINGLE_LABEL)
     template = tokenize_template(tokenizer, head, tail, chat=True)
     start = tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert template.head.count(start) == 1  # the template's own turn marker, parsed as special
@@ -73,22 +74,22 @@ def test_examples_inline_first_capped_and_checked():
     assert [e.text for e in chosen] == ["I was charged twice", "where is my parcel", "t0", "t1"]
     with pytest.raises(ValueError, match=r"not in the label set: \['refund'\]"):
         pick_examples([Example(text="x", label="refund")], [], LABELS, cap=4)
-    assert TEXT_SLOT not in instructions(LABELS, PromptConfig(), chosen)
+    assert TEXT_SLOT not in instructions(LABELS, PromptConfig(), chosen, SINGLE_LABEL)
 
 
 def test_multilabel_prompts_ask_for_every_label_that_applies(tokenizer):
     examples = [Example(text="charged twice, parcel lost", label=["billing", "delivery"]),
                 Example(text="hello", label=[])]
-    as_json = instructions(LABELS, PromptConfig(mode="json"), examples, multi_label=True)
+    as_json = instructions(LABELS, PromptConfig(mode="json"), examples, MULTI_LABEL)
     assert "every one of these labels that applies" in as_json and '{"labels"' in as_json
     assert 'Labels: {"labels": ["billing", "delivery"]' in as_json and 'Labels: {"labels": []' in as_json
-    head, tail = render_template(LABELS, PromptConfig(mode="json"), [], None, multi_label=True)
+    head, tail = render_template(LABELS, PromptConfig(mode="json"), [], None, MULTI_LABEL)
     assert tail == "\nLabels: "
 
 
 def test_multilabel_score_asks_one_question_per_label_after_the_shared_prefix(tokenizer):
     apply = lambda m: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
-    head, tail = render_template(LABELS, PromptConfig(mode="score"), [], apply, multi_label=True)
+    head, tail = render_template(LABELS, PromptConfig(mode="score"), [], apply, MULTI_LABEL)
     template = tokenize_template(tokenizer, head, tail, chat=True, labels=LABELS)
     row = encode_rows(tokenizer, ["my parcel is late"], 100)[0][0]
     prompts = template.build_each(row)

@@ -3,6 +3,7 @@ import numpy as np
 from clsjob.labels import LabelSet
 from clsjob.metrics import count_rows, summarize
 from clsjob.report_html import OTHER, folded_confusion, render_html, top_classes
+from clsjob.task import MULTI_LABEL, SINGLE_LABEL
 
 
 def many_class_run(k=30, n=2000, seed=0):
@@ -32,7 +33,7 @@ def test_the_heat_map_keeps_the_most_frequent_classes_and_folds_the_rest():
 
 def test_the_page_is_self_contained():
     _, m, t, _ = many_class_run()
-    page = render_html(m, t, "# Classification report\n<b>not markup</b>")
+    page = render_html(m, t, "# Classification report\n<b>not markup</b>", SINGLE_LABEL)
     assert page.count('src="data:image/png;base64,') == 5  # no baseline: no drift plot
     assert "<script" not in page and "http" not in page
     assert "&lt;b&gt;not markup&lt;/b&gt;" in page  # the text report is escaped
@@ -47,9 +48,9 @@ def test_a_multilabel_page_plots_each_labels_f1_and_the_confidences():
     gold = [[n for n in labels.names if rng.random() < 0.3] for _ in range(200)]
     pred = [[n for n in labels.names if rng.random() < 0.3] for _ in range(200)]
     t = count_multilabel_rows(labels, gold, pred, rng.uniform(0, 1, 200).tolist(), [None] * 200)
-    m = summarize(labels, t)
+    m = MULTI_LABEL.summarize(labels, t)
     report = render_report(m)
     assert "(multi-label)" in report and "## Per label" in report and "## Most confused pairs" in report
-    page = render_html(m, t, report)
+    page = render_html(m, t, report, MULTI_LABEL)
     assert 'id="per_label_f1"' in page and 'id="confidence"' in page
     assert page.count('src="data:image/png;base64,') == 2 and f"macro-F1 {m['f1_macro']:.4f}" in page

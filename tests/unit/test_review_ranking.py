@@ -6,6 +6,7 @@ from scipy.stats import entropy
 from clsjob.config import ReviewConfig
 from clsjob.contract import RESULT_FIELDS
 from clsjob.review import best, part_candidates, review_size, uncertainty
+from clsjob.task import SINGLE_LABEL
 
 
 def written_part(start: int, n: int, seed: int, k: int = 3):
@@ -38,7 +39,8 @@ def test_merging_the_parts_best_rows_equals_a_full_sort(strategy, per_label):
     rule = ReviewConfig(rows=15, strategy=strategy, per_label=per_label)
     parts = [written_part(100 * s, 90, seed=s) for s in range(5)]
     merged = best((c for p in parts for c in part_candidates(
-        p, [f"text {i}" for i in p.column("id").to_pylist()], "id", "gold", rule, 15)), 15, per_label)
+        p, [f"text {i}" for i in p.column("id").to_pylist()], "id", "gold", rule, 15, SINGLE_LABEL)),
+        15, per_label)
     # The full sort over every row that has probabilities.
     rows = [r for p in parts for r in p.to_pylist() if r["probs"] is not None]
     scores = uncertainty(np.array([r["probs"] for r in rows]), strategy)
