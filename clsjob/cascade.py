@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clsjob import backends
-from clsjob.config import ClassifyConfig
+from clsjob.config import ClassifyConfig, Stage
 from clsjob.contract import BUSY, DTYPE, LABELLED_BY, RESULT_FIELDS
 
 # Internal columns: rows going on to the next stage, the first stage's label of every row
@@ -138,14 +138,32 @@ def stage_actor_class(position: int) -> type:
     return type(f"CascadeStage{position + 1}", (CascadeStage,), {"__module__": __name__})
 
 
-def stage_actor_kwargs(cfg: ClassifyConfig, labels, position: int) -> dict:
+def stage_actors(cfg: ClassifyConfig, labels) -> list[tuple[Stage, type, dict]]:
+    """Each stage of the run with its Ray Data actor class and constructor arguments. One
+    stage is its back end's own actor, labelling every row; stages of a cascade each run
+    theirs inside a CascadeStage, on the rows the stage before sent on."""
+    stages = cfg.stages()
+    if len(stages) == 1:
+        return [(stages[0], backends.actor_class(stages[0].backend), backends.actor_kwargs(cfg, labels))]
+    return [(stage, stage_actor_class(i), stage_actor_kwargs(cfg, labels, stages, i))
+            for i, stage in enumerate(stages)]
+
+
+def stage_actor_kwargs(cfg: ClassifyConfig, labels, stages: list[Stage], position: int) -> dict:
     """Constructor arguments of stage `position`'s actor."""
-    stage, name = cfg.backend.stages[position], cfg.backend.stage_names()[position]
-    return {"position": position, "name": name, "escalate_below": stage.escalate_below,
+    stage = stages[position]
+    return {"position": position, "name": stage.name, "escalate_below": stage.escalate_below,
             "escalate_margin_below": stage.escalate_margin_below,
-            "last": position == len(cfg.backend.stages) - 1,
+            "last": position == len(stages) - 1,
             "actor": backends.REGISTRY[stage.backend.kind].actor,
             **backends.actor_kwargs(cfg, labels, stage.backend, stage.resources)}
+
+
+def part_stage_counts(cfg: ClassifyConfig, chunk: pa.Table, written: pa.Table, gold: list | None,
+                      labels) -> dict | None:
+    """stage_counts of a written part; None with one stage (the part's own counts say it all)."""
+    stages = cfg.stages()
+    return stage_counts(chunk, written, [s.name for s in stages], gold, labels) if len(stages) > 1 else None
 
 
 def stage_counts(chunk: pa.Table, written: pa.Table, names: list[str], gold: list | None,
@@ -181,11 +199,15 @@ def add_counts(total: dict, part: dict) -> dict:
     return out
 
 
-def cascade_summary(cfg: ClassifyConfig, counts: dict, temperatures: list) -> dict:
-    """The manifest's (and metrics') `cascade`: per stage its model, rule, rows, rows/s of its
-    busy time, and accuracy on the rows it labelled; the first stage alone beside them."""
+def cascade_summary(cfg: ClassifyConfig, counts: dict, temperatures: list) -> dict | None:
+    """The manifest's (and metrics') CASCADE section: per stage its model, rule, rows, rows/s
+    of its busy time, and accuracy on the rows it labelled; the first stage alone beside
+    them. None with one stage."""
+    if len(cfg.stages()) == 1:
+        return None
     stages = []
-    for name, stage, temperature in zip(cfg.backend.stage_names(), cfg.backend.stages, temperatures):
+    for stage, temperature in zip(cfg.stages(), temperatures):
+        name = stage.name
         c = counts.get(name, {})
         entry = {"name": name, "kind": stage.backend.kind, "model": stage.backend.model,
                  "escalate_below": stage.escalate_below,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from clsjob.config import ClassifyConfig, InputConfig, stage_backends
+from clsjob.config import ClassifyConfig, InputConfig
 from clsjob.labels import LabelSet
 from clsjob.tally import Tally
 from clsjob.task import TASKS, Task
@@ -62,14 +62,14 @@ LABELLED_BY = "labelled_by"
 def result_columns(cfg: ClassifyConfig) -> list[str]:
     """The result columns this config writes: `reasoning` only where a back end gives one,
     `labelled_by` only from a cascade."""
-    has_reasoning = any(b.kind == "vllm_prompt" and b.prompt.mode == "json"
-                        for _, b in stage_backends(cfg.backend))
+    stages = cfg.stages()
+    has_reasoning = any(stage.backend.writes_reasoning for stage in stages)
     # The task's answer column (one label a row, or the list of those that apply); not the others'.
     answer = Task.of(cfg.task).answer
     gone = {"reasoning"} - ({"reasoning"} if has_reasoning else set())
     gone |= {t.answer for t in TASKS.values()} - {answer}
     columns = [c for c in RESULT_COLUMNS if c not in gone]
-    return columns + [LABELLED_BY] if cfg.backend.kind == "cascade" else columns
+    return columns + [LABELLED_BY] if len(stages) > 1 else columns
 
 
 def output_columns(cfg: ClassifyConfig) -> list[str]:

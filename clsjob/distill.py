@@ -23,9 +23,10 @@ import numpy as np
 import pyarrow as pa
 
 from clsjob import store
-from clsjob.config import (CascadeBackendConfig, CascadeStageConfig, ClassifyConfig, DistillConfig,
-                           FinetuneConfig, FinetuneOutputConfig, HFBackendConfig, InputConfig,
-                           MergeConfig, OutputConfig, ResourcesConfig, config_hash, validate)
+from clsjob.config import (CASCADE, CascadeBackendConfig, CascadeStageConfig, ClassifyConfig,
+                           DistillConfig, FinetuneConfig, FinetuneOutputConfig, HFBackendConfig,
+                           InputConfig, MergeConfig, OutputConfig, ResourcesConfig, config_hash,
+                           validate)
 from clsjob.contract import GOLD, MANIFEST
 from clsjob.store import InputError
 
@@ -292,7 +293,7 @@ def corpus_summary(cfg: DistillConfig) -> dict:
     estimated from each stage's busy seconds (the teacher alone: its seconds per row on the
     rows it ran, times every row)."""
     manifest = store.read_json(store.join(cfg.output.path, "labelled", MANIFEST), cfg.storage)
-    stages = {stage["name"]: stage for stage in manifest["cascade"]["stages"]}
+    stages = {stage["name"]: stage for stage in manifest[CASCADE]["stages"]}
     student, teacher = stages["student"], stages["teacher"]
     rows = student["rows_ran"]
     alone = teacher["busy_s"] / teacher["rows_ran"] * rows if teacher["rows_ran"] else None

@@ -16,7 +16,7 @@ from functools import reduce
 from clsjob import backends, resume, store
 from clsjob.abstain import scored_labels, settle_rule
 from clsjob.cascade import add_counts, cascade_summary
-from clsjob.config import ClassifyConfig
+from clsjob.config import CASCADE, ClassifyConfig
 from clsjob.contract import MANIFEST
 from clsjob.duplicates import check_duplicate_ids
 from clsjob.labels import LabelSet
@@ -42,7 +42,7 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
     # schedules anything and before a row is read.
     configured = LabelSet.from_specs(cfg.labels) if cfg.labels else None
     task = Task.of(cfg.task)  # what differs between one label a row and a set of them
-    model = backends.check_model(cfg.backend, configured, cfg.storage, task)
+    model = backends.check_stages(cfg.stages(), configured, cfg.storage, task)
     labels, temperature = model.labels, model.temperature
     stage_temperatures = model.stage_temperatures
     if cfg.abstain is not None:  # a threshold left out is the model folder's
@@ -113,9 +113,10 @@ def run_locked(cfg: ClassifyConfig, task: Task, labels: LabelSet, temperature: f
     drift = drift_against_baseline(dist, cfg.monitor, cfg.storage) if complete else None
     manifest = build_manifest(cfg, work, labels, temperature, review, shards, bad_files,
                               duplicates, set(markers), parts, summary, started, complete)
-    cascade = (cascade_summary(cfg, reduce(add_counts, (m.get("stages") or {} for m in markers.values()), {}),
-                               list(stage_temperatures)) if cfg.backend.kind == "cascade" else None)
-    store.write_json({**manifest, "distribution": dist, "drift": drift, "cascade": cascade,
+    # With more than one stage: each stage's rows, speed and accuracy.
+    cascade = cascade_summary(cfg, reduce(add_counts, (m.get("stages") or {} for m in markers.values()), {}),
+                              list(stage_temperatures))
+    store.write_json({**manifest, "distribution": dist, "drift": drift, CASCADE: cascade,
                       "busy": busy_summary(busy_s, elapsed, cfg)},
                      store.join(cfg.output.path, MANIFEST), cfg.storage)
     if not complete:
@@ -132,9 +133,7 @@ def run_locked(cfg: ClassifyConfig, task: Task, labels: LabelSet, temperature: f
 
 def stage_resources(cfg: ClassifyConfig) -> list[tuple[str, object]]:
     """(config key, actor pool) of each stage."""
-    if cfg.backend.kind != "cascade":
-        return [("resources", cfg.resources)]
-    return [(f"backend.stages[{i}].resources", s.resources) for i, s in enumerate(cfg.backend.stages)]
+    return [(f"{stage.key}resources", stage.resources) for stage in cfg.stages()]
 
 
 def usable_shards(cfg: ClassifyConfig, task: Task) -> tuple[list[store.ShardInfo], list[str]]:

@@ -7,7 +7,7 @@ import numpy as np
 from clsjob import store
 from clsjob.abstain import scored_labels
 from clsjob.calibration import calibrate
-from clsjob.config import AbstainConfig, StorageConfig
+from clsjob.config import CASCADE, AbstainConfig, StorageConfig
 from clsjob.contract import CALIBRATION, MANIFEST, METRICS, REPORT, REPORT_HTML
 from clsjob.labels import LabelSet
 from clsjob.report_html import render_html
@@ -23,7 +23,7 @@ def write_evaluation(output: str, storage: StorageConfig, labels: LabelSet, coun
     if drift is not None:  # monitor.baseline: as in the manifest
         metrics["drift"] = drift
     if cascade is not None:  # per stage, as in the manifest
-        metrics["cascade"] = cascade
+        metrics[CASCADE] = cascade
     store.write_json(metrics, store.join(output, METRICS), storage)
     markdown = task.report(metrics)
     store.write_text(markdown, store.join(output, REPORT), storage)
@@ -47,7 +47,7 @@ def evaluate_output(output: str, storage: StorageConfig, target_accuracy: float 
                              [gold_column, *task.answer_columns, "confidence", "error"])
         counts.add(task.count(labels, t, gold_column, manifest.get("temperature")))
     return write_evaluation(output, storage, labels, counts, task, manifest.get("rows_per_s"),
-                            target_accuracy, manifest.get("drift"), manifest.get("cascade"))
+                            target_accuracy, manifest.get("drift"), manifest.get(CASCADE))
 
 
 def calibrate_output(output: str, storage: StorageConfig) -> dict:

@@ -2,6 +2,7 @@
 sections every run shares (drift, a cascade's stages, accuracy against coverage)."""
 from __future__ import annotations
 
+from clsjob.config import CASCADE
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -46,7 +47,7 @@ def single_label_report(m: dict) -> str:
                     [[name, *row] for name, row in zip(m["labels"], m["confusion_matrix"])])
     lines += coverage_lines(m.get("coverage"))
     lines += drift_lines(m.get("drift"))
-    lines += cascade_lines(m.get("cascade"), m["accuracy"])
+    lines += cascade_lines(m.get(CASCADE), m["accuracy"])
     if m["gold_outside_labels_values"]:
         lines += ["", "## Gold labels outside the label set", ""]
         lines += _table(["gold label", "rows"], [[k, v] for k, v in m["gold_outside_labels_values"].items()])

@@ -11,9 +11,9 @@ from typing import Iterator
 import pyarrow as pa
 import ray
 
-from clsjob import backends, store
+from clsjob import store
 from clsjob.abstain import apply_abstention, scored_labels
-from clsjob.cascade import stage_actor_class, stage_actor_kwargs, stage_counts
+from clsjob.cascade import part_stage_counts, stage_actors
 from clsjob.config import ClassifyConfig, InputConfig, StorageConfig
 from clsjob.contract import GOLD, PART, PART_ROWS, PartRecord, id_column, output_table
 from clsjob.labels import LabelSet
@@ -39,19 +39,15 @@ def stream_labelled_parts(cfg: ClassifyConfig, task: Task, labels: LabelSet,
     ds = ds.map_batches(read_chunks, batch_size=1, batch_format="pyarrow",
                         fn_kwargs={"input_cfg": cfg.input, "chunk_rows": cfg.output.rows_per_part,
                                    "storage": cfg.storage, "task": task})
-    # One actor pool per back end: one, or each stage of a cascade (cascade.py).
-    for position, (_, backend, resources) in enumerate(cfg.stages()):
-        if cfg.backend.kind == "cascade":
-            actor, kwargs = stage_actor_class(position), stage_actor_kwargs(cfg, labels, position)
-        else:
-            actor, kwargs = backends.actor_class(backend), backends.actor_kwargs(cfg, labels)
+    # One actor pool per stage: the one back end, or each stage of a cascade (cascade.py).
+    for stage, actor, kwargs in stage_actors(cfg, labels):
         with warnings.catch_warnings():
             # Ray 2.60 calls ray_remote_args_fn deprecated (for removal in 2.64), yet it is how
             # ray.data.llm places its own GPU actors; placement.actor_placement says why.
             warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*deprecated")
             ds = ds.map_batches(actor, batch_size=None, batch_format="pyarrow",
-                                fn_constructor_kwargs=kwargs, compute=actor_pool(resources),
-                                **actor_placement(backend, resources))
+                                fn_constructor_kwargs=kwargs, compute=actor_pool(stage.resources),
+                                **actor_placement(stage.backend, stage.resources))
     ds = ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow",
                         fn_kwargs={"cfg": cfg, "task": task, "labels": scored_labels(labels, cfg.abstain),
                                    "review_rows": review_rows, "temperature": temperature})
@@ -96,8 +92,8 @@ def write_parts(table: pa.Table, cfg: ClassifyConfig, task: Task, labels: LabelS
         review = (part_candidates(written, chunk.column(cfg.input.text_column).to_pylist(),
                                   id_column(cfg.input), GOLD if cfg.input.label_column else None,
                                   cfg.output.review, review_rows, task) if cfg.output.review else [])
-        stages = (stage_counts(chunk, written, cfg.backend.stage_names(),
-                               written.column(GOLD).to_pylist() if cfg.input.label_column else None,
-                               labels) if cfg.backend.kind == "cascade" else None)
+        stages = part_stage_counts(cfg, chunk, written,
+                                   written.column(GOLD).to_pylist() if cfg.input.label_column else None,
+                                   labels)
         records.append(PartRecord.of(written, chunk, labels, task, review, temperature, stages).to_row())
     return pa.Table.from_pylist(records)

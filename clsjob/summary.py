@@ -53,7 +53,7 @@ def busy_summary(busy_s: float, elapsed_s: float, cfg: ClassifyConfig) -> dict:
     share of the actors' time (the largest pool, from the first row read to the last part
     written, actor start-up included). A share well under 1 on a long run says the model
     waited: for reads, tokenising, or chunks (resources.calls_per_actor, rows_per_part)."""
-    actors = sum(resources.actor_range()[1] for _, _, resources in cfg.stages())
+    actors = sum(stage.resources.actor_range()[1] for stage in cfg.stages())
     return {"model_s": round(busy_s, 3),
             "share": round(busy_s / (elapsed_s * actors), 4) if elapsed_s > 0 else None}
 
@@ -62,6 +62,7 @@ def build_manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, temperature
                    review: dict | None, shards: list[store.ShardInfo], bad_files: list[str],
                    duplicates: DuplicateIds | None, done: set[str], parts: list[dict],
                    summary: RunSummary, started: datetime, complete: bool) -> dict:
+    models = [stage.backend.model for stage in cfg.stages()]
     return {
         "status": "complete" if complete else "incomplete",
         "run_id": uuid.uuid4().hex,
@@ -69,8 +70,7 @@ def build_manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, temperature
         "work_hash": work,
         "backend": cfg.backend.kind,
         "task": cfg.task,  # task.py: its answer column (`label`, or a `labels` list)
-        "model": (cfg.backend.model if cfg.backend.kind != "cascade"
-                  else [s.backend.model for s in cfg.backend.stages]),
+        "model": models[0] if len(models) == 1 else models,  # a cascade: each stage's
         # What the model ran in (backend.dtype: auto chooses per node); more than one only on
         # a cluster whose nodes differ. Each part's own is in `parts`.
         "dtypes": sorted({p["dtype"] for p in parts if p.get("dtype")}),

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from clsjob import model_cache
-from clsjob.config import (BackendSection, HFBackendConfig, StorageConfig, VLLMPoolBackendConfig,
-                           VLLMPromptBackendConfig)
+from clsjob.config import (BackendSection, HFBackendConfig, Stage, StorageConfig,
+                           VLLMPoolBackendConfig, VLLMPromptBackendConfig)
 from clsjob.labels import LabelSet
 from clsjob.task import SINGLE_LABEL, Task
 
@@ -110,20 +110,27 @@ def actor_kwargs(cfg, labels: LabelSet, backend: BackendSection | None = None,
     return kwargs
 
 
-def check_model(backend, configured: LabelSet | None, storage,
+def check_model(backend: BackendSection, configured: LabelSet | None, storage,
                 task: Task = SINGLE_LABEL) -> CheckedModel:
-    """Validate the model and the labels for `task` on the driver, before any row is read,
-    reading the model folder's config.json once. A cascade's stages must all give the same
-    labels in the same order."""
-    if backend.kind != "cascade":
-        checked = resolve(REGISTRY[backend.kind].check)(backend, configured, storage)
-        if backend.kind != "vllm_prompt":  # a fine-tuned head is single- or multi-label
-            check_task(backend, checked, task)
-        return checked
-    checked = [check_model(stage.backend, configured, storage) for stage in backend.stages]
-    for i, (name, model) in enumerate(zip(backend.stage_names(), checked)):
+    """Validate one back end's model and the labels for `task` on the driver, before any row
+    is read, reading the model folder's config.json once."""
+    checked = resolve(REGISTRY[backend.kind].check)(backend, configured, storage)
+    if backend.serves_classifier:  # a fine-tuned head is single- or multi-label
+        check_task(backend, checked, task)
+    return checked
+
+
+def check_stages(stages: list[Stage], configured: LabelSet | None, storage,
+                 task: Task = SINGLE_LABEL) -> CheckedModel:
+    """check_model of every stage of a run. Stages after the first label the rows the one
+    before sent on, so all must give the same labels in the same order; the run then has a
+    temperature per stage (`stage_temperatures`), none of its own."""
+    checked = [check_model(stage.backend, configured, storage, task) for stage in stages]
+    if len(checked) == 1:
+        return checked[0]
+    for stage, model in zip(stages, checked):
         if model.labels.names != checked[0].labels.names:
-            raise ModelError(f"backend.stages[{i}] ({name}): labels {list(model.labels.names)} "
+            raise ModelError(f"{stage.key.rstrip('.')} ({stage.name}): labels {list(model.labels.names)} "
                              f"differ from the first stage's {list(checked[0].labels.names)}; "
                              f"every stage must give the same labels (set `labels` to fix "
                              f"their order)")

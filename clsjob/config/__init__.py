@@ -13,7 +13,7 @@ from clsjob.config.backend import (Example, PromptConfig, EngineConfig, BackendS
                                    BACKEND_CONFIGS, BackendConfig)  # noqa: F401
 from clsjob.config.classify import (InputConfig, EvaluateConfig, ClusterConfig, ResourcesConfig,
                                     CascadeStageConfig, CascadeBackendConfig,
-                                    ClassifyBackendConfig, stage_backends, gives_confidence,
+                                    ClassifyBackendConfig, CASCADE, Stage,
                                     MAX_REVIEW_ROWS, ReviewConfig, OutputConfig, DriftLimits,
                                     MonitorConfig, AbstainConfig, ClassifyConfig, check_task,
                                     engine_gpus, gpu_mismatch, RENAMED_CLASSIFY_KEYS, rename_keys)  # noqa: F401

@@ -100,6 +100,28 @@ class BackendSection(Section):
     trust_remote_code: bool = Field(
         False, description="Run model code shipped in the model folder. Off unless you trust it.")
 
+    # What a back end can do: asked by capability, never by kind.
+    @property
+    def serves_classifier(self) -> bool:
+        """A merged classifier folder: a head fine-tuned for a task, with the temperature and
+        thresholds its fine-tune fitted (model_folder.py); else a prompted LLM."""
+        return True
+
+    @property
+    def gives_confidence(self) -> bool:
+        """Probabilities for every row it labels (review, abstention, escalation need them)."""
+        return True
+
+    @property
+    def writes_reasoning(self) -> bool:
+        """A `reasoning` column beside each answer."""
+        return False
+
+    @property
+    def needs_labels(self) -> bool:
+        """The config's `labels`: its model has no id2label to take them from."""
+        return False
+
 
 # hf and vllm_pool: whether the temperature the model folder carries is applied.
 CALIBRATED = Field(True, description="Apply the temperature `clsjob finetune` fitted on its eval "
@@ -150,6 +172,22 @@ class VLLMPromptBackendConfig(BackendSection):
                                  description="How the LLM is asked.")
     engine: EngineConfig = Field(default_factory=EngineConfig,
                                  description="vLLM engine settings.")
+
+    @property
+    def serves_classifier(self) -> bool:
+        return False
+
+    @property
+    def gives_confidence(self) -> bool:
+        return self.prompt.mode == "score"
+
+    @property
+    def writes_reasoning(self) -> bool:
+        return self.prompt.mode == "json"
+
+    @property
+    def needs_labels(self) -> bool:
+        return True
 
 
 BACKEND_CONFIGS = (HFBackendConfig, VLLMPoolBackendConfig, VLLMPromptBackendConfig)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
@@ -137,16 +138,20 @@ ClassifyBackendConfig = Annotated[Union[(*BACKEND_CONFIGS, CascadeBackendConfig)
                                   Field(discriminator="kind"), BeforeValidator(_kind_defaults_to_hf)]
 
 
-def stage_backends(backend) -> list[tuple[str, BackendSection]]:
-    """(config key, back end) of each stage that labels rows: the back end itself, or each
-    stage of a cascade."""
-    if backend.kind == "cascade":
-        return [(f"backend.stages[{i}].backend", s.backend) for i, s in enumerate(backend.stages)]
-    return [("backend", backend)]
+# The output's section of a run with more than one stage (the manifest's and the metrics').
+CASCADE = "cascade"
 
 
-def gives_confidence(backend: BackendSection) -> bool:
-    return backend.kind != "vllm_prompt" or backend.prompt.mode == "score"
+@dataclass(frozen=True)
+class Stage:
+    """One actor pool that labels rows: a run's one back end, or a stage of a cascade. Every
+    run is a list of them (ClassifyConfig.stages); only a stage that escalates has a rule."""
+    name: str
+    key: str  # its config key: "" for the one back end, else "backend.stages[i]."
+    backend: BackendSection
+    resources: ResourcesConfig
+    escalate_below: float | None = None
+    escalate_margin_below: float | None = None
 
 
 # Review candidates travel as JSON with each part's record and live in the shard markers.
@@ -249,16 +254,16 @@ class ClassifyConfig(Section):
     def _task_fits(self) -> "ClassifyConfig":
         check_task(self.task, self.input, "input")
         if self.task == "single_label":
-            for key, b in stage_backends(self.backend):
-                lists = [i for i, ex in enumerate(getattr(b, "prompt", PromptConfig()).examples)
+            for stage in self.stages():
+                lists = [i for i, ex in enumerate(getattr(stage.backend, "prompt", PromptConfig()).examples)
                          if isinstance(ex.label, list)]
                 if lists:
-                    raise ValueError(f"{key}.prompt.examples[{lists[0]}].label: a list of labels "
-                                     f"is for task: multi_label; give one label")
+                    raise ValueError(f"{stage.key}backend.prompt.examples[{lists[0]}].label: a list "
+                                     f"of labels is for task: multi_label; give one label")
             return self
         # Not built for sets of labels yet: each would need its own rule for a set.
         review = self.output.review
-        unsupported = [(self.backend.kind == "cascade", "backend.kind cascade"),
+        unsupported = [(self.backend.kind == CASCADE, "backend.kind cascade"),
                        (self.abstain is not None, "abstain"),
                        (review is not None and review.strategy != "least_confident",
                         f"output.review.strategy {review and review.strategy} (least_confident is)"),
@@ -275,21 +280,25 @@ class ClassifyConfig(Section):
 
     @model_validator(mode="after")
     def _review_needs_probabilities(self) -> "ClassifyConfig":
-        for key, b in stage_backends(self.backend):
-            if self.output.review and not gives_confidence(b):
-                raise ValueError(f"output.review: {key}.prompt.mode {b.prompt.mode} gives no "
-                                 f"probabilities to rank rows by; use mode: score")
+        for stage in self.stages():
+            if self.output.review and not stage.backend.gives_confidence:
+                raise ValueError(f"output.review: {stage.key}backend.prompt.mode "
+                                 f"{stage.backend.prompt.mode} gives no probabilities to rank "
+                                 f"rows by; use mode: score")
         return self
 
     @model_validator(mode="after")
     def _abstention_needs_confidence(self) -> "ClassifyConfig":
         if self.abstain is None:
             return self
-        for key, b in stage_backends(self.backend):
-            if not gives_confidence(b):
-                raise ValueError(f"abstain: {key}.prompt.mode {b.prompt.mode} gives no "
-                                 f"confidence to abstain on; use mode: score")
-        if self.backend.kind in ("vllm_prompt", "cascade") and self.abstain.below is None:
+        stages = self.stages()
+        for stage in stages:
+            if not stage.backend.gives_confidence:
+                raise ValueError(f"abstain: {stage.key}backend.prompt.mode {stage.backend.prompt.mode} "
+                                 f"gives no confidence to abstain on; use mode: score")
+        # Only one fine-tuned classifier's folder carries a threshold to abstain under.
+        folder_threshold = len(stages) == 1 and stages[0].backend.serves_classifier
+        if not folder_threshold and self.abstain.below is None:
             raise ValueError(f"abstain.below: a {self.backend.kind} back end needs a threshold "
                              f"(only a fine-tuned model folder carries one)")
         if self.abstain.label is not None and self.labels and \
@@ -300,15 +309,15 @@ class ClassifyConfig(Section):
 
     @model_validator(mode="after")
     def _prompted_needs_labels(self) -> "ClassifyConfig":
-        for key, b in stage_backends(self.backend):
-            if b.kind == "vllm_prompt" and not self.labels:
-                raise ValueError(f"labels: vllm_prompt ({key}) needs the label list (its model "
-                                 f"has no id2label to take them from)")
+        for stage in self.stages():
+            if stage.backend.needs_labels and not self.labels:
+                raise ValueError(f"labels: {stage.backend.kind} ({stage.key}backend) needs the "
+                                 f"label list (its model has no id2label to take them from)")
         return self
 
     @model_validator(mode="after")
     def _gpus_fit_the_back_end(self) -> "ClassifyConfig":
-        if self.backend.kind != "cascade":
+        if self.backend.kind != CASCADE:
             problem = gpu_mismatch(self.backend, self.resources)
             if problem:
                 raise ValueError(problem)
@@ -322,12 +331,14 @@ class ClassifyConfig(Section):
                 raise ValueError(f"backend.stages[{i}]: {problem}")
         return self
 
-    def stages(self) -> list[tuple[str, BackendSection, ResourcesConfig]]:
-        """(name, back end, actor pool) of each stage; one, named by its kind, without a cascade."""
+    def stages(self) -> list[Stage]:
+        """The run's stages in order: one, named by its kind, or each stage of a cascade."""
         b = self.backend
-        if b.kind != "cascade":
-            return [(b.kind, b, self.resources)]
-        return [(name, s.backend, s.resources) for name, s in zip(b.stage_names(), b.stages)]
+        if b.kind != CASCADE:
+            return [Stage(b.kind, "", b, self.resources)]
+        return [Stage(name, f"backend.stages[{i}].", s.backend, s.resources, s.escalate_below,
+                      s.escalate_margin_below)
+                for i, (name, s) in enumerate(zip(b.stage_names(), b.stages))]
 
 
 def check_task(task: str, inp: InputConfig, key: str) -> None:

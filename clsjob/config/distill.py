@@ -5,7 +5,7 @@ from pydantic import Field, model_validator
 
 from clsjob.config.backend import BackendConfig
 from clsjob.config.base import Labels, Section, StorageConfig
-from clsjob.config.classify import (ClusterConfig, InputConfig, ResourcesConfig, gives_confidence,
+from clsjob.config.classify import (ClusterConfig, InputConfig, ResourcesConfig,
                                      gpu_mismatch)
 from clsjob.config.finetune import TrainingConfig
 
@@ -73,9 +73,9 @@ class DistillConfig(Section):
     @model_validator(mode="after")
     def _teacher_fits(self) -> "DistillConfig":
         t = self.teacher.backend
-        if t.kind == "vllm_prompt" and not self.labels:
-            raise ValueError("labels: a vllm_prompt teacher needs the label list")
-        if not gives_confidence(t) and self.student.min_teacher_confidence is not None:
+        if t.needs_labels and not self.labels:
+            raise ValueError(f"labels: a {t.kind} teacher needs the label list")
+        if not t.gives_confidence and self.student.min_teacher_confidence is not None:
             raise ValueError(f"student.min_teacher_confidence: teacher.backend.prompt.mode "
                              f"{t.prompt.mode} gives no confidence; use mode: score")
         problem = gpu_mismatch(t, self.teacher.resources)

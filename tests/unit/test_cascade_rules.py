@@ -64,6 +64,34 @@ def test_stage_counts_add_up_and_summarise():
     assert summary["stages"][0]["temperature"] == 1.5 and summary["stages"][1]["model"] == "m2"
 
 
+def test_every_run_is_a_list_of_stages_and_back_ends_are_asked_by_capability():
+    from clsjob.backends.hf import HFClassifier
+    from clsjob.cascade import CascadeStage, stage_actors
+    from clsjob.contract import result_columns
+
+    base = {"input": {"path": "x", "label_column": "y"}, "output": {"path": "o"},
+            "labels": ["a", "b"]}
+    one = validate({**base, "backend": {"model": "m1"}}, model=ClassifyConfig)
+    (stage,) = one.stages()
+    assert (stage.name, stage.key, stage.backend.model, stage.escalate_below) == ("hf", "", "m1", None)
+    # One stage is its back end's own actor, labelling every row: no stage bookkeeping.
+    assert [a for _, a, _ in stage_actors(one, None)] == [HFClassifier]
+    assert cascade_summary(one, {}, [1.0]) is None and LABELLED_BY not in result_columns(one)
+    prompted = {"kind": "vllm_prompt", "model": "llm", "prompt": {"mode": "json"}}
+    two = validate({**base, "backend": {"kind": "cascade", "stages": [
+        {"backend": {"model": "m1"}, "escalate_below": 0.7}, {"backend": prompted}]}},
+        model=ClassifyConfig)
+    assert [(s.name, s.key) for s in two.stages()] == [("1-hf", "backend.stages[0]."),
+                                                       ("2-vllm_prompt", "backend.stages[1].")]
+    assert [issubclass(a, CascadeStage) for _, a, _ in stage_actors(two, None)] == [True, True]
+    assert {"labelled_by", "reasoning"} <= set(result_columns(two))
+    hf, llm = (s.backend for s in two.stages())
+    assert (hf.serves_classifier, hf.gives_confidence, hf.writes_reasoning, hf.needs_labels) == (
+        True, True, False, False)
+    assert (llm.serves_classifier, llm.gives_confidence, llm.writes_reasoning, llm.needs_labels) == (
+        False, False, True, True)
+
+
 @pytest.mark.parametrize("stages,extra,message", [
     ([{"backend": {"model": "a"}}, {"backend": {"model": "b"}}], {},
      r"backend.stages\[0\]: set one of escalate_below"),
