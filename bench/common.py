@@ -200,18 +200,21 @@ def prepared_chunks(table: pa.Table, rows_per_chunk: int, label_column: str | No
             for start in range(0, table.num_rows, rows_per_chunk)]
 
 
-class LoadWatch:
-    """The 1-minute load average every `every_s` seconds while a phase runs: other jobs
-    share these cores, and a wall time means little without it."""
+class Sampler:
+    """A background thread that calls `sample()` every `every_s` seconds while a phase runs
+    (a `with` block), and once more as it ends."""
 
-    def __init__(self, every_s: float = 15.0):
-        self.every_s, self.samples = every_s, []
+    def __init__(self, every_s: float):
+        self.every_s = every_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _watch(self):
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self):
         while True:
-            self.samples.append(os.getloadavg()[0])
+            self.sample()
             if self._stop.wait(self.every_s):
                 return
 
@@ -222,6 +225,18 @@ class LoadWatch:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+        self.sample()
+
+
+class LoadWatch(Sampler):
+    """The 1-minute load average every `every_s` seconds while a phase runs: other jobs
+    share these cores, and a wall time means little without it."""
+
+    def __init__(self, every_s: float = 15.0):
+        super().__init__(every_s)
+        self.samples = []
+
+    def sample(self) -> None:
         self.samples.append(os.getloadavg()[0])
 
     def summary(self) -> dict:

@@ -14,7 +14,6 @@ import json
 import resource
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common import REPO, environment, environment_line, markdown_table, write_report
+from common import REPO, Sampler, environment, environment_line, markdown_table, write_report
 ROWS_PER_SHARD = 10_000
 WORDS = "the film was a delight dull tedious card payment parcel arrived account reset".split()
 
@@ -38,31 +37,21 @@ def write_input(folder: Path, rows: int) -> None:
         pq.write_table(pa.table({"text": texts}), folder / f"shard-{shard:04d}.parquet")
 
 
-class ActorPeaks:
+class ActorPeaks(Sampler):
     """Samples the RSS of every classifier actor process every 0.2 s; keeps each one's peak."""
 
     def __init__(self):
+        super().__init__(every_s=0.2)
         self.peaks: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self):
-        while not self._stop.wait(0.2):
-            for proc in psutil.process_iter(["cmdline"]):
-                if "HFClassifier" in " ".join(proc.info["cmdline"] or []):
-                    try:
-                        rss = proc.memory_info().rss
-                    except psutil.NoSuchProcess:
-                        continue
-                    self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), rss)
+    def sample(self) -> None:
+        for proc in psutil.process_iter(["cmdline"]):
+            if "HFClassifier" in " ".join(proc.info["cmdline"] or []):
+                try:
+                    rss = proc.memory_info().rss
+                except psutil.NoSuchProcess:
+                    continue
+                self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0), rss)
 
 
 def run(model: Path, inp: Path, out: Path, actors: int) -> dict:
