@@ -45,7 +45,7 @@ def write_splits(corpus: str, scored_split: str, work: Path) -> dict[str, int]:
 
 def classify(work: Path, out: str, calibrated: bool):
     from clsjob.config import ClassifyConfig, validate
-    from clsjob.pipeline import run_classify
+    from clsjob.run.pipeline import run_classify
 
     summary = run_classify(validate({
         "input": {"path": str(work / "scored"), "label_column": "label"},

@@ -180,7 +180,7 @@ def bench_config(kind: str, folder: Path, shards: Path, out: Path, dtype: str = 
 
 def clsjob_variant(kind: str, folder: Path, shards: Path, outputs: Path, n_rows: int,
                    dtype: str = "float32", keep_probs: dict | None = None):
-    from clsjob.pipeline import run_classify
+    from clsjob.run.pipeline import run_classify
 
     def run():
         # A fresh folder per repeat: nothing to resume, every row labelled again.

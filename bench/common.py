@@ -136,7 +136,7 @@ def start_real_data_ray() -> bool:
         return False
     import ray
 
-    from clsjob.placement import OWN_CLUSTER
+    from clsjob.run.placement import OWN_CLUSTER
     ray.init(address="local", num_cpus=4, runtime_env=OWN_CLUSTER)
     return True
 
@@ -193,7 +193,7 @@ def make_actor(cfg):
 def prepared_chunks(table: pa.Table, rows_per_chunk: int, label_column: str | None = None) -> list[pa.Table]:
     """The chunks the pipeline's read stage would hand an actor."""
     from clsjob.config import InputConfig
-    from clsjob.prepare import prepare_chunk
+    from clsjob.run.prepare import prepare_chunk
 
     cfg = InputConfig(path="bench", label_column=label_column)
     return [prepare_chunk(table.slice(start, rows_per_chunk), "bench.parquet", start, cfg)

@@ -139,7 +139,7 @@ def backends(work: Path, student_run: Path, below: float) -> dict:
 
 def classify(variant: dict, corpus: Path, out: Path) -> tuple[dict, float]:
     from clsjob.config import ClassifyConfig, validate
-    from clsjob.pipeline import run_classify
+    from clsjob.run.pipeline import run_classify
 
     started = time.monotonic()
     run_classify(validate({"input": {"path": str(corpus), "label_column": "label"}, **variant,
@@ -195,7 +195,7 @@ def main() -> int:
         return 2
     import ray
 
-    from clsjob.placement import OWN_CLUSTER
+    from clsjob.run.placement import OWN_CLUSTER
 
     env = environment()
     # Room for every actor and the reader and writer beside them; the dashboard serves the

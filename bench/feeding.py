@@ -60,7 +60,7 @@ def floor(actor, prompts: list[list[int]], warm: list[list[int]]) -> tuple[float
 
 
 def ours(model: Path, shards: Path, out: Path, rows_per_part: int, calls: int, mode: str) -> dict:
-    from clsjob.pipeline import run_classify
+    from clsjob.run.pipeline import run_classify
 
     start = time.perf_counter()
     summary = run_classify(config(model, shards, out, rows_per_part, calls, mode))

@@ -104,7 +104,7 @@ def finetune_minilm(task: dict, work: Path, label_column: str = "label",
 
 def finetune_and_classify(corpus: str, task: dict, work: Path, model: str = "minilm") -> dict:
     from clsjob.config import ClassifyConfig, validate
-    from clsjob.pipeline import run_classify
+    from clsjob.run.pipeline import run_classify
 
     started = time.monotonic()
     trained = finetune_minilm(task, work, base=None if model == "minilm" else model_folder(model))

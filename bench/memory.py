@@ -56,7 +56,7 @@ class ActorPeaks(Sampler):
 
 def run(model: Path, inp: Path, out: Path, actors: int) -> dict:
     from clsjob.config import ClassifyConfig, validate
-    from clsjob.pipeline import run_classify
+    from clsjob.run.pipeline import run_classify
 
     cfg = validate({"input": {"path": str(inp)},
                     "backend": {"model": str(model), "max_length": 64, "micro_batch_size": 64},

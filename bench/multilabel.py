@@ -48,7 +48,7 @@ def baseline(train, dev, test, labels: list[str]) -> dict:
     from sklearn.metrics import f1_score
     from sklearn.multiclass import OneVsRestClassifier
 
-    from clsjob.multilabel import tune_thresholds
+    from clsjob.evaluation.multilabel import tune_thresholds
 
     started = time.monotonic()
     hot = lambda golds: np.array([[n in g for n in labels] for g in golds])  # noqa: E731
@@ -80,7 +80,7 @@ def main() -> int:
     if not start_real_data_ray():
         return 2
     from clsjob.config import ClassifyConfig, validate
-    from clsjob.pipeline import run_classify
+    from clsjob.run.pipeline import run_classify
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)

@@ -55,7 +55,7 @@ def write_splits(work: Path) -> dict:
 
 def classify(work: Path, inp: str, out: str, calibrated: bool, below: float | None = None) -> dict:
     from clsjob.config import ClassifyConfig, validate
-    from clsjob.pipeline import run_classify
+    from clsjob.run.pipeline import run_classify
 
     return run_classify(validate({
         "input": {"path": str(work / inp), "label_column": "label"},
@@ -69,7 +69,7 @@ def classify(work: Path, inp: str, out: str, calibrated: bool, below: float | No
 
 def raw_threshold(work: Path) -> float:
     """The threshold `finetune` would pick, on the eval rows' raw (uncalibrated) confidences."""
-    from clsjob.abstain import pick_threshold
+    from clsjob.evaluation.abstain import pick_threshold
 
     classify(work, "eval", "eval-raw", calibrated=False)
     rows = read_output(work / "eval-raw")

@@ -98,7 +98,7 @@ def judge(test_score, right, oos, eval_score, eval_right) -> dict:
     """AUROC, any threshold's best recall at each budget, and the eval-picked threshold's."""
     from sklearn.metrics import roc_auc_score
 
-    from clsjob.abstain import pick_threshold
+    from clsjob.evaluation.abstain import pick_threshold
 
     inscope = ~oos
     auroc = roc_auc_score(np.r_[np.ones(inscope.sum()), np.zeros(oos.sum())],

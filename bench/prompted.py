@@ -289,7 +289,7 @@ def labels_by_row(table: pa.Table, column: str) -> list:
 def bench_ours(model: Path, shards: Path, out: Path, n: int, log,
                name: str = "ours: run_classify (Ray Data)") -> dict:
     """(c) run_classify end to end: read, classify (actor start included), write, manifest."""
-    from clsjob.pipeline import run_classify
+    from clsjob.run.pipeline import run_classify
 
     cfg = prompt_config(model, LABELS, "choice", input_path=str(shards), output_path=str(out))
     start = time.perf_counter()

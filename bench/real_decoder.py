@@ -148,11 +148,11 @@ def finetune_and_merge(base: Path, work: Path, args, parts: dict) -> dict:
 def classify(kind: str, model: Path, shards: Path, out: Path, max_length: int) -> dict:
     """Dev and test through the pipeline with back end `kind`; accuracy and ECE per split,
     of the calibrated confidences (what the run wrote) and of the raw softmax."""
-    from clsjob.calibration import ece
-    from clsjob.model_folder import rescale_probs
     from clsjob.config import ClassifyConfig, validate
     from clsjob.contract import GOLD
-    from clsjob.pipeline import run_classify
+    from clsjob.evaluation.calibration import ece
+    from clsjob.model_folder import rescale_probs
+    from clsjob.run.pipeline import run_classify
 
     backend = {"kind": kind, "model": str(model), "max_length": max_length}
     if kind == "vllm_pool":  # 0.1-0.3 of RAM on CPU (DESIGN); one row is at most max_length

@@ -27,7 +27,6 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -105,11 +104,11 @@ def mid_sentence(reasons: list[str | None]) -> int:
 def score_calibration(out: Path, labels: list[str]) -> dict:
     """ECE as written; `clsjob calibrate`'s temperature on the whole output; ECE out of
     sample with T fitted on one half and judged on the other (both ways, rows in order)."""
-    from clsjob.calibration import calibrate, ece
-    from clsjob.model_folder import rescale_probs
     from clsjob.config import StorageConfig
     from clsjob.contract import GOLD
-    from clsjob.report import calibrate_output
+    from clsjob.evaluation.calibration import calibrate, ece
+    from clsjob.evaluation.report import calibrate_output
+    from clsjob.model_folder import rescale_probs
 
     rows = read_output(out, [GOLD, "probs"])
     keep = [i for i, (g, p) in enumerate(zip(rows.column(GOLD).to_pylist(),
@@ -133,7 +132,7 @@ def score_calibration(out: Path, labels: list[str]) -> dict:
 def run_one(mode: str, corpus: str, table: pa.Table, labels: list[str], model: Path,
             work: Path, max_model_len: int) -> dict:
     from clsjob.config import ClassifyConfig, validate
-    from clsjob.pipeline import run_classify
+    from clsjob.run.pipeline import run_classify
 
     shards, out = work / f"{corpus}-{mode}-in", work / f"{corpus}-{mode}-out"
     shards.mkdir(parents=True, exist_ok=True)

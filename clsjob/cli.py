@@ -8,16 +8,16 @@ from datetime import date
 import logging
 import sys
 
+from clsjob.backends import ModelError
 from clsjob.config import (ClassifyConfig, ConfigError, DistillConfig, FinetuneConfig, MergeConfig,
                            StorageConfig, field_reference, load_config)
-from clsjob.backends import ModelError
+from clsjob.evaluation.monitor import DriftAlert
 from clsjob.import_model import GGUFError
-from clsjob.store import InputError
 from clsjob.labels import LabelError
-from clsjob.lock import RunLocked
-from clsjob.monitor import DriftAlert
-from clsjob.placement import PlacementError
-from clsjob.resume import OutputConflict
+from clsjob.run.lock import RunLocked
+from clsjob.run.placement import PlacementError
+from clsjob.run.resume import OutputConflict
+from clsjob.store import InputError
 
 log = logging.getLogger("clsjob")
 DRIFT_EXIT = 3  # jobs/nightly.sh does not retry it
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     """Dispatch one command; returns what is printed as its JSON summary."""
     if args.command == "classify":
-        from clsjob.pipeline import run_classify
+        from clsjob.run.pipeline import run_classify
         overrides = args.overrides + (["output.overwrite=true"] if args.overwrite else [])
         cfg = load_config(args.config, overrides, model=ClassifyConfig, day=args.date)
         return run_classify(cfg).__dict__
@@ -91,14 +91,14 @@ def run(args: argparse.Namespace) -> dict:
         from clsjob.distill import run_distill
         return run_distill(load_config(args.config, args.overrides, model=DistillConfig, day=args.date))
     if args.command == "evaluate":
-        from clsjob.report import evaluate_output
+        from clsjob.evaluation.report import evaluate_output
         metrics = evaluate_output(args.output, StorageConfig(endpoint_url=args.endpoint_url),
                                   args.target_accuracy)
         from clsjob.task import Task
         headline = Task.of_metrics(metrics).headline
         return {k: metrics[k] for k in ("rows", "rows_scored", *headline)}
     if args.command == "calibrate":
-        from clsjob.report import calibrate_output
+        from clsjob.evaluation.report import calibrate_output
         return calibrate_output(args.output, StorageConfig(endpoint_url=args.endpoint_url))
     if args.command == "import-model":
         from clsjob.import_model import import_gguf

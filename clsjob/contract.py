@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clsjob.config import ClassifyConfig, InputConfig
+from clsjob.evaluation.tally import Tally
 from clsjob.labels import LabelSet
-from clsjob.tally import Tally
 from clsjob.task import TASKS, Task
 
 # Row ids derived from shard and row number when input.id_column is not set.

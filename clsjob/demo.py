@@ -171,8 +171,8 @@ def run_demo(workdir: str) -> dict:
 
     from clsjob.finetune.merge import merge
     from clsjob.finetune.train import run_finetune
-    from clsjob.pipeline import run_classify
-    from clsjob.placement import classify_demand, ensure_ray
+    from clsjob.run.pipeline import run_classify
+    from clsjob.run.placement import classify_demand, ensure_ray
 
     started = time.monotonic()
     work = Path(workdir).absolute()

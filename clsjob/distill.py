@@ -157,7 +157,7 @@ def sample_input(folder: str, label_column: str | None, carry: list[str] = ()) -
 
 
 def label_sample(cfg: DistillConfig) -> None:
-    from clsjob.pipeline import run_classify
+    from clsjob.run.pipeline import run_classify
 
     gold = GOLD if cfg.input.label_column else None
     run_classify(classify_config(cfg, "teacher", sample_input(store.join(cfg.output.path, "sample"), gold),
@@ -225,7 +225,7 @@ def student_backend(cfg: DistillConfig) -> HFBackendConfig:
 
 
 def label_heldout(cfg: DistillConfig) -> None:
-    from clsjob.pipeline import run_classify
+    from clsjob.run.pipeline import run_classify
 
     # Scored against the teacher's labels; the corpus's own gold rides along where it has one.
     carry = [CORPUS_GOLD] if cfg.input.label_column else []
@@ -278,7 +278,7 @@ def judge_gate(cfg: DistillConfig) -> dict:
 
 
 def label_corpus(cfg: DistillConfig, below: float) -> None:
-    from clsjob.pipeline import run_classify
+    from clsjob.run.pipeline import run_classify
 
     cascade = CascadeBackendConfig(stages=[
         CascadeStageConfig(name="student", backend=student_backend(cfg), escalate_below=below,

@@ -15,11 +15,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from clsjob import metrics, model_folder, multilabel, report_html, report_markdown
+from clsjob import model_folder
+from clsjob.evaluation import metrics, multilabel, report_html, report_markdown
+from clsjob.evaluation.review import uncertainty
+from clsjob.evaluation.tally import Tally
 from clsjob.labels import LabelSet
-from clsjob.review import uncertainty
 from clsjob.store import InputError
-from clsjob.tally import Tally
 
 T = TypeVar("T")
 

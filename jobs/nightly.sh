@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Submit one day's classify run to a Ray cluster, retrying a failed run a bounded number of
 # times. Two runs of the same day never overlap: the job itself holds a lock in its output
-# folder (clsjob/lock.py), so a second submission fails at once instead of mixing rows, and a
+# folder (clsjob/run/lock.py), so a second submission fails at once instead of mixing rows, and a
 # retry after a killed run resumes its unfinished shards rather than starting over.
 #
 #   jobs/nightly.sh CONFIG [YYYY-MM-DD]       the date defaults to yesterday (UTC)

@@ -13,7 +13,7 @@ from tiny_models import build_bert_classifier, build_qwen2_classifier
 def ray_cluster():
     import ray
 
-    from clsjob.placement import OWN_CLUSTER
+    from clsjob.run.placement import OWN_CLUSTER
 
     # 4 logical CPUs on 2 cores: the shard reader, the classifier actor and the writer must
     # all get a slot (reader and writer are I/O-light). OWN_CLUSTER: Ray Train's cleaner

@@ -27,12 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from clsjob import model_cache, multilabel, store
+from clsjob import model_cache, store
 from clsjob.backends import CheckedModel, ModelError, check_model_files, local_backend
-from clsjob.backends.rows import attach_results, rows_to_classify, stamp
 from clsjob.backends import vllm_engine
+from clsjob.backends.rows import attach_results, rows_to_classify, stamp
 from clsjob.backends.vllm_engine import EngineFeed, engine_args, engine_dtype, prepare_env
 from clsjob.config import Example, PromptConfig, StorageConfig, VLLMPromptBackendConfig
+from clsjob.evaluation import multilabel
 from clsjob.labels import LabelError, LabelSet
 from clsjob.prompts import (PromptTokens, asks_each_label, encode_rows, fit_reasoning,
                             load_json_answer, pick_examples, reasoning_schema, render_template,

@@ -5,9 +5,9 @@ import logging
 
 from clsjob import store
 from clsjob.config import FinetuneConfig, InputConfig, LabelSpec, StorageConfig
-from clsjob.store import InputError
 from clsjob.labels import LabelError, LabelSet
-from clsjob.prepare import clean_text
+from clsjob.run.prepare import clean_text
+from clsjob.store import InputError
 from clsjob.task import SINGLE_LABEL, Task
 
 log = logging.getLogger("clsjob")

@@ -21,18 +21,18 @@ from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_t
 from ray.train.torch import TorchTrainer
 
 from clsjob import model_cache, store
-from clsjob.abstain import pick_threshold
-from clsjob.calibration import calibrate
 from clsjob.config import FinetuneConfig, config_hash
+from clsjob.evaluation.abstain import pick_threshold
+from clsjob.evaluation.calibration import calibrate
+from clsjob.evaluation.multilabel import count_multihot, summarize_multilabel, tune_thresholds
 from clsjob.finetune.data import check_inputs, encode, read_labelled, settle_labels
 from clsjob.finetune.model import build_trainable, check_base_model, load_tokenizer
 from clsjob.finetune.summary import SUMMARY, peak_memory_gib  # noqa: F401  (re-exported)
-from clsjob.finetune.trainer import build_trainer
 from clsjob.finetune.tracking import TRACKING, Tracker, check_installed, final_metrics
+from clsjob.finetune.trainer import build_trainer
 from clsjob.labels import LabelSet
 from clsjob.model_folder import scaled_softmax
-from clsjob.multilabel import count_multihot, summarize_multilabel, tune_thresholds
-from clsjob.placement import check_placement, ensure_ray, training_demand
+from clsjob.run.placement import check_placement, ensure_ray, training_demand
 from clsjob.task import Task
 
 log = logging.getLogger("clsjob")

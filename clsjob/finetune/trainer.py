@@ -8,10 +8,10 @@ from transformers import (DataCollatorWithPadding, PrinterCallback, Trainer, Tra
                           TrainingArguments)
 
 from clsjob.config import FinetuneConfig
+from clsjob.evaluation.metrics import averaged, confusion_matrix, per_class_scores
+from clsjob.evaluation.multilabel import count_multihot, summarize_multilabel
 from clsjob.finetune.progress import ProgressLog, RunningTotals
 from clsjob.labels import LabelError, LabelSet
-from clsjob.metrics import averaged, confusion_matrix, per_class_scores
-from clsjob.multilabel import count_multihot, summarize_multilabel
 from clsjob.task import Task
 
 

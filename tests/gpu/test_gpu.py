@@ -21,7 +21,7 @@ from clsjob.finetune.merge import merge
 from clsjob.finetune.model import build_trainable, load_tokenizer
 from clsjob.finetune.summary import SUMMARY
 from clsjob.labels import LabelSet
-from clsjob.prepare import prepare_chunk
+from clsjob.run.prepare import prepare_chunk
 from helpers import LABELS, sample_texts
 from tiny_models import build_bert_classifier, build_qwen2_classifier
 

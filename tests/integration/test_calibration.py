@@ -9,12 +9,12 @@ import pytest
 
 from clsjob.backends import ModelError
 from clsjob.backends.hf import load_classifier, predict_probs
-from clsjob.model_folder import rescale_probs
 from clsjob.cli import main
 from clsjob.config import ClassifyConfig, HFBackendConfig, StorageConfig, validate
+from clsjob.evaluation.report import calibrate_output
 from clsjob.labels import LabelSet
-from clsjob.pipeline import run_classify
-from clsjob.report import calibrate_output
+from clsjob.model_folder import rescale_probs
+from clsjob.run.pipeline import run_classify
 from clsjob.store import InputError, read_table, list_parts
 from helpers import LABELS, sample_texts, write_shards
 
@@ -147,7 +147,7 @@ def test_abstention_relabels_unsure_rows_and_scores_the_fallback(qwen_model, lab
     assert m["per_class"]["out_of_scope"]["recall"] == pytest.approx(recall)
     assert m["negative_log_likelihood"] is None  # the fallback has no probability of its own
     (tmp_path / "abstained" / "_metrics.json").unlink()
-    from clsjob.report import evaluate_output
+    from clsjob.evaluation.report import evaluate_output
     assert evaluate_output(str(tmp_path / "abstained"), StorageConfig())["confusion_matrix"] == m["confusion_matrix"]
 
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clsjob.config import ClassifyConfig, validate
-from clsjob.pipeline import run_classify
+from clsjob.run.pipeline import run_classify
 from helpers import LABELS, KillOnceAtWork, kill_driver_after_first_shard, sample_texts, write_shards
 
 SHARDS, ROWS = 3, 120

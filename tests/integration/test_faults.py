@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import psutil
 
 from clsjob.config import ClassifyConfig, validate
-from clsjob.pipeline import run_classify
+from clsjob.run.pipeline import run_classify
 from helpers import KillOnceAtWork, cluster_processes, sample_texts, write_shards
 
 SHARDS, ROWS = 6, 200

@@ -117,7 +117,7 @@ def test_merged_folder_reproduces_the_adapter_model(trained, tmp_path):
 def serve_with_vllm_pool(model: str, labels: LabelSet, texts: list[str]) -> list:
     from clsjob.backends.vllm_pool import VLLMPoolClassifier
     from clsjob.config import InputConfig
-    from clsjob.prepare import prepare_chunk
+    from clsjob.run.prepare import prepare_chunk
 
     pool = VLLMPoolClassifier(VLLMPoolBackendConfig(model=model), labels, "text", False)
     out = pool(prepare_chunk(pa.table({"text": texts}), "s", 0, InputConfig(path="x")))

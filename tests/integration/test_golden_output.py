@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clsjob.config import ClassifyConfig, validate
-from clsjob.pipeline import run_classify
+from clsjob.run.pipeline import run_classify
 from helpers import LABELS, REPO, sample_texts, write_shards
 
 GOLDEN = REPO / "tests" / "golden" / "classify-hf.json"

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from clsjob.config import ClassifyConfig, validate
-from clsjob.placement import actor_placement, engine_bundles
+from clsjob.run.placement import actor_placement, engine_bundles
 from helpers import REPO, sample_texts, write_shards
 
 
@@ -58,7 +58,7 @@ CHILD = r"""
 import json, sys
 import ray
 from clsjob.config import ClassifyConfig, validate
-from clsjob.pipeline import run_classify
+from clsjob.run.pipeline import run_classify
 
 model, inp, out, case = sys.argv[1:5]
 backend, gpus = {"hf": ({"kind": "hf"}, 1),

@@ -15,11 +15,11 @@ from sklearn.metrics import f1_score, hamming_loss
 from clsjob.backends import ModelError
 from clsjob.config import ClassifyConfig, FinetuneConfig, MergeConfig, load_config, validate
 from clsjob.contract import MANIFEST, METRICS, PROGRESS, REPORT
+from clsjob.evaluation.multilabel import decide
+from clsjob.evaluation.report import evaluate_output
 from clsjob.finetune.merge import merge
 from clsjob.finetune.train import run_finetune
-from clsjob.multilabel import decide
-from clsjob.pipeline import run_classify
-from clsjob.report import evaluate_output
+from clsjob.run.pipeline import run_classify
 from clsjob.store import InputError
 from helpers import (REPO, check_output_contract, kill_driver_after_first_shard,
                      shipped_classify, write_shards)

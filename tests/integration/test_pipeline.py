@@ -6,13 +6,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clsjob import resume, store
+from clsjob import store
 from clsjob.config import ClassifyConfig, StorageConfig, validate
-from clsjob.store import InputError
+from clsjob.evaluation.report import evaluate_output
 from clsjob.labels import LabelError
-from clsjob.pipeline import run_classify
 from clsjob.precision import resolve_dtype
-from clsjob.report import evaluate_output
+from clsjob.run import resume
+from clsjob.run.pipeline import run_classify
+from clsjob.store import InputError
 from helpers import LABELS, sample_texts, write_shards
 
 BAD_TEXTS = [None, "", "   \n"]

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from clsjob.config import ClassifyConfig, ResourcesConfig, validate
-from clsjob.pipeline import run_classify
-from clsjob.placement import (PlacementError, StallReporter, check_placement, classify_demand)
+from clsjob.run.pipeline import run_classify
+from clsjob.run.placement import (PlacementError, StallReporter, check_placement, classify_demand)
 from helpers import REPO, sample_texts, write_shards
 from tiny_models import build_bert_classifier
 

@@ -10,7 +10,7 @@ from clsjob.config import ClassifyConfig, FinetuneConfig, MergeConfig, validate
 from clsjob.demo import extract_minilm
 from clsjob.finetune.merge import merge
 from clsjob.finetune.train import run_finetune
-from clsjob.pipeline import run_classify
+from clsjob.run.pipeline import run_classify
 from helpers import SHARED_DATA
 
 SST2 = SHARED_DATA / "sst2.parquet"

@@ -7,7 +7,7 @@ import matplotlib.image
 import pytest
 
 from clsjob.config import ClassifyConfig, validate
-from clsjob.pipeline import run_classify
+from clsjob.run.pipeline import run_classify
 from helpers import LABELS, sample_texts, write_shards
 
 CHROMIUM = Path("/usr/bin/chromium")

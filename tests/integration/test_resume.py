@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import yaml
 
 from clsjob.config import ClassifyConfig, load_config
-from clsjob.pipeline import run_classify
 from clsjob.contract import PROGRESS
+from clsjob.run.pipeline import run_classify
 from helpers import kill_driver_after_first_shard, sample_texts, write_shards
 
 SHARDS, ROWS = 8, 240

@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from clsjob.config import ClassifyConfig, StorageConfig, validate
-from clsjob.pipeline import run_classify
-from clsjob.resume import marker_url
-from clsjob.review import uncertainty
+from clsjob.evaluation.review import uncertainty
+from clsjob.run.pipeline import run_classify
+from clsjob.run.resume import marker_url
 from clsjob.store import list_parts, read_table
 from helpers import LABELS, sample_texts, write_shards
 

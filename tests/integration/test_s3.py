@@ -16,8 +16,8 @@ import pytest
 from clsjob import store
 from clsjob.config import ClassifyConfig, StorageConfig, validate
 from clsjob.contract import LOCK
-from clsjob.lock import RunLock, RunLocked
-from clsjob.pipeline import run_classify
+from clsjob.run.lock import RunLock, RunLocked
+from clsjob.run.pipeline import run_classify
 from faulty_s3 import FAULTS, FaultyS3
 from helpers import LABELS, TEST_AWS_ENV as AWS_ENV
 # Fixtures are found by name in the module that uses them.

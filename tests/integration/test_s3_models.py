@@ -15,7 +15,7 @@ from clsjob import model_cache, store
 from clsjob.config import ClassifyConfig, FinetuneConfig, MergeConfig, StorageConfig, validate
 from clsjob.finetune.merge import merge
 from clsjob.finetune.train import run_finetune
-from clsjob.pipeline import run_classify
+from clsjob.run.pipeline import run_classify
 from faulty_s3 import FaultyS3
 from helpers import write_shards
 # Fixtures are found by name in the module that uses them.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import date
 
-from clsjob.pipeline import run_classify
+from clsjob.run.pipeline import run_classify
 from helpers import LABELS, check_output_contract, sample_texts, shipped_classify, write_shards
 from tiny_models import build_bert_classifier
 

@@ -20,8 +20,8 @@ import torch
 from clsjob import backends
 from clsjob.config import ClassifyConfig, InputConfig, validate
 from clsjob.labels import LabelSet
-from clsjob.pipeline import run_classify
-from clsjob.prepare import prepare_chunk
+from clsjob.run.pipeline import run_classify
+from clsjob.run.prepare import prepare_chunk
 from helpers import LABELS, check_output_contract, sample_texts, shipped_classify, write_shards
 from tiny_models import build_family_classifier, build_qwen2_classifier
 
@@ -557,7 +557,7 @@ from pathlib import Path
 import psutil
 import ray
 from clsjob.config import ClassifyConfig, validate
-from clsjob.pipeline import run_classify
+from clsjob.run.pipeline import run_classify
 
 model, inp, out = sys.argv[1:4]
 seen, killed, errors, tree = set(), [], [], {}

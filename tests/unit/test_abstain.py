@@ -2,9 +2,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from clsjob.abstain import apply_abstention, pick_threshold, scored_labels, settle_rule
 from clsjob.config import AbstainConfig, ClassifyConfig, validate
 from clsjob.contract import RESULT_FIELDS
+from clsjob.evaluation.abstain import apply_abstention, pick_threshold, scored_labels, settle_rule
 from clsjob.labels import LabelError, LabelSet
 
 LABELS = LabelSet(("billing", "delivery"))

@@ -4,10 +4,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from clsjob.cascade import (FIRST_LABEL, add_counts, busy_column, cascade_summary, escalated, merge_rows,
-                            ran_column, stage_counts)
 from clsjob.config import ClassifyConfig, validate
 from clsjob.contract import LABELLED_BY, RESULT_FIELDS
+from clsjob.run.cascade import (FIRST_LABEL, add_counts, busy_column, cascade_summary, escalated, merge_rows,
+                                ran_column, stage_counts)
 
 
 def labelled(confidence, probs, error=None, label=None):
@@ -66,8 +66,8 @@ def test_stage_counts_add_up_and_summarise():
 
 def test_every_run_is_a_list_of_stages_and_back_ends_are_asked_by_capability():
     from clsjob.backends.hf import HFClassifier
-    from clsjob.cascade import CascadeStage, stage_actors
     from clsjob.contract import result_columns
+    from clsjob.run.cascade import CascadeStage, stage_actors
 
     base = {"input": {"path": "x", "label_column": "y"}, "output": {"path": "o"},
             "labels": ["a", "b"]}

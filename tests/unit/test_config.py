@@ -100,8 +100,8 @@ def test_gpus_per_actor_must_match_what_the_back_end_can_use(tmp_path):
 
 
 def test_actors_is_a_count_or_a_range(tmp_path):
-    from clsjob.placement import classify_demand
-    from clsjob.stages import actor_pool
+    from clsjob.run.placement import classify_demand
+    from clsjob.run.stages import actor_pool
 
     cfg = load_config(minimal(tmp_path), ["resources.actors=[1, 4]"], model=ClassifyConfig)
     assert cfg.resources.actor_range() == (1, 4)

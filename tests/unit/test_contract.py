@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import pyarrow as pa
 
+from clsjob.backends.rows import attach_probabilities, attach_results, stamp
 from clsjob.config import ClassifyConfig, validate
 from clsjob.contract import (BUSY, CLEANED, DTYPE, GOLD, PART, PART_ROWS, RESULT_FIELDS, SHARD, PartRecord,
                              output_columns, output_table)
 from clsjob.labels import LabelSet
-from clsjob.prepare import prepare_chunk
-from clsjob.backends.rows import attach_probabilities, attach_results, stamp
+from clsjob.run.prepare import prepare_chunk
 from clsjob.task import SINGLE_LABEL
 
 LABELS = LabelSet(("neg", "pos"))

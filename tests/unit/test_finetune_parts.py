@@ -145,7 +145,7 @@ def test_training_text_is_the_text_classify_labels(tmp_path):
     from clsjob.backends.hf import encode_truncating
     from clsjob.config import InputConfig, StorageConfig
     from clsjob.finetune.data import encode, read_labelled
-    from clsjob.prepare import prepare_chunk
+    from clsjob.run.prepare import prepare_chunk
     from tiny_models import build_tokenizer
 
     raw = [b"my card\x00payment \xff\xfe was declined", "parcel never arrived".encode(),

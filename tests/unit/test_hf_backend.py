@@ -15,7 +15,7 @@ from clsjob.config import HFBackendConfig, InputConfig
 from clsjob.contract import DTYPE
 from clsjob.labels import LabelError, LabelSet
 from clsjob.precision import cpu_flags, resolve_dtype
-from clsjob.prepare import prepare_chunk
+from clsjob.run.prepare import prepare_chunk
 from helpers import LABELS, sample_texts
 from tiny_models import build_qwen2_classifier
 

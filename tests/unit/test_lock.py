@@ -11,7 +11,7 @@ import pytest
 
 from clsjob.config import StorageConfig
 from clsjob.contract import LOCK
-from clsjob.lock import RunLock, RunLocked
+from clsjob.run.lock import RunLock, RunLocked
 
 LOCAL = StorageConfig()
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from sklearn import metrics as sk
 
+from clsjob.evaluation.metrics import COVERAGE_THRESHOLDS, count_rows, summarize
+from clsjob.evaluation.report import render_report
+from clsjob.evaluation.tally import Tally
 from clsjob.labels import LabelSet
-from clsjob.metrics import COVERAGE_THRESHOLDS, count_rows, summarize
-from clsjob.tally import Tally
-from clsjob.report import render_report
 
 LABELS = LabelSet(("a", "b", "c", "d"))
 
@@ -94,7 +94,7 @@ def test_tallies_add_up_and_survive_json():
 
 
 def test_every_counter_adds_and_survives_json_and_an_older_marker_reads_as_zeros():
-    from clsjob.tally import COUNTERS
+    from clsjob.evaluation.tally import COUNTERS
 
     gold, pred, conf = random_run(5, n=120)
     names = np.array(LABELS.names)

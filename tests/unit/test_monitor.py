@@ -5,11 +5,11 @@ import pytest
 from scipy.spatial.distance import jensenshannon
 
 from clsjob.config import MonitorConfig, fill_dates
+from clsjob.evaluation.metrics import count_rows
+from clsjob.evaluation.monitor import compare, distribution, js_divergence, psi, share_under
+from clsjob.evaluation.tally import Tally
 from clsjob.labels import LabelSet
-from clsjob.metrics import count_rows
-from clsjob.tally import Tally
 from clsjob.task import SINGLE_LABEL
-from clsjob.monitor import compare, distribution, js_divergence, psi, share_under
 
 LABELS = LabelSet(("a", "b", "c"))
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, hamming_loss, precision_recall_fscore_support
 
+from clsjob.evaluation.multilabel import (answer_schema, count_multilabel, parse_answer, summarize_multilabel,
+                                          tune_thresholds)
 from clsjob.labels import LabelSet
-from clsjob.multilabel import (answer_schema, count_multilabel, parse_answer, summarize_multilabel,
-                               tune_thresholds)
 
 LABELS = LabelSet(("anger", "joy", "fear", "surprise", "neutral"))
 
@@ -86,8 +86,8 @@ def test_the_answer_schema_and_parser():
 def test_counts_survive_json_and_the_run_tally_adds_them():
     """The counts travel as JSON in each part's record and shard marker: a round trip and
     an addition in the run's Tally change nothing."""
-    from clsjob.metrics import count_multilabel_rows
-    from clsjob.tally import Tally
+    from clsjob.evaluation.metrics import count_multilabel_rows
+    from clsjob.evaluation.tally import Tally
     from clsjob.task import MULTI_LABEL
 
     rng = np.random.default_rng(3)
@@ -113,7 +113,7 @@ def test_counts_survive_json_and_the_run_tally_adds_them():
 
 
 def test_decide_gives_labels_over_thresholds_and_the_closest_calls_distance():
-    from clsjob.multilabel import decide
+    from clsjob.evaluation.multilabel import decide
 
     probs = np.array([[0.9, 0.1, 0.35], [0.5, 0.2, 0.05]])
     thresholds = np.array([0.5, 0.2, 0.3])

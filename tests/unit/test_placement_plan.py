@@ -1,6 +1,6 @@
 """Placement arithmetic: which jobs a cluster's nodes can run, and the message when not."""
 from clsjob.config import ResourcesConfig, TrainingConfig
-from clsjob.placement import classify_demand, describe, placement_problems, training_demand
+from clsjob.run.placement import classify_demand, describe, placement_problems, training_demand
 
 TWO_CORES = [{"CPU": 2.0}]
 

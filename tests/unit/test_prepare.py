@@ -7,7 +7,7 @@ import pytest
 from clsjob import store
 from clsjob.config import InputConfig, StorageConfig
 from clsjob.contract import CLEANED, GOLD, PART, PART_ROWS, part_name
-from clsjob.prepare import check_schema, needed_columns, prepare_chunk
+from clsjob.run.prepare import check_schema, needed_columns, prepare_chunk
 from clsjob.task import MULTI_LABEL
 
 LOCAL = StorageConfig()

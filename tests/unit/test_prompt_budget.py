@@ -13,8 +13,8 @@ from clsjob.backends import ModelError
 from clsjob.backends.vllm_prompt import (JsonAnswer, JsonLabelsAnswer, answer_schema, mode_class,
                                          shared_prompt)
 from clsjob.config import ClassifyConfig, PromptConfig, validate
+from clsjob.evaluation.multilabel import answer_schema as labels_schema
 from clsjob.labels import LabelSet
-from clsjob.multilabel import answer_schema as labels_schema
 from clsjob.prompts import REASONING_PATTERN, fit_reasoning, load_json_answer
 from clsjob.task import MULTI_LABEL, SINGLE_LABEL
 from faulty_s3 import FaultyS3

@@ -1,8 +1,8 @@
 import numpy as np
 
+from clsjob.evaluation.metrics import count_rows, summarize
+from clsjob.evaluation.report_html import OTHER, folded_confusion, render_html, top_classes
 from clsjob.labels import LabelSet
-from clsjob.metrics import count_rows, summarize
-from clsjob.report_html import OTHER, folded_confusion, render_html, top_classes
 from clsjob.task import MULTI_LABEL, SINGLE_LABEL
 
 
@@ -40,8 +40,8 @@ def test_the_page_is_self_contained():
 
 
 def test_a_multilabel_page_plots_each_labels_f1_and_the_confidences():
-    from clsjob.metrics import count_multilabel_rows
-    from clsjob.report import render_report
+    from clsjob.evaluation.metrics import count_multilabel_rows
+    from clsjob.evaluation.report import render_report
 
     rng = np.random.default_rng(1)
     labels = LabelSet(("anger", "joy", "fear"))

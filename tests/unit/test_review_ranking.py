@@ -5,7 +5,7 @@ from scipy.stats import entropy
 
 from clsjob.config import ReviewConfig
 from clsjob.contract import RESULT_FIELDS
-from clsjob.review import best, part_candidates, review_size, uncertainty
+from clsjob.evaluation.review import best, part_candidates, review_size, uncertainty
 from clsjob.task import SINGLE_LABEL
 
 
@@ -73,7 +73,7 @@ def test_exactly_one_size():
 
 
 def test_a_part_hands_over_only_rows_that_can_be_picked():
-    from clsjob.review import short_list
+    from clsjob.evaluation.review import short_list
 
     scores = np.array([0.1, 0.9, 0.5, 0.9, 0.2, 0.7, 0.9])
     # The 2 best are among the three tied at 0.9: all three kept, for the id to decide.

@@ -3,7 +3,7 @@ import pytest
 from scipy.special import softmax
 from sklearn.metrics import log_loss
 
-from clsjob.calibration import calibrate, ece, fit_temperature, nll
+from clsjob.evaluation.calibration import calibrate, ece, fit_temperature, nll
 from clsjob.model_folder import rescale_probs, scaled_softmax
 from clsjob.model_folder import temperature as model_temperature
 

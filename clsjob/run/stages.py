@@ -12,14 +12,14 @@ import pyarrow as pa
 import ray
 
 from clsjob import store
-from clsjob.abstain import apply_abstention, scored_labels
-from clsjob.cascade import part_stage_counts, stage_actors
 from clsjob.config import ClassifyConfig, InputConfig, StorageConfig
 from clsjob.contract import GOLD, PART, PART_ROWS, PartRecord, id_column, output_table
+from clsjob.evaluation.abstain import apply_abstention, scored_labels
+from clsjob.evaluation.review import part_candidates
 from clsjob.labels import LabelSet
-from clsjob.placement import actor_placement
-from clsjob.review import part_candidates
-from clsjob.prepare import needed_columns, prepare_chunk
+from clsjob.run.cascade import part_stage_counts, stage_actors
+from clsjob.run.placement import actor_placement
+from clsjob.run.prepare import needed_columns, prepare_chunk
 from clsjob.task import Task
 
 

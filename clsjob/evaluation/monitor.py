@@ -13,8 +13,8 @@ import numpy as np
 from clsjob import store
 from clsjob.config import MonitorConfig, StorageConfig
 from clsjob.contract import MANIFEST
+from clsjob.evaluation.tally import COVERAGE_BINS, Tally, binned
 from clsjob.labels import LabelSet
-from clsjob.tally import COVERAGE_BINS, Tally, binned
 
 log = logging.getLogger("clsjob")
 # A label share of 0 on one side makes PSI infinite; shares are floored at this first.

@@ -14,7 +14,7 @@ import io
 
 import numpy as np
 
-from clsjob.tally import COVERAGE_BINS, Tally
+from clsjob.evaluation.tally import COVERAGE_BINS, Tally
 
 TOP_CLASSES = 15  # heat map and F1 bars: beyond this many classes the rest are folded
 OTHER = "(other)"

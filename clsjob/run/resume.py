@@ -16,8 +16,8 @@ from clsjob import store
 from clsjob.config import ClassifyConfig
 from clsjob.contract import (CALIBRATION, MANIFEST, METRICS, PROGRESS, REPORT, REPORT_HTML,
                              PartRecord)
-from clsjob.cascade import add_counts
-from clsjob.review import REVIEW, best
+from clsjob.evaluation.review import REVIEW, best
+from clsjob.run.cascade import add_counts
 from clsjob.task import Task
 
 log = logging.getLogger("clsjob")

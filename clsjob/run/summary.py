@@ -10,9 +10,9 @@ from datetime import datetime, timezone
 
 from clsjob import store
 from clsjob.config import ClassifyConfig, config_hash
-from clsjob.duplicates import DuplicateIds
-from clsjob.labels import LabelSet
 from clsjob.contract import GOLD, METRICS, id_column
+from clsjob.labels import LabelSet
+from clsjob.run.duplicates import DuplicateIds
 from clsjob.task import Task
 
 log = logging.getLogger("clsjob")

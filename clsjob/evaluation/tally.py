@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from clsjob.calibration import CALIBRATION_BINS
-from clsjob.multilabel import MultiLabelTally
+from clsjob.evaluation.calibration import CALIBRATION_BINS
+from clsjob.evaluation.multilabel import MultiLabelTally
 
 # Accuracy against coverage: scored rows counted by confidence in bins 0.001 wide, so that
 # the rows at or above any threshold k/1000 are exactly the bins from k on.

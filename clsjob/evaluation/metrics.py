@@ -10,11 +10,11 @@ from typing import Sequence
 
 import numpy as np
 
-from clsjob.calibration import CALIBRATION_BINS, calibration_bin
+from clsjob.evaluation.calibration import CALIBRATION_BINS, calibration_bin
+from clsjob.evaluation.multilabel import count_multilabel, summarize_multilabel
+from clsjob.evaluation.tally import COVERAGE_BINS, RowCounts, Tally
 from clsjob.labels import LabelSet
 from clsjob.model_folder import rescale_probs
-from clsjob.multilabel import count_multilabel, summarize_multilabel
-from clsjob.tally import COVERAGE_BINS, RowCounts, Tally
 
 COVERAGE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from clsjob import store
-from clsjob.abstain import scored_labels
-from clsjob.calibration import calibrate
 from clsjob.config import CASCADE, AbstainConfig, StorageConfig
 from clsjob.contract import CALIBRATION, MANIFEST, METRICS, REPORT, REPORT_HTML
+from clsjob.evaluation.abstain import scored_labels
+from clsjob.evaluation.calibration import calibrate
+from clsjob.evaluation.report_html import render_html
+from clsjob.evaluation.tally import Tally
 from clsjob.labels import LabelSet
-from clsjob.report_html import render_html
 from clsjob.store import InputError
-from clsjob.tally import Tally
 from clsjob.task import Task
 
 

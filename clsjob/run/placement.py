@@ -141,7 +141,7 @@ def address_own_cluster() -> None:
 
 # The runtime env of every local Ray started for clsjob's work: by ensure_ray, and by the
 # tests and benchmarks that start their own.
-OWN_CLUSTER = {"worker_process_setup_hook": "clsjob.placement.address_own_cluster"}
+OWN_CLUSTER = {"worker_process_setup_hook": "clsjob.run.placement.address_own_cluster"}
 
 
 def placement_problems(nodes: list[dict], demand: Demand, *more: Demand) -> list[str]:

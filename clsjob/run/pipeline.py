@@ -13,25 +13,26 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from functools import reduce
 
-from clsjob import backends, resume, store
-from clsjob.abstain import scored_labels, settle_rule
-from clsjob.cascade import add_counts, cascade_summary
+from clsjob import backends, store
 from clsjob.config import CASCADE, ClassifyConfig
 from clsjob.contract import MANIFEST
-from clsjob.duplicates import check_duplicate_ids
+from clsjob.evaluation.abstain import scored_labels, settle_rule
+from clsjob.evaluation.monitor import distribution, drift_against_baseline, raise_on_alerts
+from clsjob.evaluation.report import write_evaluation
+from clsjob.evaluation.review import review_size, write_run_review
+from clsjob.evaluation.tally import Tally
 from clsjob.labels import LabelSet
-from clsjob.lock import RunLock, RunLocked
-from clsjob.tally import Tally
-from clsjob.task import Task
-from clsjob.monitor import distribution, drift_against_baseline, raise_on_alerts
-from clsjob.placement import StallReporter, check_placement, classify_demand, ensure_ray
-from clsjob.prepare import check_schema
-from clsjob.report import write_evaluation
-from clsjob.review import review_size, write_run_review
-from clsjob.stages import stream_labelled_parts
+from clsjob.run import resume
+from clsjob.run.cascade import add_counts, cascade_summary
+from clsjob.run.duplicates import check_duplicate_ids
+from clsjob.run.lock import RunLock, RunLocked
+from clsjob.run.placement import StallReporter, check_placement, classify_demand, ensure_ray
+from clsjob.run.prepare import check_schema
+from clsjob.run.stages import stream_labelled_parts
+from clsjob.run.summary import (Progress, RunSummary, build_manifest, busy_summary, summary_of,
+                                summary_table)
 from clsjob.store import InputError
-from clsjob.summary import (Progress, RunSummary, build_manifest, busy_summary, summary_of,
-                            summary_table)
+from clsjob.task import Task
 
 log = logging.getLogger("clsjob")
 
