@@ -36,6 +36,11 @@ def is_string_list(t: pa.DataType) -> bool:
 
 
 class Task:
+    """What a task decides. Each of the two below implements, beside the attributes here:
+    check_gold_type and gold (the input's gold column), tally / count / summarize (counts
+    and metrics), model_thresholds, decide, probabilities and scaled (a head's outputs →
+    answers), review_scores, report and figures, check_calibration, and pick."""
+
     name: ClassVar[str]  # as the config and the manifest write it
     answer: ClassVar[str]  # the output column of a row's answer
     answer_columns: ClassVar[tuple[str, ...]]  # what counting a written part reads of it
