@@ -33,9 +33,10 @@ $(CHROMIUM):
 # The vLLM tests run in a pytest process of their own: at engine start, vLLM's CPU platform
 # walks every loaded module, and Flask's context-locals (loaded with moto's S3 server by the
 # other tests) raise on that walk. Workers of the job never load Flask.
+# --durations: CI keeps the slowest tests' times in its log, where the suite's budget is spent.
 test: venv $(CHROMIUM)
-	$(VENV)/bin/python -m pytest -q tests --ignore=tests/integration/test_vllm.py
-	$(VENV)/bin/python -m pytest -q tests/integration/test_vllm.py
+	$(VENV)/bin/python -m pytest -q --durations=15 tests --ignore=tests/integration/test_vllm.py
+	$(VENV)/bin/python -m pytest -q --durations=5 tests/integration/test_vllm.py
 
 # The GPU tier: bf16 inference, QLoRA and a merged model served, on CUDA. Skipped (not failed)
 # where there is no CUDA device, so `make test` stays green on CPU machines. It runs with the
