@@ -81,7 +81,7 @@ def test_ray_job_submit_classify(ray_head, tmp_path):
     ignored_here = [n for n in (".pytest_cache", "clsjob.egg-info") if (REPO / n).exists()]
     for pkg in unpacked:
         assert (pkg / "jobs" / "classify.py").is_file()
-        assert (pkg / "clsjob" / "pipeline.py").is_file()
+        assert (pkg / "clsjob" / "run" / "pipeline.py").is_file()
         assert not (pkg / ".venv").exists()
         for name in ignored_here:  # excluded only through .gitignore
             assert not (pkg / name).exists(), name
