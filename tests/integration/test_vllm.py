@@ -22,6 +22,7 @@ from clsjob.config import ClassifyConfig, InputConfig, validate
 from clsjob.labels import LabelSet
 from clsjob.run.pipeline import run_classify
 from clsjob.run.prepare import prepare_chunk
+from clsjob.task import Task
 from helpers import LABELS, check_output_contract, sample_texts, shipped_classify, write_shards
 from tiny_models import build_family_classifier, build_qwen2_classifier
 
@@ -76,7 +77,7 @@ def prompted(model, mode: str, labels=LABELS, task: str = "single_label", **prom
 
 def actor_for(cfg: ClassifyConfig):
     labels = LabelSet.from_specs(cfg.labels) if cfg.labels else backends.check_model_and_labels(
-        cfg.backend, None, cfg.storage, cfg.task)
+        cfg.backend, None, cfg.storage, Task.of(cfg.task))
     return backends.actor_class(cfg.backend)(**backends.actor_kwargs(cfg, labels))
 
 
