@@ -220,9 +220,10 @@ class MonitorConfig(Section):
 class AbstainConfig(Section):
     """Rows the model is not sure of get a fallback label (or none) instead of a guess."""
     label: str | None = Field(
-        None, description="The fallback label for rows under the threshold (not one of the "
-                          "model's labels; the metrics score it as one more class). None = "
-                          "no label, and the error `below confidence threshold <below>`.")
+        None, description="The fallback label for rows under the threshold: one more class "
+                          "in the metrics, or one of the model's own (an 'out of scope' class "
+                          "it was trained with), scored as that class. None = no label, and "
+                          "the error `below confidence threshold <below>`.")
     below: float | None = Field(
         None, gt=0, le=1, description="Confidence threshold (calibrated, when the model is). "
                                       "None = the one `clsjob finetune` picked on its eval rows "
@@ -301,10 +302,6 @@ class ClassifyConfig(Section):
         if not folder_threshold and self.abstain.below is None:
             raise ValueError(f"abstain.below: a {self.backend.kind} back end needs a threshold "
                              f"(only a fine-tuned model folder carries one)")
-        if self.abstain.label is not None and self.labels and \
-                self.abstain.label in [spec.name for spec in self.labels]:
-            raise ValueError(f"abstain.label {self.abstain.label!r} is one of the labels; the "
-                             f"fallback must be a label the model does not give")
         return self
 
     @model_validator(mode="after")

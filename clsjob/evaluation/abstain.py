@@ -44,9 +44,11 @@ def apply_abstention(table: pa.Table, rule: AbstainConfig | None) -> pa.Table:
 
 
 def scored_labels(labels: LabelSet, rule: AbstainConfig | None) -> LabelSet:
-    """The classes the metrics score: the model's labels and, with a fallback label, that
-    label last (gold rows carrying it are then scored, not set aside as outside the set)."""
-    if rule is None or rule.label is None:
+    """The classes the metrics score: the model's labels and, with a fallback label the model
+    does not give, that label last (gold rows carrying it are then scored, not set aside as
+    outside the set). A fallback that is one of the model's labels (a model trained with an
+    "out of scope" class) is scored as that class."""
+    if rule is None or rule.label is None or rule.label in labels:
         return labels
     return LabelSet((*labels.names, rule.label))
 
@@ -70,13 +72,10 @@ def pick_threshold(probs: np.ndarray, gold: np.ndarray, max_accuracy_loss: float
 
 def settle_rule(rule: AbstainConfig | None, labels: LabelSet, folder_config: dict | None,
                 model: str) -> AbstainConfig | None:
-    """The rule the run applies, checked on the driver: the fallback is not a model label,
-    and a missing `below` is the model folder's (`folder_config`: its config.json)."""
+    """The rule the run applies, checked on the driver: a missing `below` is the model
+    folder's (`folder_config`: its config.json)."""
     if rule is None:
         return None
-    if rule.label is not None and rule.label in labels:
-        raise LabelError(f"abstain.label {rule.label!r} is one of the model's labels; the "
-                         f"fallback must be a label the model does not give")
     if rule.below is not None:
         return rule
     below = model_folder.abstain_below(folder_config or {})

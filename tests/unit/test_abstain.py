@@ -73,8 +73,15 @@ def test_settling_the_rule_on_the_driver():
     assert settle_rule(None, LABELS, None, "m") is None
     with pytest.raises(LabelError, match="carries no usable clsjob_abstain_below"):
         settle_rule(rule, LABELS, {}, "m")
-    with pytest.raises(LabelError, match="'billing' is one of the model's labels"):
-        settle_rule(AbstainConfig(label="billing", below=0.5), LABELS, None, "m")
+    # A model trained with an "out of scope" class of its own may name it as the fallback.
+    assert settle_rule(AbstainConfig(label="billing", below=0.5), LABELS, None, "m").label == "billing"
+
+
+def test_a_fallback_that_is_a_model_label_is_scored_as_that_label():
+    rule = AbstainConfig(label="delivery", below=0.5)
+    assert scored_labels(LABELS, rule) is LABELS  # no extra class
+    out = apply_abstention(part([0.9, 0.4]), rule)
+    assert out.column("label").to_pylist() == ["billing", "delivery"]
 
 
 def test_the_config_refuses_abstention_without_confidence():
@@ -85,6 +92,6 @@ def test_the_config_refuses_abstention_without_confidence():
     with pytest.raises(Exception, match="a vllm_prompt back end needs a threshold"):
         validate({**base, "backend": {**prompted, "prompt": {"mode": "score"}}, "abstain": {}},
                  model=ClassifyConfig)
-    with pytest.raises(Exception, match="'a' is one of the labels"):
-        validate({**base, "backend": {"model": "m"}, "abstain": {"label": "a", "below": 0.5}},
-                 model=ClassifyConfig)
+    # A label of the model's own is a fallback like any other (scored as that label).
+    assert validate({**base, "backend": {"model": "m"}, "abstain": {"label": "a", "below": 0.5}},
+                    model=ClassifyConfig).abstain.label == "a"
