@@ -30,6 +30,7 @@ RESULT_FIELDS: dict[str, pa.DataType] = {
     "probs": pa.list_(pa.float32()),
     "truncated": pa.bool_(),
     "reasoning": pa.string(),  # vllm_prompt json mode only
+    "ood_score": pa.float32(),  # abstain.score: distance only (hf)
     "error": pa.string(),
 }
 RESULT_COLUMNS = tuple(RESULT_FIELDS)
@@ -61,13 +62,15 @@ LABELLED_BY = "labelled_by"
 
 def result_columns(cfg: ClassifyConfig) -> list[str]:
     """The result columns this config writes: `reasoning` only where a back end gives one,
-    `labelled_by` only from a cascade."""
+    `ood_score` only where abstention is by distance, `labelled_by` only from a cascade."""
     stages = cfg.stages()
-    has_reasoning = any(stage.backend.writes_reasoning for stage in stages)
+    gone = set()
+    if not any(stage.backend.writes_reasoning for stage in stages):
+        gone.add("reasoning")
+    if cfg.abstain is None or cfg.abstain.score != "distance":
+        gone.add("ood_score")
     # The task's answer column (one label a row, or the list of those that apply); not the others'.
-    answer = Task.of(cfg.task).answer
-    gone = {"reasoning"} - ({"reasoning"} if has_reasoning else set())
-    gone |= {t.answer for t in TASKS.values()} - {answer}
+    gone |= {t.answer for t in TASKS.values()} - {Task.of(cfg.task).answer}
     columns = [c for c in RESULT_COLUMNS if c not in gone]
     return columns + [LABELLED_BY] if len(stages) > 1 else columns
 

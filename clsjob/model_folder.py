@@ -13,6 +13,11 @@ config.json (transformers' PretrainedConfig keeps unknown keys through save_pret
   `abstain.below` when the config leaves it out.
 - `clsjob_thresholds`: {label: threshold} of a multi-label model, tuned on the eval rows;
   0.5 for a label it has none for.
+- `clsjob_distance`: {"k", "above", "rows"} of a model fine-tuned with
+  `training.distance_index_rows`: `abstain.score: distance` is the cosine distance to the
+  k-th nearest of the `rows` training rows in `clsjob_distance_index.npy` (beside
+  config.json; float16, unit length), and `above` (or null) the threshold picked on the eval
+  rows.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ from clsjob.labels import LabelSet
 TEMPERATURE_KEY = "clsjob_temperature"
 ABSTAIN_KEY = "clsjob_abstain_below"
 THRESHOLDS_KEY = "clsjob_thresholds"
+DISTANCE_KEY = "clsjob_distance"
+DISTANCE_INDEX = "clsjob_distance_index.npy"
 
 
 def written_keys(task, summary: dict) -> dict:
@@ -41,6 +48,8 @@ def written_keys(task, summary: dict) -> dict:
         keys[TEMPERATURE_KEY] = calibration["temperature"]
         if calibration.get("abstain"):
             keys[ABSTAIN_KEY] = calibration["abstain"]["below"]
+    if summary.get("distance"):
+        keys[DISTANCE_KEY] = {key: summary["distance"][key] for key in ("k", "above", "rows")}
     return keys
 
 
@@ -94,3 +103,18 @@ def abstain_below(config: dict) -> float | None:
     the caller says what that means for its run."""
     below = config.get(ABSTAIN_KEY)
     return float(below) if is_number(below) and 0 < below <= 1 else None
+
+
+def distance_settings(config: dict, where: str) -> tuple[int, float | None]:
+    """(k, the threshold or None) of a folder that carries a distance index; `where` names
+    the folder in the error a missing or bad entry raises."""
+    entry = config.get(DISTANCE_KEY)
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: config.json has no {DISTANCE_KEY} (found {entry!r}): "
+                         f"fine-tune with training.distance_index_rows and merge")
+    k, above = entry.get("k"), entry.get("above")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or \
+            (above is not None and not (is_number(above) and 0 <= above <= 2)):
+        raise ValueError(f"{where}: config.json's {DISTANCE_KEY} needs a positive integer k "
+                         f"and an above between 0 and 2 (or null), not {entry!r}")
+    return k, (float(above) if above is not None else None)

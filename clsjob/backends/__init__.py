@@ -104,6 +104,8 @@ def actor_kwargs(cfg, labels: LabelSet, backend: BackendSection | None = None,
     kwargs = {"backend": backend, "labels": labels, "text_column": cfg.input.text_column,
               "use_gpu": resources.gpus_per_actor > 0, "storage": cfg.storage}
     kwargs["task"] = Task.of(cfg.task)
+    if cfg.abstain is not None and cfg.abstain.score == "distance":
+        kwargs["distance"] = True  # hf's alone: the config refuses distance for the others
     extra = REGISTRY[backend.kind].driver_kwargs
     if extra:
         kwargs.update(resolve(extra)(backend, labels, cfg.storage))

@@ -3,8 +3,10 @@ transformers. Decoder classifiers pool on the last non-pad token, so the pad tok
 known and padding must be on the right."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,8 +19,10 @@ from clsjob.backends import (CheckedModel, ModelError, check_model_files, local_
                              require_cuda)
 from clsjob.backends.rows import attach_probabilities, rows_to_classify, stamp
 from clsjob.config import BackendSection, HFBackendConfig, StorageConfig
+from clsjob.evaluation.distance import knn_distance
 from clsjob.labels import LabelSet, resolve_model_labels
 from clsjob.precision import resolve_dtype
+from clsjob.representation import HeadInput
 from clsjob.task import SINGLE_LABEL, Task
 
 
@@ -77,6 +81,29 @@ def load_classifier(backend: BackendSection, device: str, dtype: str = "float32"
     return model.to(device).eval(), tokenizer
 
 
+def load_distance_index(folder: str, config: PretrainedConfig) -> tuple[np.ndarray, int]:
+    """The training rows' index (rows x hidden, float16, unit length) and k that a folder
+    fine-tuned with training.distance_index_rows carries."""
+    k, _ = model_folder.distance_settings(config.to_dict(), f"backend.model: {folder}")
+    path = Path(folder) / model_folder.DISTANCE_INDEX
+    index = np.load(path, allow_pickle=False)
+    if index.ndim != 2 or not len(index):
+        raise ModelError(f"backend.model: {path} must hold a matrix of training rows, not an "
+                         f"array of shape {index.shape}")
+    return index, k
+
+
+def ood_scores(reps: np.ndarray, index: np.ndarray, k: int, folder: str) -> np.ndarray:
+    """Each row's cosine distance to its k-th nearest training row (distance.py)."""
+    if not len(reps):
+        return np.zeros(0)
+    if reps.shape[1] != index.shape[1]:
+        raise ModelError(f"backend.model: {folder}'s {model_folder.DISTANCE_INDEX} holds "
+                         f"{index.shape[1]}-wide rows, the model gives {reps.shape[1]}: the index "
+                         f"is from another model")
+    return knn_distance(reps, index, k)
+
+
 def length_sorted_batches(lengths: list[int], size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length, so padding wastes little compute."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
@@ -108,34 +135,61 @@ def predict_probs(model, tokenizer, texts: list[str], max_length: int, micro_bat
                   temperature: float = 1.0, task: Task = SINGLE_LABEL,
                   pad_to_multiple_of: int = 1) -> np.ndarray:
     """The task's probabilities (rows x model labels) for `texts`, in the order given."""
-    probs = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
-    if not texts:
-        return probs
     if encoded is None:
-        encoded, _ = encode_truncating(tokenizer, texts, max_length)
+        encoded, _ = encode_truncating(tokenizer, texts, max_length) if texts else ([], [])
+    return predict(model, tokenizer, encoded, micro_batch, device, temperature, task,
+                   pad_to_multiple_of)[0]
+
+
+def predict(model, tokenizer, encoded: list[list[int]], micro_batch: int, device: str,
+            temperature: float = 1.0, task: Task = SINGLE_LABEL, pad_to_multiple_of: int = 1,
+            represent: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """The task's probabilities (rows x model labels) of rows already tokenised, in the order
+    given, and with `represent` each row's representation from the same forward pass
+    (representation.py; rows x hidden, float32), else None."""
+    probs = np.zeros((len(encoded), model.config.num_labels), dtype=np.float32)
+    if not encoded:
+        return probs, (np.zeros((0, 0), dtype=np.float32) if represent else None)
     batches = length_sorted_batches([len(ids) for ids in encoded], micro_batch)
-    with torch.inference_mode():
+    order = [i for batch in batches for i in batch]
+    head = HeadInput(model) if represent else contextlib.nullcontext()
+    with torch.inference_mode(), head:
         if device.startswith("cuda"):
-            probs[[i for batch in batches for i in batch]] = queued_probs(
-                model, tokenizer, encoded, batches, device, temperature, task, pad_to_multiple_of)
-            return probs
+            batch_probs, reps = queued_probs(model, tokenizer, encoded, batches, device,
+                                             temperature, task, pad_to_multiple_of, head)
+            probs[order] = batch_probs
+            return probs, placed(reps, order)
+        reps = []
         for batch in batches:
             inputs = padded(tokenizer, [encoded[i] for i in batch], pad_to_multiple_of).to(device)
             logits = model(**inputs).logits.float()
             probs[batch] = task.probabilities(logits, temperature).cpu().numpy()
-    return probs
+            if represent:
+                reps.append(head.pooled(inputs["input_ids"]).cpu().numpy())
+    return probs, placed(np.concatenate(reps) if represent else None, order)
+
+
+def placed(rows: np.ndarray | None, order: list[int]) -> np.ndarray | None:
+    """Rows computed in `order` put back in the input's order."""
+    if rows is None:
+        return None
+    out = np.empty_like(rows)
+    out[order] = rows
+    return out
 
 
 @torch.inference_mode()
 def queued_probs(model, tokenizer, encoded: list[list[int]], batches: list[list[int]],
                  device: str, temperature: float = 1.0, task: Task = SINGLE_LABEL,
-                 pad_to_multiple_of: int = 1) -> np.ndarray:
-    """On a GPU: the probabilities of `batches`, one after another, with GPU_ATTENTION's
-    kernels, copied back once at the end. Copying each micro-batch's back would make the CPU
-    wait for the GPU and the GPU then wait while the CPU pads the next batch; queued, the
-    padding overlaps the GPU's work. (transformers still waits for the GPU once per forward,
-    where it checks the attention mask for padding.)"""
-    out = []
+                 pad_to_multiple_of: int = 1,
+                 head: HeadInput | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """On a GPU: the probabilities of `batches` (and with `head`, their representations),
+    one after another, with GPU_ATTENTION's kernels, copied back once at the end. Copying each
+    micro-batch's back would make the CPU wait for the GPU and the GPU then wait while the CPU
+    pads the next batch; queued, the padding overlaps the GPU's work. (transformers still
+    waits for the GPU once per forward, where it checks the attention mask for padding.)"""
+    out, reps = [], []
+    represent = isinstance(head, HeadInput)
     with sdpa_kernel(GPU_ATTENTION):
         for batch in batches:
             inputs = padded(tokenizer, [encoded[i] for i in batch], pad_to_multiple_of)
@@ -143,7 +197,9 @@ def queued_probs(model, tokenizer, encoded: list[list[int]], batches: list[list[
             # and the copy does not wait for the work queued on the GPU (a blocking one does).
             inputs = {key: value.to(device, non_blocking=True) for key, value in inputs.items()}
             out.append(task.probabilities(model(**inputs).logits.float(), temperature))
-    return torch.cat(out).cpu().numpy()
+            if represent:
+                reps.append(head.pooled(inputs["input_ids"]))
+    return torch.cat(out).cpu().numpy(), (torch.cat(reps).cpu().numpy() if represent else None)
 
 
 class HFClassifier:
@@ -154,7 +210,8 @@ class HFClassifier:
     forward beside it would only split the same cores or GPU, and double the activations)."""
 
     def __init__(self, backend: HFBackendConfig, labels: LabelSet, text_column: str, use_gpu: bool,
-                 storage: StorageConfig | None = None, task: Task = SINGLE_LABEL):
+                 storage: StorageConfig | None = None, task: Task = SINGLE_LABEL,
+                 distance: bool = False):
         require_cuda(use_gpu)
         self.backend = backend = local_backend(backend, storage)
         self.text_column = text_column
@@ -169,6 +226,8 @@ class HFClassifier:
         self.task = task
         # A multi-label head's thresholds, in the config's label order (else None).
         self.thresholds = task.model_thresholds(self.model.config.to_dict(), self.labels, backend.model)
+        # abstain.score: distance: the training rows' index and k (model_folder.py).
+        self.index, self.k = load_distance_index(backend.model, self.model.config) if distance else (None, 0)
         # A fast tokenizer is not safe to use from two threads at once ("Already borrowed").
         self.encode_lock, self.model_lock = threading.Lock(), threading.Lock()
 
@@ -180,11 +239,13 @@ class HFClassifier:
             encoded, truncated = encode_truncating(self.tokenizer, todo_texts, self.backend.max_length)
         with self.model_lock:
             started = time.monotonic()
-            probs = predict_probs(self.model, self.tokenizer, todo_texts, self.backend.max_length,
-                                  self.micro_batch, self.device, encoded, self.temperature,
-                                  self.task, self.pad_to_multiple_of)
+            probs, reps = predict(self.model, self.tokenizer, encoded, self.micro_batch, self.device,
+                                  self.temperature, self.task, self.pad_to_multiple_of,
+                                  represent=self.index is not None)
+            ood_score = (ood_scores(reps, self.index, self.k, self.backend.model)
+                         if self.index is not None else None)
             busy_s = time.monotonic() - started
         # Reorder the model's label columns into the config's label order.
         out = attach_probabilities(table, todo, probs[:, self.columns], self.labels, truncated,
-                                   self.task, self.thresholds)
+                                   self.task, self.thresholds, ood_score)
         return stamp(out, self.dtype, busy_s)

@@ -122,6 +122,12 @@ class BackendSection(Section):
         """The config's `labels`: its model has no id2label to take them from."""
         return False
 
+    @property
+    def gives_representation(self) -> bool:
+        """Each row's representation from the forward that labels it (abstain.score:
+        distance)."""
+        return False
+
 
 # hf and vllm_pool: whether the temperature the model folder carries is applied.
 CALIBRATED = Field(True, description="Apply the temperature `clsjob finetune` fitted on its eval "
@@ -150,6 +156,10 @@ class HFBackendConfig(BackendSection):
                             "BF16 or AMX), float16 on older GPUs, float32 on other CPUs. Each "
                             "part's choice is in the manifest.")
     calibrated: bool = CALIBRATED
+
+    @property
+    def gives_representation(self) -> bool:
+        return True
 
 
 class VLLMPoolBackendConfig(BackendSection):

@@ -218,16 +218,39 @@ class MonitorConfig(Section):
 
 
 class AbstainConfig(Section):
-    """Rows the model is not sure of get a fallback label (or none) instead of a guess."""
+    """Rows the model is not sure of, or that lie far from what it was trained on, get a
+    fallback label (or none) instead of a guess."""
+    score: Literal["confidence", "distance"] = Field(
+        "confidence", description="What decides: confidence (under `below`), or distance "
+                                  "(`ood_score` over `above`: the row's cosine distance to "
+                                  "its k-th nearest training row, in the fine-tuned model's "
+                                  "representation; hf, with a model fine-tuned with "
+                                  "training.distance_index_rows).")
     label: str | None = Field(
-        None, description="The fallback label for rows under the threshold: one more class "
+        None, description="The fallback label for rows the rule abstains on: one more class "
                           "in the metrics, or one of the model's own (an 'out of scope' class "
                           "it was trained with), scored as that class. None = no label, and "
-                          "the error `below confidence threshold <below>`.")
+                          "the error `below confidence threshold <below>` (or `over distance "
+                          "threshold <above>`).")
     below: float | None = Field(
-        None, gt=0, le=1, description="Confidence threshold (calibrated, when the model is). "
+        None, gt=0, le=1, description="score: confidence: the threshold (calibrated, when the "
+                                      "model is). None = the one `clsjob finetune` picked on its "
+                                      "eval rows (config.json's clsjob_abstain_below; hf and "
+                                      "vllm_pool).")
+    above: float | None = Field(
+        None, ge=0, le=2, description="score: distance: the threshold on ood_score (0 to 2). "
                                       "None = the one `clsjob finetune` picked on its eval rows "
-                                      "(config.json's clsjob_abstain_below; hf and vllm_pool).")
+                                      "(config.json's clsjob_distance).")
+
+    @model_validator(mode="after")
+    def _threshold_fits_the_score(self) -> "AbstainConfig":
+        if self.score == "distance" and self.below is not None:
+            raise ValueError("abstain.below is a confidence threshold; score: distance takes "
+                             "abstain.above")
+        if self.score == "confidence" and self.above is not None:
+            raise ValueError("abstain.above is a distance threshold; set score: distance, or "
+                             "use abstain.below")
+        return self
 
 
 class ClassifyConfig(Section):
@@ -297,6 +320,12 @@ class ClassifyConfig(Section):
             if not stage.backend.gives_confidence:
                 raise ValueError(f"abstain: {stage.key}backend.prompt.mode {stage.backend.prompt.mode} "
                                  f"gives no confidence to abstain on; use mode: score")
+        if self.abstain.score == "distance":
+            if len(stages) > 1 or not stages[0].backend.gives_representation:
+                raise ValueError(f"abstain.score: distance needs a row's representation, which "
+                                 f"only backend.kind hf gives (not {self.backend.kind}); use "
+                                 f"hf, or score: confidence")
+            return self
         # Only one fine-tuned classifier's folder carries a threshold to abstain under.
         folder_threshold = len(stages) == 1 and stages[0].backend.serves_classifier
         if not folder_threshold and self.abstain.below is None:

@@ -73,6 +73,15 @@ class TrainingConfig(Section):
                                       "written by merge, for classify's abstain.below) is the "
                                       "highest whose rows under it cost at most this share of "
                                       "eval accuracy, on calibrated confidence.")
+    distance_index_rows: int = Field(
+        0, ge=0, description="Keep up to this many training rows' representations in the model "
+                             "folder (a class-balanced sample, float16), for classify's "
+                             "abstain.score: distance, and pick its threshold on the eval rows "
+                             "within abstain_accuracy_loss. Costs one forward pass over these "
+                             "rows and the eval rows at the end. 0 = none. Single-label only.")
+    distance_k: int = Field(
+        10, gt=0, description="abstain.score: distance is the cosine distance to the k-th "
+                              "nearest row of that index.")
     report_to: list[Literal["mlflow", "tensorboard", "wandb"]] = Field(
         [], description="Experiment trackers to log to (none by default): the run's config, "
                         "each epoch's metrics and the final calibration, from rank 0.")
@@ -117,6 +126,9 @@ class FinetuneConfig(Section):
         check_task(self.task, self.train, "train")
         if self.eval is not None:
             check_task(self.task, self.eval, "eval")
+        if self.task == "multi_label" and self.training.distance_index_rows:
+            raise ValueError("training.distance_index_rows is for task: single_label (abstention "
+                             "is); leave it 0")
         return self
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -51,6 +52,9 @@ def merge(cfg: MergeConfig) -> str:
     def write(out: Path) -> None:
         model.save_pretrained(out, max_shard_size=cfg.max_shard_size)
         tokenizer.save_pretrained(out)
+        index = adapter / model_folder.DISTANCE_INDEX  # abstain.score: distance's
+        if index.exists():
+            shutil.copyfile(index, out / model_folder.DISTANCE_INDEX)
 
     model_cache.publish_folder(write, cfg.output, cfg.storage)
     log.info("merge: %s (+ %s) -> %s", info["base_model"], cfg.adapter, cfg.output)

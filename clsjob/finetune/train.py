@@ -26,12 +26,13 @@ from clsjob.evaluation.abstain import pick_threshold
 from clsjob.evaluation.calibration import calibrate
 from clsjob.evaluation.multilabel import count_multihot, summarize_multilabel, tune_thresholds
 from clsjob.finetune.data import check_inputs, encode, read_labelled, settle_labels
+from clsjob.finetune.distance_index import build_distance_index
 from clsjob.finetune.model import build_trainable, check_base_model, load_tokenizer
 from clsjob.finetune.summary import SUMMARY, peak_memory_gib  # noqa: F401  (re-exported)
 from clsjob.finetune.tracking import TRACKING, Tracker, check_installed, final_metrics
 from clsjob.finetune.trainer import build_trainer
 from clsjob.labels import LabelSet
-from clsjob.model_folder import scaled_softmax
+from clsjob.model_folder import DISTANCE_INDEX, scaled_softmax
 from clsjob.run.placement import check_placement, ensure_ray, training_demand
 from clsjob.task import Task
 
@@ -39,7 +40,7 @@ log = logging.getLogger("clsjob")
 # Settings that do not change what is trained: the run name (and so its checkpoints) ignores them.
 NOT_TRAINING = {"cluster": True, "storage": {"model_cache"},
                 "training": {"abstain_accuracy_loss", "threshold_min_support", "report_to",
-                             "tracking"}}
+                             "tracking", "distance_index_rows", "distance_k"}}
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
@@ -162,11 +163,16 @@ def train_in(cfg: FinetuneConfig, work: Path) -> None:
         # abstention threshold, or each label's decision threshold.
         evaluate = data.task.pick(final_evaluation, multilabel_evaluation)
         final_eval, calibration, thresholds = evaluate(trainer, data.eval_rows, data.labels, cfg.training)
+        # abstain.score: distance's index and threshold: rank 0 alone saves the model.
+        index, distance = None, None
+        if cfg.training.distance_index_rows and context.get_world_rank() == 0:
+            index, distance = build_distance_index(trainer.model, data.tokenizer, data.labels,
+                                                   data.train_rows, data.eval_rows, cfg.training, device)
         tracker.finish(final_metrics(final_eval, calibration), trainer.state.global_step)
         summary = training_summary(cfg, data, train_out, per_epoch, final_eval, calibration,
                                    weights, resume_from is not None, time.monotonic() - started,
-                                   device, thresholds)
-        report_final(trainer, data.tokenizer, summary, final_eval, work, tracker)
+                                   device, thresholds, distance)
+        report_final(trainer, data.tokenizer, summary, final_eval, work, tracker, index)
     finally:
         tracker.close()
 
@@ -252,7 +258,8 @@ def load_examples(cfg: FinetuneConfig, base: str) -> Examples:
 
 def training_summary(cfg: FinetuneConfig, data: Examples, train_out, per_epoch: list[dict],
                      final_eval: dict, calibration: dict | None, weights, resumed: bool,
-                     wall_s: float, device: str, thresholds: dict | None = None) -> dict:
+                     wall_s: float, device: str, thresholds: dict | None = None,
+                     distance: dict | None = None) -> dict:
     """What `clsjob_finetune.json` records (merge reads base_model, method, labels, task and
     thresholds)."""
     tokens = sum(len(r["input_ids"]) for r in data.train_rows) * cfg.training.epochs
@@ -272,6 +279,9 @@ def training_summary(cfg: FinetuneConfig, data: Examples, train_out, per_epoch: 
         # The temperature fitted on the eval rows, with ECE and NLL before and after, and
         # the abstention threshold picked on them (`abstain`).
         "calibration": calibration,
+        # training.distance_index_rows: the index's size, k and the distance threshold picked
+        # on the eval rows (distance_index.py).
+        "distance": distance,
         "train_loss": train_out.training_loss,
         "resumed_from_checkpoint": resumed,
         "wall_time_s": round(wall_s, 2),
@@ -283,9 +293,9 @@ def training_summary(cfg: FinetuneConfig, data: Examples, train_out, per_epoch: 
 
 
 def report_final(trainer, tokenizer, summary: dict, final_eval: dict, work: Path,
-                 tracker: Tracker) -> None:
+                 tracker: Tracker, index: np.ndarray | None = None) -> None:
     """Every worker must report; only rank 0 attaches the final model (and the trackers'
-    files)."""
+    files, and the distance index)."""
     checkpoint = None
     if ray.train.get_context().get_world_rank() == 0:
         out = work / "out"
@@ -293,6 +303,8 @@ def report_final(trainer, tokenizer, summary: dict, final_eval: dict, work: Path
         trainer.save_model(str(final))
         tokenizer.save_pretrained(final)
         (final / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
+        if index is not None:
+            np.save(final / DISTANCE_INDEX, index, allow_pickle=False)
         tracker.copy_into(final)
         checkpoint = ray.train.Checkpoint.from_directory(str(out))
     ray.train.report({k: v for k, v in final_eval.items() if isinstance(v, (int, float))},

@@ -13,7 +13,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from functools import reduce
 
-from clsjob import backends, store
+from clsjob import backends, model_cache, store
 from clsjob.config import CASCADE, ClassifyConfig
 from clsjob.contract import MANIFEST
 from clsjob.evaluation.abstain import scored_labels, settle_rule
@@ -47,8 +47,11 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
     labels, temperature = model.labels, model.temperature
     stage_temperatures = model.stage_temperatures
     if cfg.abstain is not None:  # a threshold left out is the model folder's
-        cfg = cfg.model_copy(update={"abstain": settle_rule(cfg.abstain, labels, model.config,
-                                                            getattr(cfg.backend, "model", None))})
+        folder = getattr(cfg.backend, "model", None)  # the one stage's (a cascade has none)
+        # score: distance reads an index beside config.json: is it there?
+        files = (model_cache.model_config(folder, cfg.storage)[1]
+                 if cfg.abstain.score == "distance" else [])
+        cfg = cfg.model_copy(update={"abstain": settle_rule(cfg.abstain, model.config, folder, files)})
     shards, bad_files = usable_shards(cfg, task)
     # Everything below writes to the output folder: one run at a time.
     with RunLock(cfg.output.path, cfg.storage, cfg.output.stale_lock_after_s) as lock:

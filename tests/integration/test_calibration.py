@@ -137,7 +137,8 @@ def test_abstention_relabels_unsure_rows_and_scores_the_fallback(qwen_model, lab
     assert all(b[i]["label"] == ("out_of_scope" if i in under else a[i]["label"]) for i in a)
     assert all(b[i]["confidence"] == a[i]["confidence"] and b[i]["error"] is None for i in a)
     manifest = json.loads((tmp_path / "abstained" / "_manifest.json").read_text())
-    assert manifest["abstain"] == {"label": "out_of_scope", "below": 0.36}
+    assert manifest["abstain"] == {"score": "confidence", "label": "out_of_scope", "below": 0.36,
+                                   "above": None}
     assert manifest["labels"] == list(LABELS)  # probs stay in the model's label order
     m = summary.metrics
     assert m["labels"] == [*LABELS, "out_of_scope"] and m["rows_scored"] == 60

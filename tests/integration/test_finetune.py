@@ -10,12 +10,14 @@ import torch
 from peft import PeftModel
 
 from clsjob.backends.hf import load_classifier, predict_probs
-from clsjob.config import FinetuneConfig, HFBackendConfig, MergeConfig, VLLMPoolBackendConfig, validate
+from clsjob.config import (ClassifyConfig, FinetuneConfig, HFBackendConfig, MergeConfig,
+                           VLLMPoolBackendConfig, validate)
 from clsjob.finetune.merge import merge
 from clsjob.finetune.model import load_base_classifier, load_tokenizer
 from clsjob.finetune.train import SUMMARY, run_finetune
 from clsjob.labels import LabelSet
-from helpers import sample_texts, write_shards
+from clsjob.run.pipeline import run_classify
+from helpers import check_output_contract, sample_texts, write_shards
 from tiny_models import build_qwen2_classifier
 from tracking_files import tensorboard_events, wandb_offline_run
 
@@ -42,6 +44,8 @@ def trained(ray_cluster, tmp_path_factory):
         "eval": {"path": str(root / "eval"), "label_column": "label"},
         "training": {"epochs": 3, "learning_rate": 3e-3, "batch_size": 16, "max_length": 48,
                      "lora_r": 8, "lora_alpha": 16,
+                     # abstain.score: distance's index: 20 training rows a label.
+                     "distance_index_rows": 60, "distance_k": 5,
                      # Every tracker, into files: the MLflow file store and W&B offline.
                      "report_to": ["mlflow", "tensorboard", "wandb"],
                      "tracking": {"experiment": "tiny-qwen", "wandb_mode": "offline"}},
@@ -122,6 +126,47 @@ def serve_with_vllm_pool(model: str, labels: LabelSet, texts: list[str]) -> list
     pool = VLLMPoolClassifier(VLLMPoolBackendConfig(model=model), labels, "text", False)
     out = pool(prepare_chunk(pa.table({"text": texts}), "s", 0, InputConfig(path="x")))
     return out.column("probs").to_pylist()
+
+
+def test_rows_far_from_the_training_rows_are_abstained_on_by_distance(trained, tmp_path):
+    """The index and the distance threshold the fine-tune picked on its eval rows travel with
+    the merged folder; classify scores every row in the same forward pass that labels it and
+    abstains on the rows unlike any the model was trained on."""
+    root, _, summary = trained
+    distance = summary["distance"]
+    assert distance["rows"] == 60 and distance["per_class"] == 20 and distance["k"] == 5
+    assert distance["eval_rows"] == 48 and 0 < distance["above"] < 2
+    # Within the 2-point budget on the eval rows (each of them right or not, it may give up
+    # at most floor(0.02 x 48) = 0 right rows).
+    assert distance["eval_rows_above"] <= 48 - 48 * summary["final_eval"]["eval_accuracy"]
+    folder = merge(validate({"adapter": str(root / "adapter"), "output": str(tmp_path / "merged")},
+                            model=MergeConfig))
+    assert json.loads((Path(folder) / "config.json").read_text())["clsjob_distance"] == {
+        "k": 5, "above": distance["above"], "rows": 60}
+    index = np.load(Path(folder) / "clsjob_distance_index.npy")
+    assert index.shape[0] == 60 and index.dtype == np.float16
+
+    in_scope = task_rows(40, 7)["text"][:40]
+    far = [f"{n} {n * 7} # {n * 13} % ~ {n * 31}" for n in range(40)]
+    write_shards(tmp_path / "in", [{"text": in_scope + far}])
+    out = check_output_contract(run_classify(validate({
+        "input": {"path": str(tmp_path / "in")},
+        "backend": {"model": folder, "max_length": 48},
+        "abstain": {"score": "distance", "label": "out_of_scope"},
+        "output": {"path": str(tmp_path / "out"), "rows_per_part": 30}}, model=ClassifyConfig)),
+        tmp_path / "out", rows=80, errored=0)
+    # Exactly the rows over the folder's threshold are abstained on.
+    assert [row["label"] == "out_of_scope" for row in out] == [
+        row["ood_score"] > distance["above"] for row in out]
+    by_text = {row["text"]: row for row in out}
+    score = {name: np.array([by_text[t]["ood_score"] for t in texts])
+             for name, texts in (("in", in_scope), ("far", far))}
+    kept = np.mean([by_text[t]["label"] != "out_of_scope" for t in in_scope])
+    # The far rows lie further out: most beyond nearly every in-scope row.
+    assert np.median(score["far"]) > 2 * np.median(score["in"])
+    assert np.mean(score["far"] > np.percentile(score["in"], 95)) >= 0.5
+    # The threshold picked on in-scope eval rows keeps in-scope rows.
+    assert kept >= 0.85
 
 
 def test_rerun_of_a_finished_finetune_does_nothing(trained):

@@ -9,6 +9,7 @@ import json
 import multiprocessing
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from clsjob import model_cache, store
@@ -17,7 +18,7 @@ from clsjob.finetune.merge import merge
 from clsjob.finetune.train import run_finetune
 from clsjob.run.pipeline import run_classify
 from faulty_s3 import FaultyS3
-from helpers import write_shards
+from helpers import check_output_contract, write_shards
 # Fixtures are found by name in the module that uses them.
 from s3_fixtures import BUCKET, SHARD_ROWS, S3, aws_env, ray_with_aws_env, s3  # noqa: F401
 from tiny_models import build_qwen2_classifier
@@ -129,12 +130,17 @@ def test_finetune_from_s3_to_s3_then_merge_and_classify_from_s3(s3, ray_with_aws
     run_finetune(validate({
         "base_model": f"s3://{BUCKET}/models/base",
         "train": {"path": str(tmp_path / "train"), "label_column": "label"},
-        "training": {"epochs": 1, "batch_size": 16, "max_length": 16, "lora_r": 4, "lora_alpha": 8},
+        "training": {"epochs": 1, "batch_size": 16, "max_length": 16, "lora_r": 4, "lora_alpha": 8,
+                     # abstain.score: distance's index: 8 training rows a label, each row's
+                     # distance to its nearest one. Plain LoRA: the merged model is then the
+                     # one the index was built with (QLoRA's is its 4-bit twin).
+                     "distance_index_rows": 16, "distance_k": 1, "quantization": "none"},
         "output": {"path": f"s3://{BUCKET}/models/adapter"},
         "storage": storage}, model=FinetuneConfig))
     adapter_keys = s3.client.list_objects_v2(Bucket=BUCKET, Prefix="models/adapter/")["Contents"]
     names = {o["Key"].removeprefix("models/adapter/") for o in adapter_keys}
-    assert {"adapter_model.safetensors", "adapter_config.json", "clsjob_finetune.json"} <= names
+    assert {"adapter_model.safetensors", "adapter_config.json", "clsjob_finetune.json",
+            "clsjob_distance_index.npy"} <= names
     assert json.loads(s3.read("models/adapter/clsjob_finetune.json"))["base_model"] == f"s3://{BUCKET}/models/base"
 
     merge(validate({"adapter": f"s3://{BUCKET}/models/adapter", "output": f"s3://{BUCKET}/models/merged",
@@ -142,9 +148,18 @@ def test_finetune_from_s3_to_s3_then_merge_and_classify_from_s3(s3, ray_with_aws
     merged = json.loads(s3.read("models/merged/config.json"))
     assert merged["architectures"] == ["Qwen2ForSequenceClassification"]
     assert set(merged["id2label"].values()) == {"billing", "delivery"}
+    # No eval rows: an index but no threshold, which classify must then be given.
+    assert merged["clsjob_distance"] == {"k": 1, "above": None, "rows": 16}
+    assert s3.read("models/merged/clsjob_distance_index.npy") == s3.read("models/adapter/clsjob_distance_index.npy")
 
     summary = run_classify(validate({
         "input": {"path": str(tmp_path / "train")},
         "backend": {"model": f"s3://{BUCKET}/models/merged", "max_length": 16},
+        "abstain": {"score": "distance", "above": 0.01, "label": "far"},
         "output": {"path": str(tmp_path / "out")}, "storage": storage}, model=ClassifyConfig))
-    assert summary.rows_out == 48 and summary.rows_errored == 0
+    out = check_output_contract(summary, tmp_path / "out", rows=48, errored=0)
+    scores = np.array([row["ood_score"] for row in out])
+    # The 16 indexed training rows find themselves: the back end measures in the space the
+    # fine-tune built the index in (float16 rows, a merged float32 model).
+    assert (scores < 0.005).sum() >= 16 and scores.min() >= -1e-3
+    assert [row["label"] == "far" for row in out] == list(scores > 0.01)

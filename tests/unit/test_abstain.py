@@ -4,7 +4,8 @@ import pytest
 
 from clsjob.config import AbstainConfig, ClassifyConfig, validate
 from clsjob.contract import RESULT_FIELDS
-from clsjob.evaluation.abstain import apply_abstention, pick_threshold, scored_labels, settle_rule
+from clsjob.evaluation.abstain import (apply_abstention, pick_distance_threshold, pick_threshold,
+                                       scored_labels, settle_rule)
 from clsjob.labels import LabelError, LabelSet
 
 LABELS = LabelSet(("billing", "delivery"))
@@ -69,12 +70,12 @@ def test_the_picked_threshold_is_the_highest_within_the_budget(seed):
 
 def test_settling_the_rule_on_the_driver():
     rule = AbstainConfig(label="oos", below=None)
-    assert settle_rule(rule, LABELS, {"clsjob_abstain_below": 0.61}, "m").below == 0.61
-    assert settle_rule(None, LABELS, None, "m") is None
+    assert settle_rule(rule, {"clsjob_abstain_below": 0.61}, "m").below == 0.61
+    assert settle_rule(None, None, "m") is None
     with pytest.raises(LabelError, match="carries no usable clsjob_abstain_below"):
-        settle_rule(rule, LABELS, {}, "m")
+        settle_rule(rule, {}, "m")
     # A model trained with an "out of scope" class of its own may name it as the fallback.
-    assert settle_rule(AbstainConfig(label="billing", below=0.5), LABELS, None, "m").label == "billing"
+    assert settle_rule(AbstainConfig(label="billing", below=0.5), None, "m").label == "billing"
 
 
 def test_a_fallback_that_is_a_model_label_is_scored_as_that_label():
@@ -95,3 +96,64 @@ def test_the_config_refuses_abstention_without_confidence():
     # A label of the model's own is a fallback like any other (scored as that label).
     assert validate({**base, "backend": {"model": "m"}, "abstain": {"label": "a", "below": 0.5}},
                     model=ClassifyConfig).abstain.label == "a"
+
+
+def scored_part(ood_score, error=None):
+    table = part([0.9] * len(ood_score), error)
+    return table.add_column(3, "ood_score", pa.array(ood_score, RESULT_FIELDS["ood_score"]))
+
+
+def test_by_distance_the_rows_over_the_threshold_abstain():
+    rule = AbstainConfig(score="distance", label="out_of_scope", above=0.25)  # exact in float32
+    out = apply_abstention(scored_part([0.1, 0.26, 0.25, None], [None, None, None, "text is empty"]), rule)
+    assert out.column("label").to_pylist() == ["billing", "out_of_scope", "billing", None]
+    assert out.column("ood_score").to_pylist()[1] == pytest.approx(0.26)  # kept, for the reader
+    out = apply_abstention(scored_part([0.5]), rule.model_copy(update={"label": None}))
+    assert out.column("label").to_pylist() == [None]
+    assert out.column("error").to_pylist() == ["over distance threshold 0.25"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_picked_distance_threshold_is_the_lowest_within_the_budget(seed):
+    rng = np.random.default_rng(seed)
+    n = 300
+    distance = np.round(rng.gamma(2.0, 0.1, size=n), 2)  # rounded: ties a threshold cannot split
+    right = rng.random(n) < 1 / (1 + np.exp(8 * (distance - 0.3)))  # further rows are wrong more
+    loss = [0.0, 0.02, 0.1][seed % 3]
+    above = pick_distance_threshold(distance, right, loss)
+
+    def cost(t):  # right rows given up (distance over t), as a share of all rows
+        return (right & (distance > t)).sum() / n
+
+    assert cost(above) <= loss + 1e-12
+    # Brute force over every candidate: none lower keeps within the budget.
+    lower = [t for t in np.unique(np.append(distance, distance.min() - 1)) if t < above]
+    assert all(cost(t) > loss for t in lower)
+
+
+def test_settling_a_distance_rule_reads_the_folder():
+    rule = AbstainConfig(score="distance", label="oos")
+    folder = {"clsjob_distance": {"k": 10, "above": 0.27, "rows": 100}}
+    files = ["config.json", "clsjob_distance_index.npy"]
+    assert settle_rule(rule, folder, "m", files).above == 0.27
+    assert settle_rule(rule.model_copy(update={"above": 0.5}), folder, "m", files).above == 0.5
+    with pytest.raises(LabelError, match="backend.model m has no clsjob_distance_index.npy"):
+        settle_rule(rule, folder, "m", ["config.json"])
+    with pytest.raises(LabelError, match="config.json has no clsjob_distance"):
+        settle_rule(rule, {}, "m", files)
+    no_eval = {"clsjob_distance": {"k": 10, "above": None, "rows": 100}}
+    with pytest.raises(LabelError, match="abstain.above is not set"):
+        settle_rule(rule, no_eval, "m", files)
+
+
+def test_the_config_keeps_each_threshold_to_its_score_and_distance_to_hf():
+    base = {"input": {"path": "x"}, "output": {"path": "y"}, "labels": ["a", "b"]}
+    with pytest.raises(Exception, match="score: distance takes abstain.above"):
+        AbstainConfig(score="distance", below=0.5)
+    with pytest.raises(Exception, match="abstain.above is a distance threshold"):
+        AbstainConfig(above=0.5)
+    assert validate({**base, "backend": {"model": "m"}, "abstain": {"score": "distance"}},
+                    model=ClassifyConfig).abstain.score == "distance"
+    with pytest.raises(Exception, match="only backend.kind hf gives \\(not vllm_pool\\)"):
+        validate({**base, "backend": {"kind": "vllm_pool", "model": "m"},
+                  "abstain": {"score": "distance"}}, model=ClassifyConfig)

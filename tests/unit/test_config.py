@@ -280,3 +280,11 @@ def test_multilabel_settings_that_cannot_work_are_refused_naming_the_key(tmp_pat
     with pytest.raises(ConfigError, match=r"train.label_separator applies to task: multi_label only"):
         validate({"base_model": "m", "train": {"path": "t", "label_column": "y", "label_separator": "|"},
                   "output": {"path": "o"}}, model=FinetuneConfig)
+
+
+def test_a_distance_index_is_for_single_label_fine_tunes():
+    cfg = {"base_model": "m", "train": {"path": "t", "label_column": "label"},
+           "training": {"distance_index_rows": 1000}, "output": {"path": "o"}}
+    assert validate(cfg, model=FinetuneConfig).training.distance_index_rows == 1000
+    with pytest.raises(Exception, match="training.distance_index_rows is for task: single_label"):
+        validate({**cfg, "task": "multi_label"}, model=FinetuneConfig)

@@ -10,11 +10,13 @@ import torch
 
 from clsjob.backends import GPUMissing, ModelError
 from clsjob.backends.hf import (HFClassifier, batching, check_model_folder, encode_truncating,
-                                length_sorted_batches, load_classifier, predict_probs, queued_probs)
+                                length_sorted_batches, load_classifier, predict, predict_probs,
+                                queued_probs)
 from clsjob.config import HFBackendConfig, InputConfig
 from clsjob.contract import DTYPE
 from clsjob.labels import LabelError, LabelSet
 from clsjob.precision import cpu_flags, resolve_dtype
+from clsjob.representation import HeadInput
 from clsjob.run.prepare import prepare_chunk
 from helpers import LABELS, sample_texts
 from tiny_models import build_qwen2_classifier
@@ -121,10 +123,17 @@ def test_gpu_queue_keeps_each_rows_probabilities(qwen_model):
     texts = sample_texts(24, seed=2)
     encoded, _ = encode_truncating(tok, texts, 64)
     batches = length_sorted_batches([len(ids) for ids in encoded], 8)
-    queued = queued_probs(model, tok, encoded, batches, "cpu")
+    queued, no_reps = queued_probs(model, tok, encoded, batches, "cpu")
     expected = predict_probs(model, tok, texts, 64, micro_batch=8, device="cpu")
     order = [i for batch in batches for i in batch]
     np.testing.assert_allclose(queued, expected[order], atol=1e-6)
+    assert no_reps is None
+    # With the head's input caught (abstain.score: distance), the representations queue too.
+    with HeadInput(model) as head:
+        _, queued_reps = queued_probs(model, tok, encoded, batches, "cpu", head=head)
+    _, reps = predict(model, tok, encoded, 8, "cpu", represent=True)
+    assert reps.shape == (24, model.config.hidden_size)
+    np.testing.assert_allclose(queued_reps, reps[order], atol=1e-5)
 
 
 def test_missing_pad_token_falls_back_and_truncation_applies(tmp_path):

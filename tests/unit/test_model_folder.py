@@ -41,6 +41,20 @@ def test_an_unusable_abstain_threshold_reads_as_none(below):
     assert model_folder.abstain_below({"clsjob_abstain_below": below}) is None
 
 
+def test_the_distance_index_settings_round_trip_and_bad_ones_name_the_folder():
+    summary = {"distance": {"k": 10, "above": 0.31, "rows": 500, "per_class": 250, "seconds": 3.0}}
+    keys = model_folder.written_keys(SINGLE_LABEL, summary)
+    assert keys == {"clsjob_distance": {"k": 10, "above": 0.31, "rows": 500}}
+    assert model_folder.distance_settings(keys, "m") == (10, 0.31)
+    # No eval rows: an index without a threshold.
+    assert model_folder.distance_settings({"clsjob_distance": {"k": 3, "above": None}}, "m") == (3, None)
+    with pytest.raises(ValueError, match="folder-x: config.json has no clsjob_distance"):
+        model_folder.distance_settings({}, "folder-x")
+    for bad in ({"k": 0, "above": 0.3}, {"k": 2.5, "above": 0.3}, {"k": 5, "above": 3}):
+        with pytest.raises(ValueError, match="positive integer k"):
+            model_folder.distance_settings({"clsjob_distance": bad}, "m")
+
+
 def module_imports(path: Path) -> set[str]:
     """The clsjob modules `path` imports, at the top or inside a function: a cycle broken by
     a function-level import is still two modules that cannot be read one without the other."""
