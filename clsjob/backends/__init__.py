@@ -142,6 +142,8 @@ def check_stages(stages: list[Stage], configured: LabelSet | None, storage,
 
 def check_task(backend: BackendSection, model: CheckedModel, task: Task) -> None:
     """A fine-tuned model folder serves the task it was trained for, with usable thresholds."""
+    if not isinstance(task, Task):  # a task's name compares unequal to every Task
+        raise TypeError(f"check_task takes the run's Task (Task.of(cfg.task)), not {task!r}")
     trained = Task.trained(model.config)
     if trained != task:
         raise ModelError(f"task: {task}, but backend.model {backend.model} was fine-tuned "

@@ -38,7 +38,7 @@ from clsjob.labels import LabelError, LabelSet
 from clsjob.prompts import (PromptTokens, asks_each_label, encode_rows, fit_reasoning,
                             load_json_answer, pick_examples, reasoning_schema, render_template,
                             tokenize_template)
-from clsjob.task import SINGLE_LABEL, Task
+from clsjob.task import MULTI_LABEL, SINGLE_LABEL, Task
 
 # The structured-outputs back ends that hold the reasoning's pattern and its length together
 # (auto sends such a schema to guidance: xgrammar refuses it); see prompts.reasoning_schema.
@@ -219,7 +219,7 @@ class Answers:
     errors: list[str | None]
     probs: np.ndarray | None = None
     reasoning: list[str | None] | None = None
-    confidence: np.ndarray | None = None  # a multi-label score: multilabel.decide's
+    confidence: np.ndarray | None = None  # a multi-label score: MULTI_LABEL.decide's
 
 
 class GeneratedAnswer:
@@ -446,9 +446,8 @@ class LabelYesNoScores:
             lp = out.outputs[0].logprobs[0]
             margin[i, k] = lp[self.yes].logprob - lp[self.no].logprob
         probs = 1 / (1 + np.exp(-margin / self.temperature_scale))
-        applies, confidence = multilabel.decide(probs, self.thresholds)
-        return Answers(labels=[np.flatnonzero(a).tolist() if failed[i] is None else None
-                               for i, a in enumerate(applies)],
+        answers, confidence = MULTI_LABEL.decide(probs, self.thresholds)
+        return Answers(labels=[a if failed[i] is None else None for i, a in enumerate(answers)],
                        errors=failed, probs=probs, confidence=confidence)
 
 

@@ -8,7 +8,7 @@ import pytest
 
 import torch
 
-from clsjob.backends import GPUMissing, ModelError
+from clsjob.backends import CheckedModel, GPUMissing, ModelError, check_task
 from clsjob.backends.hf import (HFClassifier, batching, check_model_folder, encode_truncating,
                                 length_sorted_batches, load_classifier, predict, predict_probs,
                                 queued_probs)
@@ -210,3 +210,9 @@ def test_actor_flags_truncated_rows(qwen_model):
     chunk = prepare_chunk(pa.table({"text": texts + [""]}), "s", 0, InputConfig(path="x"))
     out = HFClassifier(HFBackendConfig(model=str(qwen_model), max_length=32), None, "text", False)(chunk)
     assert out.column("truncated").to_pylist() == [False, True, None]
+
+
+def test_the_task_check_takes_a_task_not_its_name():
+    # A name compares unequal to every Task: the error would blame the model folder.
+    with pytest.raises(TypeError, match="takes the run's Task .*not 'single_label'"):
+        check_task(HFBackendConfig(model="m"), CheckedModel(LABELS, 1.0, {}), "single_label")
