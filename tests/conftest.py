@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from helpers import LABELS, TEST_AWS_ENV
+from ray_nodes import free_port
 from tiny_models import build_bert_classifier, build_qwen2_classifier
 
 
@@ -18,7 +19,10 @@ def ray_cluster():
     # 4 logical CPUs on 2 cores: the shard reader, the classifier actor and the writer must
     # all get a slot (reader and writer are I/O-light). OWN_CLUSTER: Ray Train's cleaner
     # must not ask another Ray on the machine (a test's `ray start`) about this one's runs.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    # It asks through the state API, which is the dashboard's: without a dashboard of its own
+    # it reaches another Ray's on the default port (a benchmark's), hears "no such actor" and
+    # kills a live fine-tune. A dashboard of its own, on a port nobody else holds.
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_port=free_port(), log_to_driver=False,
              runtime_env={"env_vars": TEST_AWS_ENV, **OWN_CLUSTER})
     yield ray
     ray.shutdown()
