@@ -43,7 +43,6 @@ from finetune_accuracy import MODELS, finetune_minilm
 
 OPEN = "out_of_scope"
 BUDGETS = (0.02, 0.05, 0.10)  # share of eval accuracy a threshold may cost
-SCORES = ("msp", "calibrated msp", "distance", "either")
 # TEXTOIR's Banking figures at 75% known, all test rows (the issue's table; BERT-base).
 PUBLISHED_75 = {"MSP": (75.89, 39.23, 84.36), "(K+1)-way": (79.90, 62.13, 85.62),
                 "ADB": (81.08, 66.47, 86.29), "DA-ADB": (81.18, 69.51, 85.96)}
@@ -92,9 +91,10 @@ def classify(work: Path, split: str) -> dict:
         "resources": {"cpus_per_actor": 2},
         "output": {"path": str(work / f"out-{split}"), "rows_per_part": 1024},
     }, model=ClassifyConfig))
-    rows = read_output(work / f"out-{split}", ["gold", "probs", "confidence", "ood_score"])
+    rows = read_output(work / f"out-{split}", ["text", "gold", "probs", "confidence", "ood_score"])
     labels = json.loads((work / f"out-{split}" / "_manifest.json").read_text())["labels"]
-    return {"gold": np.array(rows.column("gold").to_pylist()), "labels": labels,
+    return {"text": rows.column("text").to_pylist(),
+            "gold": np.array(rows.column("gold").to_pylist()), "labels": labels,
             "probs": np.array(rows.column("probs").to_pylist(), dtype=np.float64),
             "confidence": np.array(rows.column("confidence").to_pylist(), dtype=np.float64),
             "ood_score": np.array(rows.column("ood_score").to_pylist(), dtype=np.float64),
@@ -107,7 +107,45 @@ def keep_scores(run: dict, temperature: float) -> dict:
     from clsjob.model_folder import rescale_probs
 
     raw = rescale_probs(run["probs"], 1 / temperature).max(axis=1)  # undo the temperature
-    return {"msp": raw, "calibrated msp": run["confidence"], "distance": -run["ood_score"]}
+    scores = {"msp": raw, "calibrated msp": run["confidence"], "distance": -run["ood_score"]}
+    if "mahalanobis" in run:
+        scores["mahalanobis"] = -run["mahalanobis"]
+    return scores
+
+
+def add_mahalanobis(work: Path, runs: dict) -> dict:
+    """Each run's Mahalanobis distance (distance.py's ClassGaussians: class means and one shared
+    covariance, fitted on every training row's representation at unit length), the issue's
+    second choice beside kNN. The product does not serve it, so this is a bench-side pass over
+    the rows with the merged model; its kNN distance, recomputed from the same
+    representations against the folder's index, must match the pipeline's `ood_score`."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from clsjob.backends.hf import encode_truncating, predict
+    from clsjob.evaluation.distance import ClassGaussians, knn_distance, normalized
+
+    started = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(work / "model")
+    model = AutoModelForSequenceClassification.from_pretrained(work / "model").eval()
+
+    def represent(texts: list[str]) -> np.ndarray:
+        encoded, _ = encode_truncating(tokenizer, texts, 64)
+        return normalized(predict(model, tokenizer, encoded, 64, "cpu", represent=True)[1])
+
+    train = pq.read_table(work / "train" / "part-0.parquet")
+    gaussians = ClassGaussians.fit(represent(train.column("text").to_pylist()),
+                                   np.array(train.column("label").to_pylist()))
+    index = np.load(work / "model" / "clsjob_distance_index.npy")
+    k = json.loads((work / "model" / "config.json").read_text())["clsjob_distance"]["k"]
+    knn_gap = 0.0
+    for run in runs.values():
+        reps = represent(run["text"])
+        run["mahalanobis"] = gaussians.distance(reps)
+        knn_gap = max(knn_gap, float(np.abs(knn_distance(reps, index, k) - run["ood_score"]).max()))
+    if knn_gap > 5e-3:
+        raise SystemExit(f"{work}: the bench's representations are not the pipeline's "
+                         f"(kNN distance differs by {knn_gap:.4f})")
+    return {"mahalanobis_seconds": round(time.monotonic() - started, 1), "knn_gap": knn_gap}
 
 
 def thresholds(eval_run: dict, temperature: float, budget: float) -> dict:
@@ -160,6 +198,7 @@ def one_split(model: str, task: dict, known_share: float, seed: int, args, root:
     trained = json.loads((work / "ft" / "clsjob_finetune.json").read_text())
     temperature = trained["calibration"]["temperature"]
     runs = {name: classify(work, name) for name in ("eval", "test", "far")}
+    extra = add_mahalanobis(work, runs) if args.mahalanobis else {}
     known = [name for name in runs["eval"]["labels"] if name != OPEN]  # the model's labels
     result = {"known_share": known_share, "seed": seed, **split, "temperature": temperature,
               "distance": trained["distance"], "finetune_wall_s": trained["wall_time_s"],
@@ -167,7 +206,7 @@ def one_split(model: str, task: dict, known_share: float, seed: int, args, root:
               "closed_set_accuracy": float(np.mean(
                   (np.array(runs["test"]["labels"])[runs["test"]["probs"].argmax(axis=1)]
                    == runs["test"]["gold"])[runs["test"]["gold"] != OPEN])),
-              "test_rows_per_s": runs["test"]["rows_per_s"], "rules": {}}
+              "test_rows_per_s": runs["test"]["rows_per_s"], **extra, "rules": {}}
     for budget in BUDGETS:
         for name, rule in thresholds(runs["eval"], temperature, budget).items():
             result["rules"][f"{name} @ {budget:g}"] = {
@@ -207,6 +246,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, help="override the model's Banking77 epochs")
     parser.add_argument("--k", type=int, default=10, help="training.distance_k")
     parser.add_argument("--train-limit", type=int, help="smoke runs: train on this many rows")
+    parser.add_argument("--mahalanobis", action="store_true",
+                        help="also score by Mahalanobis distance (a bench-side pass over the rows)")
     parser.add_argument("--work", type=Path)
     parser.add_argument("--out")
     args = parser.parse_args()

@@ -75,6 +75,8 @@ class ClassGaussians:
     def distance(self, queries: np.ndarray) -> np.ndarray:
         """The Mahalanobis distance of each query to its nearest class mean."""
         q = np.asarray(queries, dtype=np.float64)
-        diff = q[:, None, :] - self.means[None, :, :]  # rows x classes x dim
-        squared = np.einsum("rcd,de,rce->rc", diff, self.precision, diff)
+        # (q - m)' P (q - m) expanded, so no rows x classes x dim array is ever built.
+        qp = q @ self.precision
+        squared = ((qp * q).sum(axis=1)[:, None] - 2 * qp @ self.means.T
+                   + ((self.means @ self.precision) * self.means).sum(axis=1)[None, :])
         return np.sqrt(np.maximum(squared.min(axis=1), 0.0))
