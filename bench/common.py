@@ -167,7 +167,7 @@ def write_shards(table: pa.Table, folder: Path, shards: int) -> Path:
 def classify_config(shards: Path, out: Path, backend: dict, *, rows_per_part: int,
                     actors: int = 1, cpus_per_actor: float = 1, labels: list | None = None,
                     label_column: str | None = None, carry_columns: tuple[str, ...] = (),
-                    source: str = "bench"):
+                    source: str = "bench", parts_per_call: int | None = None):
     """A classify run over `shards` as a benchmark runs it: overwriting its output."""
     from clsjob.config import ClassifyConfig, validate
 
@@ -175,7 +175,8 @@ def classify_config(shards: Path, out: Path, backend: dict, *, rows_per_part: in
                                "carry_columns": list(carry_columns)},
                      "labels": labels, "backend": backend,
                      "resources": {"actors": actors, "cpus_per_actor": cpus_per_actor},
-                     "output": {"path": str(out), "overwrite": True, "rows_per_part": rows_per_part}},
+                     "output": {"path": str(out), "overwrite": True, "rows_per_part": rows_per_part,
+                                "parts_per_call": parts_per_call}},
                     model=ClassifyConfig, source=source)
 
 

@@ -8,10 +8,12 @@ For each corpus (rows in file order, as a user's shards hold them) and tokenizer
 from `make models`), every row is tokenised as the actor does (max_length 512, cut rows
 flagged), then batched five ways:
   chunk-32       sorted by length within each 1,024-row chunk (output.rows_per_part), 32 rows
-                 a forward pass: today's CPU default
-  chunk-128      the same at 128 rows: the GPU default (issue 31)
+                 a forward pass: the CPU default (output.parts_per_call 1)
+  chunk-128      the same at 128 rows (the GPU micro-batch) with one part a call
   window-2x128   sorted within two chunks at once (the calls in flight, calls_per_actor 2)
-  part8k-128     chunks of 8,192 rows (output.rows_per_part 8192: a setting users have today)
+  parts4-32      4 chunks a call (output.parts_per_call 4) at 32 rows
+  part8k-128     8 chunks a call at 128 rows: the GPU default (output.parts_per_call 8); the
+                 same batches as chunks of 8,192 rows (output.rows_per_part 8192)
   global-128     sorted over the whole corpus: the floor no chunked reader can beat
   chunk-128-b8   chunk-128 with every batch padded to a multiple of 8 tokens (length
   chunk-128-b16  buckets: the shapes a GPU sees), and 16; and how many distinct shapes each makes
@@ -66,7 +68,8 @@ def measure(lengths: list[int], window: int, micro_batch: int, multiple: int = 1
 
 
 SCHEMES = {"chunk-32": (CHUNK, 32, 1), "chunk-128": (CHUNK, 128, 1),
-           "window-2x128": (2 * CHUNK, 128, 1), "part8k-128": (8 * CHUNK, 128, 1),
+           "window-2x128": (2 * CHUNK, 128, 1), "parts4-32": (4 * CHUNK, 32, 1),
+           "part8k-128": (8 * CHUNK, 128, 1),
            "global-128": (None, 128, 1),
            "chunk-128-b8": (CHUNK, 128, 8), "chunk-128-b16": (CHUNK, 128, 16)}
 

@@ -203,7 +203,8 @@ def queued_probs(model, tokenizer, encoded: list[list[int]], batches: list[list[
 
 
 class HFClassifier:
-    """Ray Data actor: loads the model once, labels one prepared chunk per call.
+    """Ray Data actor: loads the model once, labels one block of prepared chunks per call
+    (output.parts_per_call), its rows sorted by length together.
 
     Ray Data may run several calls at once (resources.calls_per_actor): one chunk is
     tokenised while another's runs through the model, which takes one at a time (a second

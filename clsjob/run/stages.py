@@ -1,8 +1,8 @@
 """The Ray Data graph of a classify run and its stages: read (a task per shard, chunks of
-`output.rows_per_part` rows, prepared), classify (the back end's actor pool, one whole chunk
-per call) and write (a task per chunk: one part, and its PartRecord with the metric
-counts). Chunks stay whole from read to write: part names are stable, and rows out = rows in
-is checked per part."""
+`output.rows_per_part` rows, prepared, handed on `output.parts_per_call` chunks a block),
+classify (the back end's actor pool, one block per call) and write (a task per block: one
+part per chunk, and its PartRecord with the metric counts). Chunks stay whole from read to
+write: part names are stable, and rows out = rows in is checked per part."""
 from __future__ import annotations
 
 import warnings
@@ -38,7 +38,8 @@ def stream_labelled_parts(cfg: ClassifyConfig, task: Task, labels: LabelSet,
     ds.context.target_max_block_size = None
     ds = ds.map_batches(read_chunks, batch_size=1, batch_format="pyarrow",
                         fn_kwargs={"input_cfg": cfg.input, "chunk_rows": cfg.output.rows_per_part,
-                                   "storage": cfg.storage, "task": task})
+                                   "parts_per_call": cfg.parts_per_call(), "storage": cfg.storage,
+                                   "task": task})
     # One actor pool per stage: the one back end, or each stage of a cascade (cascade.py).
     for stage, actor, kwargs in stage_actors(cfg, labels):
         with warnings.catch_warnings():
@@ -67,17 +68,25 @@ def actor_pool(resources) -> ray.data.ActorPoolStrategy:
     return ray.data.ActorPoolStrategy(min_size=least, max_size=most, **calls)
 
 
-def read_chunks(batch: pa.Table, input_cfg: InputConfig, chunk_rows: int,
+def read_chunks(batch: pa.Table, input_cfg: InputConfig, chunk_rows: int, parts_per_call: int,
                 storage: StorageConfig, task: Task) -> Iterator[pa.Table]:
-    """Read stage (Ray task): one shard -> prepared chunks of `chunk_rows` rows."""
+    """Read stage (Ray task): one shard -> prepared chunks of `chunk_rows` rows, each with its
+    own part name, yielded `parts_per_call` at a time as one block (the last may hold fewer):
+    a block is what one back-end call gets, so hf sorts its rows by length together."""
     for path, key in zip(batch.column("path").to_pylist(), batch.column("key").to_pylist()):
+        block = []
         for start, table in store.iter_shard(path, needed_columns(input_cfg), chunk_rows, storage):
-            yield prepare_chunk(table, key, start, input_cfg, task)
+            block.append(prepare_chunk(table, key, start, input_cfg, task))
+            if len(block) == parts_per_call:
+                yield pa.concat_tables(block)
+                block = []
+        if block:
+            yield pa.concat_tables(block)
 
 
 def write_parts(table: pa.Table, cfg: ClassifyConfig, task: Task, labels: LabelSet,
                 review_rows: int = 0, temperature: float | None = None) -> pa.Table:
-    """Write stage (Ray task): each labelled chunk becomes one part, rows under the
+    """Write stage (Ray task): each labelled chunk of the block becomes one part, rows under the
     abstention threshold relabelled; returns one PartRecord row per part (counted over
     `labels`, the classes scored), so the driver never re-reads the output to evaluate it."""
     records = []

@@ -139,6 +139,26 @@ def test_rerun_gives_the_same_rows_and_ids(qwen_model, ray_cluster, tmp_path):
     assert a.sort_by("id").to_pylist() == b.sort_by("id").to_pylist()
 
 
+def test_parts_sharing_a_call_are_written_as_the_same_parts(qwen_model, ray_cluster, tmp_path):
+    """output.parts_per_call 3: one call sorts three parts' rows by length together, yet each
+    part is written under its own name with its own rows, labelled as alone."""
+    inp, rows_in = corpus(tmp_path, shards=2, rows=40)
+    alone = run_classify(config(qwen_model, inp, tmp_path / "a", output={"rows_per_part": 16}))
+    shared = run_classify(config(qwen_model, inp, tmp_path / "b",
+                                 output={"rows_per_part": 16, "parts_per_call": 3}))
+    assert shared.rows_out == alone.rows_out == rows_in
+    names = sorted(p.name for p in (tmp_path / "a").glob("*.parquet"))
+    assert len(names) == 6 and names == sorted(p.name for p in (tmp_path / "b").glob("*.parquet"))
+    for name in names:
+        a, b = pq.read_table(tmp_path / "a" / name), pq.read_table(tmp_path / "b" / name)
+        assert a.column("id").to_pylist() == b.column("id").to_pylist()
+        assert a.column("label").to_pylist() == b.column("label").to_pylist()
+        a_probs, b_probs = a.column("probs").to_pylist(), b.column("probs").to_pylist()
+        assert [p is None for p in a_probs] == [p is None for p in b_probs]
+        for x, y in zip(a_probs, b_probs):  # other micro-batches: the same up to float error
+            assert x is None or y == pytest.approx(x, abs=1e-5)
+
+
 def test_an_autoscaling_actor_pool_labels_every_row(qwen_model, ray_cluster, tmp_path):
     inp, rows_in = corpus(tmp_path, shards=2, rows=40)
     summary = run_classify(config(qwen_model, inp, tmp_path / "out", resources={"actors": [1, 2]},

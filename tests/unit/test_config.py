@@ -178,6 +178,22 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(bad, model=ClassifyConfig)
 
 
+def test_parts_per_call_defaults_by_device_and_the_users_value_wins(tmp_path):
+    from clsjob.run.resume import work_hash
+
+    def load(*sets):
+        return load_config(minimal(tmp_path), list(sets), model=ClassifyConfig)
+
+    assert load().parts_per_call() == 1
+    assert load("resources.gpus_per_actor=1").parts_per_call() == 8
+    assert load("resources.gpus_per_actor=1", "output.parts_per_call=2").parts_per_call() == 2
+    assert load("output.parts_per_call=4").parts_per_call() == 4
+    with pytest.raises(ConfigError, match="output.parts_per_call"):
+        load("output.parts_per_call=0")
+    # Which parts share a call changes no part: a rerun with another value resumes.
+    assert work_hash(load("output.parts_per_call=4")) == work_hash(load())
+
+
 def test_config_is_frozen_and_hash_follows_content(tmp_path):
     a = load_config(minimal(tmp_path), model=ClassifyConfig)
     b = load_config(minimal(tmp_path), ["resources.batch_size=7"], model=ClassifyConfig)

@@ -13,6 +13,26 @@ from clsjob.task import MULTI_LABEL
 LOCAL = StorageConfig()
 
 
+def test_a_shard_is_read_as_blocks_of_whole_parts(tmp_path):
+    """parts_per_call chunks go on as one block (one back-end call), each keeping its own part
+    name and row count, so the writer splits the block back into the same parts."""
+    from clsjob.run.stages import read_chunks
+    from clsjob.task import SINGLE_LABEL
+
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(10)]}), tmp_path / "s.parquet")
+    shard = pa.table({"path": [str(tmp_path / "s.parquet")], "key": ["s.parquet"]})
+    cfg = InputConfig(path=str(tmp_path))
+    one = list(read_chunks(shard, cfg, 3, 1, LOCAL, SINGLE_LABEL))
+    blocks = list(read_chunks(shard, cfg, 3, 2, LOCAL, SINGLE_LABEL))
+    assert [b.num_rows for b in one] == [3, 3, 3, 1]
+    assert [b.num_rows for b in blocks] == [6, 4]
+    assert [sorted(set(b.column(PART).to_pylist())) for b in blocks] == [
+        [part_name("s.parquet", 0), part_name("s.parquet", 3)],
+        [part_name("s.parquet", 6), part_name("s.parquet", 9)]]
+    assert pa.concat_tables(blocks).equals(pa.concat_tables(one))
+    assert pa.concat_tables(blocks).column(PART_ROWS).to_pylist() == [3] * 9 + [1]
+
+
 def test_derived_ids_follow_shard_and_row_position():
     cfg = InputConfig(path="x")
     table = pa.table({"text": ["a", "b", "c"]})
