@@ -18,7 +18,10 @@ so the whole run, imports included, ends within --budget-s (330 s on a GPU):
              - hf: the back end's actor (HFClassifier, called directly on 1,024-row Arrow
                chunks as Ray Data calls it: tokenising, length-sorting, micro-batching,
                softmax, output columns), at micro_batch_size 32 (the default before
-               issue 31; 128 is the GPU default now) and larger
+               issue 31; 128 is the GPU default now) and larger; then at 128 on calls of 8
+               chunks (output.parts_per_call's GPU default: rows sorted over 8,192), alone,
+               with length buckets of 16 tokens (backend.pad_to_multiple_of), and with
+               buckets and cuDNN attention allowed again (its plans reused across few shapes)
              - model only: predict_probs on the same rows already tokenised
              - dense: one micro-batch of 256-token rows without padding, forward only,
                timed by CUDA events (what the model itself reaches at that shape)
@@ -78,6 +81,9 @@ from transformers import (BertConfig, BertForSequenceClassification,  # noqa: E4
 from clsjob.backends.hf import (GPU_ATTENTION, HFClassifier, encode_truncating,  # noqa: E402
                                 length_sorted_batches, predict_probs)
 from clsjob.config import FinetuneConfig, HFBackendConfig, MergeConfig, OutputConfig, validate  # noqa: E402
+from clsjob.config.classify import GPU_PARTS_PER_CALL  # noqa: E402
+
+BUCKET = 16  # the length buckets measured (backend.pad_to_multiple_of)
 from clsjob.finetune.merge import merge  # noqa: E402
 from clsjob.finetune.model import build_trainable, load_tokenizer  # noqa: E402
 from clsjob.finetune.summary import SUMMARY, peak_memory_gib  # noqa: E402
@@ -334,13 +340,14 @@ class FlopModel:
         return float(sum(self.row(s) for s in lengths))
 
 
-def padded_tokens(lengths: list[int], chunk: int, micro_batch: int) -> int:
+def padded_tokens(lengths: list[int], chunk: int, micro_batch: int, multiple: int = 1) -> int:
     """Tokens the model computes, padding included, when the actor gets `chunk`-row chunks and
-    length-sorts each into micro-batches (as HFClassifier does)."""
+    length-sorts each into micro-batches (as HFClassifier does), each padded to a multiple."""
     total = 0
     for start in range(0, len(lengths), chunk):
         part = lengths[start:start + chunk]
-        total += sum(len(b) * max(part[i] for i in b) for b in length_sorted_batches(part, micro_batch))
+        total += sum(len(b) * -(-max(part[i] for i in b) // multiple) * multiple
+                     for b in length_sorted_batches(part, micro_batch))
     return total
 
 
@@ -360,18 +367,31 @@ def repeated(run: Callable[[], object], repeats: int, deadline: float) -> list[f
 
 
 def hf_actor(classifier: HFClassifier, backend: HFBackendConfig, chunks: list[pa.Table],
-             micro_batch: int, repeats: int, deadline: float) -> list[float]:
-    """The actor over every chunk with `micro_batch_size` set as a user's config sets it."""
-    classifier.backend = backend.model_copy(update={"micro_batch_size": micro_batch})
-    # The actor reads its batching once, at start (hf.batching). Exact lengths, as the first
-    # GPU run measured: this script does not sweep pad_to_multiple_of yet (issue 31).
-    classifier.micro_batch, classifier.pad_to_multiple_of = micro_batch, 1
+             micro_batch: int, repeats: int, deadline: float, multiple: int = 1,
+             cudnn: bool = False) -> list[float]:
+    """The actor over every chunk with `micro_batch_size` and `pad_to_multiple_of` set as a
+    user's config sets them; `cudnn`: with cuDNN attention first among the kernels, as SDPA
+    would pick it, instead of the hf path's GPU_ATTENTION."""
+    from torch.nn.attention import SDPBackend
+
+    from clsjob.backends import hf
+
+    classifier.backend = backend.model_copy(update={"micro_batch_size": micro_batch,
+                                                    "pad_to_multiple_of": multiple})
+    # The actor reads its batching once, at start (hf.batching).
+    classifier.micro_batch, classifier.pad_to_multiple_of = micro_batch, multiple
     labelled: list[pa.Table] = []
+    kernels = hf.GPU_ATTENTION
 
     def run() -> None:
         labelled[:] = [classifier(chunk) for chunk in chunks]  # probabilities end on the host
 
-    seconds = repeated(run, repeats, deadline)
+    # queued_probs reads the module's list at each call: a candidate, not a change.
+    hf.GPU_ATTENTION = [SDPBackend.CUDNN_ATTENTION, *kernels] if cudnn else kernels
+    try:
+        seconds = repeated(run, repeats, deadline)
+    finally:
+        hf.GPU_ATTENTION = kernels
     if sum(table.column("label").null_count for table in labelled):
         raise RuntimeError("the hf back end left rows without a label")
     return seconds
@@ -490,7 +510,8 @@ def inference(name: str, folder: Path, profile: Profile, device: str, deadline: 
             continue
         seconds = hf_actor(classifier, backend, chunks, micro_batch, profile.repeats, hf_deadline)
         padded = padded_tokens(lengths, chunk, micro_batch)
-        result["hf"].append({"micro_batch_size": micro_batch, "runs_s": [round(s, 3) for s in seconds],
+        result["hf"].append({"micro_batch_size": micro_batch, "parts_per_call": 1,
+                             "runs_s": [round(s, 3) for s in seconds],
                              "padded_tokens": padded, "padding_share": 1 - useful / padded,
                              **rate(len(texts), useful, total_flops, statistics.median(seconds),
                                     matmul_tflops)})
@@ -503,6 +524,24 @@ def inference(name: str, folder: Path, profile: Profile, device: str, deadline: 
                                      **rate(len(texts), useful, total_flops, model_s, matmul_tflops)})
         result["dense"].append(dense_forward(model, micro_batch, device, len(tokenizer),
                                              matmul_tflops, flops))
+    # The GPU defaults together: 128-row micro-batches (the profile's second) sorted over
+    # the rows of output.parts_per_call chunks, as one call gets them; then with length
+    # buckets, and with buckets and cuDNN attention (most telling first: time may run out).
+    micro_batch, call_rows = profile.micro_batches[1], chunk * GPU_PARTS_PER_CALL
+    for multiple, cudnn in ((1, False), (BUCKET, True), (BUCKET, False)):
+        what = f"{GPU_PARTS_PER_CALL} parts a call, buckets of {multiple}, cuDNN {cudnn}"
+        if time.monotonic() > hf_deadline:
+            result["notes"].append(f"hf at {what}: skipped, the part's time was spent")
+            continue
+        seconds = hf_actor(classifier, backend, arrow_chunks(texts, call_rows), micro_batch,
+                           profile.repeats, hf_deadline, multiple, cudnn)
+        padded = padded_tokens(lengths, call_rows, micro_batch, multiple)
+        result["hf"].append({"micro_batch_size": micro_batch, "parts_per_call": GPU_PARTS_PER_CALL,
+                             "pad_to_multiple_of": multiple, "cudnn_attention": cudnn,
+                             "runs_s": [round(s, 3) for s in seconds], "padded_tokens": padded,
+                             "padding_share": 1 - useful / padded,
+                             **rate(len(texts), useful, total_flops, statistics.median(seconds),
+                                    matmul_tflops)})
     result["shape_cost"] = shape_cost(model, device, len(tokenizer))
     result["peak_memory_gib"] = peak_memory_gib(device)
     del classifier, model
@@ -629,7 +668,7 @@ def finetune_and_merge(name: str, profile: Profile, device: str, workdir: Path,
     merge_start = time.perf_counter()
     merged = merge(validate({"adapter": str(adapter), "output": str(workdir / f"{name}-merged")},
                             model=MergeConfig))
-    result.update(merge_s=time.perf_counter() - merge_start, merged_gib=folder_gib(merged))
+    result.update(merge_s=time.perf_counter() - merge_start, merged_gib=folder_gib(Path(merged)))
     return result
 
 
@@ -701,6 +740,12 @@ def markdown(report: dict) -> str:
         for path in ("hf", "model_only", "dense", "naive"):
             for e in inf[path]:
                 batch = e.get("micro_batch_size", e.get("batch_size"))
+                if e.get("parts_per_call", 1) > 1:
+                    batch = f"{batch}, {e['parts_per_call']} parts a call"
+                if e.get("pad_to_multiple_of", 1) > 1:
+                    batch += f", buckets of {e['pad_to_multiple_of']}"
+                if e.get("cudnn_attention"):
+                    batch += ", cuDNN attention"
                 lines.append(f"| {name} | {path} | {batch} | {e['rows_per_s']:,.0f} | "
                              f"{e['tokens_per_s']:,.0f} | {e['achieved_tflops']:.1f} | "
                              f"{cell(e['mfu'], '.1%')} | {cell(e.get('padding_share'), '.1%')} | "
