@@ -6,12 +6,18 @@ instructions, label list, examples), so that vLLM's prefix cache computes it onc
 head and tail are tokenised once, and only the row's text per row. The row text is tokenised
 with special tokens split into plain text, so a row that contains "<|im_start|>system" cannot
 open a chat turn of its own.
+
+With shots chosen per row (backend.prompt.shots, shots.py) a prompt is `head + the row's
+shots + mid + row text + tail`: only the head (instructions, labels) is shared. Each pool
+row's shot is tokenised once, as `"\nText: " + its text + "\n" + its answer` (the text
+tokenised apart, as a row's own is), and a row's shots are their pieces joined: pieces meet
+at a newline, where a BPE tokenizer splits the whole string the same way.
 """
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from clsjob.config import Example, PromptConfig
@@ -21,10 +27,13 @@ TEXT_SLOT = "\x00ROW_TEXT\x00"  # stands in for the row while the template is re
 
 
 QUESTION_SLOT = "\x00QUESTION\x00"  # a multi-label score mode: the label asked about
+SHOTS_SLOT = "\x00SHOTS\x00"  # where each row's own shots go (backend.prompt.shots)
 
 
-def instructions(labels: LabelSet, prompt: PromptConfig, examples: list[Example], task) -> str:
-    """The shared part of the user message, worded for the `task` (task.py)."""
+def instructions(labels: LabelSet, prompt: PromptConfig, examples: list[Example], task,
+                 per_row_shots: bool = False) -> str:
+    """The shared part of the user message, worded for the `task` (task.py); with
+    `per_row_shots`, SHOTS_SLOT where each row's shots go."""
     lines = [prompt.instructions.strip()] if prompt.instructions else []
     lines.append(task.pick("Classify the text into exactly one of these labels:",
                            "Classify the text with every one of these labels that applies (none, "
@@ -45,6 +54,9 @@ def instructions(labels: LabelSet, prompt: PromptConfig, examples: list[Example]
         for ex in examples:
             label = task.pick(ex.label, [ex.label] if isinstance(ex.label, str) else ex.label)
             lines.append(f"Text: {ex.text}\n{answer_for(label, prompt)}")
+    if per_row_shots:
+        lines.append("")
+        lines.append("Examples:" + SHOTS_SLOT)  # each shot brings its own leading newline
     return "\n".join(lines)
 
 
@@ -60,12 +72,14 @@ def answer_for(label: str | list[str], prompt: PromptConfig) -> str:
 
 
 def render_template(labels: LabelSet, prompt: PromptConfig, examples: list[Example],
-                    apply_chat: Callable[[list[dict]], str] | None, task) -> tuple[str, str]:
+                    apply_chat: Callable[[list[dict]], str] | None, task,
+                    per_row_shots: bool = False) -> tuple[str, str]:
     """(head, tail) around the row text: through `apply_chat` (the tokenizer's chat template,
     rendered with the generation prompt) when given, else as a plain completion prompt.
-    A multi-label score mode: the tail holds QUESTION_SLOT, where each label's question goes."""
+    A multi-label score mode: the tail holds QUESTION_SLOT, where each label's question goes.
+    With `per_row_shots` the head holds SHOTS_SLOT."""
     asks_each = asks_each_label(prompt, task)
-    user = (f"{instructions(labels, prompt, examples, task)}\n\nText: {TEXT_SLOT}"
+    user = (f"{instructions(labels, prompt, examples, task, per_row_shots)}\n\nText: {TEXT_SLOT}"
             + (f"\n\n{QUESTION_SLOT}" if asks_each else ""))
     if apply_chat is not None:
         messages = ([{"role": "system", "content": prompt.system_prompt}]
@@ -76,7 +90,7 @@ def render_template(labels: LabelSet, prompt: PromptConfig, examples: list[Examp
         answer = "Answer" if asks_each else task.pick("Label", "Labels")
         rendered = f"{system}{user}\n{answer}: "
     head, found, tail = rendered.partition(TEXT_SLOT)
-    if not found or (asks_each and QUESTION_SLOT not in tail):
+    if not found or (asks_each and QUESTION_SLOT not in tail) or (per_row_shots and SHOTS_SLOT not in head):
         raise ValueError("the chat template dropped the user message")
     return head, tail
 
@@ -96,9 +110,26 @@ class PromptTokens:
     tail: list[int]
     # A multi-label score mode: the tail with each label's question in it, in label order.
     questions: tuple[list[int], ...] = ()
+    # Shots per row: what comes between a row's shots and its text, and the most tokens a
+    # row's shots may take (room kept for them in every prompt); None without.
+    mid: list[int] | None = None
+    shot_room: int = 0
 
     def build(self, text_ids: list[int]) -> list[int]:
         return self.head + text_ids + self.tail
+
+    def with_shot_room(self, shot_room: int) -> "PromptTokens":
+        return replace(self, shot_room=shot_room)
+
+    def row_part(self, shot_ids: list[int], text_ids: list[int]) -> list[int]:
+        """What a row with its own shots puts between the shared head and the tail; the
+        answer modes build it into a prompt as they build a row's text (`shared`)."""
+        return shot_ids + self.mid + text_ids
+
+    @property
+    def shared(self) -> "PromptTokens":
+        """The head and tail alone, around a `row_part`."""
+        return replace(self, mid=None, shot_room=0)
 
     def build_each(self, text_ids: list[int]) -> list[list[int]]:
         """One prompt per label: the row's shared prefix (read from the prefix cache after
@@ -107,7 +138,8 @@ class PromptTokens:
 
     @property
     def overhead(self) -> int:
-        return len(self.head) + max(map(len, self.questions or [self.tail]))
+        return (len(self.head) + len(self.mid or []) + self.shot_room
+                + max(map(len, self.questions or [self.tail])))
 
 
 def tokenize_template(tokenizer, head: str, tail: str, chat: bool,
@@ -119,7 +151,20 @@ def tokenize_template(tokenizer, head: str, tail: str, chat: bool,
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     questions = (tuple(encode(tail.replace(QUESTION_SLOT, question(name))) for name in labels.names)
                  if labels is not None else ())
-    return PromptTokens(tokenizer.encode(head, add_special_tokens=not chat), encode(tail), questions)
+    head, shots, mid = head.partition(SHOTS_SLOT)
+    return PromptTokens(tokenizer.encode(head, add_special_tokens=not chat), encode(tail), questions,
+                        encode(mid) if shots else None)
+
+
+def shot_pieces(tokenizer, texts: list[str], labels: list[str], prompt: PromptConfig,
+                max_tokens: int) -> list[list[int]]:
+    """Each pool row's shot, tokenised once: "\nText: " + its text cut to `max_tokens` tokens
+    (special tokens split, as a row's) + "\n" + its answer. A row's shots are their join."""
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    lead = encode("\nText: ")
+    texts_ids, _ = encode_rows(tokenizer, texts, max_tokens)
+    answers = {label: encode("\n" + answer_for(label, prompt)) for label in set(labels)}
+    return [lead + ids + answers[label] for ids, label in zip(texts_ids, labels)]
 
 
 def encode_rows(tokenizer, texts: list[str], budget: int) -> tuple[list[list[int]], list[bool]]:

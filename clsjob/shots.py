@@ -14,18 +14,35 @@ Shots come in ascending similarity, the most similar last, next to the row."""
 from __future__ import annotations
 
 import hashlib
+import json
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
+from clsjob.evaluation.distance import normalized
+
 SIMILARITY_DECIMALS = 5
 
 
-def normalized(vectors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (a zero row stays zero), so a dot product is the cosine."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.where(norms > 0, norms, 1.0)
+@dataclass(frozen=True)
+class Pool:
+    """The labelled rows shots are drawn from, as the driver read and checked them."""
+    texts: tuple[str, ...]
+    labels: tuple[str, ...]
+
+    def fingerprint(self) -> str:
+        """The pool's content: a changed pool is different work (resume.work_hash)."""
+        digest = hashlib.sha256()
+        for text, label in zip(self.texts, self.labels):
+            digest.update(json.dumps([text, label]).encode())
+        return digest.hexdigest()[:16]
+
+
+def fixed_shots(pool: Pool, k: int, per_label_min: int = 0) -> list[int]:
+    """select: fixed: the pool's first k rows (per_label_min of each label among them), in
+    pool order: the same shots for every row."""
+    return sorted(take(np.arange(len(pool.texts)), pool.labels, k, per_label_min))
 
 
 def same_text(row_texts: Sequence[str], pool_texts: Sequence[str]) -> np.ndarray:
@@ -97,3 +114,17 @@ def random_shots(row_ids: Sequence[str], row_texts: Sequence[str], pool_texts: S
         rank = {j: r for r, j in enumerate(order.tolist())}
         shots.append(sorted(chosen, key=lambda j: -rank[j]))
     return shots
+
+
+def choose_shots(select: str, pool: Pool, texts: Sequence[str], row_ids: Sequence[str], k: int,
+                 per_label_min: int = 0, seed: int = 0, row_vectors: np.ndarray | None = None,
+                 pool_vectors: np.ndarray | None = None) -> list[list[int]]:
+    """Each row's shots as pool indices by `select` (similar: from the embeddings given;
+    random: seeded by `row_ids`): a function of the row and the pool alone."""
+    if select == "similar":
+        return similar_shots(row_vectors, pool_vectors, texts, pool.texts, pool.labels, k,
+                             per_label_min)
+    if select == "random":
+        return random_shots(row_ids, texts, pool.texts, pool.labels, k, per_label_min, seed)
+    raise ValueError(f"select {select!r} shares its shots: they are the prompt's examples")
+

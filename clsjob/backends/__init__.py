@@ -58,6 +58,9 @@ class CheckedModel:
     config: dict
     # A cascade: each stage's temperature (the run's `temperature` is then None).
     stage_temperatures: tuple = ()
+    # (setting, fingerprint) of files besides the config that decide the rows written (a
+    # prompt's pool of shots): part of the work hash.
+    inputs: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ def actor_kwargs(cfg, labels: LabelSet, backend: BackendSection | None = None,
         kwargs["distance"] = True  # hf's alone: the config refuses distance for the others
     extra = REGISTRY[backend.kind].driver_kwargs
     if extra:
-        kwargs.update(resolve(extra)(backend, labels, cfg.storage))
+        kwargs.update(resolve(extra)(backend, labels, cfg))
     return kwargs
 
 
@@ -137,7 +140,8 @@ def check_stages(stages: list[Stage], configured: LabelSet | None, storage,
                              f"every stage must give the same labels (set `labels` to fix "
                              f"their order)")
     return CheckedModel(checked[0].labels, None, {},
-                        tuple(model.temperature for model in checked))
+                        tuple(model.temperature for model in checked),
+                        tuple(item for model in checked for item in model.inputs))
 
 
 def check_task(backend: BackendSection, model: CheckedModel, task: Task) -> None:

@@ -33,11 +33,13 @@ from clsjob.backends import vllm_engine
 from clsjob.backends.rows import attach_results, rows_to_classify, stamp
 from clsjob.backends.vllm_engine import EngineFeed, engine_args, engine_dtype, prepare_env
 from clsjob.config import Example, PromptConfig, StorageConfig, VLLMPromptBackendConfig
+from clsjob.contract import id_column
 from clsjob.evaluation import multilabel
 from clsjob.labels import LabelError, LabelSet
 from clsjob.prompts import (PromptTokens, asks_each_label, encode_rows, fit_reasoning,
                             load_json_answer, pick_examples, reasoning_schema, render_template,
-                            tokenize_template)
+                            shot_pieces, tokenize_template)
+from clsjob.shots import Pool, choose_shots, fixed_shots
 from clsjob.task import MULTI_LABEL, SINGLE_LABEL, Task
 
 # The structured-outputs back ends that hold the reasoning's pattern and its length together
@@ -57,20 +59,22 @@ def check_prompted_model(backend: VLLMPromptBackendConfig, labels: LabelSet,
     if not any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in architectures):
         raise ModelError(f"backend.model: {backend.model} is {architectures}, not a generative "
                          f"(*ForCausalLM) model; a merged classifier runs under hf or vllm_pool")
-    examples = load_examples(backend.prompt, labels, storage)  # their labels, before any row
+    examples, pool = prompt_examples(backend.prompt, labels, storage)  # their labels, before any row
     # backends.check_model calls this without the task, so as single-label, whose prompt and
     # answer are never longer than a multi-label run's: one is refused here only when it
     # cannot fit, and the actor makes its exact sum.
-    check_context_length(backend, labels, examples, config, storage, task)
+    check_context_length(backend, labels, examples, config, storage, task, pool)
     # score mode's label log-probabilities are divided by temperature_scale; the others give
     # no probabilities.
     scale = backend.prompt.temperature_scale if backend.prompt.mode == "score" else None
-    return CheckedModel(labels, scale, config)
+    # The pool's rows decide the prompts: another pool is another run's work.
+    inputs = (("backend.prompt.shots.pool", pool.fingerprint()),) if pool else ()
+    return CheckedModel(labels, scale, config, inputs=inputs)
 
 
 def check_context_length(backend: VLLMPromptBackendConfig, labels: LabelSet,
                          examples: list[Example], config: dict, storage: StorageConfig,
-                         task: Task = SINGLE_LABEL) -> None:
+                         task: Task = SINGLE_LABEL, pool: Pool | None = None) -> None:
     """Refuse, before any engine starts, a context that leaves a row no room: the shared
     prompt rendered and tokenised as the actor will, plus the answer's token budget, against
     backend.engine.max_model_len (or the model's own context). The actor makes the same sum
@@ -80,7 +84,8 @@ def check_context_length(backend: VLLMPromptBackendConfig, labels: LabelSet,
     if tokenizer is None:
         return
     prompt = backend.prompt
-    template = shared_prompt(tokenizer, labels, prompt, examples, task)
+    template = shared_prompt(tokenizer, labels, prompt, examples, task,
+                             pool_pieces(tokenizer, prompt, pool))
     answer_tokens = mode_class(prompt, task).tokens_needed(labels, prompt, tokenizer)
     row_budget(backend, limit, template, answer_tokens)
 
@@ -121,17 +126,30 @@ def driver_tokenizer(backend: VLLMPromptBackendConfig, storage: StorageConfig):
 
 
 def shared_prompt(tokenizer, labels: LabelSet, prompt: PromptConfig, examples: list[Example],
-                  task: Task = SINGLE_LABEL) -> PromptTokens:
+                  task: Task = SINGLE_LABEL, pieces: list[list[int]] | None = None) -> PromptTokens:
     """The tokens around every row's text: the chat template's form when the tokenizer has
     one (prompt.chat_template: auto), else the plain one. The driver (check_context_length)
-    and the actor build it alike."""
+    and the actor build it alike. With each pool row's shot `pieces` (shots per row), room
+    for the k longest is kept in every prompt."""
     chat = prompt.chat_template == "on" or (
         prompt.chat_template == "auto" and getattr(tokenizer, "chat_template", None))
     apply_chat = (lambda m: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
                   ) if chat else None
-    return tokenize_template(
-        tokenizer, *render_template(labels, prompt, examples, apply_chat, task), chat=bool(chat),
-        labels=labels if asks_each_label(prompt, task) else None)
+    template = tokenize_template(
+        tokenizer, *render_template(labels, prompt, examples, apply_chat, task, pieces is not None),
+        chat=bool(chat), labels=labels if asks_each_label(prompt, task) else None)
+    if pieces is None:
+        return template
+    return template.with_shot_room(sum(sorted(map(len, pieces))[-prompt.shots.k:]))
+
+
+def pool_pieces(tokenizer, prompt: PromptConfig, pool: Pool | None) -> list[list[int]] | None:
+    """Each pool row's shot as tokens (prompts.shot_pieces), where rows choose their own
+    shots; None where they share them (no pool, or select: fixed)."""
+    if pool is None or prompt.shots.select == "fixed":
+        return None
+    return shot_pieces(tokenizer, list(pool.texts), list(pool.labels), prompt,
+                       prompt.shots.max_shot_tokens)
 
 
 def row_budget(backend: VLLMPromptBackendConfig, limit: int, template: PromptTokens,
@@ -155,10 +173,55 @@ def row_budget(backend: VLLMPromptBackendConfig, limit: int, template: PromptTok
                      f"{template.overhead} tokens and the answer up to {answer_tokens}; {advice}")
 
 
-def actor_examples(backend: VLLMPromptBackendConfig, labels: LabelSet,
-                   storage: StorageConfig) -> dict:
-    """The few-shot examples, read once on the driver and handed to every actor."""
-    return {"examples": load_examples(backend.prompt, labels, storage)}
+def actor_examples(backend: VLLMPromptBackendConfig, labels: LabelSet, cfg) -> dict:
+    """The few-shot examples (and the pool rows choose theirs from), read once on the driver
+    and handed to every actor; the column a random draw is seeded by (cfg: ClassifyConfig)."""
+    examples, pool = prompt_examples(backend.prompt, labels, cfg.storage)
+    per_row = pool is not None and backend.prompt.shots.select != "fixed"
+    return {"examples": examples, "pool": pool if per_row else None,
+            "id_column": id_column(cfg.input)}
+
+
+def prompt_examples(prompt: PromptConfig, labels: LabelSet,
+                    storage: StorageConfig) -> tuple[list[Example], Pool | None]:
+    """(the examples every row shares, the pool of backend.prompt.shots or None). With
+    select: fixed the pool's first k rows are the shared examples."""
+    if prompt.shots is None:
+        return load_examples(prompt, labels, storage), None
+    shots = prompt.shots
+    pool = load_pool(prompt, labels, storage)
+    if shots.select != "fixed":
+        return [], pool
+    return [Example(text=pool.texts[j], label=pool.labels[j])
+            for j in fixed_shots(pool, shots.k, shots.per_label_min)], pool
+
+
+def load_pool(prompt: PromptConfig, labels: LabelSet, storage: StorageConfig) -> Pool:
+    """backend.prompt.shots.pool read and checked: every row has a text and one of the
+    configured labels, and per_label_min fits in k."""
+    shots, key = prompt.shots, "backend.prompt.shots"
+    if shots.per_label_min * len(labels) > shots.k:
+        raise LabelError(f"{key}.per_label_min {shots.per_label_min} x {len(labels)} labels "
+                         f"is more than {key}.k {shots.k}")
+    cols = [shots.text_column, shots.label_column]
+    try:
+        table = store.read_table(shots.pool, storage, columns=cols)
+    except (OSError, pa.ArrowInvalid, KeyError) as exc:
+        raise ModelError(f"{key}.pool: cannot read {cols} from {shots.pool}: {exc}") from None
+    texts, gold = (table.column(c).to_pylist() for c in cols)
+    if not texts:
+        raise ModelError(f"{key}.pool: {shots.pool} has no rows")
+    for i, (text, label) in enumerate(zip(texts, gold)):
+        if not isinstance(text, str) or not text.strip():
+            raise ModelError(f"{key}.pool: {shots.pool} row {i}: {shots.text_column} is empty")
+        if not isinstance(label, str):
+            raise LabelError(f"{key}.pool: {shots.pool} row {i}: {shots.label_column} is "
+                             f"{label!r}, not a label name")
+    unknown = sorted(set(gold) - set(labels.names))
+    if unknown:
+        raise LabelError(f"{key}.pool: {shots.pool} has labels not in the label set: "
+                         f"{unknown[:10]}")
+    return Pool(tuple(texts), tuple(gold))
 
 
 def load_examples(prompt: PromptConfig, labels: LabelSet, storage: StorageConfig) -> list[Example]:
@@ -475,16 +538,27 @@ class VLLMPromptClassifier:
 
     def __init__(self, backend: VLLMPromptBackendConfig, labels: LabelSet, text_column: str,
                  use_gpu: bool, examples: list[Example], storage: StorageConfig | None = None,
-                 task: Task = SINGLE_LABEL):
+                 task: Task = SINGLE_LABEL, pool: Pool | None = None, id_column: str = "id"):
         prepare_env(use_gpu)
         backend = local_backend(backend, storage)
         self.labels, self.text_column, prompt = labels, text_column, backend.prompt
+        self.id_column, self.pool, self.shots = id_column, pool, prompt.shots
         self.llm = vllm_engine.start_watched_engine(
             engine_args(backend, use_gpu, "generate", seed=prompt.seed))
         tok = self.tokenizer = self.llm.get_tokenizer()
         self.dtype = engine_dtype(self.llm)
         self.task = task
-        self.template = shared_prompt(tok, labels, prompt, examples, task)
+        # Shots per row: each pool row's shot tokenised once, and (similar) the pool embedded
+        # once, on this actor's CPU.
+        self.pieces = pool_pieces(tok, prompt, pool)
+        self.embedder = self.pool_vectors = None
+        if pool is not None and self.shots.select == "similar":
+            from clsjob.embedder import Embedder
+
+            self.embedder = Embedder(model_cache.local_model(
+                self.shots.embedder, storage or StorageConfig(), key="backend.prompt.shots.embedder"))
+            self.pool_vectors = self.embedder(list(pool.texts))
+        self.template = shared_prompt(tok, labels, prompt, examples, task, self.pieces)
         self.mode = answer_mode(labels, prompt, tok, task,
                                 backend.engine.structured_outputs_backend)
         # The driver made this sum before any engine started (check_context_length); the
@@ -501,10 +575,25 @@ class VLLMPromptClassifier:
         texts = table.column(self.text_column).to_pylist()
         with self.encode_lock:
             ids, truncated = encode_rows(self.encoder, [texts[i] for i in todo], self.budget)
-        requests, params = self.mode.requests(ids, self.template)
+            template = self.template
+            if self.pool is not None:
+                ids = self.with_shots(table, todo, [texts[i] for i in todo], ids)
+                template = template.shared
+        requests, params = self.mode.requests(ids, template)
         outputs, busy_s = self.feed.run(requests, params)
         answers = self.mode.read(outputs, len(ids))
         out = attach_results(table, todo, self.labels, answers.labels, truncated,
                              probs=answers.probs, errors=answers.errors, reasoning=answers.reasoning,
                              confidence=answers.confidence, column=self.task.answer)
         return stamp(out, self.dtype, busy_s)
+
+    def with_shots(self, table: pa.Table, todo: list[int], texts: list[str],
+                   ids: list[list[int]]) -> list[list[int]]:
+        """Each row's text ids preceded by its own shots (PromptTokens.row_part). Runs on the
+        call's thread: the embedder works on the CPU while the engine steps other calls."""
+        shots, ids_column = self.shots, table.column(self.id_column)
+        chosen = choose_shots(shots.select, self.pool, texts, [str(ids_column[i].as_py()) for i in todo],
+                              shots.k, shots.per_label_min, shots.seed,
+                              self.embedder(texts) if self.embedder else None, self.pool_vectors)
+        return [self.template.row_part([t for j in rows for t in self.pieces[j]], text)
+                for rows, text in zip(chosen, ids)]

@@ -8,7 +8,7 @@ that name the key), `reference` (the settings table `clsjob config` prints). Eve
 importable from `clsjob.config` as before.
 """
 from clsjob.config.base import (ConfigError, TaskName, TASK, Section, StorageConfig, LabelSpec, Labels)  # noqa: F401
-from clsjob.config.backend import (Example, PromptConfig, EngineConfig, BackendSection, CALIBRATED,
+from clsjob.config.backend import (Example, ShotsConfig, PromptConfig, EngineConfig, BackendSection, CALIBRATED,
                                    HFBackendConfig, VLLMPoolBackendConfig, VLLMPromptBackendConfig,
                                    BACKEND_CONFIGS, BackendConfig)  # noqa: F401
 from clsjob.config.classify import (InputConfig, EvaluateConfig, ClusterConfig, ResourcesConfig,

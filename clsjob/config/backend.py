@@ -15,6 +15,40 @@ class Example(Section):
                                                "task: multi_label, a list of them (maybe empty).")
 
 
+class ShotsConfig(Section):
+    """Few-shot examples chosen for each row from a labelled pool, instead of one list for
+    every row (KATE: a row's most similar labelled rows help it most)."""
+    pool: str = Field(description="Parquet file (local or s3://) of labelled rows to draw "
+                                  "shots from; read once on the driver.")
+    text_column: str = Field("text", description="The pool's text column.")
+    label_column: str = Field("label", description="The pool's label column (configured labels).")
+    k: int = Field(8, ge=1, le=64, description="Shots a row gets.")
+    select: Literal["fixed", "random", "similar"] = Field(
+        "similar", description="similar = the k pool rows nearest the row by cosine similarity "
+                               "of `embedder`'s embeddings, the nearest last; random = k drawn "
+                               "per row, seeded by the row's id; fixed = the pool's first k rows "
+                               "for every row (shared, so vLLM's prefix cache keeps them).")
+    embedder: str | None = Field(
+        None, description="select: similar: an encoder model folder (local or s3://, e.g. "
+                          "all-MiniLM-L6-v2) whose mean-pooled embeddings rank the pool; it "
+                          "runs on the actor's CPU.")
+    per_label_min: int = Field(
+        0, ge=0, description="Shots of every label each row gets at least (a label with fewer "
+                             "pool rows: all it has); labels x per_label_min must be <= k.")
+    max_shot_tokens: int = Field(128, gt=0, description="A shot's text is cut to this many tokens.")
+    seed: int = Field(0, description="select: random: seeds each row's draw with its id.")
+
+    @model_validator(mode="after")
+    def _embedder_is_for_similar(self) -> "ShotsConfig":
+        if self.select == "similar" and not self.embedder:
+            raise ValueError("backend.prompt.shots.select similar needs shots.embedder (an "
+                             "encoder model folder)")
+        if self.select != "similar" and self.embedder:
+            raise ValueError(f"backend.prompt.shots.embedder is for select: similar, not "
+                             f"{self.select}")
+        return self
+
+
 class PromptConfig(Section):
     """How `vllm_prompt` asks an LLM. Everything every row shares (system prompt,
     instructions, the label list, examples) comes before the row's text, so that vLLM's
@@ -32,6 +66,9 @@ class PromptConfig(Section):
     examples_text_column: str = Field("text", description="Text column of examples_path.")
     examples_label_column: str = Field("label", description="Label column of examples_path.")
     max_examples: int = Field(8, ge=0, description="Cap on examples used (inline first).")
+    shots: ShotsConfig | None = Field(
+        None, description="Few-shot examples chosen per row from a labelled pool (instead of "
+                          "examples / examples_path).")
     chat_template: Literal["auto", "on", "off"] = Field(
         "auto", description="auto = the tokenizer's chat template when it has one, else a "
                             "plain completion prompt.")
@@ -46,6 +83,14 @@ class PromptConfig(Section):
         1.0, gt=0, description="score mode: label log-probabilities are divided by it before "
                                "they are renormalised (calibration; `clsjob calibrate` fits it "
                                "on a labelled run). 1 = as the model gives them.")
+
+    @model_validator(mode="after")
+    def _one_source_of_examples(self) -> "PromptConfig":
+        if self.shots is not None and (self.examples or self.examples_path):
+            raise ValueError("backend.prompt.shots chooses each row's examples from its pool; "
+                             "leave out backend.prompt.examples and examples_path (put those "
+                             "rows in the pool)")
+        return self
 
     @model_validator(mode="after")
     def _scale_needs_scores(self) -> "PromptConfig":

@@ -304,6 +304,9 @@ class ClassifyConfig(Section):
         for found, key in unsupported:
             if found:
                 raise ValueError(f"{key} is not supported with task: multi_label")
+        if getattr(self.backend, "prompt", PromptConfig()).shots is not None:
+            raise ValueError("backend.prompt.shots is not supported with task: multi_label "
+                             "(a shot's answer is one label)")
         b = self.backend
         if b.kind == "vllm_prompt" and b.prompt.mode == "choice":
             raise ValueError("backend.prompt.mode choice forces exactly one label; task: "

@@ -56,14 +56,14 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
     # Everything below writes to the output folder: one run at a time.
     with RunLock(cfg.output.path, cfg.storage, cfg.output.stale_lock_after_s) as lock:
         return run_locked(cfg, task, labels, temperature, shards, bad_files, started, lock,
-                          stage_temperatures)
+                          stage_temperatures, model.inputs)
 
 
 def run_locked(cfg: ClassifyConfig, task: Task, labels: LabelSet, temperature: float | None,
                shards: list[store.ShardInfo], bad_files: list[str], started: datetime,
-               lock: RunLock, stage_temperatures: tuple = ()) -> RunSummary:
+               lock: RunLock, stage_temperatures: tuple = (), inputs: tuple = ()) -> RunSummary:
     rows_in = sum(s.rows for s in shards)
-    work = resume.work_hash(cfg)
+    work = resume.work_hash(cfg, inputs)
     if cfg.output.overwrite:
         resume.clear(cfg.output.path, cfg.storage)
     finished = resume.finished_run(cfg, work)

@@ -27,15 +27,18 @@ class OutputConflict(ValueError):
     """The output folder holds the work of a different config."""
 
 
-def work_hash(cfg: ClassifyConfig) -> str:
+def work_hash(cfg: ClassifyConfig, inputs: tuple = ()) -> str:
     """What decides the rows written: the whole config except how many actors, GPUs, CPUs
     and calls at once do the work, how many parts share a call, how the cluster behaves,
     where models are cached, how the rows are evaluated or monitored, and the overwrite switch.
-    Two runs with the same hash write the same parts."""
+    `inputs`: (setting, fingerprint) of files the config names whose content decides the
+    rows (backends.CheckedModel.inputs). Two runs with the same hash write the same parts."""
     data = cfg.model_dump(mode="json", exclude={
         "resources": {"actors", "gpus_per_actor", "cpus_per_actor", "calls_per_actor"}, "cluster": True,
         "output": {"overwrite", "stale_lock_after_s", "parts_per_call"}, "storage": {"model_cache"},
         "evaluate": True, "monitor": True})
+    if inputs:  # left out when there are none, so earlier runs' hashes stay as they were
+        data["inputs"] = [list(item) for item in inputs]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

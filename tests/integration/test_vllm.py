@@ -523,8 +523,9 @@ def test_shipped_distill_config(ray_cluster, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["classify-prompt-choice.yaml", "classify-prompt-json.yaml",
-                                  "classify-prompt-score.yaml", "classify-vllm-pool.yaml"])
-def test_shipped_vllm_config(name, qwen_model, ray_cluster, tmp_path_factory, tmp_path):
+                                  "classify-prompt-score.yaml", "classify-prompt-shots.yaml",
+                                  "classify-vllm-pool.yaml"])
+def test_shipped_vllm_config(name, qwen_model, ray_cluster, tmp_path_factory, tmp_path, request):
     """Each shipped vLLM config at tiny scale: the data, a tiny model of the right kind (with
     the shipped context length: rotary positions cost no weights) and one CPU actor; the rest
     runs as shipped."""
@@ -542,6 +543,13 @@ def test_shipped_vllm_config(name, qwen_model, ray_cluster, tmp_path_factory, tm
                                               "label": ["positive", "negative"]}])
         cfg = shipped_classify(name, lm_model, tmp_path,
                                f"backend.prompt.examples_path={tmp_path / 'examples' / 'shard-000.parquet'}")
+    if cfg.backend.kind == "vllm_prompt" and cfg.backend.prompt.shots:
+        # A pool with every label, and a tiny encoder as the embedder.
+        write_shards(tmp_path / "pool", [{"text": sample_texts(12, seed=5),
+                                          "label": [labels[i % len(labels)] for i in range(12)]}])
+        cfg = shipped_classify(name, lm_model, tmp_path,
+                               f"backend.prompt.shots.pool={tmp_path / 'pool' / 'shard-000.parquet'}",
+                               f"backend.prompt.shots.embedder={request.getfixturevalue('bert_model')}")
     summary = run_classify(cfg)
     rows = check_output_contract(summary, tmp_path / "out", len(texts), errored=2)
     assert {r["label"] for r in rows if r["error"] is None} <= set(labels)
@@ -549,6 +557,15 @@ def test_shipped_vllm_config(name, qwen_model, ray_cluster, tmp_path_factory, tm
         assert all(abs(sum(r["probs"]) - 1) < 1e-4 for r in rows if r["error"] is None)
     if cfg.input.label_column:
         assert (tmp_path / "out" / "_metrics.json").exists()
+    if cfg.backend.kind == "vllm_prompt" and cfg.backend.prompt.shots:
+        from clsjob.backends.vllm_prompt import prompt_examples
+        from clsjob.run.resume import work_hash
+
+        # The pool's content is in the run's work hash: another pool is another run.
+        _, pool = prompt_examples(cfg.backend.prompt, LabelSet.from_specs(cfg.labels), cfg.storage)
+        manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+        assert manifest["work_hash"] == work_hash(cfg, (("backend.prompt.shots.pool", pool.fingerprint()),))
+        assert manifest["work_hash"] != work_hash(cfg)
 
 
 ENGINE_KILLER = r"""

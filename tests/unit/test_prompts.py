@@ -138,3 +138,34 @@ def test_the_reasoning_pattern_closes_only_after_a_sentence_without_double_quote
     bad = ['It says "late".', "No full stop", "Two\nlines.", "Back\\slash.", ""]
     assert all(re.fullmatch(REASONING_PATTERN.strip("^$"), text) for text in ok)
     assert not any(re.fullmatch(REASONING_PATTERN.strip("^$"), text) for text in bad)
+
+
+def test_a_rows_own_shots_go_between_the_shared_head_and_its_text(tokenizer):
+    """Shots per row: the head (instructions, labels) is shared; a row's shots, joined from
+    pieces tokenised once per pool row, read as the fixed examples would, then its text."""
+    from clsjob.config import ShotsConfig
+    from clsjob.prompts import shot_pieces
+
+    prompt = PromptConfig(shots=ShotsConfig(pool="p.parquet", select="random", k=2))
+    head, tail = render_template(LABELS, prompt, [], None, SINGLE_LABEL, per_row_shots=True)
+    template = tokenize_template(tokenizer, head, tail, chat=False)
+    pieces = shot_pieces(tokenizer, [ex.text for ex in EXAMPLES], [ex.label for ex in EXAMPLES],
+                         prompt, max_tokens=64)
+    row = encode_rows(tokenizer, ["my card broke"], 64)[0][0]
+    built = template.shared.build(template.row_part(pieces[0] + pieces[1], row))
+    # The same words as the shared-examples prompt for this row.
+    fixed_head, fixed_tail = render_template(LABELS, PromptConfig(), EXAMPLES, None, SINGLE_LABEL)
+    assert tokenizer.decode(built) == fixed_head + "my card broke" + fixed_tail
+    assert built[:len(template.head)] == template.head  # the prefix every row shares
+    # Every prompt keeps room for the k longest shots.
+    assert template.with_shot_room(7).overhead == template.overhead + 7
+
+
+def test_a_shot_is_cut_to_max_shot_tokens(tokenizer):
+    from clsjob.prompts import shot_pieces
+
+    long_text = "the parcel " * 50
+    short = shot_pieces(tokenizer, [long_text], ["delivery"], PromptConfig(), max_tokens=5)[0]
+    whole = shot_pieces(tokenizer, [long_text], ["delivery"], PromptConfig(), max_tokens=500)[0]
+    assert len(whole) - len(short) == len(encode_rows(tokenizer, [long_text], 500)[0][0]) - 5
+    assert tokenizer.decode(short).endswith("\nLabel: delivery")
