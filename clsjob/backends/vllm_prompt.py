@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +43,8 @@ from clsjob.prompts import (PromptTokens, asks_each_label, encode_rows, fit_reas
                             shot_pieces, tokenize_template)
 from clsjob.shots import Pool, choose_shots, fixed_shots
 from clsjob.task import MULTI_LABEL, SINGLE_LABEL, Task
+
+log = logging.getLogger("clsjob")
 
 # The structured-outputs back ends that hold the reasoning's pattern and its length together
 # (auto sends such a schema to guidance: xgrammar refuses it); see prompts.reasoning_schema.
@@ -555,9 +559,12 @@ class VLLMPromptClassifier:
         if pool is not None and self.shots.select == "similar":
             from clsjob.embedder import Embedder
 
+            started = time.monotonic()
             self.embedder = Embedder(model_cache.local_model(
                 self.shots.embedder, storage or StorageConfig(), key="backend.prompt.shots.embedder"))
             self.pool_vectors = self.embedder(list(pool.texts))
+            log.info("vllm_prompt: shots pool of %d rows embedded in %.1f s", len(pool.texts),
+                     time.monotonic() - started)
         self.template = shared_prompt(tok, labels, prompt, examples, task, self.pieces)
         self.mode = answer_mode(labels, prompt, tok, task,
                                 backend.engine.structured_outputs_backend)
