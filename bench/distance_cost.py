@@ -95,7 +95,7 @@ def main() -> int:
         indexed = build_folder(model_folder(args.model), folder, args.index_rows, args.k)
         backend = HFBackendConfig(model=str(folder), max_length=64, dtype="float32")
         actors = {"off": HFClassifier(backend, None, "text", use_gpu=False),
-                  "distance": HFClassifier(backend, None, "text", use_gpu=False, distance=True)}
+                  "distance": HFClassifier(backend, None, "text", use_gpu=False, distance="knn")}
         rows_per_s(actors["off"], parts[:1])  # warm-up: first-call allocations
         rows_per_s(actors["distance"], parts[:1])
         measured = {name: [] for name in actors}

@@ -17,7 +17,8 @@ config.json (transformers' PretrainedConfig keeps unknown keys through save_pret
   `training.distance_index_rows`: `abstain.score: distance` is the cosine distance to the
   k-th nearest of the `rows` training rows in `clsjob_distance_index.npy` (beside
   config.json; float16, unit length), and `above` (or null) the threshold picked on the eval
-  rows.
+  rows; `mahalanobis_above` the same for `abstain.distance: mahalanobis`, whose class means
+  and shared precision matrix are `clsjob_distance_gaussians.npz` (float32).
 """
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ ABSTAIN_KEY = "clsjob_abstain_below"
 THRESHOLDS_KEY = "clsjob_thresholds"
 DISTANCE_KEY = "clsjob_distance"
 DISTANCE_INDEX = "clsjob_distance_index.npy"
+DISTANCE_GAUSSIANS = "clsjob_distance_gaussians.npz"
+# abstain.distance -> (the file its score needs, its threshold's key in clsjob_distance).
+DISTANCE_KINDS = {"knn": (DISTANCE_INDEX, "above"),
+                  "mahalanobis": (DISTANCE_GAUSSIANS, "mahalanobis_above")}
 
 
 def written_keys(task, summary: dict) -> dict:
@@ -49,7 +54,10 @@ def written_keys(task, summary: dict) -> dict:
         if calibration.get("abstain"):
             keys[ABSTAIN_KEY] = calibration["abstain"]["below"]
     if summary.get("distance"):
-        keys[DISTANCE_KEY] = {key: summary["distance"][key] for key in ("k", "above", "rows")}
+        keys[DISTANCE_KEY] = {key: summary["distance"][key] for key in ("k", "above", "rows")
+                              if key in summary["distance"]}
+        if "mahalanobis_above" in summary["distance"]:
+            keys[DISTANCE_KEY]["mahalanobis_above"] = summary["distance"]["mahalanobis_above"]
     return keys
 
 
@@ -105,16 +113,21 @@ def abstain_below(config: dict) -> float | None:
     return float(below) if is_number(below) and 0 < below <= 1 else None
 
 
-def distance_settings(config: dict, where: str) -> tuple[int, float | None]:
-    """(k, the threshold or None) of a folder that carries a distance index; `where` names
-    the folder in the error a missing or bad entry raises."""
+def distance_settings(config: dict, where: str, kind: str = "knn") -> tuple[int, float | None]:
+    """(k, the threshold of `kind` or None) of a folder that carries a distance index;
+    `where` names the folder in the error a missing or bad entry raises."""
     entry = config.get(DISTANCE_KEY)
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: config.json has no {DISTANCE_KEY} (found {entry!r}): "
                          f"fine-tune with training.distance_index_rows and merge")
-    k, above = entry.get("k"), entry.get("above")
+    key = DISTANCE_KINDS[kind][1]
+    k, above = entry.get("k"), entry.get(key)
+    top = 2 if kind == "knn" else math.inf
     if not isinstance(k, int) or isinstance(k, bool) or k < 1 or \
-            (above is not None and not (is_number(above) and 0 <= above <= 2)):
+            (above is not None and not (is_number(above) and 0 <= above <= top)):
         raise ValueError(f"{where}: config.json's {DISTANCE_KEY} needs a positive integer k "
-                         f"and an above between 0 and 2 (or null), not {entry!r}")
+                         f"and a {key} between 0 and {top} (or null), not {entry!r}")
+    if key not in entry:
+        raise ValueError(f"{where}: config.json's {DISTANCE_KEY} has no {key}: the folder was "
+                         f"fine-tuned before abstain.distance {kind} existed; fine-tune again")
     return k, (float(above) if above is not None else None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from clsjob.backends import (CheckedModel, ModelError, check_model_files, local_
                              require_cuda)
 from clsjob.backends.rows import attach_probabilities, rows_to_classify, stamp
 from clsjob.config import BackendSection, HFBackendConfig, StorageConfig
-from clsjob.evaluation.distance import knn_distance
+from clsjob.evaluation.distance import ClassGaussians, knn_distance, normalized
 from clsjob.labels import LabelSet, resolve_model_labels
 from clsjob.precision import resolve_dtype
 from clsjob.representation import HeadInput
@@ -81,27 +82,36 @@ def load_classifier(backend: BackendSection, device: str, dtype: str = "float32"
     return model.to(device).eval(), tokenizer
 
 
-def load_distance_index(folder: str, config: PretrainedConfig) -> tuple[np.ndarray, int]:
-    """The training rows' index (rows x hidden, float16, unit length) and k that a folder
-    fine-tuned with training.distance_index_rows carries."""
-    k, _ = model_folder.distance_settings(config.to_dict(), f"backend.model: {folder}")
-    path = Path(folder) / model_folder.DISTANCE_INDEX
-    index = np.load(path, allow_pickle=False)
-    if index.ndim != 2 or not len(index):
-        raise ModelError(f"backend.model: {path} must hold a matrix of training rows, not an "
-                         f"array of shape {index.shape}")
-    return index, k
+def load_ood_score(folder: str, config: PretrainedConfig,
+                   kind: str = "knn") -> Callable[[np.ndarray], np.ndarray]:
+    """abstain.score: distance's score of each row's representation (distance.py), from what
+    a folder fine-tuned with training.distance_index_rows carries: knn, the cosine distance to
+    the k-th nearest row of its index (rows x hidden, float16, unit length); mahalanobis, the
+    distance to the nearest of its class means under their shared precision."""
+    k, _ = model_folder.distance_settings(config.to_dict(), f"backend.model: {folder}", kind)
+    path = Path(folder) / model_folder.DISTANCE_KINDS[kind][0]
+    try:
+        if kind == "knn":
+            index = np.load(path, allow_pickle=False)
+            if index.ndim != 2 or not len(index):
+                raise ValueError(f"an array of shape {index.shape}")
+            width, score = index.shape[1], lambda reps: knn_distance(reps, index, k)
+        else:
+            with np.load(path, allow_pickle=False) as saved:
+                gaussians = ClassGaussians(saved["means"].astype(np.float64),
+                                           saved["precision"].astype(np.float64))
+            width, score = gaussians.means.shape[1], lambda reps: gaussians.distance(normalized(reps))
+    except (KeyError, ValueError, OSError) as exc:
+        raise ModelError(f"backend.model: {path} is not what clsjob finetune writes: {exc}") from None
 
-
-def ood_scores(reps: np.ndarray, index: np.ndarray, k: int, folder: str) -> np.ndarray:
-    """Each row's cosine distance to its k-th nearest training row (distance.py)."""
-    if not len(reps):
-        return np.zeros(0)
-    if reps.shape[1] != index.shape[1]:
-        raise ModelError(f"backend.model: {folder}'s {model_folder.DISTANCE_INDEX} holds "
-                         f"{index.shape[1]}-wide rows, the model gives {reps.shape[1]}: the index "
-                         f"is from another model")
-    return knn_distance(reps, index, k)
+    def ood_score(reps: np.ndarray) -> np.ndarray:
+        if not len(reps):
+            return np.zeros(0)
+        if reps.shape[1] != width:
+            raise ModelError(f"backend.model: {path.name} holds {width}-wide rows, the model "
+                             f"in {folder} gives {reps.shape[1]}: it is from another model")
+        return score(reps)
+    return ood_score
 
 
 def length_sorted_batches(lengths: list[int], size: int) -> list[list[int]]:
@@ -212,7 +222,7 @@ class HFClassifier:
 
     def __init__(self, backend: HFBackendConfig, labels: LabelSet, text_column: str, use_gpu: bool,
                  storage: StorageConfig | None = None, task: Task = SINGLE_LABEL,
-                 distance: bool = False):
+                 distance: str | None = None):
         require_cuda(use_gpu)
         self.backend = backend = local_backend(backend, storage)
         self.text_column = text_column
@@ -227,8 +237,8 @@ class HFClassifier:
         self.task = task
         # A multi-label head's thresholds, in the config's label order (else None).
         self.thresholds = task.model_thresholds(self.model.config.to_dict(), self.labels, backend.model)
-        # abstain.score: distance: the training rows' index and k (model_folder.py).
-        self.index, self.k = load_distance_index(backend.model, self.model.config) if distance else (None, 0)
+        # abstain.score: distance: the score of abstain.distance (knn or mahalanobis).
+        self.ood_score = load_ood_score(backend.model, self.model.config, distance) if distance else None
         # A fast tokenizer is not safe to use from two threads at once ("Already borrowed").
         self.encode_lock, self.model_lock = threading.Lock(), threading.Lock()
 
@@ -242,9 +252,8 @@ class HFClassifier:
             started = time.monotonic()
             probs, reps = predict(self.model, self.tokenizer, encoded, self.micro_batch, self.device,
                                   self.temperature, self.task, self.pad_to_multiple_of,
-                                  represent=self.index is not None)
-            ood_score = (ood_scores(reps, self.index, self.k, self.backend.model)
-                         if self.index is not None else None)
+                                  represent=self.ood_score is not None)
+            ood_score = self.ood_score(reps) if self.ood_score is not None else None
             busy_s = time.monotonic() - started
         # Reorder the model's label columns into the config's label order.
         out = attach_probabilities(table, todo, probs[:, self.columns], self.labels, truncated,

@@ -235,6 +235,12 @@ class AbstainConfig(Section):
                                   "its k-th nearest training row, in the fine-tuned model's "
                                   "representation; hf, with a model fine-tuned with "
                                   "training.distance_index_rows).")
+    distance: Literal["knn", "mahalanobis"] = Field(
+        "knn", description="score: distance: knn = the cosine distance to the k-th nearest "
+                           "training row (0 to 2); mahalanobis = the distance to the nearest "
+                           "class mean under the covariance the classes share (0 up), better "
+                           "where few of the traffic's intents are known (bench/RESULTS.md). "
+                           "Both are in a folder fine-tuned with training.distance_index_rows.")
     label: str | None = Field(
         None, description="The fallback label for rows the rule abstains on: one more class "
                           "in the metrics, or one of the model's own (an 'out of scope' class "
@@ -247,9 +253,9 @@ class AbstainConfig(Section):
                                       "eval rows (config.json's clsjob_abstain_below; hf and "
                                       "vllm_pool).")
     above: float | None = Field(
-        None, ge=0, le=2, description="score: distance: the threshold on ood_score (0 to 2). "
-                                      "None = the one `clsjob finetune` picked on its eval rows "
-                                      "(config.json's clsjob_distance).")
+        None, ge=0, description="score: distance: the threshold on ood_score (knn: 0 to 2). "
+                                "None = the one `clsjob finetune` picked on its eval rows "
+                                "(config.json's clsjob_distance).")
 
     @model_validator(mode="after")
     def _threshold_fits_the_score(self) -> "AbstainConfig":
@@ -259,6 +265,11 @@ class AbstainConfig(Section):
         if self.score == "confidence" and self.above is not None:
             raise ValueError("abstain.above is a distance threshold; set score: distance, or "
                              "use abstain.below")
+        if self.score == "confidence" and self.distance != "knn":
+            raise ValueError(f"abstain.distance {self.distance} applies to score: distance")
+        if self.distance == "knn" and self.above is not None and self.above > 2:
+            raise ValueError(f"abstain.above {self.above}: a cosine distance (distance: knn) "
+                             f"is between 0 and 2")
         return self
 
 

@@ -103,12 +103,14 @@ def settle_rule(rule: AbstainConfig | None, folder_config: dict | None, model: s
         return None
     if rule.score == "distance":
         try:
-            _, above = model_folder.distance_settings(folder_config or {}, f"backend.model {model}")
+            _, above = model_folder.distance_settings(folder_config or {}, f"backend.model {model}",
+                                                      rule.distance)
         except ValueError as exc:
             raise LabelError(f"abstain.score: distance: {exc}") from None
-        if model_folder.DISTANCE_INDEX not in folder_files:
-            raise LabelError(f"abstain.score: distance: backend.model {model} has no "
-                             f"{model_folder.DISTANCE_INDEX}; merge a fine-tune run with "
+        needed = model_folder.DISTANCE_KINDS[rule.distance][0]
+        if needed not in folder_files:
+            raise LabelError(f"abstain.score: distance ({rule.distance}): backend.model {model} "
+                             f"has no {needed}; merge a fine-tune run with "
                              f"training.distance_index_rows")
         if rule.above is not None:
             return rule

@@ -52,9 +52,9 @@ def merge(cfg: MergeConfig) -> str:
     def write(out: Path) -> None:
         model.save_pretrained(out, max_shard_size=cfg.max_shard_size)
         tokenizer.save_pretrained(out)
-        index = adapter / model_folder.DISTANCE_INDEX  # abstain.score: distance's
-        if index.exists():
-            shutil.copyfile(index, out / model_folder.DISTANCE_INDEX)
+        for name in (model_folder.DISTANCE_INDEX, model_folder.DISTANCE_GAUSSIANS):
+            if (adapter / name).exists():  # abstain.score: distance's
+                shutil.copyfile(adapter / name, out / name)
 
     model_cache.publish_folder(write, cfg.output, cfg.storage)
     log.info("merge: %s (+ %s) -> %s", info["base_model"], cfg.adapter, cfg.output)

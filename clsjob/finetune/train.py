@@ -26,13 +26,13 @@ from clsjob.evaluation.abstain import pick_threshold
 from clsjob.evaluation.calibration import calibrate
 from clsjob.evaluation.multilabel import count_multihot, summarize_multilabel, tune_thresholds
 from clsjob.finetune.data import check_inputs, encode, read_labelled, settle_labels
-from clsjob.finetune.distance_index import build_distance_index
+from clsjob.finetune.distance_index import DistanceIndex, build_distance_index
 from clsjob.finetune.model import build_trainable, check_base_model, load_tokenizer
 from clsjob.finetune.summary import SUMMARY, peak_memory_gib  # noqa: F401  (re-exported)
 from clsjob.finetune.tracking import TRACKING, Tracker, check_installed, final_metrics
 from clsjob.finetune.trainer import build_trainer
 from clsjob.labels import LabelSet
-from clsjob.model_folder import DISTANCE_INDEX, scaled_softmax
+from clsjob.model_folder import DISTANCE_GAUSSIANS, DISTANCE_INDEX, scaled_softmax
 from clsjob.run.placement import check_placement, ensure_ray, training_demand
 from clsjob.task import Task
 
@@ -293,7 +293,7 @@ def training_summary(cfg: FinetuneConfig, data: Examples, train_out, per_epoch: 
 
 
 def report_final(trainer, tokenizer, summary: dict, final_eval: dict, work: Path,
-                 tracker: Tracker, index: np.ndarray | None = None) -> None:
+                 tracker: Tracker, index: DistanceIndex | None = None) -> None:
     """Every worker must report; only rank 0 attaches the final model (and the trackers'
     files, and the distance index)."""
     checkpoint = None
@@ -304,7 +304,9 @@ def report_final(trainer, tokenizer, summary: dict, final_eval: dict, work: Path
         tokenizer.save_pretrained(final)
         (final / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
         if index is not None:
-            np.save(final / DISTANCE_INDEX, index, allow_pickle=False)
+            np.save(final / DISTANCE_INDEX, index.knn, allow_pickle=False)
+            np.savez(final / DISTANCE_GAUSSIANS, means=index.gaussians.means.astype(np.float32),
+                     precision=index.gaussians.precision.astype(np.float32))
         tracker.copy_into(final)
         checkpoint = ray.train.Checkpoint.from_directory(str(out))
     ray.train.report({k: v for k, v in final_eval.items() if isinstance(v, (int, float))},

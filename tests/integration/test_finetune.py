@@ -142,9 +142,15 @@ def test_rows_far_from_the_training_rows_are_abstained_on_by_distance(trained, t
     folder = merge(validate({"adapter": str(root / "adapter"), "output": str(tmp_path / "merged")},
                             model=MergeConfig))
     assert json.loads((Path(folder) / "config.json").read_text())["clsjob_distance"] == {
-        "k": 5, "above": distance["above"], "rows": 60}
+        "k": 5, "above": distance["above"], "rows": 60,
+        "mahalanobis_above": distance["mahalanobis_above"]}
     index = np.load(Path(folder) / "clsjob_distance_index.npy")
     assert index.shape[0] == 60 and index.dtype == np.float16
+    with np.load(Path(folder) / "clsjob_distance_gaussians.npz") as gaussians:
+        assert gaussians["means"].shape == (3, index.shape[1])
+        assert gaussians["precision"].shape == (index.shape[1], index.shape[1])
+    assert distance["mahalanobis_above"] > 0
+    assert distance["eval_rows_over_mahalanobis"] <= 48 - 48 * summary["final_eval"]["eval_accuracy"]
 
     in_scope = task_rows(40, 7)["text"][:40]
     far = [f"{n} {n * 7} # {n * 13} % ~ {n * 31}" for n in range(40)]
@@ -167,6 +173,22 @@ def test_rows_far_from_the_training_rows_are_abstained_on_by_distance(trained, t
     assert np.mean(score["far"] > np.percentile(score["in"], 95)) >= 0.5
     # The threshold picked on in-scope eval rows keeps in-scope rows.
     assert kept >= 0.85
+
+    # abstain.distance: mahalanobis, the class means the same folder carries, and its threshold.
+    out = check_output_contract(run_classify(validate({
+        "input": {"path": str(tmp_path / "in")},
+        "backend": {"model": folder, "max_length": 48},
+        "abstain": {"score": "distance", "distance": "mahalanobis", "label": "out_of_scope"},
+        "output": {"path": str(tmp_path / "out-m"), "rows_per_part": 30}}, model=ClassifyConfig)),
+        tmp_path / "out-m", rows=80, errored=0)
+    assert [row["label"] == "out_of_scope" for row in out] == [
+        row["ood_score"] > distance["mahalanobis_above"] for row in out]
+    by_text = {row["text"]: row for row in out}
+    score = {name: np.array([by_text[t]["ood_score"] for t in texts])
+             for name, texts in (("in", in_scope), ("far", far))}
+    assert np.median(score["far"]) > 2 * np.median(score["in"])
+    assert np.mean(score["far"] > np.percentile(score["in"], 95)) >= 0.5
+    assert np.mean([by_text[t]["label"] != "out_of_scope" for t in in_scope]) >= 0.85
 
 
 def test_rerun_of_a_finished_finetune_does_nothing(trained):

@@ -140,7 +140,7 @@ def test_finetune_from_s3_to_s3_then_merge_and_classify_from_s3(s3, ray_with_aws
     adapter_keys = s3.client.list_objects_v2(Bucket=BUCKET, Prefix="models/adapter/")["Contents"]
     names = {o["Key"].removeprefix("models/adapter/") for o in adapter_keys}
     assert {"adapter_model.safetensors", "adapter_config.json", "clsjob_finetune.json",
-            "clsjob_distance_index.npy"} <= names
+            "clsjob_distance_index.npy", "clsjob_distance_gaussians.npz"} <= names
     assert json.loads(s3.read("models/adapter/clsjob_finetune.json"))["base_model"] == f"s3://{BUCKET}/models/base"
 
     merge(validate({"adapter": f"s3://{BUCKET}/models/adapter", "output": f"s3://{BUCKET}/models/merged",
@@ -149,8 +149,9 @@ def test_finetune_from_s3_to_s3_then_merge_and_classify_from_s3(s3, ray_with_aws
     assert merged["architectures"] == ["Qwen2ForSequenceClassification"]
     assert set(merged["id2label"].values()) == {"billing", "delivery"}
     # No eval rows: an index but no threshold, which classify must then be given.
-    assert merged["clsjob_distance"] == {"k": 1, "above": None, "rows": 16}
-    assert s3.read("models/merged/clsjob_distance_index.npy") == s3.read("models/adapter/clsjob_distance_index.npy")
+    assert merged["clsjob_distance"] == {"k": 1, "above": None, "rows": 16, "mahalanobis_above": None}
+    for name in ("clsjob_distance_index.npy", "clsjob_distance_gaussians.npz"):
+        assert s3.read(f"models/merged/{name}") == s3.read(f"models/adapter/{name}")
 
     summary = run_classify(validate({
         "input": {"path": str(tmp_path / "train")},

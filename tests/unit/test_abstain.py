@@ -146,6 +146,22 @@ def test_settling_a_distance_rule_reads_the_folder():
         settle_rule(rule, no_eval, "m", files)
 
 
+def test_a_mahalanobis_rule_reads_its_own_threshold_and_file():
+    rule = AbstainConfig(score="distance", distance="mahalanobis", label="oos")
+    folder = {"clsjob_distance": {"k": 10, "above": 0.27, "mahalanobis_above": 17.5, "rows": 100}}
+    files = ["config.json", "clsjob_distance_index.npy", "clsjob_distance_gaussians.npz"]
+    assert settle_rule(rule, folder, "m", files).above == 17.5
+    with pytest.raises(LabelError, match=r"distance \(mahalanobis\): backend.model m has no "
+                                         r"clsjob_distance_gaussians.npz"):
+        settle_rule(rule, folder, "m", files[:2])
+    # Its threshold is not a cosine distance: over 2 is fine; for knn it is refused.
+    assert AbstainConfig(score="distance", distance="mahalanobis", above=25).above == 25
+    with pytest.raises(Exception, match="abstain.above 25.0: a cosine distance"):
+        AbstainConfig(score="distance", above=25)
+    with pytest.raises(Exception, match="abstain.distance mahalanobis applies to score: distance"):
+        AbstainConfig(distance="mahalanobis")
+
+
 def test_the_config_keeps_each_threshold_to_its_score_and_distance_to_hf():
     base = {"input": {"path": "x"}, "output": {"path": "y"}, "labels": ["a", "b"]}
     with pytest.raises(Exception, match="score: distance takes abstain.above"):

@@ -52,3 +52,27 @@ def test_mahalanobis_is_the_distance_to_the_nearest_class_mean_under_the_shared_
     # Along the wide axis a step costs less than along the narrow one.
     near, far = g.distance(np.array([[0.0, 3.0, 0.0], [0.0, 0.0, 3.0]]))
     assert near < far
+
+
+def test_the_hf_back_end_scores_by_the_saved_class_means_as_fitted(tmp_path):
+    """abstain.distance: mahalanobis reads the means and precision a fine-tune saved (float32)
+    and scores a row's unit-length representation as ClassGaussians does in float64."""
+    from transformers import PretrainedConfig
+
+    from clsjob.backends import ModelError
+    from clsjob.backends.hf import load_ood_score
+    from clsjob.evaluation.distance import normalized
+
+    rng = np.random.default_rng(5)
+    labels = np.repeat([0, 1, 2], 40)
+    train = rng.normal(size=(120, 6)) + np.eye(3, 6)[labels] * 4
+    fitted = ClassGaussians.fit(normalized(train), labels)
+    np.savez(tmp_path / "clsjob_distance_gaussians.npz", means=fitted.means.astype(np.float32),
+             precision=fitted.precision.astype(np.float32))
+    config = PretrainedConfig(clsjob_distance={"k": 5, "above": 0.3, "mahalanobis_above": 3.0})
+    score = load_ood_score(str(tmp_path), config, "mahalanobis")
+    queries = rng.normal(size=(7, 6)) * 3
+    np.testing.assert_allclose(score(queries), fitted.distance(normalized(queries)), rtol=1e-4)
+    assert score(np.zeros((0, 6))).shape == (0,)
+    with pytest.raises(ModelError, match="holds 6-wide rows, the model .* gives 4: it is from another model"):
+        score(queries[:, :4])

@@ -94,3 +94,17 @@ def test_no_import_cycle():
     # The cycle there was (calibration imported metrics, metrics calibration in a function).
     assert "clsjob.evaluation.calibration" in graph["clsjob.evaluation.metrics"]
     assert "clsjob.evaluation.metrics" not in graph["clsjob.evaluation.calibration"]
+
+
+def test_the_mahalanobis_threshold_travels_beside_knns_and_an_older_folder_is_named():
+    summary = {"distance": {"k": 10, "above": 0.31, "mahalanobis_above": 14.2, "rows": 500}}
+    keys = model_folder.written_keys(SINGLE_LABEL, summary)
+    assert keys["clsjob_distance"] == {"k": 10, "above": 0.31, "rows": 500, "mahalanobis_above": 14.2}
+    assert model_folder.distance_settings(keys, "m", "mahalanobis") == (10, 14.2)
+    assert model_folder.distance_settings(keys, "m", "knn") == (10, 0.31)
+    older = {"clsjob_distance": {"k": 10, "above": 0.31, "rows": 500}}
+    with pytest.raises(ValueError, match="m: config.json's clsjob_distance has no mahalanobis_above"):
+        model_folder.distance_settings(older, "m", "mahalanobis")
+    with pytest.raises(ValueError, match="a mahalanobis_above between 0 and inf"):
+        model_folder.distance_settings({"clsjob_distance": {"k": 3, "mahalanobis_above": -1}}, "m",
+                                       "mahalanobis")
