@@ -108,7 +108,7 @@ def actor_kwargs(cfg, labels: LabelSet, backend: BackendSection | None = None,
               "use_gpu": resources.gpus_per_actor > 0, "storage": cfg.storage}
     kwargs["task"] = Task.of(cfg.task)
     if cfg.abstain is not None and cfg.abstain.score == "distance":
-        kwargs["distance"] = cfg.abstain.distance  # hf's alone: the config refuses the others
+        kwargs["distance"] = cfg.abstain.distance_kind()  # hf's alone: the config refuses the others
     extra = REGISTRY[backend.kind].driver_kwargs
     if extra:
         kwargs.update(resolve(extra)(backend, labels, cfg))

@@ -235,12 +235,13 @@ class AbstainConfig(Section):
                                   "its k-th nearest training row, in the fine-tuned model's "
                                   "representation; hf, with a model fine-tuned with "
                                   "training.distance_index_rows).")
-    distance: Literal["knn", "mahalanobis"] = Field(
-        "knn", description="score: distance: knn = the cosine distance to the k-th nearest "
-                           "training row (0 to 2); mahalanobis = the distance to the nearest "
-                           "class mean under the covariance the classes share (0 up), better "
-                           "where few of the traffic's intents are known (bench/RESULTS.md). "
-                           "Both are in a folder fine-tuned with training.distance_index_rows.")
+    distance: Literal["knn", "mahalanobis"] | None = Field(
+        None, description="score: distance: knn = the cosine distance to the k-th nearest "
+                          "training row (0 to 2); mahalanobis = the distance to the nearest "
+                          "class mean under the covariance the classes share (0 up), better "
+                          "where few of the traffic's intents are known (bench/RESULTS.md). "
+                          "Both are in a folder fine-tuned with training.distance_index_rows. "
+                          "None = knn.")
     label: str | None = Field(
         None, description="The fallback label for rows the rule abstains on: one more class "
                           "in the metrics, or one of the model's own (an 'out of scope' class "
@@ -265,12 +266,16 @@ class AbstainConfig(Section):
         if self.score == "confidence" and self.above is not None:
             raise ValueError("abstain.above is a distance threshold; set score: distance, or "
                              "use abstain.below")
-        if self.score == "confidence" and self.distance != "knn":
+        if self.score == "confidence" and self.distance is not None:
             raise ValueError(f"abstain.distance {self.distance} applies to score: distance")
-        if self.distance == "knn" and self.above is not None and self.above > 2:
+        if self.distance_kind() == "knn" and self.above is not None and self.above > 2:
             raise ValueError(f"abstain.above {self.above}: a cosine distance (distance: knn) "
                              f"is between 0 and 2")
         return self
+
+    def distance_kind(self) -> str:
+        """score: distance's distance: knn unless the config names mahalanobis."""
+        return self.distance or "knn"
 
 
 class ClassifyConfig(Section):

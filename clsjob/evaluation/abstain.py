@@ -104,12 +104,12 @@ def settle_rule(rule: AbstainConfig | None, folder_config: dict | None, model: s
     if rule.score == "distance":
         try:
             _, above = model_folder.distance_settings(folder_config or {}, f"backend.model {model}",
-                                                      rule.distance)
+                                                      rule.distance_kind())
         except ValueError as exc:
             raise LabelError(f"abstain.score: distance: {exc}") from None
-        needed = model_folder.DISTANCE_KINDS[rule.distance][0]
+        needed = model_folder.DISTANCE_KINDS[rule.distance_kind()][0]
         if needed not in folder_files:
-            raise LabelError(f"abstain.score: distance ({rule.distance}): backend.model {model} "
+            raise LabelError(f"abstain.score: distance ({rule.distance_kind()}): backend.model {model} "
                              f"has no {needed}; merge a fine-tune run with "
                              f"training.distance_index_rows")
         if rule.above is not None:

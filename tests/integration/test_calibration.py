@@ -138,7 +138,7 @@ def test_abstention_relabels_unsure_rows_and_scores_the_fallback(qwen_model, lab
     assert all(b[i]["confidence"] == a[i]["confidence"] and b[i]["error"] is None for i in a)
     manifest = json.loads((tmp_path / "abstained" / "_manifest.json").read_text())
     assert manifest["abstain"] == {"score": "confidence", "label": "out_of_scope", "below": 0.36,
-                                   "above": None}
+                                   "above": None, "distance": None}
     assert manifest["labels"] == list(LABELS)  # probs stay in the model's label order
     m = summary.metrics
     assert m["labels"] == [*LABELS, "out_of_scope"] and m["rows_scored"] == 60
