@@ -12,7 +12,9 @@ the corpus's one-sentence instructions swapped in (bench/real_prompted.py), plus
 `backend.prompt.shots: {pool, k, select, embedder: all-MiniLM-L6-v2}` for every select but
 `none`. Per run: accuracy, macro-F1, ECE (score), rows/s end to end (engine start and pool
 embedding included), and the prompt tokens a row, counted from the same prompts the actor
-builds (shared_prompt, the pool's pieces and choose_shots, on the driver).
+builds (shared_prompt, the pool's pieces and choose_shots, on the driver). Beside them, per
+corpus, what the similar shots hold without any LLM: their majority vote (ties to the nearer),
+the nearest one's label, and how often the gold label is among them.
 
 Rows: SST-2 dev in file order, pool = SST-2 train; SMS spam: --rows drawn half ham, half spam
 (seed 0), pool = every other row; Banking77 test in a seeded shuffle, pool = Banking77 train.
@@ -95,6 +97,27 @@ def prompt_tokens(cfg, table: pa.Table) -> float:
         [t for j in rows for t in pieces[j]], row))) for rows, row in zip(chosen, ids)]))
 
 
+def neighbour_vote(table: pa.Table, pool: pa.Table, embedder: Path, k: int) -> dict:
+    """The k similar shots' own answer, without the LLM: a floor the prompted run should beat."""
+    from collections import Counter
+
+    from clsjob.embedder import Embedder
+    from clsjob.shots import similar_shots
+
+    texts, gold = table.column("text").to_pylist(), table.column("label").to_pylist()
+    pool_texts, pool_labels = pool.column("text").to_pylist(), pool.column("label").to_pylist()
+    embed = Embedder(str(embedder))
+    shots = similar_shots(embed(texts), embed(pool_texts), texts, pool_texts, pool_labels, k)
+
+    def vote(chosen: list[int]) -> str:  # the commonest label; ties to the nearer (last)
+        counts = Counter(pool_labels[j] for j in chosen)
+        return next(pool_labels[j] for j in reversed(chosen) if counts[pool_labels[j]] == max(counts.values()))
+    return {"rows": len(texts),
+            "vote_accuracy": float(np.mean([vote(c) == g for c, g in zip(shots, gold)])),
+            "nearest_accuracy": float(np.mean([pool_labels[c[-1]] == g for c, g in zip(shots, gold)])),
+            "gold_among_shots": float(np.mean([g in {pool_labels[j] for j in c} for c, g in zip(shots, gold)]))}
+
+
 def run_one(mode: str, corpus: str, select: str, table: pa.Table, pool: Path, labels: list[str],
             model: Path, embedder: Path, work: Path, args) -> dict:
     from clsjob.config import ClassifyConfig, validate
@@ -143,6 +166,9 @@ def main() -> int:
             pool_path = work / f"{corpus}-pool.parquet"
             pq.write_table(pool, pool_path)
             labels = sorted(set(pool.column("label").to_pylist()))
+            if "similar" in args.selects:
+                results[f"{corpus}/no-llm"] = neighbour_vote(table, pool, embedder, args.k)
+                print(json.dumps({f"{corpus}/no-llm": results[f"{corpus}/no-llm"]}), flush=True)
             for mode in args.modes:
                 for select in args.selects:
                     key = f"{corpus}/{mode}/{select}"
@@ -155,7 +181,11 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     table = [[key, r["rows"], r["errored"], f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}",
               None if r["ece"] is None else f"{r['ece']:.3f}", r["prompt_tokens_mean"],
-              r["rows_per_s"], r["load_average"]["mean"]] for key, r in results.items()]
+              r["rows_per_s"], r["load_average"]["mean"]] for key, r in results.items()
+             if "vote_accuracy" not in r]
+    table += [[f"{key} (vote / nearest / gold among the shots)", r["rows"], None,
+               f"{r['vote_accuracy']:.4f} / {r['nearest_accuracy']:.4f} / {r['gold_among_shots']:.4f}",
+               None, None, None, None, None] for key, r in results.items() if "vote_accuracy" in r]
     write_report({"environment": env, "model": args.model, "embedder": args.embedder,
                   "args": {k: v for k, v in vars(args).items() if k != "out"}, "results": results},
                  args.out, "\n".join([
