@@ -6,6 +6,8 @@ not depend on the values). Imports nothing of Ray or vLLM: it runs on a bare GPU
 
     bench/gpu.sh                                                      # on the GPU machine
     .venv/bin/python bench/gpu.py --smoke --out /tmp/gpu-smoke.json   # CPU, tiny shapes, < 3 min
+    .venv/bin/python bench/gpu.py --pack models/minilm models/minilm-gpu   # CPU: a real model to carry
+    bench/gpu.sh --real-model models/minilm-gpu    # on the GPU machine, models/minilm-gpu carried
 
 Parts, each with a time budget; a part the remaining time cannot fit is skipped with a note,
 so the whole run, imports included, ends within --budget-s (330 s on a GPU):
@@ -45,6 +47,14 @@ kernel may skip half of it. MFU = achieved FLOP/s / the matmul rate measured in 
 
 With --smoke every part runs the same code on CPU with tiny shapes, in fp32, and the run
 fails if anything imported Ray.
+
+Real models: the GPU machine reaches no model hub and takes at most 64 MiB of files a call, so
+a real model travels only as a folder `--pack` writes here: the encoder's own weights and
+tokenizer in float16 with a 4-label head (random: speed does not depend on the head's values).
+all-MiniLM-L6-v2 packs to ~44 MiB and travels; all-mpnet-base-v2 packs to ~210 MiB and does
+not (--pack says so and exits 1). Each --real-model FOLDER is one more inference part, run
+after the others with the same measurements, on texts of single-token words of its own
+vocabulary (WordPiece or byte-level BPE).
 """
 from __future__ import annotations
 
@@ -74,7 +84,8 @@ from common import REPO, cpu_name, git_commit, package_version  # noqa: E402  (p
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 from torch.nn.attention import sdpa_kernel  # noqa: E402
-from transformers import (BertConfig, BertForSequenceClassification,  # noqa: E402
+from transformers import (AutoModelForSequenceClassification, AutoTokenizer,  # noqa: E402
+                          BertConfig, BertForSequenceClassification,
                           DataCollatorWithPadding, Qwen2Config, Qwen2ForSequenceClassification,
                           Trainer, TrainerCallback, pipeline)
 
@@ -119,6 +130,7 @@ DENSE_TOKENS = 256  # row length of the dense forward: near the rows' mean
 NAIVE_SLICE = 64    # rows per pipeline call in the naive loop: the clock is read between calls
 SHAPE_ROWS = 24     # rows of shape_cost's batches: a count no other measurement uses
 SHAPE_TRIES = 5     # new shapes per kernel order
+TRANSFER_LIMIT_MIB = 64  # what one call to the GPU machine carries (a packed model and the code)
 
 
 @dataclass(frozen=True)
@@ -140,19 +152,22 @@ class Profile:
     matmul_size: int
     total_s: float
     budget_s: dict[str, float]  # per part: "matmul", each shape's name, "qlora"
+    real_model_s: float  # per --real-model folder, added to total_s
 
 
 FULL = Profile(shapes=FULL_SHAPES, finetune_model="qwen2.5-0.5b", rows=10_000, median_tokens=200,
                max_tokens=512, micro_batches=(32, 128, 256), repeats=2, naive_batches=(1, 32),
                naive_s=10, batch_size=32, seq_len=512, warmup_steps=3, timed_steps=10,
                matmul_size=8192,
-               total_s=330,  # bench/gpu.sh kills at 360 s
-               budget_s={"matmul": 15, "bert-base": 75, "qwen2.5-0.5b": 100, "qlora": 90})
+               total_s=330,  # bench/gpu.sh kills at 420 s (330 + a real model)
+               budget_s={"matmul": 15, "bert-base": 75, "qwen2.5-0.5b": 100, "qlora": 90},
+               real_model_s=40)
 SMOKE = Profile(shapes=SMOKE_SHAPES, finetune_model="tiny-qwen", rows=200, median_tokens=40,
                 max_tokens=128, micro_batches=(32, 64), repeats=2, naive_batches=(1, 32),
                 naive_s=3, batch_size=4, seq_len=64, warmup_steps=1, timed_steps=3,
                 matmul_size=256, total_s=175,
-                budget_s={"matmul": 10, "tiny-bert": 45, "tiny-qwen": 50, "qlora": 50})
+                budget_s={"matmul": 10, "tiny-bert": 45, "tiny-qwen": 50, "qlora": 50},
+                real_model_s=90)
 
 
 def parse_args() -> argparse.Namespace:
@@ -164,6 +179,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--source", default=None,
                    help="what code ran, for the report (default: this checkout's git commit)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu.json"))
+    p.add_argument("--real-model", action="append", default=[], metavar="FOLDER",
+                   help="a folder --pack wrote: measured after the random shapes (repeatable)")
+    p.add_argument("--pack", nargs=2, metavar=("ENCODER", "DEST"),
+                   help="write ENCODER (a model folder) to DEST as a float16 classifier for "
+                        "--real-model, say whether it fits the GPU machine's transfer, and exit")
     return p.parse_args()
 
 
@@ -244,9 +264,34 @@ def build_random_classifier(folder: Path, family: str, shape: dict, device: str)
 
 def single_token_words(tokenizer) -> list[str]:
     """Words (with their leading space) that the tokenizer keeps as one token each: a text of
-    n of them is exactly n tokens. "Ġ" is byte-level BPE's mark for a leading space."""
-    candidates = sorted(" " + t[1:] for t in tokenizer.get_vocab() if t.startswith("Ġ") and t[1:].isalpha())
+    n of them is exactly n tokens. "Ġ" is byte-level BPE's mark for a leading space; WordPiece
+    (BERT, MPNet) has no such mark and splits on spaces, so its whole-word entries qualify."""
+    vocab = tokenizer.get_vocab()
+    if any(t.startswith("Ġ") for t in vocab):
+        candidates = sorted(" " + t[1:] for t in vocab if t.startswith("Ġ") and t[1:].isalpha())
+    else:
+        candidates = sorted(" " + t for t in vocab if t.isalpha())
     return [w for w in candidates if len(tokenizer(w, add_special_tokens=False)["input_ids"]) == 1]
+
+
+def folder_mib(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
+
+
+def pack_real_model(encoder: Path, dest: Path) -> int:
+    """ENCODER as a float16 classifier folder at DEST (its weights and tokenizer, a random
+    4-label head), for --real-model; 0 if it fits one call's transfer, else 1."""
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        encoder, num_labels=len(LABELS), id2label=LABELS.id2label(), label2id=LABELS.label2id())
+    model.to(torch.float16).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(encoder).save_pretrained(dest)
+    size = folder_mib(dest)
+    fits = size < TRANSFER_LIMIT_MIB - 4  # the code travels in the same call
+    print(f"{dest}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+          f"{size:.1f} MiB in float16: {'fits' if fits else 'does not fit'} the GPU machine's "
+          f"{TRANSFER_LIMIT_MIB} MiB a call")
+    return 0 if fits else 1
 
 
 def realistic_texts(tokenizer, rows: int, median: int, cap: int, seed: int = 0) -> list[str]:
@@ -619,7 +664,7 @@ def save_adapter(trainer: Trainer, tokenizer, cfg: FinetuneConfig, quantization:
 
 
 def folder_gib(folder: Path) -> float:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**30
+    return folder_mib(folder) / 2**10
 
 
 def train_steps(cfg: FinetuneConfig, profile: Profile, device: str, workdir: Path,
@@ -775,10 +820,11 @@ def markdown(report: dict) -> str:
 
 
 def benchmark(args: argparse.Namespace, profile: Profile, device: str, workdir: Path) -> dict:
-    clock = Clock(args.budget_s or profile.total_s)
+    total_s = args.budget_s or profile.total_s + profile.real_model_s * len(args.real_model)
+    clock = Clock(total_s)
     out = Path(args.out)
     report = {"mode": "smoke" if args.smoke else "gpu", "environment": environment(device, args.source),
-              "profile": asdict(profile), "budget_s": args.budget_s or profile.total_s,
+              "profile": asdict(profile), "budget_s": total_s,
               "imports_s": round(time.monotonic() - STARTED, 1),
               "matmul": None, "inference": {}, "qlora": None, "notes": []}
     if device == "cpu":
@@ -807,11 +853,22 @@ def benchmark(args: argparse.Namespace, profile: Profile, device: str, workdir: 
                                                                    device, workdir, deadline),
                                device)
     write_report(report, out)
+
+    for folder in map(Path, args.real_model):
+        name = f"{folder.name} (real weights)"
+        result = run_part(report, name, profile.real_model_s, clock,
+                          lambda deadline, folder=folder, name=name: inference(
+                              name, folder, profile, device, deadline, matmul_tflops), device)
+        if result:
+            report["inference"][name] = result
+        write_report(report, out)
     return report
 
 
 def main() -> int:
     args = parse_args()
+    if args.pack:
+        return pack_real_model(*map(Path, args.pack))
     profile = SMOKE if args.smoke else FULL
     device = choose_device(args.smoke)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="clsjob-gpu-bench-")).absolute()
@@ -830,7 +887,8 @@ def main() -> int:
         print("bench/gpu.py: Ray was imported", file=sys.stderr)
         return 1
     missing = [part for part in ("matmul", "qlora") if not report[part]]
-    missing += [name for name in profile.shapes if name not in report["inference"]]
+    missing += [name for name in [*profile.shapes, *(f"{Path(f).name} (real weights)" for f in args.real_model)]
+                if name not in report["inference"]]
     if args.smoke and missing:
         print(f"bench/gpu.py: smoke run lacks {missing}", file=sys.stderr)
         return 1
