@@ -15,6 +15,7 @@ Every variant labels the same rows; each is timed `--repeats` times and the medi
   clsjob-hf         run_classify end to end (Parquet in, Parquet out), backend hf in float32, 1 actor
   clsjob-hf-auto    the same with backend.dtype auto (bf16 on CPUs with AVX-512 BF16 or AMX)
   clsjob-hf-parts4  clsjob-hf with output.parts_per_call 4: rows sorted by length over 4 parts
+  clsjob-hf-buckets16  clsjob-hf with backend.pad_to_multiple_of 16 (length buckets)
   clsjob-vllm_pool  the same with backend vllm_pool (skipped, with the error, if vLLM refuses it)
   peer              ray.data.llm's classify processor on the same shards (bench/classify_peer.py)
 
@@ -47,8 +48,10 @@ MAX_LENGTH = 512
 BATCH = 32          # naive's batch_size, floor's and clsjob's micro-batch
 CPUS_PER_ACTOR = 2  # all cores of the reference machine; in-process variants get as many threads
 SHARDS = 8
-VARIANTS = ("naive", "floor", "clsjob-hf", "clsjob-hf-auto", "clsjob-hf-parts4", "clsjob-vllm_pool", "peer")
-PIPELINES = ("clsjob-hf", "clsjob-hf-auto", "clsjob-hf-parts4", "clsjob-vllm_pool", "peer")  # also timed on the small set
+VARIANTS = ("naive", "floor", "clsjob-hf", "clsjob-hf-auto", "clsjob-hf-parts4", "clsjob-hf-buckets16",
+            "clsjob-vllm_pool", "peer")
+PIPELINES = ("clsjob-hf", "clsjob-hf-auto", "clsjob-hf-parts4", "clsjob-hf-buckets16",
+             "clsjob-vllm_pool", "peer")  # also timed on the small set
 SMALL = "@small"
 BETTER = "clsjob-better"  # the faster fp32 back end against the peer (better_lines)
 
@@ -167,10 +170,10 @@ def floor_variant(folder: Path, texts: list[str]):
 
 
 def bench_config(kind: str, folder: Path, shards: Path, out: Path, dtype: str = "float32",
-                 parts_per_call: int | None = None):
+                 parts_per_call: int | None = None, pad_to_multiple_of: int = 1):
     backend = {"kind": kind, "model": str(folder), "max_length": MAX_LENGTH}
     if kind == "hf":
-        backend.update(micro_batch_size=BATCH, dtype=dtype)
+        backend.update(micro_batch_size=BATCH, dtype=dtype, pad_to_multiple_of=pad_to_multiple_of)
     if kind == "vllm_pool":
         # An encoder keeps no KV cache, so there is no prefix to reuse; with clsjob's default
         # (prefix caching on) vLLM 0.32 refuses the BERT folder at start-up: "AssertionError:
@@ -183,13 +186,14 @@ def bench_config(kind: str, folder: Path, shards: Path, out: Path, dtype: str = 
 
 def clsjob_variant(kind: str, folder: Path, shards: Path, outputs: Path, n_rows: int,
                    dtype: str = "float32", keep_probs: dict | None = None,
-                   parts_per_call: int | None = None):
+                   parts_per_call: int | None = None, pad_to_multiple_of: int = 1):
     from clsjob.run.pipeline import run_classify
 
     def run():
         # A fresh folder per repeat: nothing to resume, every row labelled again.
         out = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=outputs))
-        summary = run_classify(bench_config(kind, folder, shards, out, dtype, parts_per_call))
+        summary = run_classify(bench_config(kind, folder, shards, out, dtype, parts_per_call,
+                                            pad_to_multiple_of))
         assert summary.rows_out == n_rows and summary.rows_errored == 0, summary
         if keep_probs is not None and not keep_probs:  # the first run's, for the label check
             table = read_output(out, ["id", "probs"])
@@ -380,6 +384,8 @@ def build_runs(folder: Path, row_sets: dict, workdir: Path, wanted: list[str], p
                                                                len(rows), dtype="auto"),
                       "clsjob-hf-parts4": lambda: clsjob_variant("hf", folder, shards, outputs,
                                                                  len(rows), parts_per_call=4),
+                      "clsjob-hf-buckets16": lambda: clsjob_variant("hf", folder, shards, outputs,
+                                                                    len(rows), pad_to_multiple_of=16),
                       "clsjob-vllm_pool": lambda: clsjob_variant("vllm_pool", folder, shards,
                                                                  outputs, len(rows)),
                       "peer": lambda: peer_variant(folder, shards, len(rows), CPUS_PER_ACTOR,
