@@ -568,6 +568,51 @@ def test_shipped_vllm_config(name, qwen_model, ray_cluster, tmp_path_factory, tm
         assert manifest["work_hash"] != work_hash(cfg)
 
 
+def test_a_killed_driver_resumes_with_the_same_per_row_shots(lm_model, bert_model, ray_cluster, tmp_path):
+    """Per-row similar shots and a driver SIGKILLed after its first shard: the rerun labels the
+    rest with the prompts one uninterrupted run builds. Score mode's probabilities are a
+    function of the whole prompt (another shot, another order, other numbers), so every row's
+    must match the uninterrupted run's."""
+    import yaml
+
+    from clsjob.config import load_config
+    from helpers import kill_driver_after_first_shard
+
+    shards = 6
+    write_shards(tmp_path / "in", [{"text": sample_texts(40, seed=s)} for s in range(shards)])
+    write_shards(tmp_path / "pool", [{"text": sample_texts(30, seed=9),
+                                      "label": [LABELS[i % 3] for i in range(30)]}])
+
+    def config(out: str):
+        path = tmp_path / f"{out}.yaml"
+        path.write_text(yaml.safe_dump({
+            "input": {"path": str(tmp_path / "in")}, "labels": LABELS,
+            "backend": {"kind": "vllm_prompt", "model": str(lm_model), "max_length": 64,
+                        "prompt": {"mode": "score", "shots": {
+                            "pool": str(tmp_path / "pool" / "shard-000.parquet"), "k": 4,
+                            "select": "similar", "embedder": str(bert_model)}},
+                        "engine": {"max_model_len": 512}},
+            "output": {"path": str(tmp_path / out), "rows_per_part": 10}}))
+        return path
+
+    def probs(out: str) -> dict:
+        rows = pa.concat_tables(pa.parquet.read_table(p) for p in (tmp_path / out).glob("*.parquet"))
+        return dict(zip(rows.column("id").to_pylist(), rows.column("probs").to_pylist()))
+
+    run_classify(load_config(config("once"), model=ClassifyConfig))
+    done_before = kill_driver_after_first_shard(config("resumed"), tmp_path / "resumed", ray_cluster)
+    assert 0 < len(done_before) < shards
+    summary = run_classify(load_config(config("resumed"), model=ClassifyConfig))
+
+    once, resumed = probs("once"), probs("resumed")
+    assert summary.rows_in == summary.rows_out == len(resumed) == shards * 40
+    assert resumed.keys() == once.keys()
+    worst = max(float(np.abs(np.subtract(resumed[i], once[i])).max()) for i in once)
+    assert worst < TOLERANCE, f"a row's probabilities moved by {worst}: its prompt changed"
+    # The rows differ from each other: equal probabilities are not a constant model's.
+    assert len({round(p[0], 4) for p in once.values()}) > shards * 40 // 2
+
+
 ENGINE_KILLER = r"""
 import json, os, signal, sys, threading, time
 from pathlib import Path
