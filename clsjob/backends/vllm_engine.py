@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 
-from clsjob.backends import require_cuda
+from clsjob.backends import ModelError, require_cuda
 from clsjob.config import VLLMPoolBackendConfig, VLLMPromptBackendConfig
 
 log = logging.getLogger("clsjob")
@@ -26,6 +26,31 @@ def prepare_env(use_gpu: bool) -> None:
         # On CPU, run the engine inside the actor's process: it starts in ~3 s instead of
         # 25-40 s with spawned engine processes, and uses the CPUs Ray gave the actor.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def model_context_length(config: dict) -> int | None:
+    """The context vLLM gives the model when backend.engine.max_model_len is unset, or more:
+    config.json's max_position_embeddings (vLLM may take less, from other keys). None where
+    rope scaling stretches it (vLLM's own sum) or the config does not say: the actor checks."""
+    config = config.get("text_config") or config
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        return None
+    return config.get("max_position_embeddings")
+
+
+def check_max_model_len(backend: VLLMPoolBackendConfig | VLLMPromptBackendConfig,
+                        config: dict) -> int | None:
+    """The context the engine will have (None where only vLLM can tell); on the driver, a
+    ModelError for a backend.engine.max_model_len beyond the model's own positions, which
+    vLLM refuses only in every actor's engine start, Ray Data retrying each."""
+    own = model_context_length(config)
+    asked = backend.engine.max_model_len
+    if asked and own and asked > own:
+        raise ModelError(f"backend.engine.max_model_len {asked} exceeds {backend.model}'s own "
+                         f"context of {own} tokens (max_position_embeddings in its config.json); "
+                         f"set it to {own} or less, or leave it unset")
+    return asked or own
 
 
 def engine_args(backend: VLLMPoolBackendConfig | VLLMPromptBackendConfig, use_gpu: bool,

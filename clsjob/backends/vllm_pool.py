@@ -31,6 +31,7 @@ def check_pooled_model(backend: VLLMPoolBackendConfig, configured: LabelSet | No
     the weights (Gemma 3) or refuses the architecture (MPNet, DeBERTa-v2) after Ray Data
     has started it."""
     checked = check_model_folder(backend, configured, storage)
+    vllm_engine.check_max_model_len(backend, checked.config)
     import transformers
     import vllm
     from vllm.config.model import iter_architecture_defaults

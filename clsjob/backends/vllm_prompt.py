@@ -83,7 +83,7 @@ def check_context_length(backend: VLLMPromptBackendConfig, labels: LabelSet,
     prompt rendered and tokenised as the actor will, plus the answer's token budget, against
     backend.engine.max_model_len (or the model's own context). The actor makes the same sum
     (row_budget) with the engine's final word on the context."""
-    limit = backend.engine.max_model_len or model_context_length(config)
+    limit = vllm_engine.check_max_model_len(backend, config)
     tokenizer = driver_tokenizer(backend, storage) if limit else None
     if tokenizer is None:
         return
@@ -92,17 +92,6 @@ def check_context_length(backend: VLLMPromptBackendConfig, labels: LabelSet,
                              pool_pieces(tokenizer, prompt, pool))
     answer_tokens = mode_class(prompt, task).tokens_needed(labels, prompt, tokenizer)
     row_budget(backend, limit, template, answer_tokens)
-
-
-def model_context_length(config: dict) -> int | None:
-    """The context vLLM gives the model when backend.engine.max_model_len is unset, or more:
-    config.json's max_position_embeddings (vLLM may take less, from other keys). None where
-    rope scaling stretches it (vLLM's own sum) or the config does not say: the actor checks."""
-    config = config.get("text_config") or config
-    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        return None
-    return config.get("max_position_embeddings")
 
 
 def driver_tokenizer(backend: VLLMPromptBackendConfig, storage: StorageConfig):

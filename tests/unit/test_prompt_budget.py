@@ -65,7 +65,9 @@ def check(cfg: ClassifyConfig):
 @pytest.mark.parametrize("mode", ["choice", "json", "score"])
 def test_the_driver_refuses_a_context_too_short_and_names_the_least_that_works(model_folder, mode):
     tok = build_tokenizer(model_folder / "tok")
-    cfg = prompted(model_folder, mode, 64, instructions="Read the review with care. " * 3)
+    # json's reasoning capped to keep the least context that works within the model's 512.
+    short = {"instructions": "Read the review with care. " * 3, "reasoning_max_chars": 200}
+    cfg = prompted(model_folder, mode, 64, **short)
     template = shared_prompt(tok, SST2, cfg.backend.prompt, [])
     answer = mode_class(cfg.backend.prompt).tokens_needed(SST2, cfg.backend.prompt, tok)
     need = template.overhead + answer + 1
@@ -76,9 +78,10 @@ def test_the_driver_refuses_a_context_too_short_and_names_the_least_that_works(m
         f"takes {template.overhead} tokens and the answer up to {answer}; set "
         f"backend.engine.max_model_len to at least {need} ({need + 63} keeps rows of "
         f"backend.max_length 64 tokens whole)")
-    check(prompted(model_folder, mode, need, instructions="Read the review with care. " * 3))
+    assert need <= 512
+    check(prompted(model_folder, mode, need, **short))
     with pytest.raises(ModelError, match=f"at least {need} "):
-        check(prompted(model_folder, mode, need - 1, instructions="Read the review with care. " * 3))
+        check(prompted(model_folder, mode, need - 1, **short))
 
 
 def test_unset_max_model_len_is_the_models_own_context(model_folder):
@@ -86,6 +89,16 @@ def test_unset_max_model_len_is_the_models_own_context(model_folder):
     with pytest.raises(ModelError, match=r"the model's context of 512 tokens \(backend.engine."
                                          r"max_model_len is unset\) .* shorten the shared prompt"):
         check(prompted(model_folder, max_model_len=None, reasoning_max_chars=500))
+
+
+def test_a_context_beyond_the_models_positions_is_refused_on_the_driver(model_folder):
+    """vLLM refuses it only at each actor's engine start (and Ray Data retries each)."""
+    with pytest.raises(ModelError) as refused:
+        check(prompted(model_folder, max_model_len=1024))
+    assert str(refused.value) == (
+        f"backend.engine.max_model_len 1024 exceeds {model_folder}'s own context of 512 tokens "
+        f"(max_position_embeddings in its config.json); set it to 512 or less, or leave it unset")
+    check(prompted(model_folder, max_model_len=512, reasoning_max_chars=100))
 
 
 def test_an_s3_model_is_checked_from_its_tokenizer_files_without_its_weights(model_folder, s3):
