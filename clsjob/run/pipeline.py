@@ -26,7 +26,8 @@ from clsjob.run import resume
 from clsjob.run.cascade import add_counts, cascade_summary
 from clsjob.run.duplicates import check_duplicate_ids
 from clsjob.run.lock import RunLock, RunLocked
-from clsjob.run.placement import StallReporter, check_placement, classify_demand, ensure_ray
+from clsjob.run.placement import (StallReporter, alive_nodes, check_placement, classify_demand,
+                                  ensure_ray, size_cpu_stages)
 from clsjob.run.prepare import check_schema
 from clsjob.run.stages import stream_labelled_parts
 from clsjob.run.summary import (Progress, RunSummary, build_manifest, busy_summary, summary_of,
@@ -74,8 +75,9 @@ def run_locked(cfg: ClassifyConfig, task: Task, labels: LabelSet, temperature: f
         return summary_of(finished, cfg)
     done = resume.load_done(cfg, work, shards)
     todo = [s for s in shards if s.key not in done]
-    demands = [classify_demand(resources, key) for key, resources in stage_resources(cfg)]
-    ensure_ray(*demands)
+    ensure_ray(*stage_demands(cfg))
+    cfg = size_cpu_stages(cfg, alive_nodes())  # a CPU cascade's stages given no resources
+    demands = stage_demands(cfg)
     check_placement(demands, cfg.cluster.autoscaling)  # a cascade's pools share the nodes
     duplicates = check_duplicate_ids(cfg, shards)
     log.info("classify: %d rows in %d shards -> %s (%d shards already done)",
@@ -135,9 +137,9 @@ def run_locked(cfg: ClassifyConfig, task: Task, labels: LabelSet, temperature: f
     return summary
 
 
-def stage_resources(cfg: ClassifyConfig) -> list[tuple[str, object]]:
-    """(config key, actor pool) of each stage."""
-    return [(f"{stage.key}resources", stage.resources) for stage in cfg.stages()]
+def stage_demands(cfg: ClassifyConfig) -> list:
+    """What each stage's actor pool asks of the cluster, named by its config key."""
+    return [classify_demand(stage.resources, f"{stage.key}resources") for stage in cfg.stages()]
 
 
 def usable_shards(cfg: ClassifyConfig, task: Task) -> tuple[list[store.ShardInfo], list[str]]:

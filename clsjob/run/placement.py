@@ -19,7 +19,7 @@ from functools import partial
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from clsjob.config import engine_gpus
+from clsjob.config import CASCADE, ClassifyConfig, engine_gpus
 
 log = logging.getLogger("clsjob")
 # The shard reader and the part writer are Ray tasks of one logical CPU each, I/O-light; they
@@ -98,6 +98,34 @@ def training_demand(training) -> Demand:
     return Demand("training worker", training.workers, training.cpus_per_worker,
                   1.0 if training.use_gpu else 0.0,
                   "training.workers / training.cpus_per_worker / training.use_gpu")
+
+
+def size_cpu_stages(cfg: ClassifyConfig, nodes: list[dict]) -> ClassifyConfig:
+    """A cascade on CPU nodes whose stages the user gave no `resources`: the largest node's
+    CPUs (less the reader's and writer's, and what the stages the user sized take) split
+    evenly between those stages, one actor each, and said in the log. The default of one CPU
+    a stage leaves most of a large node idle, and actors that each take every core
+    oversubscribe it (torch runs a thread per CPU Ray gives the actor: OMP_NUM_THREADS).
+    Even, because which stage does more work depends on the share escalated, which is known
+    only once the rows run. Unchanged where any stage or node has GPUs."""
+    backend = cfg.backend
+    if backend.kind != CASCADE or any(n.get("GPU") for n in nodes):
+        return cfg
+    unset = [i for i, s in enumerate(backend.stages) if "resources" not in s.model_fields_set]
+    if not unset or any(s.resources.gpus_per_actor for s in backend.stages):
+        return cfg
+    node_cpus = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+    taken = sum(s.resources.actor_range()[0] * s.resources.cpus_per_actor
+                for i, s in enumerate(backend.stages) if i not in unset)
+    each = max(1, math.floor((node_cpus - IO_CPUS - taken) / len(unset)))
+    stages = [s.model_copy(update={"resources": s.resources.model_copy(update={"cpus_per_actor": float(each)})})
+              if i in unset else s for i, s in enumerate(backend.stages)]
+    names = backend.stage_names()
+    log.info("cascade: %s set no resources: on a CPU node of %g CPUs, each runs 1 actor of %d "
+             "CPU(s) (as many torch threads), %g CPU kept for reading and writing; set "
+             "backend.stages[i].resources to choose", ", ".join(
+                 f"backend.stages[{i}] ({names[i]})" for i in unset), node_cpus, each, IO_CPUS)
+    return cfg.model_copy(update={"backend": backend.model_copy(update={"stages": stages})})
 
 
 def ensure_ray(*demands: Demand) -> None:

@@ -37,6 +37,8 @@ def work_hash(cfg: ClassifyConfig, inputs: tuple = ()) -> str:
         "resources": {"actors", "gpus_per_actor", "cpus_per_actor", "calls_per_actor"}, "cluster": True,
         "output": {"overwrite", "stale_lock_after_s", "parts_per_call"}, "storage": {"model_cache"},
         "evaluate": True, "monitor": True})
+    for stage in data["backend"].get("stages") or ():  # a cascade's actor pools, likewise
+        stage.pop("resources", None)
     if inputs:  # left out when there are none, so earlier runs' hashes stay as they were
         data["inputs"] = [list(item) for item in inputs]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -50,3 +50,46 @@ def test_a_cascades_stages_are_placed_together():
     assert "backend.stages[1].resources.gpus_per_actor" in problem
     [problem] = placement_problems([{"CPU": 8.0, "GPU": 2.0}], first, second)
     assert "every stage together take every CPU" in problem and "backend.stages[0]" in problem
+
+
+def cascade(*stage_resources):
+    """Two hf stages, each with the resources given (None: the user set none)."""
+    from clsjob.config import ClassifyConfig, validate
+
+    stages = [{"backend": {"model": "small"}, "escalate_below": 0.9}, {"backend": {"model": "large"}}]
+    for stage, resources in zip(stages, stage_resources):
+        if resources is not None:
+            stage["resources"] = resources
+    return validate({"input": {"path": "in"}, "output": {"path": "out"},
+                     "backend": {"kind": "cascade", "stages": stages}}, model=ClassifyConfig)
+
+
+def cpus(cfg) -> list[float]:
+    return [stage.resources.cpus_per_actor for stage in cfg.backend.stages]
+
+
+def test_a_cpu_cascade_given_no_resources_splits_the_node_between_its_stages(caplog):
+    import logging
+
+    from clsjob.run.placement import size_cpu_stages
+    from clsjob.run.resume import work_hash
+
+    with caplog.at_level(logging.INFO, logger="clsjob"):
+        sized = size_cpu_stages(cascade(None, None), [{"CPU": 16.0}, {"CPU": 8.0}])
+    assert cpus(sized) == [7.0, 7.0]  # 16, less 1 for reading and writing, halved
+    assert ("backend.stages[0] (1-hf), backend.stages[1] (2-hf) set no resources: on a CPU node "
+            "of 16 CPUs, each runs 1 actor of 7 CPU(s)") in caplog.text
+    assert placement_problems([{"CPU": 16.0}], *[classify_demand(s.resources) for s in sized.backend.stages]) == []
+    # The local Ray clsjob starts on 2 cores has 3 logical CPUs: one each, as before.
+    assert cpus(size_cpu_stages(cascade(None, None), [{"CPU": 3.0}])) == [1.0, 1.0]
+    # A stage the user sized keeps its pool; the other takes what is left.
+    assert cpus(size_cpu_stages(cascade({"actors": 2, "cpus_per_actor": 3}, None), [{"CPU": 16.0}])) == [3.0, 9.0]
+    # GPUs anywhere, or every stage sized: the config as written.
+    gpu = cascade(None, {"gpus_per_actor": 1})
+    assert size_cpu_stages(gpu, [{"CPU": 16.0, "GPU": 1.0}]) is gpu
+    assert size_cpu_stages(cascade(None, None), [{"CPU": 16.0, "GPU": 1.0}]).backend.stages[0].resources.cpus_per_actor == 1
+    both = cascade({"cpus_per_actor": 2}, {"cpus_per_actor": 2})
+    assert size_cpu_stages(both, [{"CPU": 16.0}]) is both
+    # How many CPUs a stage's actors have writes no other row: a resumed run on another
+    # cluster (or with other stage resources) is the same work.
+    assert work_hash(sized) == work_hash(cascade(None, None)) == work_hash(both)
