@@ -3,7 +3,8 @@
 One straight line of steps, each leaving its output in the run folder and skipped when a
 rerun finds it done, so a rerun resumes at the step it stopped in:
 
-  sample/         a seeded random sample of the corpus
+  sample/         a seeded random sample of the corpus, in files of sample.rows_per_shard
+                  rows (the teacher's step resumes file by file)
   teacher/        the teacher's labels of the sample (a classify run)
   student-data/   the labelled sample split into train/ and heldout/ (seeded)
   student/        the student fine-tuned on the teacher's labels; student-model/ merged
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -60,6 +62,7 @@ def run_distill(cfg: DistillConfig) -> dict:
         log.info("distill: %s done in %.1f s", name, steps[name])
 
     step("sample", finished(run, "sample", cfg), lambda: write_sample(cfg))
+    check_gold_spelling(cfg)
     step("teacher", finished(run, "teacher", cfg), lambda: label_sample(cfg))
     step("split", finished(run, "student-data", cfg), lambda: split_sample(cfg))
     step("finetune", finished(run, "student", cfg, "clsjob_finetune.json"), lambda: train_student(cfg))
@@ -132,9 +135,12 @@ def write_sample(cfg: DistillConfig) -> None:
                 out[GOLD] = t.column(cfg.input.label_column).cast(pa.string())
             tables.append(pa.table(out))
         start += shard.rows
-    store.write_part(pa.concat_tables(tables), store.join(cfg.output.path, "sample", "sample.parquet"),
-                     cfg.storage)
-    store.write_json({"status": "complete", "rows": int(len(picked)), "of": total},
+    sample, size = pa.concat_tables(tables), cfg.sample.rows_per_shard
+    # Several files, not one: the teacher's classify run resumes shard by shard.
+    files = [f"sample-{i // size:05d}.parquet" for i in range(0, sample.num_rows, size)]
+    for start, name in zip(range(0, sample.num_rows, size), files):
+        store.write_part(sample.slice(start, size), store.join(cfg.output.path, "sample", name), cfg.storage)
+    store.write_json({"status": "complete", "rows": int(len(picked)), "of": total, "files": files},
                      store.join(cfg.output.path, "sample", MANIFEST), cfg.storage)
 
 
@@ -265,11 +271,22 @@ def judge_gate(cfg: DistillConfig) -> dict:
                       f"(short by {gate.min_agreement - out['agreement']:.4f})")
     if CORPUS_GOLD in rows.column_names:  # the corpus's gold labels, carried
         gold = np.array(rows.column(CORPUS_GOLD).to_pylist(), dtype=object)
-        known = np.array([g is not None for g in gold])
+        # Scored only where the gold is spelled as a label of the teacher's (an LLM's labels
+        # are the strings its config names, the corpus may spell them otherwise): never a
+        # silent 0 accuracy.
+        names = read_labels(cfg)
+        known = np.array([g in names for g in gold], dtype=bool)
+        outside = Counter(g for g in gold if g is not None and g not in names)
+        if outside:
+            out["gold_outside_labels"] = dict(outside.most_common(5))
         out["accuracy"] = float((label[known] == gold[known]).mean()) if known.any() else None
         out["teacher_accuracy"] = float((teacher[known] == gold[known]).mean()) if known.any() else None
-        if gate.min_accuracy is not None and (out["accuracy"] or 0) < gate.min_accuracy:
-            misses.append(f"accuracy {out['accuracy']} < {gate.min_accuracy}")
+        if gate.min_accuracy is not None and out["accuracy"] is None:
+            misses.append(f"accuracy cannot be judged: no held-out row's gold label "
+                          f"({cfg.input.label_column}) is one of the teacher's labels {names} "
+                          f"(the corpus has {sorted(outside)[:5]})")
+        elif gate.min_accuracy is not None and out["accuracy"] < gate.min_accuracy:
+            misses.append(f"accuracy {out['accuracy']:.4f} < {gate.min_accuracy}")
     confidence = np.nan_to_num(np.array(rows.column("confidence").to_pylist(), dtype=float), nan=0.0)
     below, share, agreement = cascade_threshold(confidence, agree, gate.cascade_agreement)
     out |= {"passed": not misses, "why": "; ".join(misses) or None, "cascade_below": below,
@@ -277,15 +294,52 @@ def judge_gate(cfg: DistillConfig) -> dict:
     return out
 
 
+def read_labels(cfg: DistillConfig) -> list[str]:
+    """The teacher's label names, in its order (its classify run's manifest)."""
+    return store.read_json(store.join(cfg.output.path, "teacher", MANIFEST), cfg.storage)["labels"]
+
+
+def check_gold_spelling(cfg: DistillConfig) -> None:
+    """Before the teacher runs: the sample's gold labels against the labels the teacher is
+    told (`labels`). None of them a label: refused, naming both spellings (accuracy against
+    gold would be 0); some: said in the log, those rows are left out of the accuracy."""
+    if not (cfg.labels and cfg.input.label_column):
+        return
+    names = [spec.name for spec in cfg.labels]
+    gold = Counter(v for v in read_sample(cfg).column(GOLD).to_pylist() if v is not None)
+    outside = {g: n for g, n in gold.items() if g not in names}
+    if gold and len(outside) == len(gold):
+        raise InputError(f"input.label_column {cfg.input.label_column}: none of the sample's gold "
+                         f"labels {sorted(gold)[:5]} is one of labels {names}; spell the labels "
+                         f"as the corpus does, or leave input.label_column out")
+    if outside:
+        log.warning("distill: %d sample rows have a gold label outside labels %s (%s); they are "
+                    "left out of the accuracy", sum(outside.values()), names, sorted(outside)[:5])
+
+
+def read_sample(cfg: DistillConfig) -> pa.Table:
+    folder = store.join(cfg.output.path, "sample")
+    files = store.read_json(store.join(folder, MANIFEST), cfg.storage)["files"]
+    return pa.concat_tables(store.read_table(store.join(folder, f), cfg.storage) for f in files)
+
+
 def label_corpus(cfg: DistillConfig, below: float) -> None:
     from clsjob.run.pipeline import run_classify
 
-    cascade = CascadeBackendConfig(stages=[
-        CascadeStageConfig(name="student", backend=student_backend(cfg), escalate_below=below,
-                           resources=cfg.student.resources),
-        CascadeStageConfig(name="teacher", backend=cfg.teacher.backend, resources=cfg.teacher.resources)])
     run_classify(classify_config(cfg, "label_corpus", cfg.input,
-                                 store.join(cfg.output.path, "labelled"), cascade))
+                                 store.join(cfg.output.path, "labelled"), corpus_cascade(cfg, below)))
+
+
+def corpus_cascade(cfg: DistillConfig, below: float) -> CascadeBackendConfig:
+    """Student, then teacher under `below`. A stage whose resources the user left unset stays
+    unset, so the classify run sizes it for a CPU node (placement.size_cpu_stages)."""
+    def given(section) -> dict:
+        return {"resources": section.resources} if "resources" in section.model_fields_set else {}
+
+    return CascadeBackendConfig(stages=[
+        CascadeStageConfig(name="student", backend=student_backend(cfg), escalate_below=below,
+                           **given(cfg.student)),
+        CascadeStageConfig(name="teacher", backend=cfg.teacher.backend, **given(cfg.teacher))])
 
 
 def corpus_summary(cfg: DistillConfig) -> dict:

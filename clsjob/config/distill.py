@@ -32,6 +32,10 @@ class DistillSampleConfig(Section):
     seed: int = Field(0, description="Seed of the draw and of the held-out split.")
     heldout_fraction: float = Field(0.2, gt=0, lt=1, description="Share of the labelled sample "
                                                                  "held out to judge the student.")
+    rows_per_shard: int = Field(256, gt=0, description="Rows of each sample file. The teacher's "
+                                                       "step resumes at the first file it had not "
+                                                       "finished: a slow teacher stopped mid-step "
+                                                       "redoes at most this many rows.")
 
     @model_validator(mode="after")
     def _one_size(self) -> "DistillSampleConfig":

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from clsjob.cli import main
+from clsjob.contract import PROGRESS
 from helpers import LABELS, sample_texts, write_shards
 from tiny_models import build_qwen2_classifier
 
@@ -30,7 +31,7 @@ def distilled(qwen_model, ray_cluster, tmp_path_factory):
         "student": {"base_model": str(base),
                     "training": {"method": "full", "epochs": 2, "learning_rate": 3e-3, "batch_size": 16,
                                  "max_length": 48, "gradient_checkpointing": False}},
-        "sample": {"rows": 120, "seed": 3, "heldout_fraction": 0.25},
+        "sample": {"rows": 120, "seed": 3, "heldout_fraction": 0.25, "rows_per_shard": 50},
         "gate": {"min_agreement": 0.999, "cascade_agreement": 0.9},
         "output": {"path": str(root / "run")}}
     (root / "missed.yaml").write_text(yaml.safe_dump(config))
@@ -55,7 +56,9 @@ def distilled(qwen_model, ray_cluster, tmp_path_factory):
 def test_the_sample_teacher_split_and_student_are_each_a_step_in_the_run_folder(distilled):
     root, _, _, _ = distilled
     run = root / "run"
-    sample = pq.read_table(run / "sample" / "sample.parquet")
+    files = sorted((run / "sample").glob("*.parquet"))
+    assert [pq.read_metadata(f).num_rows for f in files] == [50, 50, 20]  # sample.rows_per_shard
+    sample = pa.concat_tables(pq.read_table(f) for f in files)
     assert sample.num_rows == 120 and len(set(sample.column("id").to_pylist())) == 120
     assert set(sample.column_names) == {"id", "text", "gold"}
     split = json.loads((run / "student-data" / "_manifest.json").read_text())
@@ -92,7 +95,7 @@ def test_the_rerun_resumes_after_the_last_finished_step_and_labels_the_corpus(di
     assert all(summary["steps_wall_s"][s] == "done before"
                for s in ("sample", "teacher", "split", "finetune", "merge", "gate"))
     assert isinstance(summary["steps_wall_s"]["label_corpus"], float)
-    for name in ("sample/sample.parquet", "teacher/_manifest.json", "student/clsjob_finetune.json",
+    for name in ("sample/sample-00000.parquet", "teacher/_manifest.json", "student/clsjob_finetune.json",
                  "student-model/config.json", "heldout/_manifest.json"):
         assert (run / name).stat().st_mtime_ns == after_miss[name], name  # not redone
     gate = summary["gate"]
@@ -111,3 +114,31 @@ def test_a_run_folder_of_another_config_is_refused(distilled):
     assert code_other == 2
     assert "holds a distill run of another config (changed: sample)" in said
     assert json.loads((root / "run" / "_distill_work.json").read_text())["config"]["sample"]["rows"] == 120
+
+
+def test_a_teacher_step_stopped_mid_way_resumes_at_the_sample_file_it_had_not_finished(distilled):
+    """What a driver killed while the teacher labels leaves: some sample files' parts and
+    markers, no manifest. The rerun labels only the file without a marker. (Runs last: it
+    rewrites the teacher's step of the module's run folder.)"""
+    root, _, _, _ = distilled
+    teacher = root / "run" / "teacher"
+    before = {p.name: (p.stat().st_mtime_ns, pq.read_table(p)) for p in teacher.glob("*.parquet")}
+    markers = sorted((teacher / PROGRESS).glob("*.json"))
+    assert len(markers) == 3  # one per sample file
+    lost = json.loads(markers[1].read_text())
+    (teacher / "_manifest.json").unlink()
+    markers[1].unlink()
+    for part in lost["parts"]:
+        (teacher / part["part"]).unlink()
+
+    assert main(["distill", "--config", str(root / "passed.yaml")]) == 0
+
+    summary = json.loads((root / "run" / "distill.json").read_text())
+    assert isinstance(summary["steps_wall_s"]["teacher"], float)
+    assert summary["steps_wall_s"]["split"] == "done before"
+    redone = {part["part"] for part in lost["parts"]}
+    assert redone and {p.name for p in teacher.glob("*.parquet")} == set(before)
+    for name, (mtime, table) in before.items():
+        path = teacher / name
+        assert (path.stat().st_mtime_ns == mtime) == (name not in redone), name
+        assert pq.read_table(path).column("label").equals(table.column("label"))
