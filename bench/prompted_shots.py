@@ -23,6 +23,7 @@ Models from `make models` (the LLM and MiniLM).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import sys
@@ -39,6 +40,17 @@ from common import (DATA, REPO, LoadWatch, environment, environment_line, markdo
 from real_prompted import SEED, classify_config, corpus_rows
 
 SELECTS = ("none", "fixed", "random", "similar")
+# Label descriptions where the corpus needs them: SMS spam's "ham" is jargon. `as-shipped` is
+# real_prompted.py's wording (the meanings inside the instructions); `names-only` asks with the
+# bare names; `descriptions` asks the same bare question and describes each label in the list.
+SMS_QUESTION = "Is this SMS message spam or ham?"
+WORDINGS = {
+    "as-shipped": {},
+    "names-only": {"instructions": SMS_QUESTION},
+    "descriptions": {"instructions": SMS_QUESTION, "labels": [
+        {"name": "ham", "description": "an ordinary personal message between people who know each other"},
+        {"name": "spam", "description": "unsolicited advertising, prizes, premium-rate offers"}]},
+}
 
 
 def rows_and_pool(corpus: str, rows: int) -> tuple[pa.Table, pa.Table]:
@@ -118,16 +130,25 @@ def neighbour_vote(table: pa.Table, pool: pa.Table, embedder: Path, k: int) -> d
             "gold_among_shots": float(np.mean([g in {pool_labels[j] for j in c} for c, g in zip(shots, gold)]))}
 
 
-def run_one(mode: str, corpus: str, select: str, table: pa.Table, pool: Path, labels: list[str],
-            model: Path, embedder: Path, work: Path, args) -> dict:
+def worded(cfg: dict, changed: dict, wording: str) -> dict:
+    """The config with `wording`'s instructions and labels (SMS spam only)."""
+    for key, value in WORDINGS[wording].items():
+        section = cfg["backend"]["prompt"] if key == "instructions" else cfg
+        section[key] = changed[f"{'backend.prompt.' if key == 'instructions' else ''}{key}"] = value
+    return cfg
+
+
+def run_one(mode: str, corpus: str, select: str, wording: str, table: pa.Table, pool: Path,
+            labels: list[str], model: Path, embedder: Path, work: Path, args) -> dict:
     from clsjob.config import ClassifyConfig, validate
     from clsjob.run.pipeline import run_classify
 
-    name = f"{corpus}-{mode}-{select}"
+    name = f"{corpus}-{mode}-{select}-{wording}"
     shards, out = work / f"{name}-in", work / f"{name}-out"
     shards.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, shards / "part-0.parquet")
     raw, changed = classify_config(mode, corpus, labels, model, shards, out, args.max_model_len)
+    raw = worded(raw, changed, wording)
     cfg = validate(with_shots(raw, select, pool, args.k, embedder), model=ClassifyConfig,
                    source=f"prompted_shots {name}")
     with LoadWatch() as load:
@@ -148,6 +169,8 @@ def main() -> int:
     parser.add_argument("--corpora", type=lambda v: v.split(","), default=["banking77", "sst2", "sms_spam"])
     parser.add_argument("--modes", type=lambda v: v.split(","), default=["choice", "score"])
     parser.add_argument("--selects", type=lambda v: v.split(","), default=list(SELECTS))
+    parser.add_argument("--wordings", type=lambda v: v.split(","), default=["as-shipped"],
+                        help=f"SMS spam's label wording: {', '.join(WORDINGS)}")
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--max-model-len", type=int, default=4096,
@@ -169,14 +192,14 @@ def main() -> int:
             if "similar" in args.selects:
                 results[f"{corpus}/no-llm"] = neighbour_vote(table, pool, embedder, args.k)
                 print(json.dumps({f"{corpus}/no-llm": results[f"{corpus}/no-llm"]}), flush=True)
-            for mode in args.modes:
-                for select in args.selects:
-                    key = f"{corpus}/{mode}/{select}"
-                    results[key] = run_one(mode, corpus, select, table, pool_path, labels, model,
-                                           embedder, work, args)
-                    print(json.dumps({key: results[key]}), flush=True)
-                    write_report({"environment": env, "model": args.model, "results": results},
-                                 args.out, "")  # partial results survive a run cut short
+            wordings = args.wordings if corpus == "sms_spam" else ["as-shipped"]
+            for mode, select, wording in itertools.product(args.modes, args.selects, wordings):
+                key = f"{corpus}/{mode}/{select}" + ("" if wording == "as-shipped" else f"/{wording}")
+                results[key] = run_one(mode, corpus, select, wording, table, pool_path, labels,
+                                       model, embedder, work, args)
+                print(json.dumps({key: results[key]}), flush=True)
+                write_report({"environment": env, "model": args.model, "results": results},
+                             args.out, "")  # partial results survive a run cut short
     finally:
         shutil.rmtree(work, ignore_errors=True)
     table = [[key, r["rows"], r["errored"], f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}",
