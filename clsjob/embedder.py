@@ -4,10 +4,13 @@ real tokens, the pooling all-MiniLM-L6-v2 and all-mpnet-base-v2 were trained wit
 tokenised, length-sorted and micro-batched by the same code as the hf back end."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from clsjob import model_cache
 from clsjob.backends.hf import encode_truncating, length_sorted_batches, padded
 
 MAX_LENGTH = 256  # the sentence-transformers encoders' own cap (MiniLM: 256, mpnet: 384)
@@ -33,3 +36,12 @@ class Embedder:
             mask = inputs["attention_mask"].unsqueeze(-1).float()
             out[batch] = (hidden * mask).sum(1).div(mask.sum(1).clamp(min=1)).cpu().numpy()
         return out
+
+
+def embed_pool(folder: str, texts: list[str], storage) -> np.ndarray:
+    """A shots pool's vectors, in a Ray task of its own (once per job): the embedder folder
+    (local or s3://, through the node's model cache) on every core of the node it lands on,
+    as actors starting their engines beside it use them little."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    local = model_cache.local_model(folder, storage, key="backend.prompt.shots.embedder")
+    return Embedder(local)(texts)

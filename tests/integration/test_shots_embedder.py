@@ -41,3 +41,29 @@ def test_similar_shots_from_minilm_are_a_rows_true_neighbours(tmp_path):
     # A pool row labelled as a row is not its own shot: its topic's other three are.
     own = similar_shots(embed(texts[:1]), pool, texts[:1], texts, labels, k=3)[0]
     assert sorted(own) == [1, 2, 3]
+
+
+def test_the_pool_is_embedded_once_for_the_job_and_every_actor_gets_those_vectors(ray_cluster, tmp_path):
+    """backend.prompt.shots with select: similar: the driver starts one Ray task for the
+    pool's vectors, and actors (here a remote task standing in for one on another worker)
+    fetch them from the object store: the embedder's own vectors."""
+    import ray
+
+    from clsjob.backends.vllm_prompt import pool_vectors_once
+    from clsjob.config import ShotsConfig, StorageConfig
+    from clsjob.shots import Pool
+
+    folder = extract_minilm(tmp_path / "minilm")
+    texts = tuple(t for topic in POOL.values() for t in topic)
+    pool = Pool(texts, tuple(label for label, topic in POOL.items() for _ in topic))
+    shots = ShotsConfig(pool="unused", select="similar", embedder=str(folder))
+    ref = pool_vectors_once(shots, pool, StorageConfig())
+    assert isinstance(ref, ray.ObjectRef)
+
+    @ray.remote(num_cpus=0)
+    def fetched(holder: list):  # a ref inside an argument, as in an actor's constructor kwargs
+        return ray.get(holder[0])
+
+    vectors = ray.get(fetched.remote([ref]))
+    np.testing.assert_allclose(vectors, Embedder(str(folder))(list(texts)), atol=1e-5)
+    assert vectors.shape == (12, 384)
