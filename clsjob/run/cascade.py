@@ -212,6 +212,8 @@ def cascade_summary(cfg: ClassifyConfig, counts: dict, temperatures: list) -> di
         entry = {"name": name, "kind": stage.backend.kind, "model": stage.backend.model,
                  "escalate_below": stage.escalate_below,
                  "escalate_margin_below": stage.escalate_margin_below, "temperature": temperature,
+                 # what the pool ran with (placement.size_cpu_stages may have sized it)
+                 "actors": stage.resources.actors, "cpus_per_actor": stage.resources.cpus_per_actor,
                  "rows_ran": c.get("ran", 0), "rows_labelled": c.get("labelled", 0),
                  "busy_s": round(c.get("busy_s", 0.0), 3),
                  "rows_per_busy_s": round(c["ran"] / c["busy_s"], 2) if c.get("busy_s") else None}

@@ -62,6 +62,7 @@ def test_stage_counts_add_up_and_summarise():
     assert summary["first_stage_alone_accuracy"] == pytest.approx(1 / 3)
     assert (summary["escalated_rows"], summary["escalated_share"]) == (4, pytest.approx(4 / 6))
     assert summary["stages"][0]["temperature"] == 1.5 and summary["stages"][1]["model"] == "m2"
+    assert [(s["actors"], s["cpus_per_actor"]) for s in summary["stages"]] == [(1, 1.0), (1, 1.0)]
 
 
 def test_every_run_is_a_list_of_stages_and_back_ends_are_asked_by_capability():
