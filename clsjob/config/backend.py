@@ -30,8 +30,8 @@ class ShotsConfig(Section):
                                "for every row (shared, so vLLM's prefix cache keeps them).")
     embedder: str | None = Field(
         None, description="select: similar: an encoder model folder (local or s3://, e.g. "
-                          "all-MiniLM-L6-v2) whose mean-pooled embeddings rank the pool; it "
-                          "runs on the actor's CPU.")
+                          "all-MiniLM-L6-v2) whose mean-pooled embeddings rank the pool: the "
+                          "pool embedded once per job (a Ray task), each row on its actor's CPU.")
     per_label_min: int = Field(
         0, ge=0, description="Shots of every label each row gets at least (a label with fewer "
                              "pool rows: all it has); labels x per_label_min must be <= k.")
