@@ -133,12 +133,19 @@ def check_stages(stages: list[Stage], configured: LabelSet | None, storage,
     checked = [check_model(stage.backend, configured, storage, task) for stage in stages]
     if len(checked) == 1:
         return checked[0]
+    first = checked[0].labels.names
     for stage, model in zip(stages, checked):
-        if model.labels.names != checked[0].labels.names:
-            raise ModelError(f"{stage.key.rstrip('.')} ({stage.name}): labels {list(model.labels.names)} "
-                             f"differ from the first stage's {list(checked[0].labels.names)}; "
-                             f"every stage must give the same labels (set `labels` to fix "
-                             f"their order)")
+        if model.labels.names == first:
+            continue
+        mine = model.labels.names
+        fix = ("set `labels` to fix their order" if sorted(mine) == sorted(first) else
+               f"they are spelled differently ({sorted(set(mine) - set(first))} against "
+               f"{sorted(set(first) - set(mine))}): a fine-tuned model's labels are its "
+               f"id2label, a prompted LLM's are `labels` — name them as the model does, and "
+               f"put the wording the LLM should see in their descriptions")
+        raise ModelError(f"{stage.key.rstrip('.')} ({stage.name}): labels {list(mine)} differ from "
+                         f"the first stage's {list(first)}; every stage must give the same labels "
+                         f"({fix})")
     return CheckedModel(checked[0].labels, None, {},
                         tuple(model.temperature for model in checked),
                         tuple(item for model in checked for item in model.inputs))

@@ -163,7 +163,21 @@ def test_stages_that_disagree_on_the_labels_are_refused_before_any_row(qwen_mode
 
     other = build_bert_classifier(tmp_path / "other", ["spam", "ham", "eggs"])
     cfg = cascade_config(tmp_path, tmp_path / "out", qwen_model, other, escalate_below=0.5)
-    with pytest.raises(ModelError, match=r"backend.stages\[1\] \(large\): labels \['spam', 'ham', 'eggs'\] "
-                                         r"differ from the first stage's"):
+    with pytest.raises(ModelError) as refused:
         run_classify(cfg)
+    assert str(refused.value) == (
+        "backend.stages[1] (large): labels ['spam', 'ham', 'eggs'] differ from the first stage's "
+        "['negative', 'neutral', 'positive']; every stage must give the same labels (they are "
+        "spelled differently (['eggs', 'ham', 'spam'] against ['negative', 'neutral', 'positive']): "
+        "a fine-tuned model's labels are its id2label, a prompted LLM's are `labels` — name them "
+        "as the model does, and put the wording the LLM should see in their descriptions)")
+    # The same names in another order: `labels` puts both stages in one.
+    reordered = build_bert_classifier(tmp_path / "reordered", LABELS[::-1])
+    cfg = cascade_config(tmp_path, tmp_path / "out", qwen_model, reordered, escalate_below=0.5)
+    with pytest.raises(ModelError, match=r"\(set `labels` to fix their order\)$"):
+        run_classify(cfg)
+    from clsjob.backends import check_stages
+    from clsjob.labels import LabelSet
+
+    assert check_stages(cfg.stages(), LabelSet(tuple(LABELS)), cfg.storage).labels.names == tuple(LABELS)
     assert not (tmp_path / "out").exists()
