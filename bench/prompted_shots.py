@@ -138,6 +138,15 @@ def worded(cfg: dict, changed: dict, wording: str) -> dict:
     return cfg
 
 
+def tfidf_floor(table: pa.Table, pool: pa.Table) -> dict:
+    """TF-IDF word 1-2-grams + a linear SVM trained on the pool, scored on the rows: the
+    classic floor (../shared/data/README.md's baseline) on the same split."""
+    from finetune_accuracy import baseline
+
+    return baseline("linear_svm", (pool.column("text").to_pylist(), pool.column("label").to_pylist()),
+                    (table.column("text").to_pylist(), table.column("label").to_pylist()))
+
+
 def run_one(mode: str, corpus: str, select: str, wording: str, table: pa.Table, pool: Path,
             labels: list[str], model: Path, embedder: Path, work: Path, args) -> dict:
     from clsjob.config import ClassifyConfig, validate
@@ -190,7 +199,8 @@ def main() -> int:
             pq.write_table(pool, pool_path)
             labels = sorted(set(pool.column("label").to_pylist()))
             if "similar" in args.selects:
-                results[f"{corpus}/no-llm"] = neighbour_vote(table, pool, embedder, args.k)
+                results[f"{corpus}/no-llm"] = {**neighbour_vote(table, pool, embedder, args.k),
+                                               "tfidf_svm": tfidf_floor(table, pool)}
                 print(json.dumps({f"{corpus}/no-llm": results[f"{corpus}/no-llm"]}), flush=True)
             wordings = args.wordings if corpus == "sms_spam" else ["as-shipped"]
             for mode, select, wording in itertools.product(args.modes, args.selects, wordings):
