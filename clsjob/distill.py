@@ -306,7 +306,7 @@ def check_gold_spelling(cfg: DistillConfig) -> None:
     if not (cfg.labels and cfg.input.label_column):
         return
     names = [spec.name for spec in cfg.labels]
-    gold = Counter(v for v in read_sample(cfg).column(GOLD).to_pylist() if v is not None)
+    gold = Counter(v for v in read_sample(cfg, [GOLD]).column(GOLD).to_pylist() if v is not None)
     outside = {g: n for g, n in gold.items() if g not in names}
     if gold and len(outside) == len(gold):
         raise InputError(f"input.label_column {cfg.input.label_column}: none of the sample's gold "
@@ -317,10 +317,10 @@ def check_gold_spelling(cfg: DistillConfig) -> None:
                     "left out of the accuracy", sum(outside.values()), names, sorted(outside)[:5])
 
 
-def read_sample(cfg: DistillConfig) -> pa.Table:
+def read_sample(cfg: DistillConfig, columns: list[str]) -> pa.Table:
     folder = store.join(cfg.output.path, "sample")
     files = store.read_json(store.join(folder, MANIFEST), cfg.storage)["files"]
-    return pa.concat_tables(store.read_table(store.join(folder, f), cfg.storage) for f in files)
+    return pa.concat_tables(store.read_table(store.join(folder, f), cfg.storage, columns) for f in files)
 
 
 def label_corpus(cfg: DistillConfig, below: float) -> None:

@@ -571,9 +571,7 @@ class VLLMPromptClassifier:
             started = time.monotonic()
             self.embedder = Embedder(model_cache.local_model(
                 self.shots.embedder, storage or StorageConfig(), key="backend.prompt.shots.embedder"))
-            # An actor built outside a job (no vectors handed in) embeds the pool itself.
-            self.pool_vectors = (ray.get(pool_vectors) if pool_vectors is not None
-                                 else self.embedder(list(pool.texts)))
+            self.pool_vectors = ray.get(pool_vectors)  # actor_examples always hands them in
             log.info("vllm_prompt: shots pool of %d rows: vectors ready in %.1f s", len(pool.texts),
                      time.monotonic() - started)
         self.template = shared_prompt(tok, labels, prompt, examples, task, self.pieces)
