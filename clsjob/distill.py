@@ -11,7 +11,8 @@ rerun finds it done, so a rerun resumes at the step it stopped in:
   heldout/        the student's labels of the held-out rows; gate.json: agreement (and
                   accuracy with gold labels) against the gate — a miss stops here (exit 2)
   labelled/       with label_corpus: the corpus through a cascade, student then teacher,
-                  the threshold picked on the held-out rows
+                  the threshold picked on the held-out rows (a rerun whose gate picks
+                  another threshold labels the corpus again)
   distill.json    the summary: every step's wall time, the gate, the cascade's savings
 """
 from __future__ import annotations
@@ -35,9 +36,13 @@ from clsjob.store import InputError
 log = logging.getLogger("clsjob")
 SUMMARY = "distill.json"
 WORK = "_distill_work.json"  # what the run folder's finished steps were made from
-# What may change between reruns of one run folder: the gate is judged again, the corpus
-# labelled or not, on any cluster. Anything else would mix outputs of two configs.
-RERUN_MAY_CHANGE = {"gate": True, "label_corpus": True, "cluster": True}
+# What may change between reruns of one run folder: the gate is judged again (a new
+# threshold labels the corpus again), the corpus labelled or not, on any cluster and with any
+# actor pools (the teacher's labels and the student do not depend on where they ran: a small
+# node gives the teacher every core for the sample, then shares them in the cascade).
+# Anything else would mix outputs of two configs.
+RERUN_MAY_CHANGE = {"gate": True, "label_corpus": True, "cluster": True,
+                    "teacher": {"resources"}, "student": {"resources"}}
 TEACHER_LABEL = "teacher_label"
 CORPUS_GOLD = "corpus_gold"  # the corpus's own gold labels, beside the teacher's, held out
 
@@ -76,7 +81,11 @@ def run_distill(cfg: DistillConfig) -> dict:
         raise GateMissed(f"the student missed the gate: {gate['why']} (see {store.join(run, 'gate.json')}); "
                          f"a rerun with another gate resumes from here")
     if cfg.label_corpus:
-        step("label_corpus", finished(run, "labelled", cfg), lambda: label_corpus(cfg, gate["cascade_below"]))
+        below, before = gate["cascade_below"], labelled_below(cfg)
+        if before is not None and before != below:
+            log.info("distill: the corpus was labelled with threshold %.4f, the gate now picks %.4f: "
+                     "labelling it again", before, below)
+        step("label_corpus", before == below, lambda: label_corpus(cfg, below, again=before is not None))
         summary["corpus"] = corpus_summary(cfg)
     store.write_json(summary, store.join(run, SUMMARY), cfg.storage)
     return summary
@@ -93,8 +102,9 @@ def claim_run_folder(cfg: DistillConfig) -> None:
             changed = sorted(k for k, v in cfg.model_dump(mode="json", exclude=RERUN_MAY_CHANGE).items()
                              if before["config"].get(k) != v)
             raise InputError(f"output.path {cfg.output.path} holds a distill run of another config "
-                             f"(changed: {', '.join(changed) or 'defaults'}); only gate, label_corpus "
-                             f"and cluster may change between reruns; use another output.path")
+                             f"(changed: {', '.join(changed) or 'defaults'}); only gate, label_corpus, "
+                             f"cluster and the teacher's and student's resources may change between "
+                             f"reruns; use another output.path")
         return
     store.write_json({"work_hash": work, "config": cfg.model_dump(mode="json", exclude=RERUN_MAY_CHANGE)},
                      url, cfg.storage)
@@ -145,12 +155,13 @@ def write_sample(cfg: DistillConfig) -> None:
 
 
 def classify_config(cfg: DistillConfig, step: str, inp: InputConfig, out: str, backend,
-                    resources: ResourcesConfig | None = None) -> ClassifyConfig:
+                    resources: ResourcesConfig | None = None, overwrite: bool = False) -> ClassifyConfig:
     """A classify run of one step, from the distill config's own typed sections; checked as a
     loaded config is, so a mistake names the step and the key. A cascade has no `resources`:
     each stage has its own."""
     sections = {"input": inp, "labels": cfg.labels or None, "backend": backend,
-                "output": OutputConfig(path=out), "storage": cfg.storage, "cluster": cfg.cluster}
+                "output": OutputConfig(path=out, overwrite=overwrite), "storage": cfg.storage,
+                "cluster": cfg.cluster}
     if resources is not None:
         sections["resources"] = resources
     return validate(sections, model=ClassifyConfig, source=f"distill {step}")
@@ -323,11 +334,22 @@ def read_sample(cfg: DistillConfig, columns: list[str]) -> pa.Table:
     return pa.concat_tables(store.read_table(store.join(folder, f), cfg.storage, columns) for f in files)
 
 
-def label_corpus(cfg: DistillConfig, below: float) -> None:
+def labelled_below(cfg: DistillConfig) -> float | None:
+    """The threshold of the finished corpus labelling in the run folder; None if there is none
+    (an unfinished one resumes shard by shard)."""
+    url = store.join(cfg.output.path, "labelled", MANIFEST)
+    if not finished(cfg.output.path, "labelled", cfg):
+        return None
+    return store.read_json(url, cfg.storage)[CASCADE]["stages"][0]["escalate_below"]
+
+
+def label_corpus(cfg: DistillConfig, below: float, again: bool = False) -> None:
+    """The corpus through the cascade; `again`: replacing a finished labelling made with
+    another threshold."""
     from clsjob.run.pipeline import run_classify
 
-    run_classify(classify_config(cfg, "label_corpus", cfg.input,
-                                 store.join(cfg.output.path, "labelled"), corpus_cascade(cfg, below)))
+    run_classify(classify_config(cfg, "label_corpus", cfg.input, store.join(cfg.output.path, "labelled"),
+                                 corpus_cascade(cfg, below), overwrite=again))
 
 
 def corpus_cascade(cfg: DistillConfig, below: float) -> CascadeBackendConfig:

@@ -116,6 +116,37 @@ def test_a_run_folder_of_another_config_is_refused(distilled):
     assert json.loads((root / "run" / "_distill_work.json").read_text())["config"]["sample"]["rows"] == 120
 
 
+def test_a_rerun_with_other_actor_pools_and_a_stricter_gate_labels_the_corpus_again(distilled):
+    """Where the steps ran is not what they made: the teacher's resources may change between
+    reruns. A gate that picks another threshold labels the corpus again with it (not skipped
+    as done); the steps before it are kept."""
+    root, _, _, _ = distilled
+    run = root / "run"
+    before = json.loads((run / "distill.json").read_text())
+    kept = {name: (run / name).stat().st_mtime_ns
+            for name in ("teacher/_manifest.json", "student-model/config.json", "heldout/_manifest.json")}
+    config = yaml.safe_load((root / "passed.yaml").read_text())
+    config["gate"]["cascade_agreement"] = 1.0
+    config["teacher"]["resources"] = {"cpus_per_actor": 2}
+    (root / "stricter.yaml").write_text(yaml.safe_dump(config))
+
+    assert main(["distill", "--config", str(root / "stricter.yaml")]) == 0
+
+    summary = json.loads((run / "distill.json").read_text())
+    below = summary["gate"]["cascade_below"]
+    assert below > before["gate"]["cascade_below"]
+    assert isinstance(summary["steps_wall_s"]["label_corpus"], float)
+    assert {name: (run / name).stat().st_mtime_ns for name in kept} == kept
+    manifest = json.loads((run / "labelled" / "_manifest.json").read_text())
+    student, teacher = manifest["cascade"]["stages"]
+    assert student["escalate_below"] == below and teacher["cpus_per_actor"] == 2
+    labelled = pa.concat_tables(pq.read_table(p) for p in (run / "labelled").glob("*.parquet")).to_pylist()
+    assert len(labelled) == 2 * ROWS
+    assert all(r["confidence"] >= below for r in labelled if r["labelled_by"] == "student")
+    assert summary["corpus"]["teacher_rows"] == sum(r["labelled_by"] == "teacher" for r in labelled)
+    assert summary["corpus"]["teacher_rows"] > before["corpus"]["teacher_rows"]
+
+
 def test_a_teacher_step_stopped_mid_way_resumes_at_the_sample_file_it_had_not_finished(distilled):
     """What a driver killed while the teacher labels leaves: some sample files' parts and
     markers, no manifest. The rerun labels only the file without a marker. (Runs last: it
