@@ -85,7 +85,8 @@ def run_distill(cfg: DistillConfig) -> dict:
         if before is not None and before != below:
             log.info("distill: the corpus was labelled with threshold %.4f, the gate now picks %.4f: "
                      "labelling it again", before, below)
-        step("label_corpus", before == below, lambda: label_corpus(cfg, below, again=before is not None))
+        step("label_corpus", before == below,
+             lambda: label_corpus(cfg, below, gate["cascade_escalated_share"], again=before is not None))
         summary["corpus"] = corpus_summary(cfg)
     store.write_json(summary, store.join(run, SUMMARY), cfg.storage)
     return summary
@@ -343,13 +344,31 @@ def labelled_below(cfg: DistillConfig) -> float | None:
     return store.read_json(url, cfg.storage)[CASCADE]["stages"][0]["escalate_below"]
 
 
-def label_corpus(cfg: DistillConfig, below: float, again: bool = False) -> None:
+def label_corpus(cfg: DistillConfig, below: float, share: float, again: bool = False) -> None:
     """The corpus through the cascade; `again`: replacing a finished labelling made with
-    another threshold."""
+    another threshold. `share`: the held-out rows' share escalated, which with each model's
+    measured cost sizes unsized stages on a CPU node."""
     from clsjob.run.pipeline import run_classify
 
     run_classify(classify_config(cfg, "label_corpus", cfg.input, store.join(cfg.output.path, "labelled"),
-                                 corpus_cascade(cfg, below), overwrite=again))
+                                 corpus_cascade(cfg, below), overwrite=again),
+                 stage_work=stage_work(cfg, share))
+
+
+def stage_work(cfg: DistillConfig, share: float) -> list[float] | None:
+    """The model seconds a corpus row is expected to bring each stage: the student's seconds
+    a row on the held-out rows (it sees every row), the teacher's on the sample times the
+    share escalated — a teacher a hundred times the student's cost does nearly all the work,
+    and an even split of a CPU node would leave it half the cores. None when a step did not
+    measure it."""
+    costs = []
+    for folder in ("heldout", "teacher"):
+        manifest = store.read_json(store.join(cfg.output.path, folder, MANIFEST), cfg.storage)
+        busy = (manifest.get("busy") or {}).get("model_s")
+        if not busy or not manifest.get("rows_out"):
+            return None
+        costs.append(busy / manifest["rows_out"])
+    return [costs[0], costs[1] * share]
 
 
 def corpus_cascade(cfg: DistillConfig, below: float) -> CascadeBackendConfig:

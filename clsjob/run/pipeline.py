@@ -38,7 +38,9 @@ from clsjob.task import Task
 log = logging.getLogger("clsjob")
 
 
-def run_classify(cfg: ClassifyConfig) -> RunSummary:
+def run_classify(cfg: ClassifyConfig, stage_work: list[float] | None = None) -> RunSummary:
+    """The classify job. `stage_work`: for a cascade on CPU nodes whose stages set no
+    resources, the model seconds a row is expected to bring each stage (placement.size_cpu_stages)."""
     started = datetime.now(timezone.utc)
     # Everything that can be wrong with the model, labels or schema fails here, before Ray
     # schedules anything and before a row is read.
@@ -57,12 +59,13 @@ def run_classify(cfg: ClassifyConfig) -> RunSummary:
     # Everything below writes to the output folder: one run at a time.
     with RunLock(cfg.output.path, cfg.storage, cfg.output.stale_lock_after_s) as lock:
         return run_locked(cfg, task, labels, temperature, shards, bad_files, started, lock,
-                          stage_temperatures, model.inputs)
+                          stage_temperatures, model.inputs, stage_work)
 
 
 def run_locked(cfg: ClassifyConfig, task: Task, labels: LabelSet, temperature: float | None,
                shards: list[store.ShardInfo], bad_files: list[str], started: datetime,
-               lock: RunLock, stage_temperatures: tuple = (), inputs: tuple = ()) -> RunSummary:
+               lock: RunLock, stage_temperatures: tuple = (), inputs: tuple = (),
+               stage_work: list[float] | None = None) -> RunSummary:
     rows_in = sum(s.rows for s in shards)
     work = resume.work_hash(cfg, inputs)
     if cfg.output.overwrite:
@@ -76,7 +79,7 @@ def run_locked(cfg: ClassifyConfig, task: Task, labels: LabelSet, temperature: f
     done = resume.load_done(cfg, work, shards)
     todo = [s for s in shards if s.key not in done]
     ensure_ray(*stage_demands(cfg))
-    cfg = size_cpu_stages(cfg, alive_nodes())  # a CPU cascade's stages given no resources
+    cfg = size_cpu_stages(cfg, alive_nodes(), stage_work)  # a CPU cascade's stages given no resources
     demands = stage_demands(cfg)
     check_placement(demands, cfg.cluster.autoscaling)  # a cascade's pools share the nodes
     duplicates = check_duplicate_ids(cfg, shards)

@@ -100,14 +100,16 @@ def training_demand(training) -> Demand:
                   "training.workers / training.cpus_per_worker / training.use_gpu")
 
 
-def size_cpu_stages(cfg: ClassifyConfig, nodes: list[dict]) -> ClassifyConfig:
+def size_cpu_stages(cfg: ClassifyConfig, nodes: list[dict], work: list[float] | None = None) -> ClassifyConfig:
     """A cascade on CPU nodes whose stages the user gave no `resources`: the largest node's
     CPUs (less the reader's and writer's, and what the stages the user sized take) split
-    evenly between those stages, one actor each, and said in the log. The default of one CPU
-    a stage leaves most of a large node idle, and actors that each take every core
-    oversubscribe it (torch runs a thread per CPU Ray gives the actor: OMP_NUM_THREADS).
-    Even, because which stage does more work depends on the share escalated, which is known
-    only once the rows run. Unchanged where any stage or node has GPUs."""
+    between those stages, one actor each, and said in the log. The default of one CPU a stage
+    leaves most of a large node idle, and actors that each take every core oversubscribe it
+    (torch runs a thread per CPU Ray gives the actor: OMP_NUM_THREADS). Evenly, because which
+    stage does more work depends on the share escalated, known only once the rows run —
+    unless the caller knows it: `work`, per stage, the model seconds a corpus row is expected
+    to bring it (distill measured both models and the share escalated), splits them in
+    proportion, at least one CPU each. Unchanged where any stage or node has GPUs."""
     backend = cfg.backend
     if backend.kind != CASCADE or any(n.get("GPU") for n in nodes):
         return cfg
@@ -117,15 +119,38 @@ def size_cpu_stages(cfg: ClassifyConfig, nodes: list[dict]) -> ClassifyConfig:
     node_cpus = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
     taken = sum(s.resources.actor_range()[0] * s.resources.cpus_per_actor
                 for i, s in enumerate(backend.stages) if i not in unset)
-    each = max(1, math.floor((node_cpus - IO_CPUS - taken) / len(unset)))
-    stages = [s.model_copy(update={"resources": s.resources.model_copy(update={"cpus_per_actor": float(each)})})
-              if i in unset else s for i, s in enumerate(backend.stages)]
+    free = node_cpus - IO_CPUS - taken
     names = backend.stage_names()
-    log.info("cascade: %s set no resources: on a CPU node of %g CPUs, each runs 1 actor of %d "
-             "CPU(s) (as many torch threads), %g CPU kept for reading and writing; set "
-             "backend.stages[i].resources to choose", ", ".join(
-                 f"backend.stages[{i}] ({names[i]})" for i in unset), node_cpus, each, IO_CPUS)
+    weights = [work[i] for i in unset] if work else None
+    if weights and (min(weights) < 0 or not sum(weights)):
+        weights = None  # nothing measured: evenly
+    if weights:
+        share = split_by_work(free, weights)
+        log.info("cascade: %s set no resources: on a CPU node of %g CPUs, split by the model "
+                 "seconds a row is expected to bring each (%s): %s, 1 actor each, %g CPU kept for "
+                 "reading and writing; set backend.stages[i].resources to choose",
+                 ", ".join(f"backend.stages[{i}] ({names[i]})" for i in unset), node_cpus,
+                 ", ".join(f"{w:.3g}" for w in weights),
+                 ", ".join(f"{names[i]} {n} CPU(s)" for i, n in zip(unset, share)), IO_CPUS)
+    else:
+        share = [max(1, math.floor(free / len(unset)))] * len(unset)
+        log.info("cascade: %s set no resources: on a CPU node of %g CPUs, each runs 1 actor of %d "
+                 "CPU(s) (as many torch threads), %g CPU kept for reading and writing; set "
+                 "backend.stages[i].resources to choose", ", ".join(
+                     f"backend.stages[{i}] ({names[i]})" for i in unset), node_cpus, share[0], IO_CPUS)
+    sized = dict(zip(unset, share))
+    stages = [s.model_copy(update={"resources": s.resources.model_copy(update={"cpus_per_actor": float(sized[i])})})
+              if i in sized else s for i, s in enumerate(backend.stages)]
     return cfg.model_copy(update={"backend": backend.model_copy(update={"stages": stages})})
+
+
+def split_by_work(free: float, weights: list[float]) -> list[int]:
+    """`free` CPUs in proportion to `weights`, at least one each; what rounding leaves goes to
+    the heaviest."""
+    total = sum(weights)
+    share = [max(1, math.floor(free * w / total)) for w in weights]
+    share[weights.index(max(weights))] += max(0, math.floor(free) - sum(share))
+    return share
 
 
 def ensure_ray(*demands: Demand) -> None:

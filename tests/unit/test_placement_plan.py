@@ -93,3 +93,25 @@ def test_a_cpu_cascade_given_no_resources_splits_the_node_between_its_stages(cap
     # How many CPUs a stage's actors have writes no other row: a resumed run on another
     # cluster (or with other stage resources) is the same work.
     assert work_hash(sized) == work_hash(cascade(None, None)) == work_hash(both)
+
+
+def test_a_cpu_cascade_whose_stages_work_is_known_splits_the_node_by_it(caplog):
+    """distill knows each model's seconds a row and the share escalated: a teacher that does
+    nearly all the work gets nearly all the CPUs (an even split left it half)."""
+    import logging
+
+    from clsjob.run.placement import size_cpu_stages
+
+    with caplog.at_level(logging.INFO, logger="clsjob"):
+        sized = size_cpu_stages(cascade(None, None), [{"CPU": 16.0}], work=[0.002, 0.06])
+    assert cpus(sized) == [1.0, 14.0]  # 15 free: at least one each, the rest by the work
+    assert "split by the model seconds a row is expected to bring each (0.002, 0.06): 1-hf 1 CPU(s), 2-hf 14 CPU(s)" in caplog.text
+    assert placement_problems([{"CPU": 16.0}], *[classify_demand(s.resources) for s in sized.backend.stages]) == []
+    # A bench's local Ray of 4 logical CPUs on 2 cores: the teacher 2, the student 1.
+    assert cpus(size_cpu_stages(cascade(None, None), [{"CPU": 4.0}], work=[0.002, 0.06])) == [1.0, 2.0]
+    # Equal work: what rounding leaves goes to the first of the heaviest.
+    assert cpus(size_cpu_stages(cascade(None, None), [{"CPU": 16.0}], work=[1.0, 1.0])) == [8.0, 7.0]
+    # A stage the user sized keeps its pool; the other takes what is left.
+    assert cpus(size_cpu_stages(cascade({"cpus_per_actor": 3}, None), [{"CPU": 16.0}], work=[0.002, 0.06])) == [3.0, 12.0]
+    # Nothing measured: evenly, as without work.
+    assert cpus(size_cpu_stages(cascade(None, None), [{"CPU": 16.0}], work=[0.0, 0.0])) == [7.0, 7.0]
