@@ -3,7 +3,9 @@ sample, a small model is trained on its labels and gated, the LLM takes the rows
 is unsure of — on one's own cluster, through `clsjob distill` with a real instruct LLM.
 
 - teacher: Qwen2.5-Coder-0.5B-Instruct through `vllm_prompt`, `score` mode with 8 fixed shots
-  from SST-2 train (the best prompted setting on SST-2 dev, bench/prompted_shots.py: 0.880);
+  from SST-2 train: the best prompted setting on SST-2 dev (bench/prompted_shots.py: 0.880 on
+  its first 200 rows), the same 8 shots — another 8 (the first of train in file order) gave
+  0.770 on those rows, so which 8 matters;
 - student: all-MiniLM-L6-v2 fine-tuned in full on the teacher's labels of the sample;
 - corpus: SST-2 train + dev + test (9,613 rows) in 8 shards; its gold labels ride along as
   `input.label_column` — distill scores against them, never trains on them.
@@ -44,7 +46,7 @@ import pyarrow.parquet as pq
 
 from common import (DATA, REPO, LoadWatch, environment, environment_line, markdown_table,
                     model_folder, read_output, start_real_data_ray, write_report, write_shards)
-from prompted_shots import with_shots
+from prompted_shots import rows_and_pool, with_shots
 from real_prompted import classify_config
 
 LABELS = ["negative", "positive"]
@@ -54,11 +56,11 @@ STEP = 0.005
 
 
 def write_corpus(work: Path, rows: int | None) -> tuple[Path, Path]:
-    """(the corpus in SHARDS shards with a row-number id, the shots' pool: SST-2 train)."""
+    """(the corpus in SHARDS shards with a row-number id, the shots' pool: SST-2 train in
+    bench/prompted_shots.py's seeded shuffle, whose first 8 rows are the fixed shots)."""
     table = pq.read_table(DATA / "sst2.parquet", columns=["text", "label", "split"])
     pool = work / "pool.parquet"
-    train = table.filter(pa.compute.equal(table.column("split"), "train"))
-    pq.write_table(train.select(["text", "label"]), pool)
+    pq.write_table(rows_and_pool("sst2", 1)[1], pool)
     table = table.slice(0, rows or table.num_rows)
     table = pa.table({"id": [f"{i:05d}" for i in range(table.num_rows)],
                       "text": table.column("text"), "gold": table.column("label")})
