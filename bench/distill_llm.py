@@ -44,14 +44,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common import (DATA, REPO, LoadWatch, environment, environment_line, markdown_table,
-                    model_folder, read_output, start_real_data_ray, write_report, write_shards)
+from common import (DATA, REPO, TARGETS, LoadWatch, environment, environment_line,
+                    markdown_table, model_folder, read_output, start_real_data_ray, write_report,
+                    write_shards)
 from prompted_shots import rows_and_pool, with_shots
 from real_prompted import classify_config
 
 LABELS = ["negative", "positive"]
 SHARDS, SHOTS = 8, 8
-TARGET = {"points_below_teacher": 1.0, "speed_vs_teacher": 5.0}
+TARGET = TARGETS["distill_llm"]
 STEP = 0.005
 
 
@@ -215,6 +216,8 @@ def main() -> int:
                 "cascade_vs_teacher_speed": round(cascade_rate / teacher_rate, 2),
                 "cascade_vs_teacher_everything_wall": round(everything_s / r["steps_wall_s"]["label_corpus"], 2),
                 "cascade_points_below_teacher": round(100 * (teacher_accuracy - r["cascade_accuracy"]), 2),
+                "met": bool(100 * (teacher_accuracy - r["cascade_accuracy"]) <= TARGET["points_below_teacher"]
+                            and cascade_rate / teacher_rate >= TARGET["speed_vs_teacher"]),
                 "on_sample_rows_not_trained_on": compare(
                     [i for i in sampled if i not in trained], gold, teacher_rows, student, cascade,
                     student_rate / teacher_rate)}
