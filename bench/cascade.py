@@ -121,13 +121,21 @@ def labels_of(out: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def curve(student: Path, teacher: Path, speedup: float | None = None) -> list[dict]:
-    """Every threshold 0.5..1.0 (and 0: the student alone): the share escalated, the
-    cascade's accuracy and its gap to the teacher alone on these rows; with `speedup` (the
-    student's rows/s over the teacher's), the cascade's speed against the teacher that the
-    measured speeds imply: 1 / (1 / speedup + escalated)."""
+    """Every threshold of the student's and the teacher's runs of the same rows
+    (threshold_curve)."""
     gold, said, sure = labels_of(student)
     gold_t, big, _ = labels_of(teacher)
     assert (gold == gold_t).all(), "the student's and the teacher's rows differ"
+    return threshold_curve(gold, said, sure, big, speedup)
+
+
+def threshold_curve(gold: np.ndarray, said: np.ndarray, sure: np.ndarray, big: np.ndarray,
+                    speedup: float | None = None) -> list[dict]:
+    """Every threshold 0.5..1.0 (and 0: the student alone) on rows whose gold, student label
+    (`said`), student confidence (`sure`) and teacher label (`big`) are given: the share
+    escalated, the cascade's accuracy and its gap to the teacher alone on these rows; with
+    `speedup` (the student's rows/s over the teacher's), the cascade's speed against the
+    teacher that the measured speeds imply: 1 / (1 / speedup + escalated)."""
     teacher_accuracy = float((big == gold).mean())
     out = []
     for below in [0.0, *np.round(np.arange(0.5, 1.0 + STEP / 2, STEP), 3)]:

@@ -47,13 +47,13 @@ import pyarrow.parquet as pq
 from common import (DATA, REPO, TARGETS, LoadWatch, environment, environment_line,
                     markdown_table, model_folder, read_output, start_real_data_ray, write_report,
                     write_shards)
+from cascade import threshold_curve
 from prompted_shots import rows_and_pool, with_shots
 from real_prompted import classify_config
 
 LABELS = ["negative", "positive"]
 SHARDS, SHOTS = 8, 8
 TARGET = TARGETS["distill_llm"]
-STEP = 0.005
 
 
 def write_corpus(work: Path, rows: int | None) -> tuple[Path, Path]:
@@ -129,14 +129,7 @@ def compare(rows: list[str], gold: dict, teacher: dict, student: dict, cascade: 
     said = np.array([student[i]["label"] for i in rows])
     sure = np.nan_to_num(np.array([student[i]["confidence"] for i in rows], dtype=np.float64))
     teacher_accuracy = float((big == g).mean())
-    curve = []
-    for below in [0.0, *np.round(np.arange(0.5, 1.0 + STEP / 2, STEP), 3)]:
-        escalated = sure < below
-        accuracy = float((np.where(escalated, big, said) == g).mean())
-        curve.append({"below": float(below), "escalated": round(float(escalated.mean()), 4),
-                      "accuracy": round(accuracy, 4),
-                      "points_below_teacher": round(100 * (teacher_accuracy - accuracy), 2),
-                      "speed_vs_teacher": round(float(1 / (1 / speedup + escalated.mean())), 2)})
+    curve = threshold_curve(g, said, sure, big, speedup)
     within = [c for c in curve if c["points_below_teacher"] <= TARGET["points_below_teacher"]]
     return {"rows": len(rows), "teacher": round(teacher_accuracy, 4),
             "student": round(float((said == g).mean()), 4),
