@@ -4,14 +4,17 @@ in full through clsjob on the corpus's train split, then `backend.kind: cascade`
 through Ray Data against the teacher alone.
 
     .venv/bin/python bench/cascade.py [--corpus sst2|banking77] [--work DIR] [--runs 3]
-        [--copies 4] [--margin 0.25] [--student-epochs N] [--teacher-epochs N]
+        [--copies 4] [--margin 0.25] [--pick fastest|most-accurate] [--student-epochs N]
+        [--teacher-epochs N]
         [--train-rows N] [--eval-rows N] [--out FILE.json]
 
 Two scored halves, A and B: SST-2 dev and test; Banking77 test (it has no dev split) cut in
 two in a seeded shuffle. The threshold is picked on A, from the student's and the teacher's
 labels of A: the lowest (in steps of 0.005) whose cascade — the student's label where its
 confidence is at least the threshold, the teacher's under it — is within --margin points
-of the teacher alone on A (half the target's 0.5, so the split's noise has room). The
+of the teacher alone on A (half the target's 0.5, so the split's noise has room); or, with
+`--pick most-accurate`, the one whose cascade is most accurate on A (the lowest of equals) —
+for models of equal accuracy whose errors differ, where a cascade can beat both. The
 cascade with that threshold then runs on B; and the reverse (picked on B, run on A).
 
 Speed: B --copies times over, `--runs` alternating runs of the teacher alone, the student
@@ -150,10 +153,14 @@ def threshold_curve(gold: np.ndarray, said: np.ndarray, sure: np.ndarray, big: n
     return out
 
 
-def pick(points: list[dict], margin: float) -> dict:
+def pick(points: list[dict], margin: float, rule: str = "fastest") -> dict:
     """The lowest threshold (0.5 at least: `escalate_below` is a confidence) whose cascade
-    is within `margin` points of the teacher."""
-    return next(p for p in points if p["below"] >= 0.5 and p["points_below_teacher"] <= margin)
+    is within `margin` points of the teacher; `most-accurate`: the lowest of those whose
+    cascade is most accurate."""
+    points = [p for p in points if p["below"] >= 0.5]
+    if rule == "most-accurate":
+        return max(points, key=lambda p: (p["accuracy"], -p["below"]))
+    return next(p for p in points if p["points_below_teacher"] <= margin)
 
 
 def main() -> int:
@@ -164,6 +171,8 @@ def main() -> int:
     parser.add_argument("--copies", type=int, default=4, help="speed corpus: B this many times over")
     parser.add_argument("--margin", type=float, default=0.25,
                         help="points below the teacher on A the picked threshold may be")
+    parser.add_argument("--pick", choices=["fastest", "most-accurate"], default="fastest",
+                        help="fastest within --margin, or the most accurate on its half")
     parser.add_argument("--student-epochs", type=int)
     parser.add_argument("--teacher-epochs", type=int)
     parser.add_argument("--train-rows", type=int, help="train on the first N rows (a smoke run)")
@@ -188,7 +197,8 @@ def main() -> int:
         # Picked on one half, the cascade run end to end on the other.
         scored = {}
         for picked_on, run_on, folder in (("A", "B", half_b), ("B", "A", half_a)):
-            point = pick(curve(work / f"student-{picked_on}", work / f"teacher-{picked_on}"), args.margin)
+            point = pick(curve(work / f"student-{picked_on}", work / f"teacher-{picked_on}"), args.margin,
+                         args.pick)
             manifest, metrics, _ = classify(variants(work, point["below"])["cascade"], folder,
                                             work / f"cascade-{run_on}")
             scored[f"picked on {picked_on}, run on {run_on}"] = {
@@ -218,7 +228,7 @@ def main() -> int:
     result = {
         "corpus": args.corpus, "halves": {"A": "dev" if args.corpus == "sst2" else "test, first half",
                                           "B": "test" if args.corpus == "sst2" else "test, second half"},
-        "margin_points": args.margin, "finetune": trained, "alone": alone, "cascade": scored,
+        "margin_points": args.margin, "pick": args.pick, "finetune": trained, "alone": alone, "cascade": scored,
         "speed_rows": rows_b.num_rows * args.copies, "speed_rows_per_s": speed,
         "speed_escalated_share": shares,
         "cascade_vs_teacher_speed": round(median["cascade"] / median["teacher"], 3),
