@@ -356,18 +356,20 @@ def label_corpus(cfg: DistillConfig, below: float, share: float, again: bool = F
 
 
 def stage_work(cfg: DistillConfig, share: float) -> list[float] | None:
-    """The model seconds a corpus row is expected to bring each stage: the student's seconds
-    a row on the held-out rows (it sees every row), the teacher's on the sample times the
-    share escalated — a teacher a hundred times the student's cost does nearly all the work,
-    and an even split of a CPU node would leave it half the cores. None when a step did not
-    measure it."""
+    """The CPU seconds a corpus row is expected to bring each stage: the student's a row on
+    the held-out rows (it sees every row), the teacher's on the sample times the share
+    escalated — a teacher a hundred times the student's cost does nearly all the work, and an
+    even split of a CPU node would leave it half the cores. CPU seconds, not seconds: the
+    teacher's sample often ran on many more CPUs than the student's held-out rows. None when
+    a step did not measure it."""
     costs = []
     for folder in ("heldout", "teacher"):
         manifest = store.read_json(store.join(cfg.output.path, folder, MANIFEST), cfg.storage)
-        busy = (manifest.get("busy") or {}).get("model_s")
-        if not busy or not manifest.get("rows_out"):
+        busy = manifest.get("busy") or {}
+        if not busy.get("model_s") or not manifest.get("rows_out"):
             return None
-        costs.append(busy / manifest["rows_out"])
+        # A step's manifest from before cpus_per_actor was recorded: plain seconds, as then.
+        costs.append(busy["model_s"] * (busy.get("cpus_per_actor") or 1) / manifest["rows_out"])
     return [costs[0], costs[1] * share]
 
 

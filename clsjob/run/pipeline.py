@@ -40,7 +40,7 @@ log = logging.getLogger("clsjob")
 
 def run_classify(cfg: ClassifyConfig, stage_work: list[float] | None = None) -> RunSummary:
     """The classify job. `stage_work`: for a cascade on CPU nodes whose stages set no
-    resources, the model seconds a row is expected to bring each stage (placement.size_cpu_stages)."""
+    resources, the CPU seconds a row is expected to bring each stage (placement.size_cpu_stages)."""
     started = datetime.now(timezone.utc)
     # Everything that can be wrong with the model, labels or schema fails here, before Ray
     # schedules anything and before a row is read.

@@ -107,7 +107,7 @@ def size_cpu_stages(cfg: ClassifyConfig, nodes: list[dict], work: list[float] | 
     leaves most of a large node idle, and actors that each take every core oversubscribe it
     (torch runs a thread per CPU Ray gives the actor: OMP_NUM_THREADS). Evenly, because which
     stage does more work depends on the share escalated, known only once the rows run —
-    unless the caller knows it: `work`, per stage, the model seconds a corpus row is expected
+    unless the caller knows it: `work`, per stage, the CPU seconds a corpus row is expected
     to bring it (distill measured both models and the share escalated), splits them in
     proportion, at least one CPU each. Unchanged where any stage or node has GPUs."""
     backend = cfg.backend
@@ -126,7 +126,7 @@ def size_cpu_stages(cfg: ClassifyConfig, nodes: list[dict], work: list[float] | 
         weights = None  # nothing measured: evenly
     if weights:
         share = split_by_work(free, weights)
-        log.info("cascade: %s set no resources: on a CPU node of %g CPUs, split by the model "
+        log.info("cascade: %s set no resources: on a CPU node of %g CPUs, split by the CPU "
                  "seconds a row is expected to bring each (%s): %s, 1 actor each, %g CPU kept for "
                  "reading and writing; set backend.stages[i].resources to choose",
                  ", ".join(f"backend.stages[{i}] ({names[i]})" for i in unset), node_cpus,

@@ -53,9 +53,13 @@ def busy_summary(busy_s: float, elapsed_s: float, cfg: ClassifyConfig) -> dict:
     share of the actors' time (the largest pool, from the first row read to the last part
     written, actor start-up included). A share well under 1 on a long run says the model
     waited: for reads, tokenising, or chunks (resources.calls_per_actor, rows_per_part)."""
-    actors = sum(stage.resources.actor_range()[1] for stage in cfg.stages())
+    stages = cfg.stages()
+    actors = sum(stage.resources.actor_range()[1] for stage in stages)
     return {"model_s": round(busy_s, 3),
-            "share": round(busy_s / (elapsed_s * actors), 4) if elapsed_s > 0 else None}
+            "share": round(busy_s / (elapsed_s * actors), 4) if elapsed_s > 0 else None,
+            # What those seconds ran on: model_s x this is the CPU time a later run on fewer or
+            # more CPUs can be sized from (distill's cascade). A cascade's stages: in CASCADE.
+            "cpus_per_actor": stages[0].resources.cpus_per_actor if len(stages) == 1 else None}
 
 
 def build_manifest(cfg: ClassifyConfig, work: str, labels: LabelSet, temperature: float | None,

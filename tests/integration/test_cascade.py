@@ -79,6 +79,7 @@ def test_only_the_unsure_rows_reach_the_second_stage(alone, qwen_model, bert_mod
     assert first["busy_s"] > 0 and second["rows_per_busy_s"] > 0
     # The run's model seconds are both stages' (each row carries the sum of its stages').
     assert manifest["busy"]["model_s"] == pytest.approx(first["busy_s"] + second["busy_s"], abs=0.01)
+    assert manifest["busy"]["cpus_per_actor"] is None  # each stage's own is in its entry
     # Accuracy of each stage on the rows it labelled, and of the first stage alone on all.
     for stage, rows in ((first, [i for i in out if i not in sent and small[i]["error"] is None]),
                         (second, sorted(sent))):

@@ -108,13 +108,14 @@ def test_the_rerun_resumes_after_the_last_finished_step_and_labels_the_corpus(di
     assert corpus["teacher_rows"] == sum(r["labelled_by"] == "teacher" for r in labelled)
     assert corpus["rows"] == 2 * ROWS and corpus["teacher_share"] == pytest.approx(corpus["teacher_rows"] / (2 * ROWS))
     # Neither stage was given resources: the test cluster's 4 CPUs, less 1 for reading and
-    # writing, split by the work each is expected to do (its seconds a row as measured in the
-    # gate and teacher steps; the teacher's times the share escalated on the held-out rows).
-    def seconds_a_row(step: str) -> float:
+    # writing, split by the work each is expected to do (its CPU seconds a row as measured in
+    # the gate and teacher steps; the teacher's times the share escalated on the held-out rows).
+    def cpu_seconds_a_row(step: str) -> float:
         manifest = json.loads((run / step / "_manifest.json").read_text())
-        return manifest["busy"]["model_s"] / manifest["rows_out"]
+        assert manifest["busy"]["cpus_per_actor"] == 1.0  # the default pool each step ran on
+        return manifest["busy"]["model_s"] * manifest["busy"]["cpus_per_actor"] / manifest["rows_out"]
 
-    work = [seconds_a_row("heldout"), seconds_a_row("teacher") * gate["cascade_escalated_share"]]
+    work = [cpu_seconds_a_row("heldout"), cpu_seconds_a_row("teacher") * gate["cascade_escalated_share"]]
     stages = json.loads((run / "labelled" / "_manifest.json").read_text())["cascade"]["stages"]
     assert [s["cpus_per_actor"] for s in stages] == ([2.0, 1.0] if work[0] >= work[1] else [1.0, 2.0])
 

@@ -96,6 +96,7 @@ def test_every_row_comes_out_once_with_the_output_contract(model_fixture, reques
     assert {p["dtype"] for p in manifest["parts"]} == {resolve_dtype("auto", "cpu")}
     # The model's seconds, summed from the parts: some, and less than the actors' time.
     assert 0 < manifest["busy"]["model_s"] and 0 < manifest["busy"]["share"] < 1
+    assert manifest["busy"]["cpus_per_actor"] == 1.0  # what those seconds ran on (the default)
 
     metrics = json.loads((out / "_metrics.json").read_text())
     assert metrics["rows"] == rows_in and metrics["rows_errored"] == 9

@@ -95,3 +95,25 @@ def test_the_corpus_cascade_leaves_unset_stage_resources_to_the_run(tmp_path):
         "resources": cfg.teacher.resources.model_copy(update={"cpus_per_actor": 3.0})})})
     stages = corpus_cascade(sized, 0.8).stages
     assert "resources" not in stages[0].model_fields_set and stages[1].resources.cpus_per_actor == 3.0
+
+
+def test_the_corpus_cascade_is_split_by_cpu_seconds_not_by_seconds(tmp_path):
+    """A teacher sampled on 8 CPUs at 0.1 s a row costs 0.8 CPU seconds a row, not 0.1: the
+    split of a CPU node between the stages must not take it for a cheap model."""
+    from clsjob.distill import stage_work
+    from clsjob.run.placement import split_by_work
+
+    cfg = distill_config(tmp_path, ["Negative", "Positive"])
+    for folder, model_s, cpus in (("heldout", 2.0, 1.0), ("teacher", 40.0, 8.0)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / MANIFEST).write_text(json.dumps(
+            {"rows_out": 400, "busy": {"model_s": model_s, "share": 0.9, "cpus_per_actor": cpus}}))
+    work = stage_work(cfg, share=0.25)
+    assert work == pytest.approx([2.0 / 400, 40.0 * 8 / 400 * 0.25])
+    assert split_by_work(15, work) == [1, 14]  # by plain seconds: [2, 13]
+    # Manifests written before cpus_per_actor was recorded: plain seconds, as they were read then.
+    for folder in ("heldout", "teacher"):
+        manifest = json.loads((tmp_path / folder / MANIFEST).read_text())
+        del manifest["busy"]["cpus_per_actor"]
+        (tmp_path / folder / MANIFEST).write_text(json.dumps(manifest))
+    assert stage_work(cfg, share=0.25) == pytest.approx([2.0 / 400, 40.0 / 400 * 0.25])

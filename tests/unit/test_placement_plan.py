@@ -105,7 +105,7 @@ def test_a_cpu_cascade_whose_stages_work_is_known_splits_the_node_by_it(caplog):
     with caplog.at_level(logging.INFO, logger="clsjob"):
         sized = size_cpu_stages(cascade(None, None), [{"CPU": 16.0}], work=[0.002, 0.06])
     assert cpus(sized) == [1.0, 14.0]  # 15 free: at least one each, the rest by the work
-    assert "split by the model seconds a row is expected to bring each (0.002, 0.06): 1-hf 1 CPU(s), 2-hf 14 CPU(s)" in caplog.text
+    assert "split by the CPU seconds a row is expected to bring each (0.002, 0.06): 1-hf 1 CPU(s), 2-hf 14 CPU(s)" in caplog.text
     assert placement_problems([{"CPU": 16.0}], *[classify_demand(s.resources) for s in sized.backend.stages]) == []
     # A bench's local Ray of 4 logical CPUs on 2 cores: the teacher 2, the student 1.
     assert cpus(size_cpu_stages(cascade(None, None), [{"CPU": 4.0}], work=[0.002, 0.06])) == [1.0, 2.0]
