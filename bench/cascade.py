@@ -155,8 +155,8 @@ def threshold_curve(gold: np.ndarray, said: np.ndarray, sure: np.ndarray, big: n
 
 def pick(points: list[dict], margin: float, rule: str = "fastest") -> dict:
     """The lowest threshold (0.5 at least: `escalate_below` is a confidence) whose cascade
-    is within `margin` points of the teacher; `most-accurate`: the lowest of those whose
-    cascade is most accurate."""
+    is within `margin` points of the teacher; `most-accurate`: the one whose cascade is most
+    accurate (0.5 at least too; the lowest of equals)."""
     points = [p for p in points if p["below"] >= 0.5]
     if rule == "most-accurate":
         return max(points, key=lambda p: (p["accuracy"], -p["below"]))
