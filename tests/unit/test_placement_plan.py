@@ -115,3 +115,15 @@ def test_a_cpu_cascade_whose_stages_work_is_known_splits_the_node_by_it(caplog):
     assert cpus(size_cpu_stages(cascade({"cpus_per_actor": 3}, None), [{"CPU": 16.0}], work=[0.002, 0.06])) == [3.0, 12.0]
     # Nothing measured: evenly, as without work.
     assert cpus(size_cpu_stages(cascade(None, None), [{"CPU": 16.0}], work=[0.0, 0.0])) == [7.0, 7.0]
+
+
+def test_the_busy_seconds_say_what_pool_they_ran_on():
+    """What distill's split reads back: a single back end's CPUs an actor beside its model
+    seconds; a cascade's are per stage (its CASCADE entries), so none for the run."""
+    from clsjob.config import ClassifyConfig, validate
+    from clsjob.run.summary import busy_summary
+
+    single = validate({"input": {"path": "in"}, "output": {"path": "out"}, "backend": {"model": "m"},
+                       "resources": {"actors": 2, "cpus_per_actor": 3}}, model=ClassifyConfig)
+    assert busy_summary(12.0, 10.0, single) == {"model_s": 12.0, "share": 0.6, "cpus_per_actor": 3.0}
+    assert busy_summary(12.0, 10.0, cascade({"cpus_per_actor": 3}, None))["cpus_per_actor"] is None
